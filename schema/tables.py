@@ -91,8 +91,9 @@ scalars = sa.Table(
 schema_version = sa.Table(
     "schema_version",
     metadata,
-    _col("version", sa.Integer, "Schema version the store was migrated to.", primary_key=True),
+    _col("version", sa.Integer, "Schema version the store was migrated to.", primary_key=True, autoincrement=False),
     _col("applied_at", sa.DateTime(timezone=True), "When that migration was applied."),
+    _col("sql_digest", sa.String, "Digest of the views and macros (schema/sql/*.sql) last applied; they are recreated when it changes."),
 )
 
 DATA_TABLES = (runs, steps, evals, scalars)

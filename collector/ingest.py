@@ -1,0 +1,116 @@
+"""Move spooled rows into DuckDB: one short, idempotent transaction per spool.
+
+Rows go in with INSERT OR IGNORE against the primary keys, so a segment replayed after a crash
+between COMMIT and unlink never duplicates anything. Segments are deleted only after COMMIT.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from collector.spool import Spool
+from collector.store import spool_root, try_write_connection
+
+RUN_COLUMNS = (
+    "run_id", "name", "sweep", "status", "task", "model", "optimizer", "lr", "momentum", "weight_decay",
+    "batch_size", "micro_batch_size", "accum_steps", "world_size", "train_size", "seed", "device", "host",
+    "config", "started_at", "ended_at",
+)
+
+
+def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) -> None:
+    """Insert the run row, or refresh its mutable fields.
+
+    heartbeat_at becomes now() when the writing process is alive; a recovered dead run keeps its last one.
+    """
+    values = {c: row.get(c) for c in RUN_COLUMNS}
+    if isinstance(values["config"], (dict, list)):
+        values["config"] = json.dumps(values["config"], default=str)
+    cols = ", ".join(values)
+    marks = ", ".join("?" for _ in values)
+    con.execute(
+        f"INSERT INTO runs ({cols}, heartbeat_at) VALUES ({marks}, {'now()' if alive else 'CAST(? AS TIMESTAMPTZ)'}) "
+        "ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, ended_at = excluded.ended_at, "
+        f"heartbeat_at = {'excluded.heartbeat_at' if alive else 'runs.heartbeat_at'}",
+        list(values.values()) + ([] if alive else [row.get("heartbeat_at") or row.get("started_at")]),
+    )
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+    """Bulk insert through DuckDB's Arrow scan, matching columns by name, ignoring rows already there."""
+    con.register("_batch", data)
+    try:
+        con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _batch")
+    finally:
+        con.unregister("_batch")
+
+
+def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None) -> int:
+    """Ingest everything in one spool within one transaction; returns the number of rows moved."""
+    run = spool.read_run()
+    segments = spool.segments()
+    if run is None:
+        return 0
+    if status_override:
+        run = {**run, "status": status_override}
+    by_table: dict[str, list[pa.Table]] = {}
+    for seg in segments:
+        try:
+            by_table.setdefault(seg.table, []).append(seg.read())
+        except FileNotFoundError:  # ingested and removed by another process meanwhile
+            continue
+    n = 0
+    con.execute("BEGIN TRANSACTION")
+    try:
+        upsert_run(con, run, alive=status_override != "stale")
+        for table, parts in by_table.items():
+            data = pa.concat_tables(parts, promote_options="default")
+            insert_rows(con, table, data)
+            n += data.num_rows
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    for seg in segments:
+        seg.path.unlink(missing_ok=True)
+    return n
+
+
+def recover_spools(db: Path) -> int:
+    """Ingest the spools whose owner process is gone (killed, crashed, or finished while the store was busy).
+
+    A run still marked `running` in its dead spool becomes `stale`. Live runs' spools are left alone.
+    Returns the number of spools recovered; 0 if the store is busy (try again later).
+    """
+    root = spool_root(db)
+    if not root.is_dir():
+        return 0
+    recovered = 0
+    con = None
+    try:
+        for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            spool = Spool(root, run_dir.name)
+            if not spool.try_own():
+                continue  # a live process owns it
+            try:
+                run = spool.read_run()
+                if run is None:
+                    continue  # being created right now, or foreign: leave it
+                if con is None:
+                    con = try_write_connection(db)
+                    if con is None:
+                        return recovered
+                override = "stale" if run.get("status") == "running" else None
+                ingest_spool(con, spool, status_override=override)
+                spool.remove()
+                recovered += 1
+            finally:
+                spool.release()
+    finally:
+        if con is not None:
+            con.close()
+    return recovered

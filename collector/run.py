@@ -1,0 +1,272 @@
+"""The logging API a training loop calls: `start_run(...)` and the `Run` it returns.
+
+log_* calls only append to in-memory buffers (a few microseconds). A background thread spools the
+buffers to Arrow segments about once a second and then moves them into DuckDB in a short transaction.
+If the store is locked, missing or broken the run keeps spooling and says so once: the training loop
+is never failed or slowed by the store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from collector.ingest import RUN_COLUMNS, ingest_spool, recover_spools
+from collector.spool import Spool
+from collector.store import StoreError, resolve_db, spool_root, try_write_connection
+
+STEP_COLUMNS = ("step", "examples", "wall_time", "batch_size", "lr", "loss",
+                "g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
+_STEP_TYPES = (pa.int64(), pa.int64(), pa.float64(), pa.int32(), pa.float64(), pa.float64(),
+               pa.float64(), pa.float64(), pa.float64(), pa.float64(), pa.float64())
+_EVAL_TYPES = {"step": pa.int64(), "split": pa.string(), "examples": pa.int64(), "loss": pa.float64(),
+               "accuracy": pa.float64()}
+_FAST = {float, int, type(None)}
+_META = frozenset(RUN_COLUMNS) - {"run_id", "name", "sweep", "status", "config", "started_at", "ended_at", "host"}
+HEARTBEAT_EVERY = 10.0  # seconds between store writes when there is nothing new to write
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _number(name: str, v):
+    """Accept Python and NumPy real numbers (and 0-d arrays); reject strings, tensors needing sync, etc."""
+    if v is None or type(v) in (float, int):
+        return v
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (Real, np.number)) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        return v.item() if hasattr(v, "item") else float(v)
+    raise TypeError(f"{name} must be a real number, got {type(v).__name__}: {v!r:.60}")
+
+
+class Run:
+    """One training run being logged. Create it with `collector.start_run`."""
+
+    def __init__(self, db=None, *, name: str, sweep: str | None = None, config: Mapping | None = None,
+                 flush_every: float = 1.0, finish_timeout: float = 30.0, **meta):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("run name must be a non-empty string")
+        unknown = set(meta) - _META
+        if unknown:
+            raise ValueError(f"unknown run field(s) {sorted(unknown)}; allowed: {sorted(_META)}")
+        self.db: Path = resolve_db(db)
+        self.db.parent.mkdir(parents=True, exist_ok=True)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.name, self.sweep = name, sweep
+        self._row = {c: None for c in RUN_COLUMNS} | dict(meta) | {
+            "run_id": self.run_id, "name": name, "sweep": sweep, "status": "running",
+            "config": dict(config or {}), "started_at": _utcnow(), "host": socket.gethostname(),
+        }
+        self._row.setdefault("world_size", 1)
+        self._t0 = time.perf_counter()
+        self._steps: deque[tuple] = deque()
+        self._evals: deque[tuple] = deque()
+        self._scalars: deque[tuple] = deque()
+        self._tables: deque[tuple[str, pa.Table]] = deque()  # blocks from log_steps
+        self._diverged = False
+        self._status: str | None = None
+        self._warned: set[str] = set()
+        self._last_ingest = 0.0
+        self.flush_every, self.finish_timeout = flush_every, finish_timeout
+        self.spool = Spool(spool_root(self.db), self.run_id)
+        self.spool.create_and_own()
+        self.spool.write_run(self._row)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"batchscope-{self.run_id}", daemon=True)
+        self._thread.start()
+        atexit.register(self._atexit)
+
+    # --- logging (hot path) ----------------------------------------------------------------------
+    def log_step(self, step: int, examples=None, loss=None, lr=None, batch_size=None, g_small_sq=None,
+                 b_small=None, g_big_sq=None, b_big=None, b_simple=None, wall_time=None, **extra) -> None:
+        """Record one optimizer step. Unknown keywords are stored in `scalars` under their name."""
+        if wall_time is None:
+            wall_time = time.perf_counter() - self._t0
+        row = (step, examples, wall_time, batch_size, lr, loss, g_small_sq, b_small, g_big_sq, b_big, b_simple)
+        for v in row:
+            if v.__class__ not in _FAST:
+                row = tuple(_number(c, x) for c, x in zip(STEP_COLUMNS, row, strict=True))
+                break
+        if type(row[0]) is not int:
+            raise TypeError(f"step must be an integer, got {row[0]!r}")
+        loss = row[5]
+        if loss is not None and not -math.inf < loss < math.inf:
+            self._diverged = True
+        self._steps.append(row)
+        if extra:
+            self.log(step, **extra)
+
+    def log_steps(self, columns: Mapping[str, Sequence | np.ndarray]) -> None:
+        """Record a block of steps at once (columns of equal length); the trainer's path for device-side stats."""
+        if "step" not in columns:
+            raise ValueError("log_steps needs a 'step' column")
+        arrays = {k: np.asarray(v) for k, v in columns.items()}
+        n = len(arrays["step"])
+        for k, a in arrays.items():
+            if a.shape != (n,):
+                raise ValueError(f"log_steps column {k!r} has shape {a.shape}, expected ({n},)")
+            if a.dtype.kind not in "iufb":
+                raise TypeError(f"log_steps column {k!r} must be numeric, got dtype {a.dtype}")
+        if n == 0:
+            return
+        if "wall_time" not in arrays:
+            arrays["wall_time"] = np.full(n, time.perf_counter() - self._t0)
+        if "loss" in arrays and not np.isfinite(arrays["loss"].astype(float)).all():
+            self._diverged = True
+        known = {c: pa.array(arrays[c], type=t) for c, t in zip(STEP_COLUMNS, _STEP_TYPES, strict=True)
+                 if c in arrays}
+        known["run_id"] = pa.array(np.full(n, self.run_id, dtype=object), type=pa.string())
+        self._tables.append(("steps", pa.table(known)))
+        for name in set(arrays) - set(STEP_COLUMNS):
+            self._tables.append(("scalars", pa.table({
+                "run_id": known["run_id"], "step": known["step"],
+                "name": pa.array(np.full(n, name, dtype=object), type=pa.string()),
+                "value": pa.array(arrays[name], type=pa.float64())})))
+
+    def log_eval(self, step: int, split: str = "test", loss=None, accuracy=None, examples=None) -> None:
+        """Record an evaluation on a data split (train, test, ...)."""
+        if not isinstance(split, str) or not split:
+            raise ValueError("split must be a non-empty string such as 'test'")
+        self._evals.append((_number("step", step), split, _number("examples", examples),
+                            _number("loss", loss), _number("accuracy", accuracy)))
+
+    def log(self, step: int, **values) -> None:
+        """Record free-form scalars, like wandb.log: run.log(step, grad_norm=1.3)."""
+        step = _number("step", step)
+        for name, v in values.items():
+            if not name:
+                raise ValueError("scalar names must be non-empty")
+            self._scalars.append((step, name, _number(name, v)))
+
+    # --- ending ----------------------------------------------------------------------------------
+    def finish(self, status: str | None = None) -> None:
+        """End the run (finished, or diverged if a non-finite loss was logged) and move everything to the store."""
+        if self._status is not None:
+            return
+        self._status = status or ("diverged" if self._diverged else "finished")
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        self._row |= {"status": self._status, "ended_at": _utcnow()}
+        self._spool_buffers()
+        self.spool.write_run(self._row)
+        deadline = time.monotonic() + self.finish_timeout
+        while not self._try_ingest():
+            if time.monotonic() > deadline:
+                self._say("final", f"batchscope: could not write run {self.run_id} to {self.db} within "
+                          f"{self.finish_timeout:.0f} s; its rows are safe in {self.spool.dir} and will be moved by "
+                          "`python -m collector ingest` (or the next run or dashboard)")
+                self.spool.release()
+                return
+            time.sleep(0.05 + 0.05 * np.random.random())
+        self.spool.remove()
+        self.spool.release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("failed" if exc_type is not None else None)
+
+    def _atexit(self) -> None:
+        if self._status is None:  # the script ended without finish(): record what it logged
+            self.finish()
+
+    # --- background ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            recover_spools(self.db)
+        except Exception as exc:  # noqa: BLE001 - recovery of others' runs must never hurt this one
+            self._say("recover", f"batchscope: could not recover old spools: {exc}")
+        while not self._stop.is_set():
+            wrote = self._spool_buffers()
+            if wrote or time.monotonic() - self._last_ingest > HEARTBEAT_EVERY:
+                self._try_ingest()
+            self._wake.wait(self.flush_every)
+
+    def _spool_buffers(self) -> bool:
+        """Move buffered rows to durable segment files; True if anything was written."""
+        wrote = False
+        for table, data in self._drain():
+            self.spool.write_segment(table, data)
+            wrote = True
+        return wrote
+
+    def _drain(self) -> list[tuple[str, pa.Table]]:
+        out = []
+        while self._tables:
+            out.append(self._tables.popleft())
+        rows = [self._steps.popleft() for _ in range(len(self._steps))]
+        if rows:
+            cols = list(zip(*rows, strict=True))
+            data = {c: pa.array(v, type=t) for c, v, t in zip(STEP_COLUMNS, cols, _STEP_TYPES, strict=True)}
+            out.append(("steps", self._with_run_id(data, len(rows))))
+        rows = [self._evals.popleft() for _ in range(len(self._evals))]
+        if rows:
+            cols = list(zip(*rows, strict=True))
+            data = {c: pa.array(v, type=t) for (c, t), v in zip(_EVAL_TYPES.items(), cols, strict=True)}
+            out.append(("evals", self._with_run_id(data, len(rows))))
+        rows = [self._scalars.popleft() for _ in range(len(self._scalars))]
+        if rows:
+            step, name, value = zip(*rows, strict=True)
+            data = {"step": pa.array(step, pa.int64()), "name": pa.array(name, pa.string()),
+                    "value": pa.array(value, pa.float64())}
+            out.append(("scalars", self._with_run_id(data, len(rows))))
+        return out
+
+    def _with_run_id(self, data: dict, n: int) -> pa.Table:
+        return pa.table({"run_id": pa.array([self.run_id] * n, pa.string()), **data})
+
+    def _try_ingest(self) -> bool:
+        """One short attempt (a few quick retries) to move the spool into the store."""
+        for _ in range(5):
+            try:
+                con = try_write_connection(self.db)
+            except StoreError as exc:
+                self._say("store", f"batchscope: {exc}; run {self.run_id} keeps spooling to {self.spool.dir}")
+                return False
+            if con is not None:
+                break
+            time.sleep(0.01 + 0.03 * np.random.random())
+        else:
+            self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
+                      f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
+            return False
+        try:
+            ingest_spool(con, self.spool)
+            self._last_ingest = time.monotonic()
+            return True
+        except Exception as exc:  # noqa: BLE001 - the training loop must not die because the store did
+            self._say("ingest", f"batchscope: writing to {self.db} failed ({exc}); rows stay in {self.spool.dir}")
+            return False
+        finally:
+            con.close()
+
+    def _say(self, key: str, message: str) -> None:
+        """Tell the user about a store problem once per kind, on stderr."""
+        if key not in self._warned:
+            self._warned.add(key)
+            print(message, file=sys.stderr, flush=True)
+
+
+def start_run(db: str | os.PathLike | None = None, *, name: str, sweep: str | None = None,
+              config: Mapping | None = None, **meta) -> Run:
+    """Start logging a run; use as a context manager so it ends with the right status."""
+    return Run(db, name=name, sweep=sweep, config=config, **meta)

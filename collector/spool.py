@@ -1,0 +1,111 @@
+"""A run's spool: append-only Arrow segment files, written atomically, next to the store.
+
+A row is durable once its segment is renamed into place, before any DuckDB lock is taken. The owning
+process holds an flock on `owner.lock` for its whole life; the kernel drops it when the process dies,
+so any other process can tell a dead run's spool from a live one without trusting PIDs or clocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+TABLES = ("steps", "evals", "scalars")
+RUN_FILE = "run.json"
+LOCK_FILE = "owner.lock"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Segment:
+    path: Path
+    table: str
+
+    def read(self) -> pa.Table:
+        with pa.memory_map(str(self.path)) as src:
+            return ipc.open_file(src).read_all()
+
+
+class Spool:
+    """One run's folder of segments plus its run.json (the `runs` row as last known)."""
+
+    def __init__(self, root: Path, run_id: str):
+        self.dir = root / run_id
+        self.run_id = run_id
+        self._seq = 0
+        self._lock_fd: int | None = None
+
+    # --- ownership -------------------------------------------------------------------------------
+    def create_and_own(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.try_own():
+            raise RuntimeError(f"spool {self.dir} is owned by another live process")
+
+    def try_own(self) -> bool:
+        """Take the owner lock without waiting; False if a live process holds it."""
+        try:
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- contents --------------------------------------------------------------------------------
+    def write_run(self, row: dict) -> None:
+        atomic_write(self.dir / RUN_FILE, json.dumps(row, default=str).encode())
+
+    def read_run(self) -> dict | None:
+        try:
+            return json.loads((self.dir / RUN_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_segment(self, table: str, data: pa.Table) -> Path:
+        self._seq += 1
+        path = self.dir / f"{os.getpid()}-{self._seq:09d}.{table}.arrow"
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, data.schema) as writer:
+            writer.write_table(data)
+        atomic_write(path, sink.getvalue().to_pybytes())
+        return path
+
+    def segments(self) -> list[Segment]:
+        out = []
+        for p in sorted(self.dir.glob("*.arrow")):
+            table = p.name.rsplit(".", 2)[-2]
+            if table in TABLES:
+                out.append(Segment(p, table))
+        return out
+
+    def remove(self) -> None:
+        """Delete the spool folder (call only after everything in it was ingested)."""
+        for p in self.dir.iterdir():
+            p.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass

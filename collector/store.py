@@ -1,0 +1,152 @@
+"""Short-lived connections to the DuckDB store, following DESIGN.md's concurrency contract.
+
+DuckDB lets one process open a file read-write, or many read-only, never both. Nobody here keeps the
+file open: writers open, append and close in milliseconds; readers do the same read-only, retrying
+(with jitter, bounded in time) while a writer holds the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import tenacity
+
+from schema import ensure_schema
+
+DEFAULT_DB = "runs.duckdb"
+_MIGRATED: set[str] = set()
+
+
+class StoreError(Exception):
+    """A store problem worth one clear line to the user (missing, corrupt, not a file, ...)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's write lock for longer than we were willing to wait."""
+
+
+def resolve_db(db: str | os.PathLike | None = None) -> Path:
+    """The store path: the argument, else $BATCHSCOPE_DB, else ./runs.duckdb."""
+    path = Path(db or os.environ.get("BATCHSCOPE_DB") or DEFAULT_DB).expanduser()
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a DuckDB file; pass a file path such as {path / DEFAULT_DB}")
+    return path
+
+
+def spool_root(db: Path) -> Path:
+    """Spool folder next to the store: <db>.spool/<run_id>/ per run."""
+    return db.with_name(db.name + ".spool")
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+
+
+def _lock_holder(exc: BaseException) -> str:
+    m = re.search(r"held in (.+?) \(PID (\d+)\)", str(exc))
+    return f"{m.group(1)} (PID {m.group(2)})" if m else "another process"
+
+
+def _explain(path: Path, exc: BaseException) -> StoreError:
+    if is_lock_error(exc):
+        return StoreLockedError(f"store {path} is locked by {_lock_holder(exc)}; try again when it is closed")
+    msg = str(exc).splitlines()[0]
+    if "not a valid DuckDB database" in msg or "Corrupt" in msg or "checksum" in msg.lower():
+        return StoreError(f"{path} is not a readable DuckDB store (corrupt or another file type): {msg}")
+    return StoreError(f"cannot open store {path}: {msg}")
+
+
+def try_write_connection(db: Path) -> duckdb.DuckDBPyConnection | None:
+    """A read-write connection with the schema current, or None at once if another process holds the lock."""
+    try:
+        con = duckdb.connect(str(db))
+    except duckdb.Error as exc:
+        if is_lock_error(exc):
+            return None
+        raise _explain(db, exc) from exc
+    key = str(db.resolve())
+    if key not in _MIGRATED:
+        try:
+            ensure_schema(con)
+        except Exception:
+            con.close()
+            raise
+        _MIGRATED.add(key)
+    return con
+
+
+def _retrying(timeout: float) -> tenacity.Retrying:
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_lock_error),
+        wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.25),
+        stop=tenacity.stop_after_delay(timeout),
+        reraise=True,
+    )
+
+
+@contextmanager
+def write_connection(db: str | os.PathLike | None = None, timeout: float = 10.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short read-write connection, waiting up to `timeout` s for the lock; closed on exit."""
+    path = resolve_db(db)
+    try:
+        for attempt in _retrying(timeout):
+            with attempt:
+                con = duckdb.connect(str(path))
+    except duckdb.Error as exc:
+        raise _explain(path, exc) from exc
+    try:
+        key = str(path.resolve())
+        if key not in _MIGRATED:
+            ensure_schema(con)
+            _MIGRATED.add(key)
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def read_connection(
+    db: str | os.PathLike | None = None, timeout: float = 10.0, config: dict | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short read-only connection, retrying while a writer holds the lock; closed on exit."""
+    path = resolve_db(db)
+    if not path.exists():
+        raise StoreError(f"no store at {path}: train a run first (python -m trainer) or pass --db")
+    _migrate_if_needed(path)
+    try:
+        for attempt in _retrying(timeout):
+            with attempt:
+                con = duckdb.connect(str(path), read_only=True, config=config or {})
+    except duckdb.Error as exc:
+        raise _explain(path, exc) from exc
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _migrate_if_needed(path: Path) -> None:
+    """Bring an old store forward once per process before reading; skip quietly if it is busy."""
+    key = str(path.resolve())
+    if key in _MIGRATED:
+        return
+    try:
+        con = try_write_connection(path)
+    except StoreError:
+        raise
+    except Exception:  # noqa: BLE001 - a failed migration must not hide the data; the read reports problems
+        return
+    if con is not None:
+        con.close()
+
+
+def recover(db: str | os.PathLike | None = None) -> int:
+    """Ingest the spools of runs whose process is gone; returns the number of runs recovered."""
+    from collector.ingest import recover_spools
+
+    return recover_spools(resolve_db(db))
