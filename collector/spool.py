@@ -7,6 +7,7 @@ so any other process can tell a dead run's spool from a live one without trustin
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -105,7 +106,5 @@ class Spool:
         """Delete the spool folder (call only after everything in it was ingested)."""
         for p in self.dir.iterdir():
             p.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             self.dir.rmdir()
-        except OSError:
-            pass
