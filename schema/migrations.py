@@ -71,14 +71,14 @@ def store_version(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     """(schema version, digest of the views/macros applied); (0, None) for an empty database."""
     has = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not has:
         return 0, None
     cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
                                       "WHERE table_name = 'schema_version'").fetchall()}
     digest_col = "sql_digest" if "sql_digest" in cols else "NULL"
-    row = con.execute(f"SELECT version, {digest_col} FROM schema_version ORDER BY version DESC LIMIT 1").fetchone()
-    return (row[0], row[1]) if row else (0, None)
+    row = con.execute(f"SELECT version, {digest_col} FROM schema_version ORDER BY version DESC LIMIT 1").fetchall()
+    return (row[0][0], row[0][1]) if row else (0, None)
 
 
 def _apply_comments(con: duckdb.DuckDBPyConnection) -> None:

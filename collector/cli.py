@@ -1,0 +1,150 @@
+"""`python -m collector`: look at and maintain a store from the shell.
+
+    python -m collector runs                      # table of runs
+    python -m collector sql "SELECT ..."          # read-only SQL; --format csv|json, --output FILE
+    python -m collector ingest                    # move dead runs' spools into the store
+    python -m collector schema                    # the data dictionary
+    python -m collector export DIR / import DIR   # Parquet, one file per table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from collector.store import StoreError, read_connection, recover, resolve_db
+from collector.transfer import export_store, import_store
+
+RUNS_COLUMNS = ("run_id, name, sweep, status, task, batch_size, lr, optimizer, steps, examples, "
+                "round(final_loss, 4) AS final_loss, round(final_test_accuracy, 4) AS test_acc, "
+                "round(gap_loss, 4) AS gap_loss")
+
+
+class UsageError(Exception):
+    """Bad input from the user: exit code 2."""
+
+
+def _frame(db, sql: str, params: list | None = None) -> pl.DataFrame:
+    with read_connection(db) as con:
+        try:
+            return con.sql(sql, params=params or None).pl()
+        except duckdb.Error as exc:
+            raise UsageError(_sql_message(exc)) from exc
+
+
+def _sql_message(exc: duckdb.Error) -> str:
+    text = " ".join(str(exc).split())
+    if "read-only" in text or "read only" in text:
+        return "the store is opened read-only here: only queries (SELECT, WITH, DESCRIBE, ...) are allowed"
+    return f"SQL error: {text}"
+
+
+def _print(df: pl.DataFrame, fmt: str, output: str | None) -> None:
+    if output:
+        path = Path(output)
+        ext = path.suffix.lower()
+        writers = {".csv": df.write_csv, ".json": df.write_json, ".parquet": df.write_parquet}
+        if ext not in writers:
+            raise UsageError(f"--output {output}: use a .csv, .json or .parquet file name")
+        writers[ext](path)
+        print(f"wrote {df.height} rows to {path}", file=sys.stderr)
+    elif fmt == "csv":
+        sys.stdout.write(df.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(df.write_json() + "\n")
+    else:
+        with pl.Config(tbl_rows=200, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200,
+                       tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+            print(df)
+        if df.height > 200:
+            print(f"... {df.height} rows; use --format csv or --output to get them all", file=sys.stderr)
+
+
+def cmd_runs(args) -> None:
+    where, params = "", []
+    if args.sweep:
+        where, params = "WHERE sweep = ?", [args.sweep]
+    _print(_frame(args.db, f"SELECT {RUNS_COLUMNS} FROM run_summary {where} ORDER BY started_at", params),
+           args.format, args.output)
+
+
+def cmd_sql(args) -> None:
+    query = args.query if args.query != "-" else sys.stdin.read()
+    if not query.strip():
+        raise UsageError("empty query")
+    _print(_frame(args.db, query), args.format, args.output)
+
+
+def cmd_ingest(args) -> None:
+    n = recover(args.db)
+    print(f"recovered {n} run spool(s) into {resolve_db(args.db)}")
+
+
+def cmd_schema(args) -> None:
+    from schema.dictionary import render
+
+    print(render(args.format))
+
+
+def cmd_export(args) -> None:
+    counts = export_store(args.db, args.folder, args.sweep)
+    print(", ".join(f"{t}: {n} rows" for t, n in counts.items()) + f" -> {args.folder}")
+
+
+def cmd_import(args) -> None:
+    counts = import_store(args.db, args.folder)
+    print(", ".join(f"{t}: {n} new rows" for t, n in counts.items()) + f" -> {resolve_db(args.db)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", help="store file (default: $BATCHSCOPE_DB or ./runs.duckdb)")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--format", choices=("table", "csv", "json"), default="table", help="stdout format")
+    out.add_argument("--output", "-o", metavar="FILE", help="write .csv, .json or .parquet instead")
+
+    p = argparse.ArgumentParser(prog="python -m collector", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("runs", parents=[common, out], help="table of runs (from the run_summary view)")
+    s.add_argument("--sweep", help="only this sweep")
+    s.set_defaults(func=cmd_runs)
+    s = sub.add_parser("sql", parents=[common, out], help="run a read-only SQL query ('-' reads stdin)")
+    s.add_argument("query")
+    s.set_defaults(func=cmd_sql)
+    s = sub.add_parser("ingest", parents=[common], help="move spooled rows of finished or dead runs into the store")
+    s.set_defaults(func=cmd_ingest)
+    s = sub.add_parser("schema", parents=[common], help="print the data dictionary")
+    s.add_argument("--format", choices=("text", "markdown"), default="text")
+    s.set_defaults(func=cmd_schema)
+    s = sub.add_parser("export", parents=[common], help="write one Parquet file per table into FOLDER")
+    s.add_argument("folder")
+    s.add_argument("--sweep", help="only this sweep's runs")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("import", parents=[common], help="load Parquet files written by export (e.g. sample_runs/)")
+    s.add_argument("folder")
+    s.set_defaults(func=cmd_import)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
