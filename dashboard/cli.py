@@ -1,0 +1,66 @@
+"""`python -m dashboard` / `batchscope-dashboard`: serve the web UI over a store.
+
+    python -m dashboard                         # ./runs.duckdb (or $BATCHSCOPE_DB) on http://127.0.0.1:8050
+    python -m dashboard --db sweeps.duckdb --host 0.0.0.0 --port 8080 --auth token:s3cret
+    python -m dashboard --debug                 # Dash's dev server with hot reload and the debug UI
+
+Without --debug it is served by waitress, a production WSGI server. --auth takes token:SECRET (open
+the dashboard once as /?token=SECRET; a cookie remembers it; API clients send `Authorization: Bearer
+SECRET`) or USER:PASSWORD (HTTP basic auth). $BATCHSCOPE_AUTH is read when --auth is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dashboard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", default=None, help="DuckDB store (default: $BATCHSCOPE_DB or ./runs.duckdb)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for a team (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    p.add_argument("--auth", default=os.environ.get("BATCHSCOPE_AUTH"),
+                   help="token:SECRET or USER:PASSWORD (default: $BATCHSCOPE_AUTH; none)")
+    p.add_argument("--debug", action="store_true", help="Dash's development server with the debug UI")
+    p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from collector.store import StoreError
+    from dashboard import queries
+    from dashboard.app import create_app, parse_auth
+
+    if args.auth:
+        try:
+            parse_auth(args.auth)
+        except ValueError as exc:
+            sys.exit(f"error: {exc}")
+    try:
+        db = queries.configure(args.db)
+    except StoreError as exc:
+        sys.exit(f"error: {exc}")
+    if db.exists():
+        n = queries.recover(db)
+        if n:
+            print(f"recovered {n} run(s) from spools of dead processes", flush=True)
+    app = create_app(db, auth=args.auth)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    state = "" if db.exists() else " (no store yet: the welcome page shows how to make one)"
+    print(f"batchscope dashboard on http://{shown}:{args.port}/  store: {db}{state}", flush=True)
+    if args.debug:
+        app.run(host=args.host, port=args.port, debug=True)
+        return
+    import waitress
+
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    waitress.serve(app.server, host=args.host, port=args.port, threads=args.threads, ident="batchscope")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Pieces shared by the pages: which runs a page looks at (its scope), page headers, run labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+from dash import dcc, html
+
+from dashboard import queries
+
+SELECTED = "__selected__"
+ALL = "__all__"
+
+
+def page_header(title: str, lede: str, controls=None) -> html.Div:
+    return html.Div(
+        [html.Div([html.H1(title), html.P(lede, className="lede")], className="page-title"),
+         html.Div(controls or [], className="page-controls")],
+        className="page-header",
+    )
+
+
+def scope_dropdown(id: str) -> html.Div:
+    return html.Div(
+        [html.Label("Runs", htmlFor=id, className="control-label"),
+         dcc.Dropdown(id=id, clearable=False, searchable=False, className="scope-dropdown")],
+        className="control",
+    )
+
+
+def scope_options(db: Path, selected: Sequence[str] | None, current: str | None = None) -> tuple[list[dict], str | None]:
+    """Dropdown options (selected runs, each sweep, all runs) and the value to show.
+
+    The default follows the Runs page: the selected runs if any, else the most recent sweep."""
+    ov = queries.overview(db)
+    opts: list[dict] = []
+    if selected:
+        opts.append({"label": f"Selected runs ({len(selected)})", "value": SELECTED})
+    for sw in ov.sweeps:
+        opts.append({"label": f"Sweep: {sw}", "value": sw})
+    opts.append({"label": f"All runs ({ov.runs:,})", "value": ALL})
+    values = {o["value"] for o in opts}
+    if current in values:
+        value = current
+    elif selected:
+        value = SELECTED
+    elif ov.sweeps:
+        value = ov.sweeps[0]
+    else:
+        value = ALL
+    return opts, value
+
+
+def resolve_scope(db: Path, scope: str | None, selected: Sequence[str] | None) -> tuple[pl.DataFrame, str]:
+    """(run_summary rows, label) for a scope value."""
+    table = queries.run_table(db)
+    if scope == SELECTED and selected:
+        runs = table.filter(pl.col("run_id").is_in(list(selected)))
+        return runs, f"{runs.height} selected runs"
+    if scope and scope not in (SELECTED, ALL):
+        return table.filter(pl.col("sweep") == scope), f"sweep {scope}"
+    return table, "all runs"
+
+
+def run_label(row: dict) -> str:
+    return row.get("name") or row.get("run_id") or "?"
+
+
+def run_hover(row: dict) -> str:
+    """Run details for a hover box (HTML, plotly's subset)."""
+    from dashboard.theme import fmt
+
+    bits = [f"<b>{run_label(row)}</b>"]
+    if row.get("sweep"):
+        bits.append(f"sweep {row['sweep']}")
+    bits.append(f"B={row.get('batch_size')}  lr={fmt(row.get('lr'))}  {row.get('optimizer') or ''}")
+    bits.append(f"status {row.get('status')}  seed {row.get('seed')}")
+    return "<br>".join(bits)
+
+
+def store_problem(db: Path) -> html.Div | None:
+    """A message in place of a page when the store is missing, empty or unreadable."""
+    ov = queries.overview(db)
+    if ov.error:
+        return html.Div([html.H3("The store cannot be read"), html.Pre(ov.error)], className="note note-warn")
+    if not ov.exists or ov.empty:
+        return html.Div(
+            ["No runs yet. ", dcc.Link("Open the welcome page", href="/welcome"),
+             " to train a first run or load the sample sweep."],
+            className="note note-info",
+        )
+    return None

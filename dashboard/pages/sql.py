@@ -1,0 +1,127 @@
+"""SQL: a read-only console over the store (protections in queries.run_console), with CSV export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dash
+import dash_ag_grid as dag
+import polars as pl
+from dash import Input, Output, State, callback, dcc, html
+
+from dashboard import queries
+
+dash.register_page(__name__, path="/sql", name="SQL", title="batchscope · SQL", order=7)
+
+ROW_LIMIT = 5000
+TIME_LIMIT_S = 10.0
+
+
+def _jsonable(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def console_view(db: Path, sql: str, row_limit: int = ROW_LIMIT, time_limit_s: float = TIME_LIMIT_S) -> dict:
+    """Run a console query; a dict of what the page shows (ok, message, columnDefs, rowData)."""
+    res = queries.run_console(db, sql, row_limit=row_limit, time_limit_s=time_limit_s)
+    if not res.ok or res.frame is None:
+        return {"ok": False, "message": res.message, "columnDefs": [], "rowData": []}
+    frame = res.frame
+    cols = []
+    for name, dtype in zip(frame.columns, frame.dtypes, strict=True):
+        col = {"field": name, "headerName": name}
+        if dtype.is_numeric():
+            col["type"] = "numericColumn"
+            col["filter"] = "agNumberColumnFilter"
+        cols.append(col)
+    rows = [{k: _jsonable(v) for k, v in r.items()} for r in frame.with_columns(
+        [pl.col(c).cast(pl.String) for c, t in zip(frame.columns, frame.dtypes, strict=True)
+         if not (t.is_numeric() or t == pl.String or t == pl.Boolean)]
+    ).to_dicts()]
+    return {"ok": True, "message": res.message, "columnDefs": cols, "rowData": rows}
+
+
+def layout(**_kwargs):
+    first = next(iter(queries.EXAMPLE_QUERIES.values()))
+    return html.Div(
+        [
+            html.Div([html.H1("SQL"),
+                      html.P(["Read-only queries against the store: tables ", html.Code("runs"), ", ",
+                              html.Code("steps"), ", ", html.Code("evals"), ", ", html.Code("scalars"),
+                              ", the view ", html.Code("run_summary"), " and the macros ",
+                              html.Code("steps_to_target(target)"), " and ", html.Code("noise_scale(window)"),
+                              f". One SELECT at a time; no files, network or extensions; "
+                              f"{TIME_LIMIT_S:g} s and {ROW_LIMIT:,} rows at most."],
+                             className="lede")], className="page-title"),
+            html.Div(
+                [
+                    html.Div(
+                        [
+                            dcc.Textarea(id="sql-text", value=first, className="sql-editor", spellCheck=False),
+                            html.Div(
+                                [html.Button("Run  (Ctrl+Enter)", id="sql-run", className="btn btn-primary",
+                                             n_clicks=0),
+                                 html.Button("Export CSV", id="sql-export", className="btn", n_clicks=0,
+                                             disabled=True),
+                                 html.Span(id="sql-message", className="sql-message")],
+                                className="sql-actions",
+                            ),
+                        ],
+                        className="sql-main",
+                    ),
+                    html.Div(
+                        [html.Div("Examples", className="control-label"),
+                         *[html.Button(name, id={"type": "sql-example", "index": i}, className="example-link",
+                                       n_clicks=0)
+                           for i, name in enumerate(queries.EXAMPLE_QUERIES)]],
+                        className="sql-examples",
+                    ),
+                ],
+                className="sql-layout",
+            ),
+            dag.AgGrid(
+                id="sql-grid", columnDefs=[], rowData=[],
+                defaultColDef={"sortable": True, "filter": True, "resizable": True, "minWidth": 90},
+                dashGridOptions={"animateRows": False, "enableCellTextSelection": True},
+                csvExportParams={"fileName": "batchscope-query.csv"},
+                style={"height": "480px", "width": "100%"},
+            ),
+        ]
+    )
+
+
+@callback(
+    Output("sql-text", "value"),
+    Input({"type": "sql-example", "index": dash.ALL}, "n_clicks"),
+    prevent_initial_call=True,
+)
+def pick_example(clicks):
+    trig = dash.ctx.triggered_id
+    if not trig or not any(clicks or []):
+        return dash.no_update
+    return list(queries.EXAMPLE_QUERIES.values())[trig["index"]]
+
+
+@callback(
+    Output("sql-grid", "columnDefs"),
+    Output("sql-grid", "rowData"),
+    Output("sql-message", "children"),
+    Output("sql-message", "className"),
+    Output("sql-export", "disabled"),
+    Input("sql-run", "n_clicks"),
+    State("sql-text", "value"),
+)
+def run_sql(_n, sql):
+    view = console_view(queries.current_db(), sql or "")
+    cls = "sql-message ok" if view["ok"] else "sql-message error"
+    return view["columnDefs"], view["rowData"], view["message"], cls, not (view["ok"] and view["rowData"])
+
+
+@callback(Output("sql-grid", "exportDataAsCsv"), Input("sql-export", "n_clicks"), prevent_initial_call=True)
+def export_csv(n):
+    return bool(n)

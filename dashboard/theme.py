@@ -1,0 +1,106 @@
+"""Colours, figure template and small layout helpers shared by every page.
+
+One batch size has one colour on every page: the colour is a fixed function of log2(B) over
+B = 1 ... 8192 (a perceptually ordered scale, its light end trimmed so lines stay readable on white).
+"""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+from dash import html
+from plotly.colors import sample_colorscale
+
+FONT = "Inter, system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
+INK = "#1f2430"
+MUTED = "#6b7280"
+GRID = "#e9ecf2"
+ACCENT = "#3b5bdb"
+DANGER = "#d6336c"
+OK = "#2f9e44"
+WARN = "#e8590c"
+
+STATUS_COLORS = {"running": ACCENT, "finished": OK, "diverged": DANGER, "failed": "#c92a2a", "stale": WARN}
+
+_LOG2_MIN, _LOG2_MAX = 0.0, 13.0
+_SCALE = "Viridis"
+
+
+def batch_color(batch: float | None) -> str:
+    """The colour of batch size `batch` (the same on every page)."""
+    if batch is None or not (batch > 0) or math.isnan(batch):
+        return MUTED
+    pos = (math.log2(batch) - _LOG2_MIN) / (_LOG2_MAX - _LOG2_MIN)
+    pos = min(max(pos, 0.0), 1.0) * 0.88  # drop the pale yellow end
+    return sample_colorscale(_SCALE, [pos])[0]
+
+
+def batch_colorscale(batches) -> list[list]:
+    """A continuous colourscale covering `batches` with the same colours as batch_color (for heatmaps)."""
+    lo, hi = math.log2(min(batches)), math.log2(max(batches))
+    if hi <= lo:
+        c = batch_color(min(batches))
+        return [[0, c], [1, c]]
+    return [[i / 10, batch_color(2 ** (lo + (hi - lo) * i / 10))] for i in range(11)]
+
+
+def base_layout(fig: go.Figure, title: str | None = None, height: int = 460) -> go.Figure:
+    fig.update_layout(
+        template="plotly_white",
+        font={"family": FONT, "size": 13, "color": INK},
+        title={"text": title, "x": 0.01, "font": {"size": 15}} if title else None,
+        height=height,
+        margin={"l": 64, "r": 24, "t": 48 if title else 24, "b": 56},
+        hoverlabel={"font": {"family": FONT, "size": 12}},
+        legend={"font": {"size": 12}, "bgcolor": "rgba(255,255,255,0.8)"},
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+    )
+    fig.update_xaxes(gridcolor=GRID, zeroline=False, linecolor="#cfd4dc", ticks="outside", tickcolor="#cfd4dc")
+    fig.update_yaxes(gridcolor=GRID, zeroline=False, linecolor="#cfd4dc", ticks="outside", tickcolor="#cfd4dc")
+    return fig
+
+
+def empty_figure(message: str, height: int = 360) -> go.Figure:
+    """A blank figure that says why there is nothing to draw (instead of a wrong or empty plot)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 14, "color": MUTED, "family": FONT})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(template="plotly_white", height=height, margin={"l": 20, "r": 20, "t": 20, "b": 20})
+    return fig
+
+
+def stat(label: str, value: str, sub: str | None = None, id: str | None = None) -> html.Div:
+    """A headline number card."""
+    kw = {"id": id} if id else {}
+    return html.Div(
+        [html.Div(label, className="stat-label"), html.Div(value, className="stat-value", **kw),
+         html.Div(sub or "", className="stat-sub")],
+        className="stat",
+    )
+
+
+def note(children, kind: str = "info") -> html.Div:
+    return html.Div(children, className=f"note note-{kind}")
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for people: 3 significant digits, thousands separators, '—' for missing."""
+    if x is None:
+        return "—"
+    try:
+        xf = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(xf):
+        return "—"
+    if math.isinf(xf):
+        return "∞" if xf > 0 else "−∞"
+    if xf != 0 and (abs(xf) >= 1e6 or abs(xf) < 1e-3):
+        return f"{xf:.{digits - 1}e}"
+    if abs(xf) >= 1000:
+        return f"{xf:,.0f}"
+    return f"{xf:.{digits}g}"
