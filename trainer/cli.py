@@ -1,0 +1,189 @@
+"""Command line: `python -m trainer [options]` trains one run; `python -m trainer sweep ...` runs a grid.
+
+Input is checked completely (options, device, data files) before the run is started, so a mistake
+costs one line on stderr, exit code 2, and leaves nothing in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Train a model and record every step (loss, learning rate, batch size, gradient-noise statistics)
+and periodic train/test evaluations to a batchscope store (DuckDB).
+
+examples:
+  python -m trainer --batch 32 --lr 0.1                  digits, the default task (seconds on a CPU)
+  python -m trainer --batch 256 --accum 4 --lr 0.3       4 micro-batches of 64 per step
+  python -m trainer --task linreg --dim 20 --noise 0.5   calibration task: B_simple known exactly
+  python -m trainer --task teacher --optimizer adam --lr 1e-3 --examples 500000
+  python -m trainer --batch 64 --batch-schedule x5@10,20 increase the batch instead of decaying the LR
+  python -m trainer sweep --batch 8,16,32,64,128,256,512,1024 --lr 0.003:1:8 --jobs 2
+                                                         a batch x LR grid (see: python -m trainer sweep -h)
+"""
+
+EPILOG = """\
+Runs go to --db (default: $BATCHSCOPE_DB, else ./runs.duckdb). Look at them with
+`python -m dashboard` or in SQL: `python -m collector sql "SELECT * FROM run_summary"`.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The options of one run (a sweep takes the same ones, except --batch, --lr and --name)."""
+    from trainer.tasks import TASKS
+
+    what = p.add_argument_group("what to train")
+    what.add_argument("--task", default="digits", metavar="|".join(TASKS),
+                      help="dataset + model (default: digits, shipped with the package)")
+    what.add_argument("--data-dir", help="directory with the standard mnist/cifar10 files (no download)")
+    what.add_argument("--dim", type=integer, help="input dimension of linreg (default 10) / teacher (default 32)")
+    what.add_argument("--noise", type=float, default=1.0, help="label noise sigma of linreg (default 1.0)")
+    how = p.add_argument_group("how to train")
+    if not sweep:
+        how.add_argument("--batch", type=integer, default=32, help="examples per optimizer step B (default 32)")
+        how.add_argument("--lr", type=float, default=0.1, help="(peak) learning rate (default 0.1)")
+    how.add_argument("--optimizer", default="sgd", metavar="sgd|adam", help="default sgd")
+    how.add_argument("--momentum", type=float, help="SGD momentum (default 0) or Adam beta1 (default 0.9)")
+    how.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    how.add_argument("--accum", type=integer, default=1, metavar="K",
+                     help="gradient accumulation: K micro-batches of B/K per step, same update as the full batch")
+    how.add_argument("--lr-schedule", default="constant",
+                     help="constant (default), cosine, or xF@M1,M2: multiply the LR by F at epochs M1, M2 "
+                          "(or examples: 50000ex)")
+    how.add_argument("--batch-schedule", help="xF@M1,M2: multiply the batch size by F at those epochs (Smith et al.)")
+    how.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (after measuring)")
+    how.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
+    how_long = p.add_argument_group("how long (default: 30 epochs of digits, 1000 linreg steps, 200k teacher examples)")
+    how_long.add_argument("--steps", type=integer, help="optimizer steps")
+    how_long.add_argument("--examples", type=integer, help="training examples")
+    how_long.add_argument("--epochs", type=float, help="passes over the training set")
+    how_long.add_argument("--target-loss", type=float,
+                          help="stop once the smoothed training loss reaches this (budget default x10)")
+    rec = p.add_argument_group("measuring and recording")
+    rec.add_argument("--eval-every", type=integer, metavar="STEPS",
+                     help="evaluate train/test loss and accuracy every N steps (default: ~20 per run)")
+    rec.add_argument("--gns-every", type=int, default=1, metavar="N",
+                     help="at --accum 1, measure the gradient noise scale every N steps by running the batch as "
+                          "2 micro-batches (default 1; 0 = never). With --accum K>=2 it is measured every step")
+    rec.add_argument("--gns-window", type=float, metavar="EXAMPLES",
+                     help="EMA window of the logged B_simple, in examples (default: 100 measurements)")
+    if not sweep:
+        rec.add_argument("--name", help="run name (default: TASK-bB-lrLR)")
+        rec.add_argument("--sweep", help="sweep (group of runs) this run belongs to")
+    rec.add_argument("--db", help="store path (default: $BATCHSCOPE_DB or ./runs.duckdb)")
+    rec.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N, mps")
+    rec.add_argument("--threads", type=integer, help="CPU threads for torch (default: torch's choice)")
+    rec.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: only when stderr is a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m trainer", description=DESCRIPTION, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_options(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from trainer.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def prepare(cfg):
+    """Validate everything and load the task's data; raises ConfigError/DataError/ValueError."""
+    import torch
+
+    from trainer.config import plan, resolve_device, validate
+    from trainer.tasks import TaskOptions, make_task
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = make_task(cfg.task, TaskOptions(dim=cfg.dim, noise=cfg.noise, data_dir=cfg.data_dir), device, cfg.seed)
+    return task, plan(cfg, task.train_size)
+
+
+def device_label(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m trainer` and `batchscope-train`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "sweep":
+        from trainer.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from trainer.config import ConfigError
+    from trainer.datasets import DataError
+
+    cfg = config_from_args(args)
+    try:
+        task, plan = prepare(cfg)
+    except (ConfigError, DataError, ValueError, OSError) as exc:
+        print(f"python -m trainer: error: {exc}", file=sys.stderr)
+        return 2
+    return run_training(cfg, task, plan, progress=args.progress)
+
+
+def run_training(cfg, task, plan, progress: bool | None = None) -> int:
+    import torch
+
+    import collector
+    from trainer.train import train
+
+    name = cfg.name or f"{cfg.task}-b{cfg.batch}-lr{cfg.lr:g}" + (f"-k{cfg.accum}" if cfg.accum > 1 else "")
+    config = cfg.to_json() | {
+        "task_info": task.info, "model": task.model_name, "torch": torch.__version__,
+        "plan": {"max_steps": plan.max_steps, "max_examples": plan.max_examples, "eval_every": plan.eval_every,
+                 "gns_every": plan.gns_every, "gns_window": plan.gns_window},
+    }
+    momentum = cfg.momentum if cfg.momentum is not None else (0.9 if cfg.optimizer == "adam" else 0.0)
+    try:
+        with collector.start_run(
+            db=cfg.db, name=name, sweep=cfg.sweep, config=config, task=cfg.task, model=task.model_name,
+            optimizer=cfg.optimizer, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch, micro_batch_size=cfg.batch // cfg.accum, accum_steps=cfg.accum, world_size=1,
+            train_size=task.train_size, seed=cfg.seed, device=device_label(task.device),
+        ) as run:
+            print(f"run {run.run_id} ({name}) on {device_label(task.device)} -> {run.db}", flush=True)
+            result = train(cfg, task, run, progress=progress)
+            if result.status == "diverged":
+                run.finish("diverged")
+    except KeyboardInterrupt:
+        print("interrupted: the run is recorded as failed with every step logged so far", file=sys.stderr)
+        return 130
+    parts = [f"{result.steps} steps", f"{result.examples} examples", f"{result.seconds:.1f} s",
+             f"train loss {result.final_loss:.4g}"]
+    for split, (loss, acc) in result.evals.items():
+        parts.append(f"{split} loss {loss:.4g}" + (f" acc {acc:.3f}" if acc is not None else ""))
+    if result.b_simple == result.b_simple:
+        parts.append(f"B_simple {result.b_simple:.4g}")
+    if cfg.target_loss is not None:
+        parts.append("target reached" if result.reached_target else "target NOT reached")
+    print(f"run {run.run_id} {result.status}: " + ", ".join(parts))
+    print(f"stored in {run.db}  (run_id = '{run.run_id}')")
+    return 0

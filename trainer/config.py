@@ -1,0 +1,237 @@
+"""A run's configuration, its validation, and the LR and batch-size schedules.
+
+Everything is checked here, before a run is started, so bad input costs one clear line and leaves no
+run row behind (`ConfigError`). Schedules are functions of the examples seen, so "epoch 10" means the
+same thing whatever the batch size is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from trainer.tasks import TASKS
+
+OPTIMIZERS = ("sgd", "adam")
+# Budget when none is given: digits trains to a useful loss in a few seconds; the streams are cheap.
+DEFAULT_BUDGET = {"digits": ("epochs", 30), "mnist": ("epochs", 2), "cifar10": ("epochs", 2),
+                  "linreg": ("steps", 1000), "teacher": ("examples", 200_000)}
+TARGET_BUDGET_FACTOR = 10  # with --target-loss and no budget, allow this many times the default
+GNS_WINDOW_MEASUREMENTS = 100  # default B_simple EMA window, in measurements' worth of examples
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, exit code 2, before any run is written."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run; stored as JSON in runs.config."""
+
+    task: str = "digits"
+    batch: int = 32
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float | None = None  # None: 0 for sgd, 0.9 (beta1) for adam
+    weight_decay: float = 0.0
+    seed: int = 0
+    steps: int | None = None
+    examples: int | None = None
+    epochs: float | None = None
+    target_loss: float | None = None
+    accum: int = 1
+    lr_schedule: str = "constant"
+    batch_schedule: str | None = None
+    eval_every: int | None = None  # steps; None: about 20 evaluations per run
+    device: str = "auto"
+    name: str | None = None
+    sweep: str | None = None
+    db: str | None = None
+    gns_every: int = 1  # measure B_simple every N steps when accum == 1 (0: never)
+    gns_window: float | None = None  # examples; None: GNS_WINDOW_MEASUREMENTS measurements
+    dim: int | None = None
+    noise: float = 1.0
+    data_dir: str | None = None
+    clip_grad: float | None = None
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
+
+
+@dataclass
+class Schedule:
+    """Piecewise-constant multipliers at milestones (in examples), or a cosine decay over `total`."""
+
+    kind: str  # constant | steps | cosine
+    factor: float = 1.0
+    milestones: tuple[int, ...] = ()
+    total: int | None = None
+
+    def multiplier(self, examples: int) -> float:
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(examples / self.total, 1.0)))
+        if self.kind == "steps":
+            return self.factor ** sum(examples >= m for m in self.milestones)
+        return 1.0
+
+
+_MULT = re.compile(r"^x(?P<f>[0-9.eE+-]+)@(?P<m>[^@]+)$")
+
+
+def parse_schedule(spec: str | None, what: str, train_size: int | None, total: int | None) -> Schedule:
+    """Parse 'constant', 'cosine' or 'xF@M1,M2,...' (multiply by F at each milestone).
+
+    Milestones are epochs ('10', '2.5ep') on a finite dataset, or examples with an 'ex' suffix
+    ('50000ex'), the only unit a stream task has.
+    """
+    if spec is None or spec in ("", "constant", "none"):
+        return Schedule("constant")
+    if spec == "cosine":
+        if what == "batch":
+            raise ConfigError("--batch-schedule cosine makes no sense; use xF@M1,M2 (e.g. x5@10,20)")
+        if total is None:
+            raise ConfigError("--lr-schedule cosine needs a finite budget (--steps, --examples or --epochs)")
+        return Schedule("cosine", total=total)
+    m = _MULT.match(spec)
+    if not m:
+        raise ConfigError(f"--{what}-schedule {spec!r}: expected constant, cosine or xF@M1,M2,... "
+                          "(e.g. x0.1@10,20 for epochs 10 and 20, or x5@50000ex)")
+    try:
+        factor = float(m["f"])
+    except ValueError:
+        raise ConfigError(f"--{what}-schedule {spec!r}: bad factor {m['f']!r}") from None
+    if not factor > 0:
+        raise ConfigError(f"--{what}-schedule {spec!r}: the factor must be positive")
+    milestones = []
+    for tok in m["m"].split(","):
+        tok = tok.strip()
+        unit_ex = tok.endswith("ex")
+        num = tok[:-2] if unit_ex else tok.removesuffix("ep")
+        try:
+            value = float(num)
+        except ValueError:
+            raise ConfigError(f"--{what}-schedule {spec!r}: bad milestone {tok!r}") from None
+        if value <= 0:
+            raise ConfigError(f"--{what}-schedule {spec!r}: milestones must be positive")
+        if not unit_ex and train_size is None:
+            raise ConfigError(f"--{what}-schedule {spec!r}: a stream task has no epochs; give milestones "
+                              "in examples, e.g. x5@50000ex")
+        milestones.append(int(value if unit_ex else round(value * train_size)))
+    return Schedule("steps", factor=factor, milestones=tuple(sorted(milestones)))
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' is CUDA when present, else the CPU; an explicit device must exist."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use --device cpu or auto")
+        index = dev.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device mps: Apple MPS is not available on this machine")
+        return dev
+    raise ConfigError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check the options that need no data; raises ConfigError with a one-line message."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
+    if cfg.batch <= 0:
+        raise ConfigError(f"--batch must be a positive integer, got {cfg.batch}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.accum <= 0:
+        raise ConfigError(f"--accum must be a positive integer, got {cfg.accum}")
+    if cfg.batch % cfg.accum:
+        raise ConfigError(f"--batch {cfg.batch} is not divisible by --accum {cfg.accum} "
+                          f"(each of the {cfg.accum} micro-batches must hold the same number of examples)")
+    if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if sum(x is not None for x in (cfg.steps, cfg.examples, cfg.epochs)) > 1:
+        raise ConfigError("give at most one of --steps, --examples, --epochs")
+    for opt in ("steps", "examples", "epochs", "eval_every", "gns_window", "clip_grad", "threads", "dim"):
+        value = getattr(cfg, opt)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{opt.replace('_', '-')} must be positive, got {value}")
+    if cfg.gns_every < 0:
+        raise ConfigError(f"--gns-every must be >= 0 (0 turns measurement off at --accum 1), got {cfg.gns_every}")
+    if cfg.gns_every and cfg.accum == 1 and cfg.batch < 2:
+        raise ConfigError("--batch 1 cannot be split to measure the noise scale; use --gns-every 0")
+    if cfg.noise < 0:
+        raise ConfigError(f"--noise must be >= 0, got {cfg.noise}")
+    if cfg.target_loss is not None and not math.isfinite(cfg.target_loss):
+        raise ConfigError("--target-loss must be a finite number")
+    if cfg.name is not None and not cfg.name.strip():
+        raise ConfigError("--name must not be empty")
+    if cfg.task in ("linreg", "teacher") and cfg.epochs is not None:
+        raise ConfigError(f"--task {cfg.task} is an infinite stream: use --steps or --examples, not --epochs")
+    if cfg.task in ("mnist", "cifar10") and not cfg.data_dir:
+        raise ConfigError(f"--task {cfg.task} needs --data-dir DIR with the standard {cfg.task} files")
+    resolve_device(cfg.device)
+
+
+@dataclass
+class Plan:
+    """The resolved run: budget in steps and/or examples, schedules, eval and GNS cadence."""
+
+    max_steps: int | None
+    max_examples: int | None
+    lr: Schedule
+    batch: Schedule
+    eval_every: int
+    gns_every: int  # 0: never; accumulation measures on every step
+    gns_window: float
+
+    def batch_at(self, base: int, examples: int, accum: int) -> int:
+        b = max(accum, int(round(base * self.batch.multiplier(examples))))
+        return b - b % accum
+
+
+def plan(cfg: TrainConfig, train_size: int | None) -> Plan:
+    """Resolve defaults that depend on the task (budget, eval cadence, GNS window) and check schedules."""
+    steps, examples = cfg.steps, cfg.examples
+    if cfg.epochs is not None:
+        examples = int(math.ceil(cfg.epochs * train_size))
+    if steps is None and examples is None:
+        unit, value = DEFAULT_BUDGET[cfg.task]
+        value *= TARGET_BUDGET_FACTOR if cfg.target_loss is not None else 1
+        if unit == "steps":
+            steps = value
+        else:
+            examples = int(value * (train_size if unit == "epochs" else 1))
+    total = examples if examples is not None else steps * cfg.batch
+    lr_s = parse_schedule(cfg.lr_schedule, "lr", train_size, total)
+    batch_s = parse_schedule(cfg.batch_schedule, "batch", train_size, total)
+    if batch_s.kind == "steps":
+        for k in range(len(batch_s.milestones) + 1):
+            b = cfg.batch * batch_s.factor**k
+            if b < cfg.accum or abs(b - round(b)) > 1e-9 or round(b) % cfg.accum:
+                raise ConfigError(f"--batch-schedule {cfg.batch_schedule!r} gives batch {b:g}, which is not a whole "
+                                  f"multiple of --accum {cfg.accum}")
+    approx_steps = steps if steps is not None else max(1, examples // cfg.batch)
+    eval_every = cfg.eval_every or max(1, approx_steps // 20)
+    gns_every = 1 if cfg.accum > 1 else cfg.gns_every
+    window = cfg.gns_window or GNS_WINDOW_MEASUREMENTS * cfg.batch * max(gns_every, 1)
+    return Plan(steps, examples, lr_s, batch_s, eval_every, gns_every, float(window))

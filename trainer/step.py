@@ -1,0 +1,78 @@
+"""One optimizer step's gradient: the batch's mean gradient in `p.grad`, and the noise-scale ingredients.
+
+The batch runs as one pass (fast path, nothing measured) or as micro-batches: the K micro-batches of
+gradient accumulation, or on a measurement step with K = 1 a split of the batch into 2 (same FLOPs).
+Each micro-batch gradient g_k is kept just long enough to add its squared norm to a running sum, so the
+ingredients cost a norm per micro-batch and nothing else. Everything stays on the device as 0-d tensors:
+no `.item()`, no host-device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepGrads:
+    """Result of `compute_gradients`: device tensors, plus the host-side micro-batch sizes."""
+
+    loss: torch.Tensor  # 0-d, mean loss over the batch (detached)
+    g_small_sq: torch.Tensor | None  # mean over micro-batches of |g_k|^2; None when not measured
+    b_small: float | None  # examples per small gradient (harmonic mean of the micro-batch sizes)
+    g_big_sq: torch.Tensor | None  # |g_big|^2 of the whole batch's mean gradient (unclipped)
+    b_big: float | None
+
+
+def sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norm of a list of tensors as a 0-d float32 tensor (fused per-tensor norms, no sync)."""
+    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+
+def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                      n_micro: int = 1) -> StepGrads:
+    """Set `p.grad` to the batch's mean-loss gradient, computed as `n_micro` micro-batches.
+
+    With n_micro >= 2 the noise-scale ingredients are measured: g_small = each micro-batch's mean
+    gradient (their *squared* norms are averaged), g_big = the combined mean gradient. Micro-batch k
+    of size b_k gets weight w_k = b_k / B, so the result equals the full-batch gradient even for uneven
+    splits, and E[mean_k |g_k|^2] = |G|^2 + tr(Sigma) * mean_k(1/b_k): hence b_small is the harmonic mean.
+    The caller zeroes gradients first (`zero_grad(set_to_none=True)`) and clips, if at all, afterwards.
+    """
+    if n_micro <= 1:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return StepGrads(loss.detach(), None, None, None, None)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = x.shape[0]
+    xs, ys = x.tensor_split(n_micro), y.tensor_split(n_micro)
+    weights = [xk.shape[0] / batch for xk in xs]
+    if min(weights) == 0:
+        raise ValueError(f"batch of {batch} cannot be split into {n_micro} non-empty micro-batches")
+    acc: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []  # per micro-batch: per-tensor norms of w_k * g_k
+    loss_sum = None
+    for xk, yk, wk in zip(xs, ys, weights, strict=True):
+        loss_k = loss_fn(model(xk), yk) * wk  # its gradient is w_k g_k: the accumulator needs no rescaling
+        grads = torch.autograd.grad(loss_k, params, allow_unused=True, materialize_grads=True)
+        norms.extend(torch._foreach_norm(grads))
+        if not acc:
+            acc, loss_sum = list(grads), loss_k.detach()
+        else:
+            torch._foreach_add_(acc, grads)
+            loss_sum = loss_sum + loss_k.detach()
+    for p, g in zip(params, acc, strict=True):
+        p.grad = g
+    per_micro = torch.stack(norms).float().square().reshape(n_micro, -1).sum(1)  # |w_k g_k|^2
+    if len(set(weights)) == 1:  # the usual case; no host-to-device copy of the weights either way
+        g_small_sq = per_micro.mean() / weights[0] ** 2
+    else:
+        g_small_sq = sum(per_micro[k] / w**2 for k, w in enumerate(weights)) / n_micro
+    b_small = n_micro / sum(1.0 / (w * batch) for w in weights)
+    return StepGrads(loss_sum, g_small_sq, b_small, sq_norm(acc), float(batch))

@@ -1,0 +1,97 @@
+"""Per-step records kept on the device and handed to the collector in blocks.
+
+The training loop must not wait for the GPU on every step, so each step's loss and squared gradient
+norms stay 0-d device tensors in a list; every `sync_every` steps they are stacked and copied to the
+host in one transfer. The host then folds them into the running B_simple and hands whole columns to
+`run.log_steps` (one call per block, not one per step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from trainer.gns import BSimpleEMA
+from trainer.step import StepGrads
+
+HOST_COLUMNS = ("step", "examples", "batch_size", "lr", "wall_time", "b_small", "b_big")
+GNS_COLUMNS = ("g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
+
+
+class StepLog:
+    """Buffers step rows; `sync()` returns the new rows as numpy columns (with b_simple filled in)."""
+
+    def __init__(self, run, device: torch.device, gns: BSimpleEMA, sync_every: int, emit_every: int = 50):
+        self.run = run
+        self.gns = gns
+        self.sync_every = max(1, sync_every)
+        self.emit_every = max(self.sync_every, emit_every)
+        self._nan = torch.full((), math.nan, device=device)
+        self._host: list[tuple] = []
+        self._dev: list[torch.Tensor] = []
+        self._out: list[dict[str, np.ndarray]] = []
+        self._out_rows = 0
+        self._last_examples = 0
+
+    def add(self, step: int, examples: int, batch_size: int, lr: float, wall_time: float, grads: StepGrads) -> None:
+        measured = grads.g_small_sq is not None
+        self._host.append((step, examples, batch_size, lr, wall_time,
+                           grads.b_small if measured else math.nan, grads.b_big if measured else math.nan))
+        self._dev.append(grads.loss)
+        self._dev.append(grads.g_small_sq if measured else self._nan)
+        self._dev.append(grads.g_big_sq if measured else self._nan)
+
+    def due(self) -> bool:
+        return len(self._host) >= self.sync_every
+
+    def sync(self) -> dict[str, np.ndarray]:
+        """Copy the pending rows to the host (one transfer), compute b_simple, queue them for the collector."""
+        if not self._host:
+            return {}
+        vals = torch.stack(self._dev).reshape(-1, 3).to(dtype=torch.float64, device="cpu").numpy()
+        cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, zip(*self._host, strict=True), strict=True)}
+        self._host, self._dev = [], []
+        cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]
+        b_simple = np.full(len(vals), math.nan)
+        for i, ex in enumerate(cols["examples"]):
+            seen, self._last_examples = int(ex) - self._last_examples, int(ex)
+            if math.isnan(cols["b_small"][i]):
+                self.gns.skip(seen)
+                continue
+            b_simple[i] = self.gns.update(cols["g_small_sq"][i], cols["b_small"][i],
+                                          cols["g_big_sq"][i], cols["b_big"][i], seen)
+        cols["b_simple"] = b_simple
+        self._out.append(cols)
+        self._out_rows += len(vals)
+        if self._out_rows >= self.emit_every:
+            self.emit()
+        return cols
+
+    def emit(self) -> None:
+        """Hand queued rows to the collector; unmeasured steps go without GNS columns, so they are NULL."""
+        if not self._out:
+            return
+        cols = {k: np.concatenate([c[k] for c in self._out]) for k in self._out[0]}
+        self._out, self._out_rows = [], 0
+        measured = ~np.isnan(cols["b_small"])
+        for mask, keep_gns in ((measured, True), (~measured, False)):
+            if mask.any():
+                block = {k: v[mask] for k, v in cols.items() if keep_gns or k not in GNS_COLUMNS}
+                if keep_gns:  # no estimate yet (|G|^2 <= 0 so far) is NULL too, not NaN
+                    block = _split_nan(block, "b_simple", self.run)
+                    if block is None:
+                        continue
+                self.run.log_steps(block)
+
+
+def _split_nan(block: dict[str, np.ndarray], col: str, run) -> dict[str, np.ndarray] | None:
+    """Log rows whose `col` is NaN without that column (NULL); return the rest."""
+    nan = np.isnan(block[col])
+    if nan.any():
+        run.log_steps({k: v[nan] for k, v in block.items() if k != col})
+        if nan.all():
+            return None
+        block = {k: v[~nan] for k, v in block.items()}
+    return block

@@ -1,0 +1,146 @@
+"""The training loop, readable top to bottom (in the spirit of nanoGPT's train.py).
+
+    task = make_task(...); with collector.start_run(...) as run: result = train(cfg, task, run)
+
+Per optimizer step: pick this step's batch size and LR from the schedules, draw the batch, compute the
+mean gradient (as K micro-batches with --accum K, or split in two on a measurement step at K = 1 so the
+noise-scale ingredients come for the same FLOPs), optionally clip, step the optimizer. Statistics stay
+on the device and reach the host every few steps (trainer/steplog.py), where the run is checked for
+divergence and for the target loss.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trainer.config import Plan, TrainConfig, plan
+from trainer.gns import BSimpleEMA, ExampleEMA
+from trainer.step import compute_gradients
+from trainer.steplog import StepLog
+from trainer.tasks import Task
+
+LOSS_SMOOTHING_STEPS = 10  # --target-loss compares an EMA of the training loss over ~10 steps
+GNS_SPLIT = 2  # micro-batches a K = 1 measurement step is split into
+
+
+@dataclass
+class TrainResult:
+    """How the run ended, for the command line's summary (everything else is in the store)."""
+
+    status: str  # finished | diverged
+    steps: int
+    examples: int
+    seconds: float
+    final_loss: float  # smoothed training loss
+    b_simple: float
+    reached_target: bool
+    evals: dict[str, tuple[float, float | None]]
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (with momentum and weight decay) or Adam (momentum is beta1)."""
+    if cfg.optimizer == "adam":
+        beta1 = 0.9 if cfg.momentum is None else cfg.momentum
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(beta1, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum or 0.0,
+                           weight_decay=cfg.weight_decay)
+
+
+def sync_every(device: torch.device) -> int:
+    """Steps between host reads: cheap on the CPU (no transfer), batched on an accelerator."""
+    return 10 if device.type == "cpu" else 50
+
+
+def log_evals(run, task: Task, model: nn.Module, step: int, examples: int) -> dict[str, tuple[float, float | None]]:
+    """Evaluate on every split (one host sync per evaluation, not per step) and log it."""
+    results = {}
+    for split, (loss, acc) in task.evaluate(model).items():
+        results[split] = (float(loss), None if acc is None else float(acc))
+    if task.exact_eval is not None:  # linreg: the exact population loss and noise scale
+        exact = task.exact_eval(model)
+        results["population"] = (exact["loss"], None)
+        run.log(step, delta_sq=exact["delta_sq"], b_simple_exact=exact["b_simple_exact"])
+    for split, (loss, acc) in results.items():
+        run.log_eval(step, split=split, loss=loss, accuracy=acc, examples=examples)
+    return results
+
+
+def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> TrainResult:
+    """Train `task` as configured, logging every step and evaluation to `run` (a collector Run)."""
+    device = task.device
+    p: Plan = plan(cfg, task.train_size)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(device)
+    model.train()
+    opt = make_optimizer(cfg, model)
+    gns = BSimpleEMA(p.gns_window)
+    log = StepLog(run, device, gns, sync_every(device))
+    loss_ema = ExampleEMA(LOSS_SMOOTHING_STEPS)
+    by_steps = p.max_steps is not None and (p.max_examples is None)
+    bar = tqdm(total=p.max_steps if by_steps else p.max_examples, unit="step" if by_steps else "ex",
+               disable=not sys.stderr.isatty() if progress is None else not progress,
+               desc=run.name if hasattr(run, "name") else None, leave=False, dynamic_ncols=True)
+    status, reached, evals = "finished", False, {}
+    step = examples = bar_pos = 0
+    t0 = time.perf_counter()
+
+    while True:
+        if (p.max_steps is not None and step >= p.max_steps) or (p.max_examples is not None and examples >= p.max_examples):
+            break
+        # this step's hyperparameters, from the examples seen so far
+        batch = p.batch_at(cfg.batch, examples, cfg.accum)
+        lr = cfg.lr * p.lr.multiplier(examples)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        measure = p.gns_every > 0 and (cfg.accum > 1 or (step + 1) % p.gns_every == 0)
+        n_micro = cfg.accum if cfg.accum > 1 else (GNS_SPLIT if measure else 1)
+
+        # forward/backward (as micro-batches when measuring or accumulating), then the update
+        x, y = task.next_batch(batch)
+        opt.zero_grad(set_to_none=True)
+        grads = compute_gradients(model, task.loss_fn, x, y, n_micro)
+        if cfg.clip_grad:  # after measuring: the noise scale is defined on the unclipped gradient
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        step += 1
+        examples += batch
+        log.add(step, examples, batch, lr, time.perf_counter() - t0, grads)
+
+        # host side, every few steps: divergence, target loss, progress
+        if log.due():
+            rows = log.sync()
+            for i, loss in enumerate(rows["loss"]):
+                if not math.isfinite(loss):
+                    status = "diverged"
+                    break
+                loss_ema.update(loss, 1)
+                if cfg.target_loss is not None and not reached and loss_ema.value <= cfg.target_loss:
+                    reached = True
+                    run.log(int(rows["step"][i]), target_reached=1.0)
+            bar.update((step if by_steps else examples) - bar_pos)
+            bar_pos = step if by_steps else examples
+            bar.set_postfix(loss=f"{loss_ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
+            if status == "diverged" or reached:
+                break
+        if step % p.eval_every == 0:
+            evals = log_evals(run, task, model, step, examples)
+
+    rows = log.sync()
+    for loss in rows.get("loss", ()):
+        if not math.isfinite(loss):
+            status = "diverged"
+            break
+        loss_ema.update(loss, 1)
+        reached = reached or (cfg.target_loss is not None and loss_ema.value <= cfg.target_loss)
+    log.emit()
+    if status != "diverged" and step % p.eval_every != 0:
+        evals = log_evals(run, task, model, step, examples)
+    bar.close()
+    return TrainResult(status, step, examples, time.perf_counter() - t0, loss_ema.value, gns.value, reached, evals)
