@@ -18,6 +18,7 @@ import dash
 from dash import Input, Output, State, dcc, html
 
 from dashboard import queries
+from dashboard.components import PAGES
 
 PAGE_MODULES = ("welcome", "runs", "curves", "noise", "tradeoff", "generalization", "lr_batch", "sql")
 
@@ -45,6 +46,8 @@ def create_app(db: str | os.PathLike | None = None, auth: str | None = None) -> 
     )
     for name in PAGE_MODULES:
         module = importlib.import_module(f"dashboard.pages.{name}")
+        if module.__name__ not in dash.page_registry:  # imported before the app existed
+            dash.register_page(module.__name__, **PAGES[module.__name__])
         # with pages_folder="" Dash does not pick up a module's `layout` itself
         dash.page_registry[module.__name__]["layout"] = module.layout
     app.layout = _shell

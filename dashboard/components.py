@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import dash
 import polars as pl
 from dash import dcc, html
+from dash.exceptions import PageError
 
 from dashboard import queries
+
+PAGES: dict[str, dict] = {}
+
+
+def register_page(module: str, **kwargs) -> None:
+    """dash.register_page, also when a page module is imported before the app exists (tests, bench,
+    notebooks): then create_app registers it."""
+    PAGES[module] = kwargs
+    with contextlib.suppress(PageError):
+        dash.register_page(module, **kwargs)
+
 
 SELECTED = "__selected__"
 ALL = "__all__"

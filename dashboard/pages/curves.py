@@ -11,17 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import dash
 import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 from dash import Input, Output, callback, dcc, html
 
 from dashboard import queries
-from dashboard.components import run_hover, run_label
+from dashboard.components import register_page, run_hover, run_label
 from dashboard.theme import DANGER, base_layout, batch_color, empty_figure
 
-dash.register_page(__name__, path="/curves", name="Curves", title="batchscope · curves", order=1)
+register_page(__name__, path="/curves", name="Curves", title="batchscope · curves", order=1)
 
 METRICS = {
     "loss": ("train loss (per step)", "step"),

@@ -10,11 +10,11 @@ import polars as pl
 from dash import Input, Output, State, callback, ctx, html
 
 from dashboard import queries
-from dashboard.components import page_header
+from dashboard.components import page_header, register_page
 from dashboard.pages import welcome
 from dashboard.theme import STATUS_COLORS, batch_color, fmt
 
-dash.register_page(__name__, path="/", name="Runs", title="batchscope · runs", order=0)
+register_page(__name__, path="/", name="Runs", title="batchscope · runs", order=0)
 
 _NUM = {"type": "numericColumn", "filter": "agNumberColumnFilter"}
 _FMT3 = {"function": "params.value == null ? '' : d3.format('.3~g')(params.value)"}
@@ -55,7 +55,7 @@ def runs_rows(db: Path) -> list[dict]:
     if table.is_empty():
         return []
     table = table.with_columns(
-        pl.col("started_at").dt.strftime("%Y-%m-%d %H:%M:%S") if "started_at" in table.columns else pl.lit(None),
+        [pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S") for c, t in table.schema.items() if t.is_temporal()]
     )
     rows = table.to_dicts()
     for r in rows:

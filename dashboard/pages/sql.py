@@ -11,8 +11,9 @@ import polars as pl
 from dash import Input, Output, State, callback, dcc, html
 
 from dashboard import queries
+from dashboard.components import register_page
 
-dash.register_page(__name__, path="/sql", name="SQL", title="batchscope · SQL", order=7)
+register_page(__name__, path="/sql", name="SQL", title="batchscope · SQL", order=7)
 
 ROW_LIMIT = 5000
 TIME_LIMIT_S = 10.0

@@ -1,8 +1,9 @@
 """Tradeoff (being written)."""
 
-import dash
 from dash import html
 
-dash.register_page(__name__, path="/tradeoff", name="Tradeoff", title="batchscope · Tradeoff", order=3)
+from dashboard.components import register_page
+
+register_page(__name__, path="/tradeoff", name="Tradeoff", title="batchscope · Tradeoff", order=3)
 
 layout = html.Div([html.H1("Tradeoff")])

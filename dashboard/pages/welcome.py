@@ -10,8 +10,9 @@ import dash
 from dash import Input, Output, State, callback, dcc, html
 
 from dashboard import queries
+from dashboard.components import register_page
 
-dash.register_page(__name__, path="/welcome", name="Welcome", title="batchscope · welcome", order=99, nav=False)
+register_page(__name__, path="/welcome", name="Welcome", title="batchscope · welcome", order=99, nav=False)
 
 
 def sample_runs_dir() -> Path | None:
