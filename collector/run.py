@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import random
 import socket
 import sys
 import threading
@@ -38,6 +39,8 @@ _EVAL_TYPES = {"step": pa.int64(), "split": pa.string(), "examples": pa.int64(),
 _FAST = {float, int, type(None)}
 _META = frozenset(RUN_COLUMNS) - {"run_id", "name", "sweep", "status", "config", "started_at", "ended_at", "host"}
 HEARTBEAT_EVERY = 10.0  # seconds between store writes when there is nothing new to write
+BUSY_WARN_AFTER = 5.0  # seconds the store may stay locked before the user is told
+TICK_PATIENCE = 2.0  # seconds a background flush keeps retrying a locked store before the next tick
 
 
 def _utcnow() -> str:
@@ -83,6 +86,7 @@ class Run:
         self._status: str | None = None
         self._warned: set[str] = set()
         self._last_ingest = 0.0
+        self._busy_since: float | None = None
         self.flush_every, self.finish_timeout = flush_every, finish_timeout
         self.spool = Spool(spool_root(self.db), self.run_id)
         self.spool.create_and_own()
@@ -167,15 +171,12 @@ class Run:
         self._row |= {"status": self._status, "ended_at": _utcnow()}
         self._spool_buffers()
         self.spool.write_run(self._row)
-        deadline = time.monotonic() + self.finish_timeout
-        while not self._try_ingest():
-            if time.monotonic() > deadline:
-                self._say("final", f"batchscope: could not write run {self.run_id} to {self.db} within "
-                          f"{self.finish_timeout:.0f} s; its rows are safe in {self.spool.dir} and will be moved by "
-                          "`python -m collector ingest` (or the next run or dashboard)")
-                self.spool.release()
-                return
-            time.sleep(0.05 + 0.05 * np.random.random())
+        if not self._try_ingest(patience=self.finish_timeout):
+            self._say("final", f"batchscope: could not write run {self.run_id} to {self.db} within "
+                      f"{self.finish_timeout:.0f} s; its rows are safe in {self.spool.dir} and will be moved by "
+                      "`python -m collector ingest` (or the next run or dashboard)")
+            self.spool.release()
+            return
         self.spool.remove()
         self.spool.release()
 
@@ -195,11 +196,14 @@ class Run:
             recover_spools(self.db)
         except Exception as exc:  # noqa: BLE001 - recovery of others' runs must never hurt this one
             self._say("recover", f"batchscope: could not recover old spools: {exc}")
+        backoff = 1
         while not self._stop.is_set():
             wrote = self._spool_buffers()
             if wrote or time.monotonic() - self._last_ingest > HEARTBEAT_EVERY:
-                self._try_ingest()
-            self._wake.wait(self.flush_every)
+                ok = self._try_ingest()
+                # Under contention write less often (bigger batches, fewer lock grabs), up to 8x.
+                backoff = 1 if ok else min(backoff * 2, 8)
+            self._wake.wait(self.flush_every * backoff)
 
     def _spool_buffers(self) -> bool:
         """Move buffered rows to durable segment files; True if anything was written."""
@@ -234,9 +238,10 @@ class Run:
     def _with_run_id(self, data: dict, n: int) -> pa.Table:
         return pa.table({"run_id": pa.array([self.run_id] * n, pa.string()), **data})
 
-    def _try_ingest(self) -> bool:
-        """One short attempt (a few quick retries) to move the spool into the store."""
-        for _ in range(5):
+    def _try_ingest(self, patience: float = TICK_PATIENCE) -> bool:
+        """Move the spool into the store, retrying a lock conflict for up to `patience` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
             try:
                 con = try_write_connection(self.db)
             except StoreError as exc:
@@ -244,11 +249,15 @@ class Run:
                 return False
             if con is not None:
                 break
-            time.sleep(0.01 + 0.03 * np.random.random())
-        else:
-            self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
-                      f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
-            return False
+            if time.monotonic() > deadline:
+                # Brief contention with other writers and readers is normal; only a lasting lock is news.
+                self._busy_since = self._busy_since or time.monotonic()
+                if time.monotonic() - self._busy_since > BUSY_WARN_AFTER:
+                    self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
+                              f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
+                return False
+            time.sleep(0.005 + 0.025 * random.random())
+        self._busy_since = None
         try:
             ingest_spool(con, self.spool)
             self._last_ingest = time.monotonic()

@@ -83,7 +83,7 @@ def try_write_connection(db: Path) -> duckdb.DuckDBPyConnection | None:
 def _retrying(timeout: float) -> tenacity.Retrying:
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_lock_error),
-        wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.25),
+        wait=tenacity.wait_random(0.005, 0.03),  # the same short jitter writers use: equal chances
         stop=tenacity.stop_after_delay(timeout),
         reraise=True,
     )

@@ -1,0 +1,72 @@
+"""Subprocess entry points for the collector's concurrency and crash tests (run with `python -m`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import duckdb
+
+import collector
+from collector.store import StoreError, read_connection
+
+
+def writer(db: str, name: str, n_steps: int, evals_every: int = 1000) -> None:
+    """Log n_steps steps as fast as a hot loop would, plus periodic evals and a scalar."""
+    with collector.start_run(db, name=name, sweep="concurrency", config={"n": n_steps}, batch_size=32, lr=0.1) as run:
+        for step in range(1, n_steps + 1):
+            run.log_step(step, examples=32 * step, loss=1.0 / step, lr=0.1, batch_size=32,
+                         g_small_sq=2.0, b_small=16.0, g_big_sq=1.5, b_big=32.0)
+            if step % evals_every == 0:
+                run.log_eval(step, split="test", loss=1.0 / step, accuracy=0.5)
+                run.log(step, grad_norm=float(step))
+        print(run.run_id, flush=True)
+
+
+def reader(db: str, seconds: float) -> None:
+    """Query in a loop like a dashboard would; print the number of queries and of errors."""
+    deadline = time.monotonic() + seconds
+    queries = errors = 0
+    while time.monotonic() < deadline:
+        try:
+            with read_connection(db, timeout=30) as con:
+                con.execute("SELECT status, count(*) FROM run_summary GROUP BY ALL").fetchall()
+                con.execute("SELECT run_id, max(step) FROM steps GROUP BY run_id").fetchall()
+            queries += 1
+        except StoreError as exc:
+            if "no store" not in str(exc):
+                errors += 1
+                print(f"reader error: {exc}", file=sys.stderr, flush=True)
+        except duckdb.Error as exc:
+            errors += 1
+            print(f"reader error: {exc}", file=sys.stderr, flush=True)
+        time.sleep(0.02)
+    print(f"{queries} {errors}", flush=True)
+
+
+def slow_writer(db: str, ready_file: str) -> None:
+    """Log steps slowly and announce, once some were flushed, that it can be killed."""
+    run = collector.start_run(db, name="to-be-killed", batch_size=8, lr=0.1, flush_every=0.2)
+    step = 0
+    announced = False
+    while True:
+        step += 1
+        run.log_step(step, examples=8 * step, loss=1.0, lr=0.1, batch_size=8)
+        time.sleep(0.002)
+        if step >= 500 and not announced:
+            time.sleep(0.6)  # let the flusher spool them
+            with open(ready_file, "w") as f:
+                f.write(run.run_id)
+            announced = True
+
+
+if __name__ == "__main__":
+    role, *rest = sys.argv[1:]
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if role == "writer":
+        writer(rest[0], rest[1], int(rest[2]))
+    elif role == "reader":
+        reader(rest[0], float(rest[1]))
+    elif role == "slow_writer":
+        slow_writer(rest[0], rest[1])

@@ -1,0 +1,156 @@
+"""The store's concurrency contract, with real processes on a real DuckDB file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from collector.ingest import ingest_spool, recover_spools
+from collector.spool import Spool
+from collector.store import spool_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tests.collector_workers", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_eight_writers_and_a_reader_share_one_store(tmp_path):
+    db = str(tmp_path / "runs.duckdb")
+    n_steps, n_writers = 20_000, 8
+    reader = _spawn("reader", db, "25")
+    writers = [_spawn("writer", db, f"w{i}", str(n_steps)) for i in range(n_writers)]
+    outputs = [w.communicate(timeout=300) for w in writers]
+    r_out, r_err = reader.communicate(timeout=120)
+
+    for w, (out, err) in zip(writers, outputs, strict=True):
+        assert w.returncode == 0, err
+        assert "lock" not in err.lower(), err  # no writer ever surfaced a lock problem
+    queries, errors = map(int, r_out.split())
+    print(f"reader: {queries} queries")
+    assert errors == 0, r_err
+    assert queries > 10
+
+    con = duckdb.connect(db, read_only=True)
+    per_run = con.execute("SELECT run_id, count(*), count(DISTINCT step), min(step), max(step) FROM steps "
+                          "GROUP BY run_id").fetchall()
+    assert len(per_run) == n_writers
+    for _run_id, n, distinct, lo, hi in per_run:
+        assert (n, distinct, lo, hi) == (n_steps, n_steps, 1, n_steps)
+    assert con.execute("SELECT count(*) FROM evals").fetchall()[0][0] == n_writers * n_steps // 1000
+    assert con.execute("SELECT count(*) FROM scalars").fetchall()[0][0] == n_writers * n_steps // 1000
+    statuses = con.execute("SELECT DISTINCT status FROM run_summary").fetchall()
+    assert statuses == [("finished",)]
+    con.close()
+    assert not any(spool_root(Path(db)).glob("*/*.arrow")), "everything left the spool"
+
+
+def _spooled_rows(db: Path) -> int:
+    return sum(seg.read().num_rows for d in spool_root(db).iterdir() for seg in Spool(spool_root(db), d.name).segments()
+               if seg.table == "steps")
+
+
+def test_sigkilled_writer_is_recovered_as_stale(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    ready = tmp_path / "ready"
+    proc = _spawn("slow_writer", str(db), str(ready))
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run_id = ready.read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    # What the dead process had flushed: rows already in the store plus rows in its spool segments.
+    with duckdb.connect(str(db), read_only=True) as con:
+        in_store = con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    flushed = in_store + _spooled_rows(db)
+    assert flushed >= 500
+
+    result = subprocess.run([sys.executable, "-m", "collector", "ingest", "--db", str(db)], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "recovered 1" in result.stdout
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        n, hi = con.execute("SELECT count(*), max(step) FROM steps WHERE run_id = ?", [run_id]).fetchall()[0]
+        status = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+        summary = con.execute("SELECT status FROM run_summary WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert n == flushed == hi  # every flushed step, each once, none missing
+    assert status == summary == "stale"
+    assert not (spool_root(db) / run_id).exists()
+
+
+def test_live_runs_spool_is_not_recovered(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    spool = Spool(spool_root(db), "abcdef012345")
+    spool.create_and_own()
+    spool.write_run({"run_id": "abcdef012345", "name": "live", "status": "running"})
+    assert recover_spools(db) == 0
+    assert spool.dir.exists()
+    spool.release()
+
+
+def test_replaying_a_spool_twice_creates_no_duplicates(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    spool = Spool(spool_root(db), "0123456789ab")
+    spool.create_and_own()
+    spool.write_run({"run_id": "0123456789ab", "name": "replay", "status": "finished"})
+    steps = pa.table({"run_id": ["0123456789ab"] * 100, "step": list(range(1, 101)), "loss": [0.5] * 100})
+    spool.write_segment("steps", steps)
+    spool.write_segment("evals", pa.table({"run_id": ["0123456789ab"], "step": [100], "split": ["test"],
+                                           "loss": [0.4], "accuracy": [0.9]}))
+    segments = [(s.path, s.path.read_bytes()) for s in spool.segments()]
+    from collector.store import try_write_connection
+
+    for _ in range(2):  # ingest, then put the same segments back as if the unlink had never happened
+        con = try_write_connection(db)
+        ingest_spool(con, spool)
+        con.close()
+        for path, data in segments:
+            path.write_bytes(data)
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT step) FROM steps").fetchall()[0] == (100, 100)
+        assert con.execute("SELECT count(*) FROM evals").fetchall()[0][0] == 1
+        assert con.execute("SELECT count(*) FROM runs").fetchall()[0][0] == 1
+
+
+def test_locked_store_never_blocks_the_training_loop(tmp_path):
+    """A long-lived foreign handle on the store: the run keeps spooling, says so once, loses nothing."""
+    db = tmp_path / "runs.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import duckdb,time; c=duckdb.connect({str(db)!r}); print('ok', flush=True); time.sleep(8)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ok"
+    code = f"""
+import time, collector
+t = time.perf_counter()
+with collector.start_run({str(db)!r}, name="blocked", finish_timeout=30) as run:
+    for i in range(1, 2001):
+        run.log_step(i, loss=1.0)
+    loop = time.perf_counter() - t
+print(run.run_id, loop)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    holder.wait()
+    assert res.returncode == 0, res.stderr
+    run_id, loop_seconds = res.stdout.split()
+    assert res.stderr.count("busy") == 1, res.stderr  # said once
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [run_id]).fetchall()[0][0] == 2000
+        assert con.execute("SELECT status FROM runs").fetchall()[0][0] == "finished"
