@@ -39,7 +39,7 @@ _EVAL_TYPES = {"step": pa.int64(), "split": pa.string(), "examples": pa.int64(),
 _FAST = {float, int, type(None)}
 _META = frozenset(RUN_COLUMNS) - {"run_id", "name", "sweep", "status", "config", "started_at", "ended_at", "host"}
 HEARTBEAT_EVERY = 10.0  # seconds between store writes when there is nothing new to write
-BUSY_WARN_AFTER = 5.0  # seconds the store may stay locked before the user is told
+BUSY_WARN_AFTER = 30.0  # seconds the store may stay locked (e.g. a DuckDB CLI left open) before the user is told
 TICK_PATIENCE = 2.0  # seconds a background flush keeps retrying a locked store before the next tick
 
 
@@ -62,7 +62,8 @@ class Run:
     """One training run being logged. Create it with `collector.start_run`."""
 
     def __init__(self, db=None, *, name: str, sweep: str | None = None, config: Mapping | None = None,
-                 flush_every: float = 1.0, finish_timeout: float = 30.0, **meta):
+                 flush_every: float = 1.0, finish_timeout: float = 60.0, warn_after: float = BUSY_WARN_AFTER,
+                 **meta):
         if not isinstance(name, str) or not name.strip():
             raise ValueError("run name must be a non-empty string")
         unknown = set(meta) - _META
@@ -87,7 +88,7 @@ class Run:
         self._warned: set[str] = set()
         self._last_ingest = 0.0
         self._busy_since: float | None = None
-        self.flush_every, self.finish_timeout = flush_every, finish_timeout
+        self.flush_every, self.finish_timeout, self.warn_after = flush_every, finish_timeout, warn_after
         self.spool = Spool(spool_root(self.db), self.run_id)
         self.spool.create_and_own()
         self.spool.write_run(self._row)
@@ -249,12 +250,12 @@ class Run:
                 return False
             if con is not None:
                 break
+            # Brief contention with other writers and readers is normal; only a lasting lock is news.
+            self._busy_since = self._busy_since or time.monotonic()
+            if time.monotonic() - self._busy_since > self.warn_after:
+                self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
+                          f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
             if time.monotonic() > deadline:
-                # Brief contention with other writers and readers is normal; only a lasting lock is news.
-                self._busy_since = self._busy_since or time.monotonic()
-                if time.monotonic() - self._busy_since > BUSY_WARN_AFTER:
-                    self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
-                              f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
                 return False
             time.sleep(0.005 + 0.025 * random.random())
         self._busy_since = None

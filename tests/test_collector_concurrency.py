@@ -35,7 +35,7 @@ def test_eight_writers_and_a_reader_share_one_store(tmp_path):
     outputs = [w.communicate(timeout=300) for w in writers]
     r_out, r_err = reader.communicate(timeout=120)
 
-    for w, (out, err) in zip(writers, outputs, strict=True):
+    for w, (_out, err) in zip(writers, outputs, strict=True):
         assert w.returncode == 0, err
         assert "lock" not in err.lower(), err  # no writer ever surfaced a lock problem
     queries, errors = map(int, r_out.split())
@@ -139,7 +139,7 @@ def test_locked_store_never_blocks_the_training_loop(tmp_path):
     code = f"""
 import time, collector
 t = time.perf_counter()
-with collector.start_run({str(db)!r}, name="blocked", finish_timeout=30) as run:
+with collector.start_run({str(db)!r}, name="blocked", finish_timeout=30, warn_after=2) as run:
     for i in range(1, 2001):
         run.log_step(i, loss=1.0)
     loop = time.perf_counter() - t
