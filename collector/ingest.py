@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from collector.spool import Spool
 from collector.store import spool_root, try_write_connection
@@ -40,13 +41,45 @@ def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) ->
     )
 
 
-def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
-    """Bulk insert through DuckDB's Arrow scan, matching columns by name, ignoring rows already there."""
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, run_id: str | None = None,
+                ignore_existing: bool = True) -> None:
+    """Bulk insert through DuckDB's Arrow scan, matching columns by name.
+
+    With `run_id`, the rows get that run_id (spool segments leave it out: the folder says whose they are).
+    With `ignore_existing`, rows whose key is already stored are skipped (replays are harmless).
+    """
+    if run_id is not None and "run_id" in data.column_names:
+        data = data.drop_columns(["run_id"])
     con.register("_batch", data)
     try:
-        con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _batch")
+        select = "SELECT ?::VARCHAR AS run_id, * FROM _batch" if run_id is not None else "SELECT * FROM _batch"
+        verb = "INSERT OR IGNORE" if ignore_existing else "INSERT"
+        con.execute(f"{verb} INTO {table} BY NAME {select}", [run_id] if run_id is not None else [])
     finally:
         con.unregister("_batch")
+
+
+def _stored_in_range(con: duckdb.DuckDBPyConnection, table: str, run_id: str, data: pa.Table) -> bool:
+    """Whether any stored row of this run falls in the batch's step range (then it may be a replay)."""
+    steps = data.column("step")
+    lo, hi = pa.compute.min(steps).as_py(), pa.compute.max(steps).as_py()
+    return con.execute(f"SELECT count(*) FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ?",
+                       [run_id, lo, hi]).fetchall()[0][0] > 0
+
+
+def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, pa.Table], alive: bool,
+                   careful: bool) -> None:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        upsert_run(con, run, alive=alive)
+        for table, data in tables.items():
+            # Fresh rows (the usual case) take the plain bulk INSERT; a possible replay takes INSERT OR IGNORE.
+            ignore = careful or _stored_in_range(con, table, run["run_id"], data)
+            insert_rows(con, table, data, run_id=run["run_id"], ignore_existing=ignore)
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
 
 
 def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None) -> int:
@@ -60,24 +93,21 @@ def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: 
     by_table: dict[str, list[pa.Table]] = {}
     for seg in segments:
         try:
-            by_table.setdefault(seg.table, []).append(seg.read())
+            data = seg.read()
         except FileNotFoundError:  # ingested and removed by another process meanwhile
             continue
-    n = 0
-    con.execute("BEGIN TRANSACTION")
+        if "run_id" in data.column_names:
+            data = data.drop_columns(["run_id"])
+        by_table.setdefault(seg.table, []).append(data)
+    tables = {t: pa.concat_tables(parts, promote_options="default") for t, parts in by_table.items()}
+    alive = status_override != "stale"
     try:
-        upsert_run(con, run, alive=status_override != "stale")
-        for table, parts in by_table.items():
-            data = pa.concat_tables(parts, promote_options="default")
-            insert_rows(con, table, data)
-            n += data.num_rows
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        _ingest_tables(con, run, tables, alive, careful=False)
+    except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
+        _ingest_tables(con, run, tables, alive, careful=True)
     for seg in segments:
         seg.path.unlink(missing_ok=True)
-    return n
+    return sum(t.num_rows for t in tables.values())
 
 
 def recover_spools(db: Path) -> int:

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from numbers import Real
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ _STEP_TYPES = (pa.int64(), pa.int64(), pa.float64(), pa.int32(), pa.float64(), p
                pa.float64(), pa.float64(), pa.float64(), pa.float64(), pa.float64())
 _EVAL_TYPES = {"step": pa.int64(), "split": pa.string(), "examples": pa.int64(), "loss": pa.float64(),
                "accuracy": pa.float64()}
+_SCALAR_TYPES = {"step": pa.int64(), "name": pa.string(), "value": pa.float64()}
 _FAST = {float, int, type(None)}
 _META = frozenset(RUN_COLUMNS) - {"run_id", "name", "sweep", "status", "config", "started_at", "ended_at", "host"}
 HEARTBEAT_EVERY = 10.0  # seconds between store writes when there is nothing new to write
@@ -79,9 +81,10 @@ class Run:
         }
         self._row.setdefault("world_size", 1)
         self._t0 = time.perf_counter()
-        self._steps: deque[tuple] = deque()
-        self._evals: deque[tuple] = deque()
-        self._scalars: deque[tuple] = deque()
+        # Plain lists: append (hot path) and the flusher's take-prefix-then-delete are each atomic under the GIL.
+        self._steps: list[tuple] = []
+        self._evals: list[tuple] = []
+        self._scalars: list[tuple] = []
         self._tables: deque[tuple[str, pa.Table]] = deque()  # blocks from log_steps
         self._diverged = False
         self._status: str | None = None
@@ -137,11 +140,10 @@ class Run:
             self._diverged = True
         known = {c: pa.array(arrays[c], type=t) for c, t in zip(STEP_COLUMNS, _STEP_TYPES, strict=True)
                  if c in arrays}
-        known["run_id"] = pa.array(np.full(n, self.run_id, dtype=object), type=pa.string())
         self._tables.append(("steps", pa.table(known)))
         for name in set(arrays) - set(STEP_COLUMNS):
             self._tables.append(("scalars", pa.table({
-                "run_id": known["run_id"], "step": known["step"],
+                "step": known["step"],
                 "name": pa.array(np.full(n, name, dtype=object), type=pa.string()),
                 "value": pa.array(arrays[name], type=pa.float64())})))
 
@@ -215,29 +217,19 @@ class Run:
         return wrote
 
     def _drain(self) -> list[tuple[str, pa.Table]]:
+        """Buffered rows as Arrow tables (without run_id: the spool folder says whose rows they are)."""
         out = []
         while self._tables:
             out.append(self._tables.popleft())
-        rows = [self._steps.popleft() for _ in range(len(self._steps))]
-        if rows:
-            cols = list(zip(*rows, strict=True))
-            data = {c: pa.array(v, type=t) for c, v, t in zip(STEP_COLUMNS, cols, _STEP_TYPES, strict=True)}
-            out.append(("steps", self._with_run_id(data, len(rows))))
-        rows = [self._evals.popleft() for _ in range(len(self._evals))]
-        if rows:
-            cols = list(zip(*rows, strict=True))
-            data = {c: pa.array(v, type=t) for (c, t), v in zip(_EVAL_TYPES.items(), cols, strict=True)}
-            out.append(("evals", self._with_run_id(data, len(rows))))
-        rows = [self._scalars.popleft() for _ in range(len(self._scalars))]
-        if rows:
-            step, name, value = zip(*rows, strict=True)
-            data = {"step": pa.array(step, pa.int64()), "name": pa.array(name, pa.string()),
-                    "value": pa.array(value, pa.float64())}
-            out.append(("scalars", self._with_run_id(data, len(rows))))
+        for table, buffer, types in (("steps", self._steps, dict(zip(STEP_COLUMNS, _STEP_TYPES, strict=True))),
+                                     ("evals", self._evals, _EVAL_TYPES), ("scalars", self._scalars, _SCALAR_TYPES)):
+            n = len(buffer)
+            rows = buffer[:n]
+            del buffer[:n]
+            if rows:  # column by column: pa.array over a list is ~50x faster than over zip(*rows) tuples
+                out.append((table, pa.table({c: pa.array(list(map(itemgetter(i), rows)), type=t)
+                                             for i, (c, t) in enumerate(types.items())})))
         return out
-
-    def _with_run_id(self, data: dict, n: int) -> pa.Table:
-        return pa.table({"run_id": pa.array([self.run_id] * n, pa.string()), **data})
 
     def _try_ingest(self, patience: float = TICK_PATIENCE) -> bool:
         """Move the spool into the store, retrying a lock conflict for up to `patience` seconds."""

@@ -1,0 +1,128 @@
+"""Collector benchmarks: ingest throughput vs DuckDB's own bulk Arrow insert, and the cost of log_step.
+
+    python bench/bench_collector.py [--rows 1000000] [--calls 1000000]
+
+Ratios are against baselines measured in the same process, so machine noise mostly cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+import collector
+from collector.store import try_write_connection
+from schema import ensure_schema
+
+
+def _steps_table(run_id: str, n: int) -> pa.Table:
+    rng = np.random.default_rng(0)
+    step = np.arange(1, n + 1)
+    return pa.table({
+        "run_id": pa.array([run_id] * n), "step": step, "examples": step * 32, "wall_time": step * 0.01,
+        "batch_size": pa.array(np.full(n, 32, dtype=np.int32)), "lr": np.full(n, 0.1), "loss": rng.random(n),
+        "g_small_sq": rng.random(n), "b_small": np.full(n, 16.0), "g_big_sq": rng.random(n),
+        "b_big": np.full(n, 32.0), "b_simple": rng.random(n),
+    })
+
+
+def bench_ingest(rows: int, folder: Path) -> dict:
+    """Rows logged with log_step -> spooled -> ingested, vs the same rows bulk-inserted from Arrow."""
+    data = _steps_table("bulk00000000", rows)
+    base_db = folder / "baseline.duckdb"
+    with duckdb.connect(str(base_db)) as con:
+        ensure_schema(con)
+        t = time.perf_counter()
+        con.execute("INSERT INTO steps SELECT * FROM data")
+        bulk = time.perf_counter() - t
+
+    # Row-by-row INSERT on a sample (it is far too slow for all rows).
+    sample = min(rows, 2000)
+    with duckdb.connect(str(base_db)) as con:
+        t = time.perf_counter()
+        for r in data.slice(0, sample).to_pylist():
+            con.execute("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        ["rowbyrow", *list(r.values())[1:]])
+        row_by_row = (time.perf_counter() - t) / sample * rows
+
+    db = folder / "collector.duckdb"
+    cols = {k: data.column(k).to_pylist() for k in data.column_names if k != "run_id"}
+    run = collector.start_run(db, name="bench", flush_every=3600)
+    time.sleep(0.5)  # let the first heartbeat write happen outside the timed part
+    for i in range(rows):  # fill the buffer as a training loop would
+        run.log_step(cols["step"][i], examples=cols["examples"][i], loss=cols["loss"][i], lr=0.1, batch_size=32,
+                     g_small_sq=cols["g_small_sq"][i], b_small=16.0, g_big_sq=cols["g_big_sq"][i], b_big=32.0,
+                     b_simple=cols["b_simple"][i], wall_time=cols["wall_time"][i])
+    t = time.perf_counter()
+    run._spool_buffers()  # buffered rows -> Arrow -> durable segment file
+    spooled = time.perf_counter() - t
+    t = time.perf_counter()
+    assert run._try_ingest()  # segment -> DuckDB (INSERT OR IGNORE, one transaction)
+    ingested = time.perf_counter() - t
+    run.finish()
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM steps").fetchall()[0][0] == rows
+    collector_total = spooled + ingested
+    return {
+        "rows": rows,
+        "bulk_rows_per_s": rows / bulk,
+        "collector_rows_per_s": rows / collector_total,
+        "collector_ingest_only_rows_per_s": rows / ingested,
+        "row_by_row_rows_per_s": rows / row_by_row,
+        "collector_vs_bulk": bulk / collector_total,
+        "bulk_vs_row_by_row": row_by_row / bulk,
+    }
+
+
+def bench_log_step(calls: int, folder: Path) -> dict:
+    """Cost of one log_step call inside a loop, net of the loop itself."""
+    run = collector.start_run(folder / "calls.duckdb", name="calls", flush_every=3600)
+    loss = 0.5
+    t = time.perf_counter()
+    for step in range(calls):
+        pass
+    empty = time.perf_counter() - t
+    t = time.perf_counter()
+    for step in range(calls):
+        run.log_step(step, examples=step * 32, loss=loss, lr=0.1, batch_size=32)
+    basic = time.perf_counter() - t
+    t = time.perf_counter()
+    for step in range(calls, 2 * calls):
+        run.log_step(step, examples=step * 32, loss=loss, lr=0.1, batch_size=32, g_small_sq=1.0, b_small=16,
+                     g_big_sq=0.5, b_big=32, b_simple=40.0)
+    full = time.perf_counter() - t
+    run.finish()
+    return {"calls": calls, "log_step_us": (basic - empty) / calls * 1e6,
+            "log_step_with_gns_us": (full - empty) / calls * 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--calls", type=int, default=1_000_000)
+    args = p.parse_args()
+    print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()} "
+          f"duckdb {duckdb.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ing = bench_ingest(args.rows, Path(tmp))
+        calls = bench_log_step(args.calls, Path(tmp))
+    print(f"ingest {ing['rows']:,} step rows:")
+    print(f"  DuckDB bulk Arrow insert      {ing['bulk_rows_per_s']:>14,.0f} rows/s  (baseline)")
+    print(f"  collector spool + ingest      {ing['collector_rows_per_s']:>14,.0f} rows/s  "
+          f"= {ing['collector_vs_bulk']:.2f} x baseline (goal >= 0.5)")
+    print(f"    of which ingest only        {ing['collector_ingest_only_rows_per_s']:>14,.0f} rows/s")
+    print(f"  row-by-row INSERT (sampled)   {ing['row_by_row_rows_per_s']:>14,.0f} rows/s  "
+          f"(bulk is {ing['bulk_vs_row_by_row']:,.0f} x faster)")
+    print(f"log_step cost over {calls['calls']:,} calls: {calls['log_step_us']:.2f} us (5 fields), "
+          f"{calls['log_step_with_gns_us']:.2f} us (with the 5 noise-scale fields); goal < 5 us")
+
+
+if __name__ == "__main__":
+    main()
