@@ -78,6 +78,9 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     how_long.add_argument("--epochs", type=float, help="passes over the training set")
     how_long.add_argument("--target-loss", type=float,
                           help="stop once the smoothed training loss reaches this (budget default x10)")
+    how_long.add_argument("--diverge-factor", type=float, default=100.0, metavar="F",
+                          help="end the run as diverged when the smoothed loss exceeds F x the first loss "
+                               "(default 100; 0: only a non-finite loss counts)")
     rec = p.add_argument_group("measuring and recording")
     rec.add_argument("--eval-every", type=integer, metavar="STEPS",
                      help="evaluate train/test loss and accuracy every N steps (default: ~20 per run)")

@@ -56,6 +56,7 @@ class TrainConfig:
     noise: float = 1.0
     data_dir: str | None = None
     clip_grad: float | None = None
+    diverge_factor: float = 100.0  # also diverged: smoothed loss above this x the first loss (0: off)
     threads: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -179,6 +180,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--gns-every must be >= 0 (0 turns measurement off at --accum 1), got {cfg.gns_every}")
     if cfg.gns_every and cfg.accum == 1 and cfg.batch < 2:
         raise ConfigError("--batch 1 cannot be split to measure the noise scale; use --gns-every 0")
+    if not cfg.diverge_factor >= 0:
+        raise ConfigError(f"--diverge-factor must be >= 0 (0 turns it off), got {cfg.diverge_factor}")
     if cfg.noise < 0:
         raise ConfigError(f"--noise must be >= 0, got {cfg.noise}")
     if cfg.target_loss is not None and not math.isfinite(cfg.target_loss):
@@ -203,6 +206,10 @@ class Plan:
     eval_every: int
     gns_every: int  # 0: never; accumulation measures on every step
     gns_window: float
+
+    def done(self, step: int, examples: int) -> bool:
+        return (self.max_steps is not None and step >= self.max_steps) or (
+            self.max_examples is not None and examples >= self.max_examples)
 
     def batch_at(self, base: int, examples: int, accum: int) -> int:
         b = max(accum, int(round(base * self.batch.multiplier(examples))))

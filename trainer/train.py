@@ -44,6 +44,30 @@ class TrainResult:
     evals: dict[str, tuple[float, float | None]]
 
 
+class LossWatch:
+    """Smoothed training loss on the host: decides when a run has diverged or reached its target."""
+
+    def __init__(self, target: float | None, diverge_factor: float):
+        self.target, self.factor = target, diverge_factor
+        self.ema = ExampleEMA(LOSS_SMOOTHING_STEPS)  # one "example" per step: an EMA over ~10 steps
+        self.first: float | None = None
+        self.diverged = self.reached = False
+
+    def feed(self, rows: dict, run) -> None:
+        """Check new rows in order; stop at the first divergence (non-finite or exploding loss)."""
+        for step, loss in zip(rows.get("step", ()), rows.get("loss", ()), strict=True):
+            self.first = loss if self.first is None else self.first
+            self.ema.update(loss, 1)
+            exploded = self.factor and self.first > 0 and self.ema.value > self.factor * self.first
+            if not math.isfinite(loss) or exploded:
+                self.diverged = True
+                run.log(int(step), diverged=1.0)
+                return
+            if self.target is not None and not self.reached and self.ema.value <= self.target:
+                self.reached = True
+                run.log(int(step), target_reached=1.0)
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (with momentum and weight decay) or Adam (momentum is beta1)."""
     if cfg.optimizer == "adam":
@@ -82,18 +106,16 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     opt = make_optimizer(cfg, model)
     gns = BSimpleEMA(p.gns_window)
     log = StepLog(run, device, gns, sync_every(device))
-    loss_ema = ExampleEMA(LOSS_SMOOTHING_STEPS)
+    watch = LossWatch(cfg.target_loss, cfg.diverge_factor)
     by_steps = p.max_steps is not None and (p.max_examples is None)
     bar = tqdm(total=p.max_steps if by_steps else p.max_examples, unit="step" if by_steps else "ex",
                disable=not sys.stderr.isatty() if progress is None else not progress,
                desc=run.name if hasattr(run, "name") else None, leave=False, dynamic_ncols=True)
-    status, reached, evals = "finished", False, {}
-    step = examples = bar_pos = 0
+    evals: dict = {}
+    step = examples = bar_pos = last_eval = 0
     t0 = time.perf_counter()
 
-    while True:
-        if (p.max_steps is not None and step >= p.max_steps) or (p.max_examples is not None and examples >= p.max_examples):
-            break
+    while not p.done(step, examples):
         # this step's hyperparameters, from the examples seen so far
         batch = p.batch_at(cfg.batch, examples, cfg.accum)
         lr = cfg.lr * p.lr.multiplier(examples)
@@ -116,31 +138,22 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
         # host side, every few steps: divergence, target loss, progress
         if log.due():
             rows = log.sync()
-            for i, loss in enumerate(rows["loss"]):
-                if not math.isfinite(loss):
-                    status = "diverged"
-                    break
-                loss_ema.update(loss, 1)
-                if cfg.target_loss is not None and not reached and loss_ema.value <= cfg.target_loss:
-                    reached = True
-                    run.log(int(rows["step"][i]), target_reached=1.0)
+            watch.feed(rows, run)
             bar.update((step if by_steps else examples) - bar_pos)
             bar_pos = step if by_steps else examples
-            bar.set_postfix(loss=f"{loss_ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
-            if status == "diverged" or reached:
+            bar.set_postfix(loss=f"{watch.ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
+            if watch.diverged or watch.reached:
                 break
         if step % p.eval_every == 0:
-            evals = log_evals(run, task, model, step, examples)
+            evals, last_eval = log_evals(run, task, model, step, examples), step
 
-    rows = log.sync()
-    for loss in rows.get("loss", ()):
-        if not math.isfinite(loss):
-            status = "diverged"
-            break
-        loss_ema.update(loss, 1)
-        reached = reached or (cfg.target_loss is not None and loss_ema.value <= cfg.target_loss)
+    rows = log.sync()  # the last few steps (fewer than sync_every)
+    if not (watch.diverged or watch.reached):
+        watch.feed(rows, run)
     log.emit()
-    if status != "diverged" and step % p.eval_every != 0:
+    status = "diverged" if watch.diverged else "finished"
+    if status != "diverged" and last_eval != step:
         evals = log_evals(run, task, model, step, examples)
     bar.close()
-    return TrainResult(status, step, examples, time.perf_counter() - t0, loss_ema.value, gns.value, reached, evals)
+    return TrainResult(status, step, examples, time.perf_counter() - t0, watch.ema.value, gns.value, watch.reached,
+                       evals)
