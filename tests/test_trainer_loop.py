@@ -103,7 +103,7 @@ def test_target_loss_stops_the_run_early():
 def test_non_finite_loss_ends_the_run_as_diverged():
     run, result = train_in_process(task="linreg", batch=32, lr=5.0, steps=500, diverge_factor=0.0)
     s = run.steps()
-    assert result.status == "diverged" and not result.evals
+    assert result.status == "diverged"
     assert not np.isfinite(s["loss"]).all() and len(s["step"]) < 500
     assert run.scalar("diverged") == [1.0]
 
