@@ -1,0 +1,133 @@
+"""Best learning rate against batch size: eps_opt(B) = eps_max / (1 + B_noise/B) (McCandlish et al. 2018).
+
+For SGD the best LR grows linearly with B while B << B_noise and saturates at eps_max above it, so the
+knee gives a second, independent estimate of the noise scale. Fitted on log LR (LR grids are
+multiplicative) with the same profile fit as the tradeoff frontier. LR grids are coarse (often factors
+of 2), so expect wide intervals; a best LR at the edge of its grid is only a bound and is flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from dashboard.analysis._hyperbola import fit_profile, interval
+from dashboard.analysis.frames import as_frame, floats, require
+
+_NAN = float("nan")
+_NAN2 = (_NAN, _NAN)
+
+
+@dataclass(frozen=True)
+class LRScalingFit:
+    """Result of lr_scaling; `reason` says why there is no fit (numbers are then NaN).
+
+    eps_max, b_noise and their bootstrap intervals (*_ci at ci_level); r2 / rmse_log on log LR;
+    batch_sizes, lrs, fitted (model LR), residuals (log(lr/fitted)); warnings for caveats.
+    """
+
+    eps_max: float = _NAN
+    b_noise: float = _NAN
+    eps_max_ci: tuple[float, float] = _NAN2
+    b_noise_ci: tuple[float, float] = _NAN2
+    ci_level: float = 0.90
+    r2: float = _NAN
+    rmse_log: float = _NAN
+    n_points: int = 0
+    batch_sizes: np.ndarray = field(default_factory=lambda: np.empty(0))
+    lrs: np.ndarray = field(default_factory=lambda: np.empty(0))
+    fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
+    residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    reason: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    def predict(self, batch_size: Any) -> np.ndarray:
+        """eps_opt(B) on the fitted curve (NaN when there is no fit)."""
+        b = np.asarray(batch_size, dtype=float)
+        return self.eps_max / (1.0 + self.b_noise / b) if self.ok else np.full(b.shape, _NAN)
+
+    def curve(self, n: int = 100) -> pl.DataFrame:
+        """The fitted curve for plotting: batch_size, lr."""
+        if not self.ok:
+            return pl.DataFrame(schema={"batch_size": pl.Float64, "lr": pl.Float64})
+        b = np.exp(np.linspace(np.log(self.batch_sizes.min() / 2), np.log(self.batch_sizes.max() * 2), n))
+        return pl.DataFrame({"batch_size": b, "lr": self.predict(b)})
+
+
+def lr_scaling(
+    best: Any,
+    *,
+    ci: float = 0.90,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_batches: int = 3,
+    drop_edges: bool = False,
+    optimizer: str | None = None,
+) -> LRScalingFit:
+    """Fit eps_opt(B) = eps_max/(1 + B_noise/B) to the best LR per batch size (best_per_batch output).
+
+    `drop_edges=True` leaves out batch sizes whose best LR is the smallest or largest tried (their
+    optimum may lie outside the grid). No fit, with a reason, for fewer than `min_batches` batch
+    sizes, when the best LR does not change with B (B_noise below the smallest batch, or a grid too
+    coarse to see it), or when it grows as B all the way (linear scaling rule holds: B_noise above the
+    largest batch). Pass optimizer="adam" (or keep an `optimizer` column) to be warned that the law is
+    derived for SGD.
+    """
+    f = floats(as_frame(best, "best"), ["batch_size", "lr"])
+    require(f, ["batch_size", "lr"], "best")
+    if "target" in f.columns and f["target"].n_unique() > 1:
+        raise ValueError("best has several targets: filter to one")
+    warnings: list[str] = []
+    if "reached" in f.columns:
+        f = f.filter(pl.col("reached").fill_null(False))
+    if "lr_at_edge" in f.columns:
+        edge = f.filter(pl.col("lr_at_edge").fill_null(False))
+        if edge.height:
+            bs = ", ".join(f"{b:g}" for b in sorted(edge["batch_size"].to_list()))
+            if drop_edges:
+                f = f.filter(~pl.col("lr_at_edge").fill_null(False))
+                warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
+            else:
+                warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
+    opt = optimizer or (f["optimizer"].drop_nulls().first() if "optimizer" in f.columns else None)
+    if opt and str(opt).lower().startswith("adam"):
+        warnings.append("eps_opt(B) = eps_max/(1 + B_noise/B) is derived for SGD; Adam's best LR scales differently")
+    f = f.filter(
+        pl.col("lr").is_finite().fill_null(False) & (pl.col("lr") > 0)
+        & pl.col("batch_size").is_finite().fill_null(False) & (pl.col("batch_size") > 0)
+    )
+    # one LR per batch size: the geometric mean if several rows were given
+    f = f.group_by("batch_size").agg(pl.col("lr").log().mean().exp()).sort("batch_size")
+    b = f["batch_size"].to_numpy().astype(float)
+    lr = f["lr"].to_numpy().astype(float)
+    base = dict(batch_sizes=b, lrs=lr, n_points=len(b), ci_level=ci)
+    if len(b) < min_batches:
+        what = "no batch size has a best LR" if len(b) == 0 else f"only {len(b)} batch size(s) with a best LR"
+        return LRScalingFit(reason=f"{what}; the fit needs at least {min_batches}", warnings=tuple(warnings), **base)
+    p = fit_profile(b, np.log(lr), sign=-1.0, n_boot=n_boot, seed=seed)
+    base.update(fitted=np.exp(p.fitted), residuals=p.residuals, r2=p.r2, rmse_log=p.rmse)
+    if p.boundary == "low":
+        return LRScalingFit(reason=(
+            f"the best LR does not change with batch size over B = {b.min():g}..{b.max():g}: B_noise is below "
+            "the smallest batch, or the LR grid is too coarse to show it"), warnings=tuple(warnings), **base)
+    if p.boundary == "high":
+        return LRScalingFit(reason=(
+            f"the best LR grows in proportion to B over the whole range B = {b.min():g}..{b.max():g} (linear "
+            "scaling): B_noise is above the largest batch"), warnings=tuple(warnings), **base)
+    if not (b.min() <= p.c <= b.max()):
+        warnings.append(f"B_noise = {p.c:.3g} lies outside the batch sizes measured: extrapolated")
+    ci_b = interval(p.boot_c, ci)
+    if np.isinf(ci_b[1]) or ci_b[0] == 0:
+        warnings.append("the data do not bound B_noise on one side")
+    boot_e = np.exp(np.where(np.isnan(p.boot_a), np.inf, p.boot_a))
+    return LRScalingFit(
+        eps_max=float(np.exp(p.a)), b_noise=float(p.c), eps_max_ci=interval(boot_e, ci), b_noise_ci=ci_b,
+        warnings=tuple(warnings), **base,
+    )
