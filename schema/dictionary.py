@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import re
 
-import duckdb_engine
-
-from schema.migrations import _sql_files
+from schema.migrations import DIALECT, _sql_files
 from schema.tables import DATA_TABLES, schema_version
-
-_DIALECT = duckdb_engine.Dialect()
 
 
 def _type(col) -> str:
-    return col.type.compile(dialect=_DIALECT)
+    return col.type.compile(dialect=DIALECT)
 
 
 def views_and_macros() -> list[tuple[str, str, str]]:

@@ -11,12 +11,15 @@ import hashlib
 from importlib import resources
 
 import duckdb
-import duckdb_engine
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
 from schema.tables import DATA_TABLES, SCHEMA_VERSION, metadata, schema_version
 
-_DIALECT = duckdb_engine.Dialect()
+# duckdb_engine's dialect is PostgreSQL's with DuckDB types added; for these tables both compile to the
+# same DDL (a test checks it). We compile with the PostgreSQL one at run time because importing
+# duckdb_engine next to torch makes DuckDB's bindings print leak warnings at interpreter exit.
+DIALECT = postgresql.dialect()
 
 # The tables of release 0.0 (schema version 1), frozen: used to build the v1 test fixture and as the
 # record of what migration 1 -> 2 starts from.
@@ -51,7 +54,7 @@ assert max(MIGRATIONS) == SCHEMA_VERSION, "add a migration when SCHEMA_VERSION c
 
 def create_table_sql() -> list[str]:
     """DuckDB DDL of the current tables, compiled from the SQLAlchemy declarations."""
-    return [str(CreateTable(t).compile(dialect=_DIALECT)).strip() for t in metadata.sorted_tables]
+    return [str(CreateTable(t).compile(dialect=DIALECT)).strip() for t in metadata.sorted_tables]
 
 
 def _sql_files() -> list[tuple[str, str]]:

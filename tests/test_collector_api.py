@@ -132,9 +132,16 @@ def test_v1_store_migrates_without_data_loss(tmp_path):
     assert _q(db, "SELECT count(*) FROM run_summary WHERE steps > 0")[0][0] == before["runs"]
 
 
-def test_fresh_ddl_comes_from_sqlalchemy():
-    ddl = "\n".join(create_table_sql())
-    assert "CREATE TABLE steps" in ddl and "PRIMARY KEY (run_id, step)" in ddl and "DOUBLE" in ddl
+def test_fresh_ddl_comes_from_sqlalchemy_and_matches_the_duckdb_dialect():
+    import duckdb_engine
+    from sqlalchemy.schema import CreateTable
+
+    from schema import metadata
+
+    ddl = create_table_sql()
+    assert ddl == [str(CreateTable(t).compile(dialect=duckdb_engine.Dialect())).strip() for t in metadata.sorted_tables]
+    text = "\n".join(ddl)
+    assert "CREATE TABLE steps" in text and "PRIMARY KEY (run_id, step)" in text and "DOUBLE" in text
 
 
 def test_cli_sql_formats_and_errors(tmp_path):
