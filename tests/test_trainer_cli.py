@@ -1,0 +1,130 @@
+"""`python -m trainer` end to end: real subprocesses writing a real DuckDB store through the collector."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from trainer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trainer(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "BATCHSCOPE_DB"} | {"PYTHONPATH": str(ROOT)} | (env or {})
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=full_env, timeout=timeout)
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_cli_trains_digits_and_writes_one_run(tmp_path):
+    db = tmp_path / "store" / "runs.duckdb"
+    proc = trainer("--batch", "32", "--lr", "0.1", "--epochs", "3", "--eval-every", "40", "--gns-every", "2",
+                   env={"BATCHSCOPE_DB": str(db)})  # the default store comes from $BATCHSCOPE_DB
+    assert proc.returncode == 0, proc.stderr
+    [(run_id, name, status, task, batch, micro, accum, lr, train_size, device, config)] = query(
+        db, "SELECT run_id, name, status, task, batch_size, micro_batch_size, accum_steps, lr, train_size, device, "
+            "config FROM runs")
+    assert run_id in proc.stdout and str(db) in proc.stdout
+    assert (name, status, task, batch, micro, accum, lr, train_size, device) == (
+        "digits-b32-lr0.1", "finished", "digits", 32, 32, 1, 0.1, 1438, "cpu")
+    config = json.loads(config)
+    assert config["epochs"] == 3 and config["plan"]["gns_every"] == 2 and config["task_info"]["test_size"] == 359
+    n, first, last, examples, measured, with_b = query(
+        db, "SELECT count(*), min(step), max(step), max(examples), count(g_small_sq), count(b_simple) FROM steps")[0]
+    assert (n, first, last, examples) == (135, 1, 135, 135 * 32)
+    assert measured == 67 and 0 < with_b <= 67  # every 2nd step; b_simple NULL until |G|^2 > 0
+    rows = query(db, "SELECT b_small, b_big FROM steps WHERE g_small_sq IS NOT NULL GROUP BY ALL")
+    assert rows == [(16.0, 32.0)]
+    evals = query(db, "SELECT split, count(*), max(step), min(accuracy) FROM evals GROUP BY split ORDER BY split")
+    assert evals == [("test", 4, 135, pytest.approx(evals[0][3])), ("train", 4, 135, pytest.approx(evals[1][3]))]
+    assert query(db, "SELECT max(accuracy) FROM evals WHERE split = 'test' AND step = 135")[0][0] > 0.8
+
+
+BAD_INPUTS = [
+    (["--batch", "0"], "--batch"),
+    (["--batch", "-4"], "--batch"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--batch", "30", "--accum", "4"], "divisible"),
+    (["--task", "imagenet"], "unknown task"),
+    (["--optimizer", "lion"], "unknown optimizer"),
+    (["--device", "tpu"], "device"),
+    (["--device", "cuda"], "CUDA"),
+    (["--task", "mnist", "--data-dir", "{tmp}/nothing-here"], "missing train-images-idx3-ubyte"),
+    (["--task", "cifar10", "--data-dir", "{tmp}"], "missing data_batch_1"),
+    (["--batch", "lots"], "expected an integer"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_no_run(tmp_path, capsys, args, needle):
+    if args == ["--device", "cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    db = tmp_path / "runs.duckdb"
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--db", str(db)]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not db.exists() and not Path(f"{db}.spool").exists()
+
+
+def test_bad_input_exit_code_through_python_m(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    proc = trainer("--batch", "0", "--db", str(db))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not db.exists()
+
+
+def test_diverging_lr_is_recorded_as_diverged(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    proc = trainer("--task", "linreg", "--lr", "5", "--steps", "300", "--db", str(db))
+    assert proc.returncode == 0, proc.stderr
+    assert "diverged" in proc.stdout
+    [(status, n)] = query(db, "SELECT status, (SELECT count(*) FROM steps) FROM runs")
+    assert status == "diverged" and 0 < n < 300
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for word in ("--batch", "--accum", "--gns-every", "--target-loss", "sweep", "BATCHSCOPE_DB"):
+        assert word in out
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_grid_under_one_name(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    proc = trainer("sweep", "--batch", "16,64", "--lr", "0.05,10000", "--steps", "40", "--jobs", "2",
+                   "--sweep", "grid", "--db", str(db), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 runs" in proc.stdout and "python -m dashboard" in proc.stdout
+    rows = query(db, "SELECT name, sweep, status, batch_size, lr FROM runs ORDER BY batch_size, lr")
+    assert [r[0] for r in rows] == ["b16-lr0.05", "b16-lr10000", "b64-lr0.05", "b64-lr10000"]
+    assert {r[1] for r in rows} == {"grid"}
+    assert [r[2] for r in rows] == ["finished", "diverged", "finished", "diverged"]
+
+
+def test_sweep_rejects_a_bad_grid_before_starting(tmp_path, capsys):
+    db = tmp_path / "runs.duckdb"
+    code = main(["sweep", "--batch", "16,30", "--lr", "0.1", "--accum", "4", "--db", str(db)])
+    assert code == 2 and "divisible" in capsys.readouterr().err and not db.exists()
