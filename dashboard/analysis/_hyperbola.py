@@ -121,8 +121,10 @@ def fit_profile(b: np.ndarray, y: np.ndarray, sign: float, n_boot: int = 1000, s
         draws = fitted[None, :] + rng.choice(centered, size=(n_boot, n), replace=True)
         lnc_b = grid(b, BOOT_GRID_STEP)
         f_b = np.log1p(np.exp(lnc_b)[:, None] / b[None, :])
-        t = _argmin_parabola(_sse_matrix(draws, f_b, sign), lnc_b)
-        boot_c = np.exp(t)
+        t = _argmin_parabola(_sse_matrix(np.vstack([y, draws]), f_b, sign), lnc_b)
+        # remove the coarse grid's discretization error: shift by (fine - coarse) on the original data
+        shift = np.log(c) - t[0] if boundary is None and np.isfinite(t[0]) else 0.0
+        boot_c = np.exp(t[1:] + shift)
         with np.errstate(invalid="ignore"):
             boot_a = np.mean(draws - sign * np.log1p(boot_c[:, None] / b[None, :]), axis=1)
         boot_a[~np.isfinite(boot_c)] = np.nan
