@@ -100,6 +100,8 @@ CACHE = _Cache()
 
 def clear_cache() -> None:
     CACHE.clear()
+    with _FINAL_LOCK:
+        _FINAL_ROWS.clear()
 
 
 def _freeze(v: Any) -> Any:
@@ -271,15 +273,45 @@ RUN_COLUMNS = (
 )
 
 
+TERMINAL = ("finished", "diverged", "failed")
+_FINAL_ROWS: dict[str, pl.DataFrame] = {}  # per store: run_summary rows of runs that can no longer change
+_FINAL_LOCK = threading.Lock()
+
+
 @cached(ttl_bucket=10)
 def run_table(db: Path) -> pl.DataFrame:
-    """One row per run (the `run_summary` view), newest first."""
+    """One row per run (the `run_summary` view), newest first.
+
+    Summarizing every run aggregates the whole `steps` table (about 1 s for 10 million steps on two
+    cores), so rows of finished, diverged and failed runs are kept between store versions and only the
+    runs that can still change (running, stale, new) are summarized again after a write.
+    """
+    key = str(Path(db).resolve())
     with connect(db) as con:
         have = {r[0] for r in con.sql(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'run_summary'"
         ).fetchall()}
         cols = ", ".join(c for c in RUN_COLUMNS if c in have)
-        return _frame(con, f"SELECT {cols} FROM run_summary ORDER BY started_at DESC NULLS LAST, name")
+        current = _frame(con, "SELECT run_id, status FROM runs")
+        with _FINAL_LOCK:
+            final = _FINAL_ROWS.get(key)
+        if final is not None and final.columns == [c for c in RUN_COLUMNS if c in have]:
+            # a cached row stays valid while its run is still there with the same final status
+            keep = final.join(current.rename({"status": "_now"}), on="run_id", how="inner").filter(
+                pl.col("_now") == pl.col("status")).drop("_now")
+        else:
+            keep = None
+        if keep is None or keep.is_empty():
+            table = _frame(con, f"SELECT {cols} FROM run_summary")
+        else:
+            todo = current.filter(~pl.col("run_id").is_in(keep["run_id"].implode()))["run_id"].to_list()
+            fresh = _frame(con, f"SELECT {cols} FROM run_summary WHERE run_id IN (SELECT unnest($ids))",
+                           {"ids": todo}) if todo else keep.clear()
+            table = pl.concat([keep, fresh], how="vertical_relaxed")
+    table = table.sort(["started_at", "name"], descending=[True, False], nulls_last=True)
+    with _FINAL_LOCK:
+        _FINAL_ROWS[key] = table.filter(pl.col("status").is_in(TERMINAL))
+    return table
 
 
 def _ids(run_ids: Sequence[str]) -> list[str]:
@@ -396,6 +428,73 @@ def evals_frame(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
              WHERE run_id IN (SELECT unnest($ids)) ORDER BY run_id, split, step"""
     with connect(db) as con:
         return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
+
+
+@cached()
+def bucketed_steps(db: Path, run_ids: Sequence[str], width: int = 1) -> pl.DataFrame:
+    """Training loss in consecutive blocks of `width` steps, per run, averaged in DuckDB.
+
+    The same numbers as dashboard.analysis.smooth_steps(steps, width): per (run, bucket = (step-1) //
+    width) the mean step, mean examples and mean finite loss (n of them), so a sweep of millions of
+    steps reaches the analysis as a few hundred rows per run. `step` is rounded to an integer (the
+    analysis keys curves by integer step). Columns: run_id, step, examples, loss, n.
+    """
+    w = max(1, int(width))
+    sql = f"""
+    SELECT run_id, CAST(round(avg(step)) AS BIGINT) AS step, avg(examples) AS examples, avg(loss) AS loss,
+           count(*) AS n
+    FROM steps
+    WHERE run_id IN (SELECT unnest($ids)) AND isfinite(loss)
+    GROUP BY run_id, (step - 1) // {w}
+    ORDER BY run_id, step
+    """
+    with connect(db) as con:
+        return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
+
+
+@cached()
+def run_lengths(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
+    """Per run: logged steps, last step, and measured gradient-noise steps. Columns: run_id, n, last, measured."""
+    sql = """SELECT run_id, count(*) AS n, max(step) AS last,
+                    count(*) FILTER (WHERE g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL) AS measured
+             FROM steps WHERE run_id IN (SELECT unnest($ids)) GROUP BY run_id"""
+    with connect(db) as con:
+        return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
+
+
+NOISE_COLUMNS = ("run_id", "step", "examples", "loss", "batch_size", "g_small_sq", "b_small", "g_big_sq", "b_big")
+
+
+@cached()
+def noise_steps(db: Path, run_ids: Sequence[str], max_rows: int = 200_000) -> pl.DataFrame:
+    """Measured gradient-noise steps of the given runs (the raw ingredients), at most ~`max_rows` rows.
+
+    When there are more, consecutive measured steps are averaged in DuckDB in blocks of k (per run and
+    per (b_small, b_big) pair). The unbiased |G|^2 and tr(Sigma) estimates are linear in |g_small|^2 and
+    |g_big|^2 for fixed b_small, b_big, so a block's estimate is exactly the mean of its steps'
+    estimates, and the ratio-of-averages B_simple downstream is unchanged up to the smoothing's weights.
+    """
+    ids = _ids(run_ids) or [""]
+    total = int(run_lengths(db, ids)["measured"].sum() or 0)
+    k = max(1, -(-total // max(1, max_rows)))
+    measured = ("g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL AND isfinite(g_small_sq) "
+                "AND isfinite(g_big_sq) AND b_big > b_small")
+    if k == 1:
+        sql = f"""SELECT {', '.join(NOISE_COLUMNS)} FROM steps
+                  WHERE run_id IN (SELECT unnest($ids)) AND {measured} ORDER BY run_id, step"""
+    else:
+        sql = f"""
+        WITH m AS (
+            SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i
+            FROM steps WHERE run_id IN (SELECT unnest($ids)) AND {measured}
+        )
+        SELECT run_id, CAST(round(avg(step)) AS BIGINT) AS step, avg(examples) AS examples,
+               avg(loss) FILTER (WHERE isfinite(loss)) AS loss, avg(batch_size) AS batch_size,
+               avg(g_small_sq) AS g_small_sq, b_small, avg(g_big_sq) AS g_big_sq, b_big
+        FROM m GROUP BY run_id, i // {k}, b_small, b_big ORDER BY run_id, step
+        """
+    with connect(db) as con:
+        return _frame(con, sql, {"ids": ids})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def _run_arrays(rng: np.random.Generator, batch: int, lr: float, steps: int, eva
     g2 = 0.02 * (clean - l_inf) + 1e-5
     tr_sigma = 0.02 * B_NOISE * (0.6 + 0.4 * clean / l0)
     b_small, b_big = batch / 2.0, float(batch)
-    g_big = (g2 + tr_sigma / b_big) * (1.0 + 0.3 * rng.standard_normal(steps))
-    g_small = (g2 + tr_sigma / b_small) * (1.0 + 0.3 / np.sqrt(2) * rng.standard_normal(steps))
+    g_big = (g2 + tr_sigma / b_big) * (1.0 + 0.05 * rng.standard_normal(steps))
+    g_small = (g2 + tr_sigma / b_small) * (1.0 + 0.05 / np.sqrt(2) * rng.standard_normal(steps))
     measured = (np.arange(steps) % 10) == 0
     g_big = np.where(measured, g_big, np.nan)
     g_small = np.where(measured, g_small, np.nan)

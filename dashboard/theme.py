@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import plotly.graph_objects as go
 from dash import html
 from plotly.colors import sample_colorscale
 
@@ -45,32 +44,71 @@ def batch_colorscale(batches) -> list[list]:
     return [[i / 10, batch_color(2 ** (lo + (hi - lo) * i / 10))] for i in range(11)]
 
 
-def base_layout(fig: go.Figure, title: str | None = None, height: int = 460) -> go.Figure:
-    fig.update_layout(
-        template="plotly_white",
-        font={"family": FONT, "size": 13, "color": INK},
-        title={"text": title, "x": 0.01, "font": {"size": 15}} if title else None,
-        height=height,
-        margin={"l": 64, "r": 24, "t": 48 if title else 24, "b": 56},
-        hoverlabel={"font": {"family": FONT, "size": 12}},
-        legend={"font": {"size": 12}, "bgcolor": "rgba(255,255,255,0.8)"},
-        plot_bgcolor="white",
-        paper_bgcolor="white",
-    )
-    fig.update_xaxes(gridcolor=GRID, zeroline=False, linecolor="#cfd4dc", ticks="outside", tickcolor="#cfd4dc")
-    fig.update_yaxes(gridcolor=GRID, zeroline=False, linecolor="#cfd4dc", ticks="outside", tickcolor="#cfd4dc")
-    return fig
+# Figures are plain dicts ({"data": [...], "layout": {...}}), which dcc.Graph takes as they are:
+# building plotly.graph_objects validates every property and costs more than the queries behind a page.
+_AXIS = {"gridcolor": GRID, "zeroline": False, "linecolor": "#cfd4dc", "ticks": "outside", "tickcolor": "#cfd4dc",
+         "automargin": True, "title": {"standoff": 8}}
 
 
-def empty_figure(message: str, height: int = 360) -> go.Figure:
+def figure(data: list[dict], title: str | None = None, height: int = 460, xaxis: dict | None = None,
+           yaxis: dict | None = None, **layout) -> dict:
+    """A figure dict with the house style; traces are dicts (e.g. {"type": "scatter", "x": ..., ...})."""
+    lay = {
+        "font": {"family": FONT, "size": 13, "color": INK},
+        "height": height,
+        "margin": {"l": 64, "r": 24, "t": 48 if title else 24, "b": 56},
+        "hoverlabel": {"font": {"family": FONT, "size": 12}},
+        "legend": {"font": {"size": 12}, "bgcolor": "rgba(255,255,255,0.8)"},
+        "plot_bgcolor": "white",
+        "paper_bgcolor": "white",
+        "colorway": ["#3b5bdb", "#e8590c", "#2f9e44", "#d6336c", "#7048e8", "#1098ad", "#f08c00"],
+        "xaxis": {**_AXIS, **(xaxis or {})},
+        "yaxis": {**_AXIS, **(yaxis or {})},
+        "template": {},
+    }
+    if title:
+        lay["title"] = {"text": title, "x": 0.01, "font": {"size": 15}}
+    lay.update(layout)
+    return {"data": data, "layout": lay}
+
+
+def vline(x: float, color: str, text: str | None = None, dash: str = "dash", log: bool = False) -> tuple[dict, dict | None]:
+    """A vertical line across the plot (shape) and its label (annotation); `log`: the x axis is logarithmic
+    (plotly.js takes shapes in data units but annotations in log10 units there)."""
+    shape = {"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1,
+             "line": {"color": color, "dash": dash, "width": 1.5}}
+    ann = {"x": math.log10(x) if log else x, "xref": "x", "y": 1, "yref": "paper", "text": text, "showarrow": False, "xanchor": "left",
+           "yanchor": "bottom", "font": {"size": 11, "color": color}} if text else None
+    return shape, ann
+
+
+def hline(y: float, color: str, text: str | None = None, dash: str = "dot", log: bool = False) -> tuple[dict, dict | None]:
+    shape = {"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": y, "y1": y,
+             "line": {"color": color, "dash": dash, "width": 1.5}}
+    ann = {"x": 1, "xref": "paper", "y": math.log10(y) if log else y, "yref": "y", "text": text, "showarrow": False, "xanchor": "right",
+           "yanchor": "bottom", "font": {"size": 11, "color": color}} if text else None
+    return shape, ann
+
+
+def empty_figure(message: str, height: int = 360) -> dict:
     """A blank figure that says why there is nothing to draw (instead of a wrong or empty plot)."""
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font={"size": 14, "color": MUTED, "family": FONT})
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    fig.update_layout(template="plotly_white", height=height, margin={"l": 20, "r": 20, "t": 20, "b": 20})
-    return fig
+    return {"data": [], "layout": {
+        "height": height, "margin": {"l": 20, "r": 20, "t": 20, "b": 20}, "template": {},
+        "plot_bgcolor": "white", "paper_bgcolor": "white",
+        "xaxis": {"visible": False}, "yaxis": {"visible": False},
+        "annotations": [{"text": message, "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper",
+                         "font": {"size": 14, "color": MUTED, "family": FONT}}] if message else [],
+    }}
+
+
+def arr(x) -> list:
+    """A column as a JSON-able list (NaN/inf -> None, which plotly draws as a gap)."""
+    import numpy as np
+
+    a = np.asarray(x.to_numpy() if hasattr(x, "to_numpy") else x)
+    if a.dtype.kind == "f":
+        return [None if not math.isfinite(v) else v for v in a.tolist()]
+    return a.tolist()
 
 
 def stat(label: str, value: str, sub: str | None = None, id: str | None = None) -> html.Div:

@@ -6,6 +6,7 @@ No browser here (see test_dashboard_browser.py). A small synthetic store is buil
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 
@@ -215,18 +216,17 @@ def test_curves_figure_is_bounded(app, store):
 
     ids = queries.run_table(store)["run_id"].to_list()
     fig, _note = curves_figure(store, ids, "loss", "examples", smoothing=0.8, log_y=True)
-    lines = [t for t in fig.data if t.mode == "lines" and t.hoverinfo != "skip"]
+    lines = [t for t in fig["data"] if t["mode"] == "lines" and t.get("hoverinfo") != "skip"]
     assert len(lines) == 40
-    assert sum(len(t.x) for t in lines) <= POINT_BUDGET * 1.2
+    assert sum(len(t["x"]) for t in lines) <= POINT_BUDGET * 1.2
+    json.dumps(fig, allow_nan=False)
     fig2, _ = curves_figure(store, ids[:2], "test_accuracy", "wall_time")
-    assert len(fig2.data) == 2
+    assert len(fig2["data"]) == 2
     empty, _ = curves_figure(store, [], "loss", "step")
-    assert not empty.data
+    assert not empty["data"]
 
 
 def test_runs_rows_are_json_clean(app, store):
-    import json
-
     from dashboard.pages.runs import runs_rows, sweep_summary
 
     rows = runs_rows(store)

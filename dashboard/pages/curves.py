@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import plotly.graph_objects as go
 import polars as pl
 from dash import Input, Output, callback, dcc, html
 
 from dashboard import queries
 from dashboard.components import register_page, run_hover, run_label
-from dashboard.theme import DANGER, base_layout, batch_color, empty_figure
+from dashboard.theme import DANGER, arr, batch_color, empty_figure, figure
 
 register_page(__name__, path="/curves", name="Curves", title="batchscope · curves", order=1)
 
@@ -69,7 +68,7 @@ def default_runs(db: Path) -> tuple[list[str], str]:
 
 def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str = "step",
                   smoothing: float = 0.6, log_x: bool = False, log_y: bool = False,
-                  color_by: str = "batch") -> tuple[go.Figure, str]:
+                  color_by: str = "batch") -> tuple[dict, str]:
     """The curves figure and a one-line note (what is shown, what was left out)."""
     if metric not in METRICS or x not in X_LABELS:
         return empty_figure(f"Unknown metric {metric!r} or x axis {x!r}."), ""
@@ -81,7 +80,7 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
         notes.append(f"showing {MAX_RUNS} of {len(run_ids)} selected runs")
     info = {r["run_id"]: r for r in queries.runs_frame(db, ids).to_dicts()}
     label, source = METRICS[metric]
-    fig = go.Figure()
+    traces: list[dict] = []
     seen_batches: set = set()
     order = sorted(ids, key=lambda i: (info.get(i, {}).get("batch_size") or 0, info.get(i, {}).get("lr") or 0))
     if source == "step":
@@ -103,19 +102,20 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
             ys = part["y"].to_numpy()
             legend = _legend(row, color_by, seen_batches)
             if smooth > 0:
-                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": color, "width": 1},
-                                         opacity=0.22, hoverinfo="skip", showlegend=False,
-                                         legendgroup=legend["legendgroup"]))
+                traces.append({"type": "scatter", "x": arr(xs), "y": arr(ys), "mode": "lines",
+                               "line": {"color": color, "width": 1}, "opacity": 0.22, "hoverinfo": "skip",
+                               "showlegend": False, "legendgroup": legend["legendgroup"]})
                 ys = debiased_ema(ys, smooth, part["n"].to_numpy())
-            fig.add_trace(go.Scatter(
-                x=xs, y=ys, mode="lines", line={"color": color, "width": 1.8}, name=legend["name"],
-                legendgroup=legend["legendgroup"], showlegend=legend["showlegend"],
-                hovertemplate=f"{run_hover(row)}<br>{X_LABELS[x]} %{{x:,.4~g}}<br>{label} %{{y:.4~g}}<extra></extra>",
-            ))
+            traces.append({
+                "type": "scatter", "x": arr(xs), "y": arr(ys), "mode": "lines",
+                "line": {"color": color, "width": 1.8}, "name": legend["name"],
+                "legendgroup": legend["legendgroup"], "showlegend": legend["showlegend"],
+                "hovertemplate": f"{run_hover(row)}<br>{X_LABELS[x]} %{{x:,.4~g}}<br>{label} %{{y:.4~g}}<extra></extra>",
+            })
             if row.get("diverged"):
-                fig.add_trace(go.Scatter(x=[xs[-1]], y=[ys[-1]], mode="markers",
-                                         marker={"symbol": "x", "size": 11, "color": DANGER},
-                                         showlegend=False, hovertemplate=f"{run_label(row)} diverged here<extra></extra>"))
+                traces.append({"type": "scatter", "x": [float(xs[-1])], "y": [float(ys[-1])], "mode": "markers",
+                               "marker": {"symbol": "x", "size": 11, "color": DANGER}, "showlegend": False,
+                               "hovertemplate": f"{run_label(row)} diverged here<extra></extra>"})
     else:
         split = "test" if metric.startswith("test") else "train"
         what = "accuracy" if metric.endswith("accuracy") else "loss"
@@ -129,19 +129,20 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
             row = info.get(rid, {"run_id": rid})
             color = batch_color(row.get("batch_size")) if color_by == "batch" else QUALITATIVE[k % len(QUALITATIVE)]
             legend = _legend(row, color_by, seen_batches)
-            fig.add_trace(go.Scatter(
-                x=part["x"].to_numpy(), y=part["y"].to_numpy(), mode="lines+markers",
-                line={"color": color, "width": 1.8}, marker={"size": 4}, name=legend["name"],
-                legendgroup=legend["legendgroup"], showlegend=legend["showlegend"],
-                hovertemplate=f"{run_hover(row)}<br>{X_LABELS[x]} %{{x:,.4~g}}<br>{label} %{{y:.4~g}}<extra></extra>",
-            ))
-    if not fig.data:
+            traces.append({
+                "type": "scatter", "x": arr(part["x"]), "y": arr(part["y"]), "mode": "lines+markers",
+                "line": {"color": color, "width": 1.8}, "marker": {"size": 4}, "name": legend["name"],
+                "legendgroup": legend["legendgroup"], "showlegend": legend["showlegend"],
+                "hovertemplate": f"{run_hover(row)}<br>{X_LABELS[x]} %{{x:,.4~g}}<br>{label} %{{y:.4~g}}<extra></extra>",
+            })
+    if not traces:
         return empty_figure(f"The chosen runs have no {label} logged."), "; ".join(notes)
-    base_layout(fig, height=560)
-    fig.update_layout(legend_title_text="batch size" if color_by == "batch" else "run",
-                      hovermode="closest", uirevision=f"{metric}-{x}")
-    fig.update_xaxes(title_text=X_LABELS[x], type="log" if log_x else "linear")
-    fig.update_yaxes(title_text=label, type="log" if log_y else "linear")
+    fig = figure(
+        traces, height=560, hovermode="closest", uirevision=f"{metric}-{x}",
+        xaxis={"title": {"text": X_LABELS[x]}, "type": "log" if log_x else "linear"},
+        yaxis={"title": {"text": label}, "type": "log" if log_y else "linear"},
+    )
+    fig["layout"]["legend"]["title"] = {"text": "batch size" if color_by == "batch" else "run"}
     return fig, "; ".join(notes)
 
 
@@ -168,7 +169,8 @@ def layout(**_kwargs):
             html.Div([html.Label("Smoothing (debiased EMA)", className="control-label"),
                       dcc.Slider(id="curves-smoothing", min=0, max=0.99, step=0.01, value=0.6,
                                  marks={0: "0", 0.5: "0.5", 0.9: "0.9", 0.99: "0.99"},
-                                 tooltip={"placement": "bottom"}, updatemode="mouseup")],
+                                 tooltip={"placement": "bottom"}, updatemode="mouseup",
+                                 allow_direct_input=False)],
                      className="control control-slider"),
             html.Div([html.Label("Axes", className="control-label"),
                       dcc.Checklist(id="curves-log", value=["logy"], inline=True, className="radio",

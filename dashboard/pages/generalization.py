@@ -1,9 +1,157 @@
-"""Generalization (being written)."""
+"""Generalization: the test − train gap against batch size (Keskar et al. 2016) and against the SGD noise
+scale g = εN/(B(1−m)) (Smith et al. 2017), read at matched training progress (dashboard.analysis)."""
 
-from dash import html
+from __future__ import annotations
 
-from dashboard.components import register_page
+from pathlib import Path
 
-register_page(__name__, path="/generalization", name="Generalization", title="batchscope · Generalization", order=4)
+import numpy as np
+import polars as pl
+from dash import Input, Output, State, callback, dcc, html
 
-layout = html.Div([html.H1("Generalization")])
+from dashboard import analysis, queries
+from dashboard.components import (
+    page_header,
+    register_page,
+    resolve_scope,
+    scope_dropdown,
+    scope_options,
+    store_problem,
+)
+from dashboard.theme import ACCENT, arr, batch_color, empty_figure, figure, fmt, note, stat
+
+register_page(__name__, path="/generalization", name="Generalization", title="batchscope · generalization", order=4)
+
+GAPS = {"gap_loss": "test − train loss", "gap_accuracy": "train − test accuracy"}
+
+
+@queries.cached()
+def gen_result(db: Path, run_ids: tuple[str, ...], at: str = "matched"):
+    runs = queries.runs_frame(db, list(run_ids))
+    evals = queries.evals_frame(db, list(run_ids))
+    if evals.is_empty():
+        return None
+    return analysis.generalization(evals, runs, at=at)
+
+
+def generalization_view(db: Path, run_ids: list[str], at: str = "matched", gap: str = "gap_loss") -> dict:
+    blank = empty_figure("")
+    if not run_ids:
+        return {"batch": empty_figure("No runs."), "noise": blank, "stats": [], "notes": []}
+    res = gen_result(db, tuple(sorted(run_ids)), at)
+    if res is None:
+        return {"batch": empty_figure("These runs logged no evaluations (train and test splits)."), "noise": blank,
+                "stats": [], "notes": []}
+    if not res.ok:
+        return {"batch": empty_figure(res.reason), "noise": blank, "stats": [], "notes": [note(res.reason, "warn")]}
+    per, by = res.per_run, res.by_batch
+    label = GAPS[gap]
+    if per[gap].drop_nulls().is_empty():
+        return {"batch": empty_figure(f"No {label} for these runs (accuracy not logged?)."), "noise": blank,
+                "stats": [], "notes": []}
+    colors = [batch_color(b) for b in per["batch_size"]]
+    hover = [f"B={b:g}, lr={lr:.3g}<br>{label}: {fmt(g)}<br>{r}" for b, lr, g, r in
+             zip(per["batch_size"].to_list(), per["lr"].fill_null(np.nan).to_list(), per[gap].fill_null(np.nan).to_list(),
+                 per["run_id"].to_list(), strict=True)]
+    rng = np.random.default_rng(0)
+    jitter = np.exp(rng.uniform(-0.08, 0.08, per.height))
+    batch_traces = [
+        {"type": "scatter", "x": arr(per["batch_size"].to_numpy() * jitter), "y": arr(per[gap]), "mode": "markers",
+         "marker": {"color": colors, "size": 8, "opacity": 0.7, "line": {"color": "white", "width": 0.5}},
+         "text": hover, "hoverinfo": "text", "name": "runs"},
+        {"type": "scatter", "x": arr(by["batch_size"]), "y": arr(by[gap]), "mode": "lines+markers", "name": "median",
+         "line": {"color": ACCENT, "width": 2.4}, "marker": {"size": 9, "symbol": "diamond"},
+         "hovertemplate": "B=%{x:g}<br>median %{y:.3~g}<extra></extra>"},
+    ]
+    batch_fig = figure(batch_traces, f"Generalization gap vs batch size — at {res.at}", height=440,
+                       xaxis={"type": "log", "title": {"text": "batch size B"}},
+                       yaxis={"title": {"text": label}}, legend={"orientation": "h", "y": -0.2})
+    g = per.filter(pl.col("noise_g").is_finite() & (pl.col("noise_g") > 0))
+    if g.height:
+        noise_fig = figure(
+            [{"type": "scatter", "x": arr(g["noise_g"]), "y": arr(g[gap]), "mode": "markers",
+              "marker": {"color": [batch_color(b) for b in g["batch_size"]], "size": 8, "opacity": 0.75,
+                         "line": {"color": "white", "width": 0.5}},
+              "text": [f"B={b:g}, lr={lr:.3g}" for b, lr in zip(g["batch_size"].to_list(), g["lr"].to_list(), strict=True)],
+              "hovertemplate": "%{text}<br>g=%{x:.3~g}<br>gap %{y:.3~g}<extra></extra>", "name": "runs"}],
+            "Gap vs SGD noise scale g = εN / (B(1−m))", height=440,
+            xaxis={"type": "log", "title": {"text": "g = lr · N / (B (1 − momentum))"}},
+            yaxis={"title": {"text": label}}, showlegend=False)
+    else:
+        noise_fig = empty_figure("g needs the training-set size N (train_size) and the LR of each run.")
+    stats = [
+        stat("Read at", res.at, f"{per.height} runs"),
+        stat("Gap vs batch size", f"ρ = {fmt(res.rho_batch, 2)}", f"Spearman, p = {fmt(res.p_batch, 2)}"),
+        stat("Gap vs g", f"ρ = {fmt(res.rho_noise, 2)}", f"Spearman, p = {fmt(res.p_noise, 2)}"),
+    ]
+    have = by.filter(pl.col(gap).is_not_null())
+    if have.height >= 2:
+        lo, hi = have.row(0, named=True), have.row(have.height - 1, named=True)
+        stats.append(stat(f"Median gap B={lo['batch_size']:g} → {hi['batch_size']:g}",
+                          f"{fmt(lo[gap])} → {fmt(hi[gap])}", label))
+    notes = [note(w, "warn") for w in res.warnings]
+    return {"batch": batch_fig, "noise": noise_fig, "stats": stats, "notes": notes}
+
+
+def layout(**_kwargs):
+    return html.Div(
+        [
+            page_header(
+                "Generalization",
+                "Do large batches generalize worse (Keskar et al. 2016), and is it the batch size or the SGD noise "
+                "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)? Gaps are read at matched training "
+                "progress, so batch size is not confused with training length.",
+                [scope_dropdown("gen-scope"),
+                 html.Div([html.Label("Gap", className="control-label"),
+                           dcc.RadioItems(id="gen-gap", value="gap_loss", inline=True, className="radio",
+                                          options=[{"label": "loss", "value": "gap_loss"},
+                                                   {"label": "accuracy", "value": "gap_accuracy"}])], className="control"),
+                 html.Div([html.Label("Read at", className="control-label"),
+                           dcc.RadioItems(id="gen-at", value="matched", inline=True, className="radio",
+                                          options=[{"label": "matched examples", "value": "matched"},
+                                                   {"label": "end of training", "value": "end"}])], className="control")],
+            ),
+            html.Div(id="gen-problem"),
+            dcc.Loading([
+                html.Div(id="gen-stats", className="stats"),
+                html.Div(id="gen-notes"),
+                html.Div([html.Div(dcc.Graph(id="gen-vs-batch", config={"displaylogo": False}), className="panel"),
+                          html.Div(dcc.Graph(id="gen-vs-noise", config={"displaylogo": False}), className="panel")],
+                         className="grid-2"),
+            ], type="default", delay_show=500),
+        ]
+    )
+
+
+@callback(
+    Output("gen-scope", "options"),
+    Output("gen-scope", "value"),
+    Input("selected-runs", "data"),
+    Input("store-version", "data"),
+    State("gen-scope", "value"),
+)
+def gen_scope(selected, _version, current):
+    return scope_options(queries.current_db(), selected, current)
+
+
+@callback(
+    Output("gen-vs-batch", "figure"),
+    Output("gen-vs-noise", "figure"),
+    Output("gen-stats", "children"),
+    Output("gen-notes", "children"),
+    Output("gen-problem", "children"),
+    Input("gen-scope", "value"),
+    Input("gen-gap", "value"),
+    Input("gen-at", "value"),
+    Input("store-version", "data"),
+    State("selected-runs", "data"),
+)
+def update_generalization(scope, gap, at, _version, selected):
+    db = queries.current_db()
+    problem = store_problem(db)
+    if problem is not None:
+        blank = empty_figure("")
+        return blank, blank, [], [], problem
+    runs, _ = resolve_scope(db, scope, selected)
+    view = generalization_view(db, runs["run_id"].to_list(), at or "matched", gap or "gap_loss")
+    return view["batch"], view["noise"], view["stats"], view["notes"], None

@@ -1,9 +1,200 @@
-"""Noise scale (being written)."""
+"""Noise scale: B_simple = tr(Σ)/|G|² over training and against the loss, per run and per batch size,
+from the raw per-step ingredients (dashboard.analysis.noise_scale: a ratio of EMAs, never a mean of
+per-step ratios), with the estimator's caveats stated."""
 
-from dash import html
+from __future__ import annotations
 
-from dashboard.components import register_page
+from pathlib import Path
 
-register_page(__name__, path="/noise", name="Noise scale", title="batchscope · Noise scale", order=2)
+import numpy as np
+import polars as pl
+from dash import Input, Output, State, callback, dcc, html
 
-layout = html.Div([html.H1("Noise scale")])
+from dashboard import analysis, queries
+from dashboard.components import (
+    page_header,
+    register_page,
+    resolve_scope,
+    run_hover,
+    scope_dropdown,
+    scope_options,
+    store_problem,
+)
+from dashboard.theme import arr, batch_color, empty_figure, figure, fmt, note, stat
+
+register_page(__name__, path="/noise", name="Noise scale", title="batchscope · noise scale", order=2)
+
+MAX_RUNS = 40
+POINTS_PER_RUN = 300
+
+CAVEATS = [
+    html.B("Reading B_simple. "),
+    "Each step's |G|² and tr(Σ) estimates are unbiased but very noisy (single-step |G|² is often negative), so "
+    "B_simple is a ratio of their exponential moving averages (decaying per example seen, debiased at the start); "
+    "values are clamped to be positive only for drawing. ",
+    html.B("Batch norm"),
+    " (and any layer that mixes examples within a batch) makes each micro-batch's gradient differ from a slice of "
+    "the big batch's, which biases the estimate — treat B_simple of batch-norm models as indicative. "
+    "Gradient clipping, mixed-precision loss scaling and non-i.i.d. micro-batches bias it too; the trainer measures "
+    "the unclipped, unscaled gradient. B_simple ≤ B_noise (it ignores curvature); McCandlish et al. find "
+    "B_crit ≈ B_noise, and both grow as the loss falls.",
+]
+
+
+def pick_runs(runs: pl.DataFrame, limit: int = MAX_RUNS) -> tuple[list[str], str]:
+    """Runs to draw: every run if few, else the best (lowest final loss) run of each (batch, LR) cell."""
+    runs = runs.filter(~pl.col("diverged").fill_null(False))
+    if runs.height <= limit:
+        return runs["run_id"].to_list(), ""
+    best = runs.sort("best_loss", nulls_last=True).unique(["batch_size", "lr"], keep="first", maintain_order=True)
+    if best.height > limit:
+        best = best.sort("best_loss", nulls_last=True).unique(["batch_size"], keep="first", maintain_order=True)
+    ids = best.head(limit)["run_id"].to_list()
+    return ids, f"showing {len(ids)} of {runs.height} runs (the best run per batch size and LR)"
+
+
+@queries.cached()
+def noise_frame(db: Path, run_ids: tuple[str, ...]) -> pl.DataFrame:
+    """analysis.noise_scale over the runs' measured steps (read, and averaged if very many, in DuckDB)."""
+    steps = queries.noise_steps(db, list(run_ids), max_rows=POINTS_PER_RUN * 20 * max(1, len(run_ids)))
+    if steps.is_empty():
+        return steps
+    return analysis.noise_scale(steps)
+
+
+def _positive(x) -> str:
+    """B_simple for people: a non-positive ratio of averages means |G|^2 is not resolved above the noise yet."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    return fmt(x) if x > 0 else "not resolved (|G|² ≈ 0 within noise)"
+
+
+def _thin(part: pl.DataFrame, n: int) -> pl.DataFrame:
+    if part.height <= n:
+        return part
+    idx = np.unique(np.linspace(0, part.height - 1, n).astype(int))
+    return part[idx]
+
+
+def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
+    """Figures and headline numbers for the noise-scale page."""
+    if not run_ids:
+        return {"over": empty_figure("No runs."), "vs_loss": empty_figure(""), "stats": [], "note": ""}
+    ids, why = pick_runs(queries.runs_frame(db, run_ids))
+    ns = noise_frame(db, tuple(sorted(ids)))
+    if ns.is_empty() or ns["b_simple"].drop_nulls().is_empty():
+        msg = "These runs logged no gradient-noise ingredients (g_small_sq, g_big_sq); train with the trainer's GNS measurement on."
+        return {"over": empty_figure(msg), "vs_loss": empty_figure(""), "stats": [], "note": why}
+    info = {r["run_id"]: r for r in queries.runs_frame(db, ids).to_dicts()}
+    over, vs_loss = [], []
+    seen: set = set()
+    order = sorted(ns["run_id"].unique().to_list(), key=lambda r: (info.get(r, {}).get("batch_size") or 0, info.get(r, {}).get("lr") or 0))
+    parts = {k[0]: v for k, v in ns.partition_by("run_id", as_dict=True).items()}
+    for rid in order:
+        part = _thin(parts[rid].filter(pl.col("b_simple").is_not_null()), POINTS_PER_RUN)
+        if part.is_empty():
+            continue
+        row = info.get(rid, {"run_id": rid})
+        b = row.get("batch_size")
+        color = batch_color(b)
+        first = b not in seen
+        seen.add(b)
+        y = part["b_simple"].to_numpy()
+        y = np.where(y > 0, y, np.nan)  # clamp only for drawing (log axis)
+        common = {"type": "scatter", "mode": "lines", "line": {"color": color, "width": 1.6},
+                  "name": f"B={b}", "legendgroup": f"B{b}"}
+        over.append({**common, "x": arr(part[x]), "y": arr(y), "showlegend": first,
+                     "hovertemplate": f"{run_hover(row)}<br>{x} %{{x:,.4~g}}<br>B_simple %{{y:.3~g}}<extra></extra>"})
+        if "loss" in part.columns:
+            # the loss at each measured step, smoothed by the analysis library's bucket means
+            sm = analysis.smooth_steps(parts[rid].select("run_id", "step", "loss"), max(1, parts[rid].height // 60),
+                                       value="loss").sort("step")
+            loss_at = part.select(pl.col("step").cast(pl.Float64)).join_asof(
+                sm.select(pl.col("step").cast(pl.Float64), pl.col("loss").alias("sl")), on="step", strategy="nearest",
+            )["sl"]
+            vs_loss.append({**common, "mode": "markers", "marker": {"color": color, "size": 4, "opacity": 0.6},
+                            "x": arr(loss_at), "y": arr(y), "showlegend": first,
+                            "hovertemplate": f"{run_hover(row)}<br>loss %{{x:.3~g}}<br>B_simple %{{y:.3~g}}<extra></extra>"})
+    last = ns.sort("step").group_by("run_id").agg(pl.col("b_simple").drop_nulls().last(), pl.col("loss").last())
+    last = last.join(queries.runs_frame(db, ids).select("run_id", "batch_size"), on="run_id")
+    by_b = last.group_by("batch_size").agg(pl.col("b_simple").median()).sort("batch_size")
+    stats = [stat("Runs measured", f"{len(parts)}", why or "all runs in scope")]
+    if last.height:
+        stats.append(stat("B_simple at the end", _positive(last["b_simple"].median()), "median over runs"))
+        early = ns.sort("step").group_by("run_id").agg(pl.col("b_simple").drop_nulls().head(10).median())
+        stats.append(stat("… near the start", _positive(early["b_simple"].median()), "median of the first estimates"))
+    over_fig = figure(over, "B_simple over training", height=440,
+                      xaxis={"title": {"text": {"examples": "examples seen", "step": "step"}[x]}},
+                      yaxis={"title": {"text": "B_simple = tr(Σ) / |G|²"}, "type": "log"},
+                      legend={"title": {"text": "batch size"}})
+    loss_fig = figure(vs_loss, "B_simple against the training loss (it should grow as the loss falls)", height=440,
+                      xaxis={"title": {"text": "training loss (smoothed)"}, "type": "log", "autorange": "reversed"},
+                      yaxis={"title": {"text": "B_simple"}, "type": "log"}, showlegend=False)
+    table = html.Table(
+        [html.Thead(html.Tr([html.Th("batch size"), html.Th("B_simple at the end (median)")]))]
+        + [html.Tbody([html.Tr([html.Td(f"{r['batch_size']:g}" if r["batch_size"] is not None else "—"),
+                                html.Td(_positive(r["b_simple"]))]) for r in by_b.to_dicts()])],
+        className="fit-table",
+    )
+    return {"over": over_fig, "vs_loss": loss_fig, "stats": stats, "note": why, "table": table}
+
+
+def layout(**_kwargs):
+    return html.Div(
+        [
+            page_header(
+                "Noise scale",
+                "The simple noise scale B_simple = tr(Σ)/|G|² measured during training (McCandlish et al. 2018, "
+                "App. A). Batches much smaller than it waste nothing; much larger ones mostly average away noise "
+                "that no longer exists.",
+                [scope_dropdown("noise-scope"),
+                 html.Div([html.Label("x axis", className="control-label"),
+                           dcc.RadioItems(id="noise-x", value="examples", inline=True, className="radio",
+                                          options=[{"label": "examples", "value": "examples"},
+                                                   {"label": "step", "value": "step"}])], className="control")],
+            ),
+            html.Div(id="noise-problem"),
+            note(CAVEATS, "info"),
+            dcc.Loading([
+                html.Div(id="noise-stats", className="stats"),
+                html.Div([html.Div(dcc.Graph(id="noise-over-training", config={"displaylogo": False}), className="panel"),
+                          html.Div(dcc.Graph(id="noise-vs-loss", config={"displaylogo": False}), className="panel")],
+                         className="grid-2"),
+                html.Div([html.Div("Per batch size", className="panel-title"), html.Div(id="noise-table")],
+                         className="panel"),
+            ], type="default", delay_show=500),
+        ]
+    )
+
+
+@callback(
+    Output("noise-scope", "options"),
+    Output("noise-scope", "value"),
+    Input("selected-runs", "data"),
+    Input("store-version", "data"),
+    State("noise-scope", "value"),
+)
+def noise_scope(selected, _version, current):
+    return scope_options(queries.current_db(), selected, current)
+
+
+@callback(
+    Output("noise-over-training", "figure"),
+    Output("noise-vs-loss", "figure"),
+    Output("noise-stats", "children"),
+    Output("noise-table", "children"),
+    Output("noise-problem", "children"),
+    Input("noise-scope", "value"),
+    Input("noise-x", "value"),
+    Input("store-version", "data"),
+    State("selected-runs", "data"),
+)
+def update_noise(scope, x, _version, selected):
+    db = queries.current_db()
+    problem = store_problem(db)
+    if problem is not None:
+        blank = empty_figure("")
+        return blank, blank, [], None, problem
+    runs, _label = resolve_scope(db, scope, selected)
+    view = noise_view(db, runs["run_id"].to_list(), x or "examples")
+    return view["over"], view["vs_loss"], view["stats"], view.get("table"), None

@@ -1,9 +1,336 @@
-"""Tradeoff (being written)."""
+"""Tradeoff: steps vs examples to a target loss, the fitted frontier S(B) = S_min + E_min/B, the critical
+batch size B_crit = E_min/S_min with its interval, and B_crit against the target next to the measured
+B_simple (McCandlish et al. 2018). All numbers come from dashboard.analysis."""
 
-from dash import html
+from __future__ import annotations
 
-from dashboard.components import register_page
+import math
+from pathlib import Path
 
-register_page(__name__, path="/tradeoff", name="Tradeoff", title="batchscope · Tradeoff", order=3)
+import numpy as np
+import polars as pl
+from dash import Input, Output, State, callback, dcc, html
 
-layout = html.Div([html.H1("Tradeoff")])
+from dashboard import analysis, queries, sweeps
+from dashboard.components import (
+    page_header,
+    register_page,
+    resolve_scope,
+    scope_dropdown,
+    scope_options,
+    store_problem,
+)
+from dashboard.theme import (
+    ACCENT,
+    DANGER,
+    MUTED,
+    WARN,
+    arr,
+    batch_color,
+    empty_figure,
+    figure,
+    fmt,
+    hline,
+    note,
+    stat,
+    vline,
+)
+
+register_page(__name__, path="/tradeoff", name="Tradeoff", title="batchscope · tradeoff", order=3)
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"90% CI {fmt(lo)} – {fmt(hi)}"
+
+
+def next_run_sentence(fit, target: float, metric_label: str) -> str:
+    """What B_crit means for the next run, in one sentence."""
+    b = fit.b_crit
+    lo = 2 ** math.floor(math.log2(b)) if b >= 1 else b
+    hi = 2 ** math.ceil(math.log2(b)) if b >= 1 else b
+    pick = f"B = {lo:g}–{hi:g}" if lo != hi else f"B = {lo:g}"
+    return (f"To reach {metric_label} {fmt(target)}, batches up to about B_crit ≈ {fmt(b)} cut the number of steps "
+            f"almost in proportion (near-perfect scaling), while batches well beyond it mostly spend more examples "
+            f"for few saved steps: for the next run, {pick} costs about 2 × S_min ≈ {fmt(2 * fit.s_min)} steps and "
+            f"2 × E_min ≈ {fmt(2 * fit.e_min)} examples — go larger only if wall-clock time matters more than compute.")
+
+
+def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, metric: str = "train_loss") -> dict:
+    """Everything the page shows for a set of runs and a target (None: the default target)."""
+    out: dict = {"target": None, "range": None, "fit": None, "frontier": empty_figure("No runs."),
+                 "vs_batch": empty_figure(""), "vs_target": empty_figure(""), "notes": [], "missed": None}
+    if not run_ids:
+        return out
+    tr = sweeps.target_range(db, run_ids, metric)
+    if tr is None:
+        out["frontier"] = empty_figure(f"No finite {sweeps.TARGET_METRICS[metric]} logged in these runs.")
+        return out
+    out["range"] = tr
+    t = sweeps.snap(tr.default if target is None else target)
+    out["target"] = t
+    label = sweeps.TARGET_METRICS[metric]
+    hits = sweeps.hits_for(db, run_ids, (t,), metric)
+    best = analysis.best_per_batch(hits)
+    fit = analysis.fit_tradeoff(best)
+    out["fit"] = fit
+    out["hits"] = hits
+    out["best"] = best
+    missed = hits.filter(~pl.col("reached"))
+    if missed.height:
+        reasons = missed.with_columns(pl.col("reason").str.replace(r" \(.*", "")).group_by("reason").len()
+        out["missed"] = f"{missed.height} of {hits.height} runs did not reach {fmt(t)}: " + "; ".join(
+            f"{r['len']} {r['reason']}" for r in reasons.sort("len", descending=True).to_dicts())
+    out["frontier"] = frontier_figure(hits, best, fit, t, label)
+    out["vs_batch"] = steps_vs_batch_figure(hits, best, fit, t)
+    grid = tuple(sweeps.snap(x) for x in sweeps.target_grid(tr))
+    vs = sweeps.vs_target(db, run_ids, grid, metric)
+    out["vs_target"] = vs_target_figure(vs, label, tr.higher_is_better)
+    out["vs_table"] = vs
+    return out
+
+
+def _scatter(x, y, **kw) -> dict:
+    return {"type": "scatter", "x": arr(x), "y": arr(y), **kw}
+
+
+def frontier_figure(hits: pl.DataFrame, best: pl.DataFrame, fit, target: float, label: str) -> dict:
+    reached = hits.filter(pl.col("reached") & pl.col("steps").is_finite())
+    if reached.is_empty():
+        return empty_figure(f"No run reached {label} {fmt(target)}: move the target up.")
+    traces, shapes, anns = [], [], []
+    for b, part in sorted(reached.partition_by("batch_size", as_dict=True).items(), key=lambda kv: kv[0][0] or 0):
+        bs = b[0]
+        traces.append(_scatter(
+            part["steps"], part["examples"], mode="markers", name=f"B={bs:g}", showlegend=False,
+            marker={"color": batch_color(bs), "size": 7, "opacity": 0.35},
+            customdata=[[lr, rid] for lr, rid in zip(part["lr"].to_list(), part["run_id"].to_list(), strict=True)],
+            hovertemplate=f"B={bs:g}, lr=%{{customdata[0]:.3g}}<br>S=%{{x:,.0f}} steps<br>E=%{{y:,.0f}} examples"
+                          "<extra>%{customdata[1]}</extra>",
+        ))
+    bb = best.filter(pl.col("reached"))
+    traces.append(_scatter(
+        bb["steps"], bb["examples"], mode="markers", name="best LR per batch size",
+        marker={"color": [batch_color(b) for b in bb["batch_size"]], "size": 13, "line": {"color": "white", "width": 1.5}},
+        customdata=[[b, lr] for b, lr in zip(bb["batch_size"].to_list(), bb["lr"].to_list(), strict=True)],
+        hovertemplate="B=%{customdata[0]:g} (best lr %{customdata[1]:.3g})<br>S=%{x:,.0f}<br>E=%{y:,.0f}<extra></extra>",
+    ))
+    if fit.ok:
+        fr = fit.frontier(200)
+        traces.append(_scatter(fr["steps"], fr["examples"], mode="lines", name="fitted frontier",
+                               line={"color": ACCENT, "width": 2.5}, hoverinfo="skip"))
+        for shape, ann in (vline(fit.s_min, MUTED, "S_min", "dot", log=True), hline(fit.e_min, MUTED, "E_min", log=True)):
+            shapes.append(shape)
+            anns.append(ann)
+        traces.append(_scatter([2 * fit.s_min], [2 * fit.e_min], mode="markers+text", name="B = B_crit",
+                               text=[f"  B_crit ≈ {fmt(fit.b_crit)}"], textposition="middle right",
+                               marker={"symbol": "star", "size": 16, "color": DANGER},
+                               hovertemplate="B_crit: S = 2 S_min, E = 2 E_min<extra></extra>"))
+    return figure(traces, f"Examples vs steps to reach {label} {fmt(target)}", height=470,
+                  xaxis={"type": "log", "title": {"text": "steps to target S"}},
+                  yaxis={"type": "log", "title": {"text": "examples to target E"}},
+                  shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.2})
+
+
+def steps_vs_batch_figure(hits: pl.DataFrame, best: pl.DataFrame, fit, target: float) -> dict:
+    reached = hits.filter(pl.col("reached") & pl.col("steps").is_finite())
+    if reached.is_empty():
+        return empty_figure("")
+    traces, shapes, anns = [], [], []
+    traces.append(_scatter(
+        reached["batch_size"], reached["steps"], mode="markers", name="every run",
+        marker={"color": [batch_color(b) for b in reached["batch_size"]], "size": 6, "opacity": 0.35},
+        customdata=arr(reached["lr"]), hovertemplate="B=%{x:g}, lr=%{customdata:.3g}<br>S=%{y:,.0f}<extra></extra>",
+    ))
+    bb = best.filter(pl.col("reached"))
+    traces.append(_scatter(
+        bb["batch_size"], bb["steps"], mode="markers", name="best LR",
+        marker={"color": [batch_color(b) for b in bb["batch_size"]], "size": 12, "line": {"color": "white", "width": 1.5}},
+        hovertemplate="B=%{x:g}<br>S=%{y:,.0f}<extra>best LR</extra>",
+    ))
+    if fit.ok:
+        fr = fit.frontier(200)
+        traces.append(_scatter(fr["batch_size"], fr["steps"], mode="lines", name="S_min + E_min / B",
+                               line={"color": ACCENT, "width": 2.5}, hoverinfo="skip"))
+        shape, ann = vline(fit.b_crit, DANGER, "B_crit", log=True)
+        shapes.append(shape)
+        anns.append(ann)
+        lo, hi = fit.b_crit_ci
+        if np.isfinite(lo) and np.isfinite(hi) and lo > 0:
+            shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": lo, "x1": hi,
+                           "y0": 0, "y1": 1,
+                           "fillcolor": DANGER, "opacity": 0.08, "line": {"width": 0}})
+    return figure(traces, "Steps to target vs batch size", height=470,
+                  xaxis={"type": "log", "title": {"text": "batch size B"}},
+                  yaxis={"type": "log", "title": {"text": "steps to target S"}},
+                  shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.2})
+
+
+def vs_target_figure(vs: pl.DataFrame, label: str, higher: bool) -> dict:
+    ok = vs.filter(pl.col("reason").is_null() & pl.col("b_crit").is_finite())
+    traces = []
+    if ok.height:
+        bc, blo, bhi = (ok[c].to_numpy().astype(float) for c in ("b_crit", "b_crit_lo", "b_crit_hi"))
+        lo = np.where(np.isfinite(blo), bc - blo, np.nan)
+        hi = np.where(np.isfinite(bhi), bhi - bc, np.nan)
+        traces.append(_scatter(ok["target"], ok["b_crit"], mode="lines+markers", name="B_crit (fit, 90% CI)",
+                               line={"color": ACCENT, "width": 2.2}, marker={"size": 8},
+                               error_y={"type": "data", "symmetric": False, "array": arr(hi), "arrayminus": arr(lo),
+                                        "color": ACCENT, "thickness": 1.2},
+                               hovertemplate="target %{x:.3g}<br>B_crit %{y:.3g}<extra></extra>"))
+    ns = vs.filter(pl.col("b_simple").is_finite() & (pl.col("b_simple") > 0))
+    if ns.height:
+        q = ns.filter(pl.col("b_simple_q25").is_finite() & pl.col("b_simple_q75").is_finite())
+        if q.height:
+            t = q["target"].to_list()
+            traces.append(_scatter(t + t[::-1], q["b_simple_q75"].to_list() + q["b_simple_q25"].to_list()[::-1],
+                                   fill="toself", fillcolor="rgba(232,89,12,0.10)", line={"width": 0},
+                                   name="B_simple across best runs (IQR)", hoverinfo="skip"))
+        traces.append(_scatter(ns["target"], ns["b_simple"], mode="lines+markers",
+                               name="B_simple measured at the crossing (best runs, pooled)",
+                               line={"color": WARN, "width": 2.2, "dash": "dash"}, marker={"size": 7, "symbol": "diamond"},
+                               hovertemplate="target %{x:.3g}<br>B_simple %{y:.3g}<extra></extra>"))
+    if not traces:
+        reasons = vs["reason"].drop_nulls().unique().to_list()
+        return empty_figure("No target has a fit" + (f": {reasons[0]}" if reasons else "."))
+    return figure(traces, f"B_crit and B_simple as the {label} target falls", height=430,
+                  xaxis={"title": {"text": f"target {label}"}, "type": "linear" if higher else "log",
+                         "autorange": True if higher else "reversed"},
+                  yaxis={"title": {"text": "batch size"}, "type": "log"},
+                  legend={"orientation": "h", "y": -0.25})
+
+
+def layout(**_kwargs):
+    return html.Div(
+        [
+            page_header(
+                "Tradeoff",
+                "How many steps and how many examples each batch size needs to reach a target, at its best "
+                "learning rate. The frontier S(B) = S_min + E_min/B bends at the critical batch size "
+                "B_crit = E_min/S_min.",
+                [scope_dropdown("tradeoff-scope"),
+                 html.Div([html.Label("Metric", className="control-label"),
+                           dcc.RadioItems(id="tradeoff-metric", value="train_loss", inline=True, className="radio",
+                                          options=[{"label": v, "value": k} for k, v in sweeps.TARGET_METRICS.items()])],
+                          className="control")],
+            ),
+            html.Div(id="tradeoff-problem"),
+            html.Div(
+                [html.Label("Target", className="control-label"),
+                 html.Div([dcc.Slider(id="tradeoff-target", min=0, max=1, step=0.001, value=None, marks=None,
+                                      updatemode="mouseup", className="target-slider", allow_direct_input=False),
+                           html.Span(id="tradeoff-target-text", className="target-text")],
+                          className="target-row")],
+                className="controls-bar target-bar",
+            ),
+            dcc.Loading(
+                [
+                    html.Div(id="tradeoff-stats", className="stats"),
+                    html.Div(id="tradeoff-sentence"),
+                    html.Div(id="tradeoff-notes"),
+                    html.Div([html.Div(dcc.Graph(id="tradeoff-frontier", config={"displaylogo": False}), className="panel"),
+                              html.Div(dcc.Graph(id="tradeoff-vs-batch", config={"displaylogo": False}), className="panel")],
+                             className="grid-2"),
+                    html.Div(dcc.Graph(id="tradeoff-vs-target", config={"displaylogo": False}), className="panel"),
+                    html.P("McCandlish et al. (2018) predict B_crit ≈ B_noise ≥ B_simple, both growing as the loss "
+                           "falls. B_simple is measured over the best runs in a window around the step where each "
+                           "reached the target (ratio of averaged |G|² and tr(Σ) estimates).", className="muted small"),
+                ],
+                type="default", delay_show=500,
+            ),
+        ]
+    )
+
+
+@callback(
+    Output("tradeoff-scope", "options"),
+    Output("tradeoff-scope", "value"),
+    Input("selected-runs", "data"),
+    Input("store-version", "data"),
+    State("tradeoff-scope", "value"),
+)
+def tradeoff_scope(selected, _version, current):
+    return scope_options(queries.current_db(), selected, current)
+
+
+@callback(
+    Output("tradeoff-target", "min"),
+    Output("tradeoff-target", "max"),
+    Output("tradeoff-target", "value"),
+    Output("tradeoff-target", "marks"),
+    Input("tradeoff-scope", "value"),
+    Input("tradeoff-metric", "value"),
+    State("selected-runs", "data"),
+)
+def tradeoff_slider(scope, metric, selected):
+    """The slider works in log10(target) for losses; it resets to the default when the runs change."""
+    db = queries.current_db()
+    runs, _ = resolve_scope(db, scope, selected)
+    if store_problem(db) is not None or runs.is_empty():
+        return 0, 1, None, None
+    tr = sweeps.target_range(db, runs["run_id"].to_list(), metric or "train_loss")
+    if tr is None:
+        return 0, 1, None, None
+    f = (lambda x: x) if tr.higher_is_better else (lambda x: math.log10(x) if x > 0 else -12)
+    lo, hi, d = f(tr.lo), f(tr.hi), f(tr.default)
+    inv = (lambda v: v) if tr.higher_is_better else (lambda v: 10 ** v)
+    marks = {round(v, 4): fmt(inv(v), 2) for v in np.linspace(lo, hi, 5)}
+    marks[round(d, 4)] = {"label": "every run", "style": {"color": ACCENT, "whiteSpace": "nowrap"}}
+    return lo, hi, d, marks
+
+
+@callback(
+    Output("tradeoff-stats", "children"),
+    Output("tradeoff-sentence", "children"),
+    Output("tradeoff-notes", "children"),
+    Output("tradeoff-frontier", "figure"),
+    Output("tradeoff-vs-batch", "figure"),
+    Output("tradeoff-vs-target", "figure"),
+    Output("tradeoff-target-text", "children"),
+    Output("tradeoff-problem", "children"),
+    Input("tradeoff-target", "value"),
+    Input("store-version", "data"),
+    State("tradeoff-scope", "value"),
+    State("tradeoff-metric", "value"),
+    State("selected-runs", "data"),
+)
+def update_tradeoff(slider, _version, scope, metric, selected):
+    db = queries.current_db()
+    problem = store_problem(db)
+    blank = empty_figure("")
+    if problem is not None:
+        return [], None, None, blank, blank, blank, "", problem
+    metric = metric or "train_loss"
+    runs, scope_label = resolve_scope(db, scope, selected)
+    ids = runs["run_id"].to_list()
+    target = None
+    if slider is not None:
+        tr = sweeps.target_range(db, ids, metric) if ids else None
+        target = slider if (tr and tr.higher_is_better) else 10 ** slider
+    view = tradeoff_view(db, ids, target, metric)
+    return render(view, scope_label, metric)
+
+
+def render(view: dict, scope_label: str, metric: str):
+    fit = view["fit"]
+    label = sweeps.TARGET_METRICS[metric]
+    t = view["target"]
+    text = f"{label} ≤ {fmt(t)}" if t is not None else ""
+    if fit is None:
+        return [], None, None, view["frontier"], view["vs_batch"], view["vs_target"], text, None
+    if fit.ok:
+        stats = [
+            stat("B_crit", fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit"),
+            stat("S_min", fmt(fit.s_min), _ci(*fit.s_min_ci)),
+            stat("E_min", fmt(fit.e_min), _ci(*fit.e_min_ci)),
+            stat("Fit", f"R² {fit.r2:.3f}", f"{fit.n_points} batch sizes · rms log-residual {fit.rmse_log:.3f}"),
+        ]
+        sentence = note(html.P(next_run_sentence(fit, t, label), className="takeaway"), "ok")
+    else:
+        stats = [stat("B_crit", "no fit", fit.reason, id="tradeoff-bcrit")]
+        sentence = note([html.B("No frontier for this target: "), fit.reason], "warn")
+    notes = [html.P(f"Runs: {scope_label}. Best learning rate per batch size (median over seeds).", className="muted small")]
+    if view.get("missed"):
+        notes.append(html.P(view["missed"], className="muted small"))
+    for w in fit.warnings:
+        notes.append(note(w, "warn"))
+    return stats, sentence, notes, view["frontier"], view["vs_batch"], view["vs_target"], text, None

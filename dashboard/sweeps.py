@@ -1,0 +1,127 @@
+"""Glue between the store (queries) and the fits (analysis) for a set of runs, cached by store version.
+
+Heavy per-step reductions happen in DuckDB (queries.bucketed_steps, queries.noise_steps); every number
+comes from dashboard.analysis. Results are memoized with queries.cached, so moving a slider re-runs
+only the cheap fits, and a write to the store invalidates everything at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from dashboard import analysis, queries
+
+TARGET_METRICS = {"train_loss": "train loss", "test_loss": "test loss"}
+
+
+def auto_smoothing(lengths: pl.DataFrame) -> int:
+    """Bucket width (steps) for steps-to-target: about 1/200 of the median run, between 1 and 100."""
+    if lengths.is_empty():
+        return 1
+    med = float(lengths["last"].median() or 1)
+    return int(min(100, max(1, round(med / 200))))
+
+
+@queries.cached()
+def curves_for_targets(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
+    """(steps-like frame, evals frame or None, smoothing) to hand to analysis.steps_to_target."""
+    ids = sorted(run_ids)
+    if metric == "train_loss":
+        width = auto_smoothing(queries.run_lengths(db, ids))
+        return queries.bucketed_steps(db, ids, width), None, width
+    return None, queries.evals_frame(db, ids), 1
+
+
+@dataclass(frozen=True)
+class TargetRange:
+    lo: float
+    hi: float
+    default: float
+    higher_is_better: bool = False
+
+
+@queries.cached()
+def target_range(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> TargetRange | None:
+    """Slider bounds and the default target: the loosest target every non-diverged run reached."""
+    steps, evals, width = curves_for_targets(db, run_ids, metric)
+    curve, higher = analysis.metric_curve(steps, evals, metric)
+    sm = analysis.smooth_steps(curve, 1, value="value").filter(pl.col("value").is_finite())
+    if sm.is_empty():
+        return None
+    runs = queries.runs_frame(db, run_ids).select("run_id", "diverged", "status")
+    per = sm.sort("step").group_by("run_id").agg(best=pl.col("value").min(), first=pl.col("value").first())
+    per = per.join(runs, on="run_id", how="left").filter(~pl.col("diverged").fill_null(False))
+    if per.is_empty():
+        return None
+    lo = float(per["best"].min())
+    hi = float(per["first"].median())
+    default = float(per["best"].max())
+    if not hi > lo:
+        hi = lo * 1.5 if lo > 0 else lo + 1.0
+    default = min(max(default, lo), hi)
+    return TargetRange(lo=lo, hi=hi, default=default, higher_is_better=higher)
+
+
+@queries.cached()
+def hits_for(db: Path, run_ids: Sequence[str], targets: Sequence[float], metric: str = "train_loss") -> pl.DataFrame:
+    """analysis.steps_to_target for the runs and targets, with B_simple measured around each best run's
+    crossing (analysis.noise_at over that run's raw gradient-noise steps)."""
+    ids = sorted(run_ids)
+    steps, evals, width = curves_for_targets(db, ids, metric)
+    runs = queries.runs_frame(db, ids)
+    # the steps arrive already averaged over `width` steps (queries.bucketed_steps): no second smoothing
+    hits = analysis.steps_to_target(steps, list(targets), metric=metric, smoothing=1, evals=evals, runs=runs)
+    # B_simple only matters for the fastest run of each batch size's best LR: measure just those
+    best = analysis.best_per_batch(hits)
+    best_ids = sorted({r for r in best["run_id"].drop_nulls().to_list()})
+    if best_ids:
+        measured = noise_steps_of(db, best_ids)
+        if not measured.is_empty():
+            mine = pl.col("run_id").is_in(best_ids)
+            with_noise = analysis.noise_at(measured, hits.filter(mine))
+            hits = pl.concat([hits.filter(~mine), with_noise], how="diagonal_relaxed")
+    return hits
+
+
+def noise_steps_of(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
+    """queries.noise_steps, cached per run: moving the target mostly keeps the same best runs, so only
+    runs not seen since the store last changed are read."""
+    version = queries.store_version(Path(db))
+    parts, missing = [], []
+    for rid in sorted(set(run_ids)):
+        hit, value = queries.CACHE.get(("noise_steps_of", str(db), version, rid))
+        (parts.append(value) if hit else missing.append(rid))
+    if missing:
+        fresh = queries.noise_steps(db, missing, max_rows=50_000 * len(missing))
+        by_run = {k[0]: v for k, v in fresh.partition_by("run_id", as_dict=True).items()} if fresh.height else {}
+        for rid in missing:
+            part = by_run.get(rid, fresh.clear())
+            queries.CACHE.put(("noise_steps_of", str(db), version, rid), part)
+            parts.append(part)
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+@queries.cached()
+def vs_target(db: Path, run_ids: Sequence[str], targets: Sequence[float], metric: str = "train_loss") -> pl.DataFrame:
+    """analysis.tradeoff_vs_target over a grid of targets (does not depend on the slider: cached)."""
+    return analysis.tradeoff_vs_target(hits_for(db, run_ids, tuple(targets), metric), n_boot=300)
+
+
+def target_grid(tr: TargetRange, n: int = 10) -> list[float]:
+    """Targets from the default (every run reached it) to near the best loss reached, log-spaced."""
+    lo = tr.lo + 0.05 * (tr.default - tr.lo)
+    if tr.higher_is_better or lo <= 0 or tr.default <= 0:
+        return [float(x) for x in np.linspace(tr.default, lo, n)]
+    return [float(x) for x in np.geomspace(tr.default, lo, n)]
+
+
+def snap(x: float) -> float:
+    """A target rounded to 3 significant figures (what the page shows, so the cache keys are stable)."""
+    if x == 0 or not np.isfinite(x):
+        return float(x)
+    return float(f"{x:.3g}")

@@ -1,0 +1,256 @@
+"""End-to-end: the real dashboard server (`python -m dashboard`, waitress) driven by headless Chromium.
+
+Every page renders without browser console errors and is screenshotted into docs/screenshots/;
+selecting runs updates the curves; the tradeoff page shows B_crit; the SQL console refuses writes;
+an empty store opens the welcome page; a writer process logging while the page is open shows up
+within seconds and never blocks.
+
+Runs on sample_runs/ when it exists (the shipped digits sweep), else on a synthetic store.
+Needs Debian's chromium + chromium-driver; skipped without them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.browser_helpers import (
+    ROOT,
+    Server,
+    chromium_paths,
+    dash_idle,
+    make_driver,
+    screenshot,
+    severe_console_errors,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(chromium_paths() is None, reason="chromium not installed")]
+
+SAMPLE_RUNS = ROOT / "sample_runs"
+
+# path, screenshot name, a CSS selector that exists once the page has rendered its main content
+PAGES = [
+    ("/", "runs", "#runs-grid .ag-row"),
+    ("/curves", "curves", "#curves-graph .main-svg"),
+    ("/noise", "noise", "#noise-over-training .main-svg"),
+    ("/tradeoff", "tradeoff", "#tradeoff-frontier .main-svg"),
+    ("/generalization", "generalization", "#gen-vs-batch .main-svg"),
+    ("/lr-batch", "lr-batch", "#lrb-heatmap .main-svg"),
+    ("/sql", "sql", "#sql-grid .ag-row"),
+]
+
+
+def _load_store(db: Path) -> str:
+    if SAMPLE_RUNS.is_dir() and any(SAMPLE_RUNS.glob("*.parquet")):
+        subprocess.run([sys.executable, "-m", "collector", "import", str(SAMPLE_RUNS), "--db", str(db)],
+                       cwd=ROOT, check=True, capture_output=True, timeout=300)
+        return "sample_runs"
+    from dashboard.synthetic import make_store
+
+    make_store(db, n_runs=80, steps=1500, seeds=2)
+    return "synthetic"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("browser") / "runs.duckdb"
+    _load_store(db)
+    return db
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    srv = Server(store)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def driver():
+    d = make_driver()
+    yield d
+    d.quit()
+
+
+def _open(driver, url: str, ready: str, timeout: float = 30.0) -> None:
+    driver.get(url)
+    wait_for(lambda: driver.find_elements("css selector", ready), timeout, what=f"{ready} on {url}")
+    wait_for(lambda: dash_idle(driver), timeout, what="callbacks to settle")
+    time.sleep(0.4)
+
+
+def _figure(driver, graph_id: str) -> list[dict]:
+    """The traces of a dcc.Graph as plotly holds them in the page."""
+    return driver.execute_script(
+        "var g = document.querySelector('#' + arguments[0] + ' .js-plotly-plot');"
+        "return g && g._fullData ? g._fullData.map(function (t) { return {name: t.name, n: (t.x || []).length,"
+        " xmax: (t.x || []).length ? Math.max.apply(null, Array.from(t.x)) : null, mode: t.mode,"
+        " hoverinfo: t.hoverinfo}; }) : null;", graph_id)
+
+
+@pytest.mark.parametrize(("path", "name", "ready"), PAGES, ids=[p[1] for p in PAGES])
+def test_page_renders_without_console_errors(server, driver, path, name, ready):
+    severe_console_errors(driver)  # drain
+    _open(driver, server.url + path, ready)
+    errors = severe_console_errors(driver)
+    assert errors == [], f"console errors on {path}: {errors}"
+    assert "Traceback" not in driver.page_source
+    assert screenshot(driver, name).stat().st_size > 10_000
+
+
+def _checkboxes(driver):
+    """The row-selection checkboxes, top to bottom (the selection column is pinned left)."""
+    return driver.find_elements("css selector", "#runs-grid .ag-pinned-left-cols-container .ag-row input.ag-checkbox-input")
+
+
+def test_selecting_runs_updates_curves(server, driver):
+    _open(driver, server.url + "/", "#runs-grid .ag-row")
+    driver.find_element("css selector", "#clear-selection").click()
+    wait_for(lambda: "no runs selected" in driver.find_element("css selector", "#selection-badge").text, 10,
+             what="selection cleared")
+    for box in _checkboxes(driver)[:3]:
+        box.click()
+        time.sleep(0.2)
+    wait_for(lambda: driver.find_element("css selector", "#selection-badge").text.startswith("3 selected"), 10,
+             what="3 runs selected")
+    driver.find_element("css selector", "a.nav-link[href='/curves']").click()  # client-side: keeps the session
+    wait_for(lambda: _figure(driver, "curves-graph"), 30, what="curves figure")
+    wait_for(lambda: dash_idle(driver), 30)
+
+    def shown():
+        traces = _figure(driver, "curves-graph") or []
+        return [t for t in traces if t["mode"] == "lines" and t["hoverinfo"] != "skip"]
+
+    wait_for(lambda: len(shown()) == 3, 20, what="three selected runs drawn")
+    note = driver.find_element("css selector", "#curves-note").text
+    assert "Nothing selected" not in note
+    # change the selection: two runs -> two curves
+    driver.find_element("css selector", "a.nav-link[href='/']").click()
+    wait_for(lambda: driver.find_elements("css selector", "#runs-grid .ag-row-selected"), 20, what="selection restored")
+    assert len(driver.find_elements("css selector", "#runs-grid .ag-center-cols-container .ag-row-selected")) == 3
+    _checkboxes(driver)[0].click()
+    wait_for(lambda: driver.find_element("css selector", "#selection-badge").text.startswith("2 selected"), 10)
+    driver.find_element("css selector", "a.nav-link[href='/curves']").click()
+    wait_for(lambda: len(shown()) == 2, 20, what="two selected runs drawn")
+    assert severe_console_errors(driver) == []
+
+
+def test_tradeoff_page_shows_bcrit(server, driver):
+    _open(driver, server.url + "/tradeoff", "#tradeoff-frontier .main-svg")
+    text = wait_for(lambda: driver.find_element("css selector", "#tradeoff-bcrit").text, 20, what="B_crit")
+    assert any(ch.isdigit() for ch in text), text
+    page = driver.find_element("css selector", "main").text
+    assert "B_crit" in page or "critical batch" in page.lower()
+
+
+def _replace_text(box, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(text)
+
+
+def test_sql_console_in_the_browser(server, driver):
+    _open(driver, server.url + "/sql", "#sql-grid .ag-row")
+    box = driver.find_element("css selector", "#sql-text")
+    _replace_text(box, "DELETE FROM runs")
+    driver.find_element("css selector", "#sql-run").click()
+    msg = wait_for(lambda: driver.find_element("css selector", ".sql-message.error").text, 15, what="error")
+    assert "not allowed" in msg and "Traceback" not in driver.page_source
+    _replace_text(box, "SELECT * FROM read_csv('/etc/passwd')")
+    driver.find_element("css selector", "#sql-run").click()
+    wait_for(lambda: "disabled" in driver.find_element("css selector", ".sql-message.error").text, 15)
+    assert "root:x:0" not in driver.find_element("css selector", "main").text
+    _replace_text(box, "SELECT count(*) AS n FROM runs")
+    driver.find_element("css selector", "#sql-run").click()
+    wait_for(lambda: "1 row" in driver.find_element("css selector", ".sql-message.ok").text, 15)
+    assert severe_console_errors(driver) == []
+
+
+def test_welcome_page_on_an_empty_store(tmp_path, driver):
+    srv = Server(tmp_path / "empty.duckdb")
+    try:
+        _open(driver, srv.url + "/", ".welcome")
+        text = driver.find_element("css selector", "main").text
+        assert "python -m trainer" in text and "sample" in text.lower()
+        assert severe_console_errors(driver) == []
+        screenshot(driver, "welcome")
+        button = driver.find_element("css selector", "#load-samples")
+        if SAMPLE_RUNS.is_dir() and any(SAMPLE_RUNS.glob("*.parquet")):
+            button.click()
+            _open(driver, srv.url + "/", "#runs-grid .ag-row", timeout=120)
+        else:
+            assert button.get_attribute("disabled")
+    finally:
+        srv.stop()
+
+
+WRITER = textwrap.dedent("""
+    import json, math, sys, time
+    import collector
+    db, progress, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    worst = 0.0
+    with collector.start_run(db=db, name="live-writer", sweep="live", batch_size=64, lr=0.1,
+                             task="synthetic", flush_every=0.5) as run:
+        t0 = time.perf_counter()
+        step = 0
+        while time.perf_counter() - t0 < seconds:
+            step += 1
+            t = time.perf_counter()
+            run.log_step(step, examples=64 * step, loss=2.0 * math.exp(-step / 300) + 0.05, lr=0.1, batch_size=64)
+            worst = max(worst, time.perf_counter() - t)
+            if step % 20 == 0:
+                with open(progress, "w") as f:
+                    json.dump({"step": step, "t": time.time(), "worst_log_s": worst}, f)
+            time.sleep(0.005)
+    with open(progress, "w") as f:
+        json.dump({"step": step, "t": time.time(), "worst_log_s": worst, "done": True}, f)
+""")
+
+
+def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
+    from dashboard.synthetic import make_store
+
+    db = tmp_path / "live.duckdb"
+    make_store(db, n_runs=6, steps=300, seeds=1, sweep="old")
+    progress = tmp_path / "progress.json"
+    srv = Server(db)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(progress), "25"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] > 100, 30, what="writer")
+        _open(driver, srv.url + "/curves", "#curves-graph .main-svg")  # no selection: the newest sweep (live)
+        lags = []
+        for _ in range(3):
+            target = json.loads(progress.read_text())["step"]
+            t0 = time.monotonic()
+
+            def shows_target(target=target):
+                traces = _figure(driver, "curves-graph") or []
+                xs = [t["xmax"] for t in traces if t["xmax"] is not None]
+                return xs and max(xs) >= target * 0.98  # bucket means sit just below the last step
+
+            wait_for(shows_target, 8, what=f"page to show step {target}")
+            lags.append(time.monotonic() - t0)
+            time.sleep(1.0)
+        assert "running" in driver.find_element("css selector", "#live-badge").text
+        assert severe_console_errors(driver) == []
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0, out
+        final = json.loads(progress.read_text())
+        assert final.get("done")
+        assert final["worst_log_s"] < 0.05, final  # log_step never waited on the store
+        assert max(lags) < 8
+        print(f"live lags (s): {[round(x, 2) for x in lags]}; worst log_step {final['worst_log_s'] * 1e3:.2f} ms")
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        srv.stop()
