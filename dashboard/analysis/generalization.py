@@ -114,6 +114,9 @@ def generalization(
         m = m.filter(~pl.col("diverged"))
     last = both.group_by("run_id").agg(pl.col("examples").max().alias("x_end"))
     m = m.join(last, on="run_id", how="inner")
+    if m.height == 0:
+        what = "run" if include_diverged else "run that did not diverge"
+        return Generalization(empty, empty, reason=f"no {what} has evaluations with both splits")
     warnings: list[str] = []
     if at == "end":
         m = m.with_columns(x=pl.col("x_end"))

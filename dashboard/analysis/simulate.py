@@ -43,7 +43,7 @@ def sweep(
     takes S(B) / (m * exp(1 - m)) steps, and m > diverge_above diverges. Loss curves are exponentials
     L(t) = 0.05 + 2.25 exp(-k t) with k set so that the clean curve crosses `target` at that S, times
     (1 + loss_noise * N(0,1)) per step. Evals: train/test every ~2 % of the run, test = train + gap
-    with a gap that grows with B.
+    with a gap that grows with B (and saturates after ~20k examples).
     """
     rng = np.random.default_rng(seed)
     l_inf, l0 = 0.05, 2.3
@@ -77,7 +77,7 @@ def sweep(
                                            "batch_size": int(b), "lr": lr_opt * m, "loss": loss}))
                 ev = np.unique(np.r_[np.arange(max(1, n // 50), n + 1, max(1, n // 50)), n])
                 tr = clean[ev - 1]
-                gap = 0.02 * (1 + np.log2(b)) * ev / n
+                gap = 0.01 * (1 + np.log2(b)) * (1 - np.exp(-ev * b / 20_000))  # grows with B and with examples
                 ok = np.isfinite(loss[ev - 1]) | (status != "diverged")
                 for split, v in (("train", tr), ("test", tr + gap)):
                     evals.append(pl.DataFrame({"run_id": run_id, "step": ev, "split": split, "examples": ev * int(b),
