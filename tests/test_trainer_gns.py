@@ -78,7 +78,8 @@ def test_linreg_b_simple_matches_closed_form(dim, sigma, batch, accum):
     A tiny LR keeps delta = w - w* (nearly) fixed, so every step measures the same B_simple.
     """
     run, result = train_in_process(task="linreg", dim=dim, noise=sigma, batch=batch, accum=accum, lr=1e-7,
-                                   steps=1200, seed=dim, gns_window=400.0 * batch, eval_every=600)
+                                   steps=1200, seed=dim, gns_window=400.0 * batch, eval_every=600,
+                                   gns_every=1)
     assert result.status == "finished"
     steps = run.steps()
     assert np.all(np.isfinite(steps["g_small_sq"])), "every step is measured (K >= 2, or split at K = 1)"

@@ -84,11 +84,12 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     rec = p.add_argument_group("measuring and recording")
     rec.add_argument("--eval-every", type=integer, metavar="STEPS",
                      help="evaluate train/test loss and accuracy every N steps (default: ~20 per run)")
-    rec.add_argument("--gns-every", type=int, default=1, metavar="N",
-                     help="at --accum 1, measure the gradient noise scale every N steps by running the batch as "
-                          "2 micro-batches (default 1; 0 = never). With --accum K>=2 it is measured every step")
+    rec.add_argument("--gns-every", type=int, default=10, metavar="N",
+                     help="at --accum 1, measure the gradient noise scale every N steps by running that batch as "
+                          "2 micro-batches (same FLOPs; default 10; 1 = every step; 0 = never). With --accum K>=2 "
+                          "it is measured on every step at no extra cost")
     rec.add_argument("--gns-window", type=float, metavar="EXAMPLES",
-                     help="EMA window of the logged B_simple, in examples (default: 100 measurements)")
+                     help="EMA window of the logged B_simple, in examples (default: 50 measurements' worth)")
     if not sweep:
         rec.add_argument("--name", help="run name (default: TASK-bB-lrLR)")
         rec.add_argument("--sweep", help="sweep (group of runs) this run belongs to")

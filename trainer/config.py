@@ -20,7 +20,11 @@ OPTIMIZERS = ("sgd", "adam")
 DEFAULT_BUDGET = {"digits": ("epochs", 30), "mnist": ("epochs", 2), "cifar10": ("epochs", 2),
                   "linreg": ("steps", 1000), "teacher": ("examples", 200_000)}
 TARGET_BUDGET_FACTOR = 10  # with --target-loss and no budget, allow this many times the default
-GNS_WINDOW_MEASUREMENTS = 100  # default B_simple EMA window, in measurements' worth of examples
+GNS_WINDOW_MEASUREMENTS = 50  # default B_simple EMA window, in measurements' worth of examples
+# GNS_EVERY_WHY: at K = 1 a measurement runs the batch as 2 micro-batches: the same FLOPs, but twice the
+# per-operation overhead, which is what a small model on a CPU pays for (about 2x that step; see
+# bench/trainer.md). Every 10th step keeps the average cost near 1.1x and still gives ~100 measurements
+# per 1,000 steps; with --accum K >= 2 every step is measured for free.
 
 
 class ConfigError(ValueError):
@@ -50,7 +54,7 @@ class TrainConfig:
     name: str | None = None
     sweep: str | None = None
     db: str | None = None
-    gns_every: int = 1  # measure B_simple every N steps when accum == 1 (0: never)
+    gns_every: int = 10  # measure B_simple every N steps when accum == 1 (0: never); see GNS_EVERY_WHY
     gns_window: float | None = None  # examples; None: GNS_WINDOW_MEASUREMENTS measurements
     dim: int | None = None
     noise: float = 1.0
@@ -72,6 +76,14 @@ class Schedule:
     factor: float = 1.0
     milestones: tuple[int, ...] = ()
     total: int | None = None
+
+    def next_change(self, examples: int) -> float:
+        """Examples count at which the multiplier next changes (so the loop need not ask every step)."""
+        if self.kind == "cosine":
+            return examples + 1
+        if self.kind == "steps":
+            return next((m for m in self.milestones if m > examples), math.inf)
+        return math.inf
 
     def multiplier(self, examples: int) -> float:
         if self.kind == "cosine":
@@ -207,13 +219,13 @@ class Plan:
     gns_every: int  # 0: never; accumulation measures on every step
     gns_window: float
 
-    def done(self, step: int, examples: int) -> bool:
-        return (self.max_steps is not None and step >= self.max_steps) or (
-            self.max_examples is not None and examples >= self.max_examples)
-
     def batch_at(self, base: int, examples: int, accum: int) -> int:
         b = max(accum, int(round(base * self.batch.multiplier(examples))))
         return b - b % accum
+
+    def next_change(self, examples: int) -> float:
+        """The loop recomputes batch size and LR only when `examples` reaches this."""
+        return min(self.lr.next_change(examples), self.batch.next_change(examples))
 
 
 def plan(cfg: TrainConfig, train_size: int | None) -> Plan:

@@ -67,9 +67,12 @@ class ExampleEMA:
         self.window = float(window_examples)
         self._num = 0.0
         self._weight = 0.0
+        self._last_examples, self._keep = None, 0.0
 
     def update(self, value: float, examples: float) -> None:
-        keep = math.exp(-float(examples) / self.window)
+        if examples != self._last_examples:  # the common case repeats the same step size: skip the exp
+            self._last_examples, self._keep = examples, math.exp(-float(examples) / self.window)
+        keep = self._keep
         self._num = keep * self._num + (1.0 - keep) * float(value)
         self._weight = keep * self._weight + (1.0 - keep)
 

@@ -60,7 +60,9 @@ def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: tor
     loss_sum = None
     for xk, yk, wk in zip(xs, ys, weights, strict=True):
         loss_k = loss_fn(model(xk), yk) * wk  # its gradient is w_k g_k: the accumulator needs no rescaling
-        grads = torch.autograd.grad(loss_k, params, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss_k, params, allow_unused=True)
+        if any(g is None for g in grads):  # a parameter this loss does not reach (cheaper than materialize_grads)
+            grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
         norms.extend(torch._foreach_norm(grads))
         if not acc:
             acc, loss_sum = list(grads), loss_k.detach()

@@ -9,6 +9,7 @@ host in one transfer. The host then folds them into the running B_simple and han
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -23,11 +24,15 @@ GNS_COLUMNS = ("g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
 class StepLog:
     """Buffers step rows; `sync()` returns the new rows as numpy columns (with b_simple filled in)."""
 
-    def __init__(self, run, device: torch.device, gns: BSimpleEMA, sync_every: int, emit_every: int = 50):
+    def __init__(self, run, device: torch.device, gns: BSimpleEMA, sync_every: int, emit_rows: int = 500,
+                 emit_seconds: float = 0.5):
         self.run = run
         self.gns = gns
         self.sync_every = max(1, sync_every)
-        self.emit_every = max(self.sync_every, emit_every)
+        # hand rows over in big blocks (each log_steps call builds Arrow arrays), but at least twice a
+        # second, so a live dashboard stays current however slow the steps are
+        self.emit_rows, self.emit_seconds = emit_rows, emit_seconds
+        self._last_emit = time.monotonic()
         self._nan = torch.full((), math.nan, device=device)
         self._host: list[tuple] = []
         self._dev: list[torch.Tensor] = []
@@ -55,17 +60,15 @@ class StepLog:
         self._host, self._dev = [], []
         cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]
         b_simple = np.full(len(vals), math.nan)
-        for i, ex in enumerate(cols["examples"]):
-            seen, self._last_examples = int(ex) - self._last_examples, int(ex)
-            if math.isnan(cols["b_small"][i]):
-                self.gns.skip(seen)
-                continue
-            b_simple[i] = self.gns.update(cols["g_small_sq"][i], cols["b_small"][i],
-                                          cols["g_big_sq"][i], cols["b_big"][i], seen)
+        ex, gs, bs, gb, bb = (cols[k].tolist() for k in ("examples", "g_small_sq", "b_small", "g_big_sq", "b_big"))
+        for i in np.flatnonzero(~np.isnan(cols["b_small"])).tolist():
+            seen, self._last_examples = ex[i] - self._last_examples, ex[i]  # unmeasured steps age the EMA too
+            b_simple[i] = self.gns.update(gs[i], bs[i], gb[i], bb[i], seen)
         cols["b_simple"] = b_simple
         self._out.append(cols)
         self._out_rows += len(vals)
-        if self._out_rows >= self.emit_every:
+        now = time.monotonic()
+        if self._out_rows >= self.emit_rows or now - self._last_emit >= self.emit_seconds:
             self.emit()
         return cols
 
@@ -74,7 +77,7 @@ class StepLog:
         if not self._out:
             return
         cols = {k: np.concatenate([c[k] for c in self._out]) for k in self._out[0]}
-        self._out, self._out_rows = [], 0
+        self._out, self._out_rows, self._last_emit = [], 0, time.monotonic()
         measured = ~np.isnan(cols["b_small"])
         for mask, keep_gns in ((measured, True), (~measured, False)):
             if mask.any():

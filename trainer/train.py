@@ -55,17 +55,19 @@ class LossWatch:
 
     def feed(self, rows: dict, run) -> None:
         """Check new rows in order; stop at the first divergence (non-finite or exploding loss)."""
-        for step, loss in zip(rows.get("step", ()), rows.get("loss", ()), strict=True):
+        if not rows:
+            return
+        for step, loss in zip(rows["step"].tolist(), rows["loss"].tolist(), strict=True):
             self.first = loss if self.first is None else self.first
             self.ema.update(loss, 1)
             exploded = self.factor and self.first > 0 and self.ema.value > self.factor * self.first
             if not math.isfinite(loss) or exploded:
                 self.diverged = True
-                run.log(int(step), diverged=1.0)
+                run.log(step, diverged=1.0)
                 return
             if self.target is not None and not self.reached and self.ema.value <= self.target:
                 self.reached = True
-                run.log(int(step), target_reached=1.0)
+                run.log(step, target_reached=1.0)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -79,7 +81,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def sync_every(device: torch.device) -> int:
     """Steps between host reads: cheap on the CPU (no transfer), batched on an accelerator."""
-    return 10 if device.type == "cpu" else 50
+    return 25 if device.type == "cpu" else 50
 
 
 def log_evals(run, task: Task, model: nn.Module, step: int, examples: int) -> dict[str, tuple[float, float | None]]:
@@ -113,14 +115,17 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
                desc=run.name if hasattr(run, "name") else None, leave=False, dynamic_ncols=True)
     evals: dict = {}
     step = examples = bar_pos = last_eval = 0
+    change_at, batch, lr = 0, cfg.batch, cfg.lr
     t0 = time.perf_counter()
 
-    while not p.done(step, examples):
-        # this step's hyperparameters, from the examples seen so far
-        batch = p.batch_at(cfg.batch, examples, cfg.accum)
-        lr = cfg.lr * p.lr.multiplier(examples)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    max_steps = math.inf if p.max_steps is None else p.max_steps
+    max_examples = math.inf if p.max_examples is None else p.max_examples
+    while step < max_steps and examples < max_examples:
+        if examples >= change_at:  # this step's hyperparameters, from the examples seen so far
+            batch, lr = p.batch_at(cfg.batch, examples, cfg.accum), cfg.lr * p.lr.multiplier(examples)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            change_at = p.next_change(examples)
         measure = p.gns_every > 0 and (cfg.accum > 1 or (step + 1) % p.gns_every == 0)
         n_micro = cfg.accum if cfg.accum > 1 else (GNS_SPLIT if measure else 1)
 
@@ -139,9 +144,10 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
         if log.due():
             rows = log.sync()
             watch.feed(rows, run)
-            bar.update((step if by_steps else examples) - bar_pos)
-            bar_pos = step if by_steps else examples
-            bar.set_postfix(loss=f"{watch.ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
+            if not bar.disable:
+                bar.update((step if by_steps else examples) - bar_pos)
+                bar_pos = step if by_steps else examples
+                bar.set_postfix(loss=f"{watch.ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
             if watch.diverged or watch.reached:
                 break
         if step % p.eval_every == 0:

@@ -1,0 +1,177 @@
+"""Trainer overhead: steps/s of `trainer.train` vs a bare PyTorch loop, same task, model, batch, process.
+
+    python bench/bench_trainer.py                    # digits b32 and b512, teacher b256; CPU, 1 thread
+    python bench/bench_trainer.py --device cuda --configs teacher:1024,cifar10:256 --data-dir DIR
+
+Variants (time per step relative to the bare loop at the same batch size; lower is better):
+  logging      trainer, nothing measured (--gns-every 0), every step logged through the real collector
+  default      trainer with its defaults: B_simple measured every 10th step (--gns-every 10)
+  gns-k1       trainer, B_simple measured every step at K=1 (the batch run as 2 micro-batches)
+  accum-k2/k4  trainer with --accum K (measured every step); vs the bare full-batch loop, and vs a bare
+               K-micro-batch accumulation loop (what a user who must accumulate runs anyway)
+  per-example  reference: bare loop computing exact per-example gradients with torch.func (vmap(grad))
+The variants are interleaved and repeated; each ratio is the median over repeats of (variant time /
+bare time from the same repeat), so a busy machine skews both sides alike. Both wall-clock and process
+CPU time are reported: on a shared machine the CPU-time ratios are the steadier ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import collector  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.tasks import TaskOptions, make_task  # noqa: E402
+from trainer.train import train  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare(task, batch: int, steps: int, accum: int = 1) -> float:
+    """The loop a user would write: sample, forward, backward (K micro-batches), step. Seconds per step."""
+    torch.manual_seed(0)
+    model = task.build_model().to(task.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sync(task.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        x, y = task.next_batch(batch)
+        opt.zero_grad(set_to_none=True)
+        if accum == 1:
+            task.loss_fn(model(x), y).backward()
+        else:
+            for xk, yk in zip(x.chunk(accum), y.chunk(accum), strict=True):
+                (task.loss_fn(model(xk), yk) / accum).backward()
+        opt.step()
+    sync(task.device)
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def per_example(task, batch: int, steps: int) -> float:
+    """Exact per-example gradients (torch.func), their mean for the update and the norms for the noise scale."""
+    torch.manual_seed(0)
+    model = task.build_model().to(task.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def loss_one(params, xi, yi):
+        return task.loss_fn(functional_call(model, params, (xi[None],)), yi[None])
+
+    per_ex = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    sync(task.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        x, y = task.next_batch(batch)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        grads = per_ex(params, x, y)
+        sq = sum(g.reshape(batch, -1).square().sum(1) for g in grads.values())  # |g_i|^2 per example
+        _ = sq.mean()
+        for n, p in model.named_parameters():
+            p.grad = grads[n].mean(0)
+        opt.step()
+    sync(task.device)
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def trainer_run(task_name: str, task, batch: int, steps: int, db: Path, device: str, **options) -> tuple[float, float]:
+    """`trainer.train` with the real collector; its own clock covers the loop (plus the final sync/eval).
+
+    CPU time is the whole process's, so the collector's background thread (spooling, DuckDB writes)
+    is counted even when it runs on another core.
+    """
+    cfg = TrainConfig(task=task_name, batch=batch, lr=0.01, steps=steps, eval_every=10**9, device=device,
+                      gns_every=options.pop("gns_every", 0), **options)
+    with collector.start_run(db=db, name=f"bench-{task_name}-b{batch}", config=cfg.to_json()) as run:
+        c0 = time.process_time()
+        result = train(cfg, task, run, progress=False)
+        cpu = time.process_time() - c0
+    return result.seconds / result.steps, cpu / result.steps
+
+
+def bench_config(task_name: str, batch: int, steps: int, repeats: int, device: torch.device, data_dir, db: Path):
+    task = make_task(task_name, TaskOptions(data_dir=data_dir), device, seed=0)
+    dev = str(device)
+    variants = {
+        "bare": lambda: bare(task, batch, steps),
+        "logging": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=0),
+        "default": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=10),
+        "gns-k1": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=1),
+        "accum-k2": lambda: trainer_run(task_name, task, batch, steps, db, dev, accum=2),
+        "bare-k2": lambda: bare(task, batch, steps, accum=2),
+        "accum-k4": lambda: trainer_run(task_name, task, batch, steps, db, dev, accum=4),
+        "bare-k4": lambda: bare(task, batch, steps, accum=4),
+        "per-example": lambda: per_example(task, batch, max(steps // 4, 10)),
+    }
+    for fn in variants.values():  # warm-up: allocator, lazy imports, dynamo's first-call import
+        fn()
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+
+    def ratio(num: str, den: str, clock: int) -> float:
+        return statistics.median(a[clock] / b[clock] for a, b in zip(times[num], times[den], strict=True))
+
+    out = {"task": task_name, "batch": batch, "steps": steps, "repeats": repeats,
+           "bare_steps_per_s": 1.0 / statistics.median(t[0] for t in times["bare"])}
+    for clock, suffix in ((0, "wall"), (1, "cpu")):
+        out[suffix] = {
+            "logging": ratio("logging", "bare", clock), "default": ratio("default", "bare", clock),
+            "gns_k1": ratio("gns-k1", "bare", clock),
+            "k2": ratio("accum-k2", "bare", clock), "k2_vs_bare_k2": ratio("accum-k2", "bare-k2", clock),
+            "k4": ratio("accum-k4", "bare", clock), "k4_vs_bare_k4": ratio("accum-k4", "bare-k4", clock),
+            "per_example": ratio("per-example", "bare", clock),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="digits:32,digits:512,teacher:256", help="task:batch,...")
+    ap.add_argument("--steps", type=int, default=600, help="steps per timed run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(f"# {label}, torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x {args.repeats} repeats",
+          flush=True)
+    print("| task | B | bare steps/s | clock | logging only | default (GNS every 10th) | GNS every step, K=1 "
+          "| K=2 (vs bare K=2) | K=4 (vs bare K=4) | per-example (torch.func) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.configs.split(","):
+            task_name, batch = spec.split(":")
+            results.append(bench_config(task_name, int(batch), args.steps, args.repeats, device, args.data_dir,
+                                        Path(tmp) / "bench.duckdb"))
+            r = results[-1]
+            for clock in ("wall", "cpu"):
+                c = r[clock]
+                print(f"| {r['task']} | {r['batch']} | {r['bare_steps_per_s']:.0f} | {clock} | {c['logging']:.3f} | "
+                      f"{c['default']:.3f} | {c['gns_k1']:.3f} | {c['k2']:.3f} ({c['k2_vs_bare_k2']:.3f}) | "
+                      f"{c['k4']:.3f} ({c['k4_vs_bare_k4']:.3f}) | {c['per_example']:.2f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
