@@ -219,3 +219,24 @@ def test_digits_data_ships_with_the_package():
     assert len(tr) == 1438 and len(te) == 359 and not set(tr) & set(te)
     tr2, _ = datasets.split_indices(1797)
     np.testing.assert_array_equal(tr, tr2)
+
+
+def test_a_crash_mid_run_still_hands_over_every_step(monkeypatch):
+    """An exception (or Ctrl-C) inside the loop: the buffered steps reach the run before it fails."""
+    from tests.trainer_helpers import RecordingRun
+
+    def boom(self, step, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecordingRun, "log_eval", boom)
+    captured = {}
+    original = RecordingRun.log_steps
+
+    def keep(self, cols):
+        captured.setdefault("steps", []).extend(np.asarray(cols["step"]).tolist())
+        original(self, cols)
+
+    monkeypatch.setattr(RecordingRun, "log_steps", keep)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(batch=32, lr=0.1, steps=200, eval_every=37)
+    assert sorted(captured["steps"]) == list(range(1, 38))

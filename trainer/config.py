@@ -246,9 +246,10 @@ def plan(cfg: TrainConfig, train_size: int | None) -> Plan:
     if batch_s.kind == "steps":
         for k in range(len(batch_s.milestones) + 1):
             b = cfg.batch * batch_s.factor**k
-            if b < cfg.accum or abs(b - round(b)) > 1e-9 or round(b) % cfg.accum:
+            smallest = 2 if cfg.accum == 1 and cfg.gns_every else cfg.accum  # a measurement splits in 2
+            if b < smallest or abs(b - round(b)) > 1e-9 or round(b) % cfg.accum:
                 raise ConfigError(f"--batch-schedule {cfg.batch_schedule!r} gives batch {b:g}, which is not a whole "
-                                  f"multiple of --accum {cfg.accum}")
+                                  f"multiple of --accum {cfg.accum} (and at least {smallest})")
     approx_steps = steps if steps is not None else max(1, examples // cfg.batch)
     eval_every = cfg.eval_every or max(1, approx_steps // 20)
     gns_every = 1 if cfg.accum > 1 else cfg.gns_every

@@ -55,7 +55,7 @@ class StepLog:
         """Copy the pending rows to the host (one transfer), compute b_simple, queue them for the collector."""
         if not self._host:
             return {}
-        vals = torch.stack(self._dev).reshape(-1, 3).to(dtype=torch.float64, device="cpu").numpy()
+        vals = torch.stack(self._dev).reshape(-1, 3).cpu().numpy().astype(np.float64)  # MPS has no float64
         cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, zip(*self._host, strict=True), strict=True)}
         self._host, self._dev = [], []
         cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]

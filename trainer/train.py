@@ -11,6 +11,7 @@ divergence and for the target loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -120,38 +121,45 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
 
     max_steps = math.inf if p.max_steps is None else p.max_steps
     max_examples = math.inf if p.max_examples is None else p.max_examples
-    while step < max_steps and examples < max_examples:
-        if examples >= change_at:  # this step's hyperparameters, from the examples seen so far
-            batch, lr = p.batch_at(cfg.batch, examples, cfg.accum), cfg.lr * p.lr.multiplier(examples)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            change_at = p.next_change(examples)
-        measure = p.gns_every > 0 and (cfg.accum > 1 or (step + 1) % p.gns_every == 0)
-        n_micro = cfg.accum if cfg.accum > 1 else (GNS_SPLIT if measure else 1)
+    try:
+        while step < max_steps and examples < max_examples:
+            if examples >= change_at:  # this step's hyperparameters, from the examples seen so far
+                batch, lr = p.batch_at(cfg.batch, examples, cfg.accum), cfg.lr * p.lr.multiplier(examples)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                change_at = p.next_change(examples)
+            measure = p.gns_every > 0 and (cfg.accum > 1 or (step + 1) % p.gns_every == 0)
+            n_micro = cfg.accum if cfg.accum > 1 else (GNS_SPLIT if measure else 1)
 
-        # forward/backward (as micro-batches when measuring or accumulating), then the update
-        x, y = task.next_batch(batch)
-        opt.zero_grad(set_to_none=True)
-        grads = compute_gradients(model, task.loss_fn, x, y, n_micro)
-        if cfg.clip_grad:  # after measuring: the noise scale is defined on the unclipped gradient
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        step += 1
-        examples += batch
-        log.add(step, examples, batch, lr, time.perf_counter() - t0, grads)
+            # forward/backward (as micro-batches when measuring or accumulating), then the update
+            x, y = task.next_batch(batch)
+            opt.zero_grad(set_to_none=True)
+            grads = compute_gradients(model, task.loss_fn, x, y, n_micro)
+            if cfg.clip_grad:  # after measuring: the noise scale is defined on the unclipped gradient
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            step += 1
+            examples += batch
+            log.add(step, examples, batch, lr, time.perf_counter() - t0, grads)
 
-        # host side, every few steps: divergence, target loss, progress
-        if log.due():
-            rows = log.sync()
-            watch.feed(rows, run)
-            if not bar.disable:
-                bar.update((step if by_steps else examples) - bar_pos)
-                bar_pos = step if by_steps else examples
-                bar.set_postfix(loss=f"{watch.ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
-            if watch.diverged or watch.reached:
-                break
-        if step % p.eval_every == 0:
-            evals, last_eval = log_evals(run, task, model, step, examples), step
+            # host side, every few steps: divergence, target loss, progress
+            if log.due():
+                rows = log.sync()
+                watch.feed(rows, run)
+                if not bar.disable:
+                    bar.update((step if by_steps else examples) - bar_pos)
+                    bar_pos = step if by_steps else examples
+                    bar.set_postfix(loss=f"{watch.ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
+                if watch.diverged or watch.reached:
+                    break
+            if step % p.eval_every == 0:
+                evals, last_eval = log_evals(run, task, model, step, examples), step
+    except BaseException:  # Ctrl-C or a crash: keep every step trained so far, then let the run fail
+        with contextlib.suppress(Exception):
+            log.sync()
+            log.emit()
+        bar.close()
+        raise
 
     rows = log.sync()  # the last few steps (fewer than sync_every)
     if not (watch.diverged or watch.reached):
