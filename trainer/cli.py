@@ -54,30 +54,30 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     what = p.add_argument_group("what to train")
     what.add_argument("--task", default="digits", metavar="|".join(TASKS),
                       help="dataset + model (default: digits, shipped with the package)")
-    what.add_argument("--data-dir", help="directory with the standard mnist/cifar10 files (no download)")
-    what.add_argument("--dim", type=integer, help="input dimension of linreg (default 10) / teacher (default 32)")
-    what.add_argument("--noise", type=float, default=1.0, help="label noise sigma of linreg (default 1.0)")
+    what.add_argument("--data-dir", metavar="DIR", help="directory with the standard mnist/cifar10 files (no download)")
+    what.add_argument("--dim", type=integer, metavar="D", help="input dimension of linreg (default 10) / teacher (default 32)")
+    what.add_argument("--noise", type=float, default=1.0, metavar="SIGMA", help="label noise sigma of linreg (default 1.0)")
     how = p.add_argument_group("how to train")
     if not sweep:
         how.add_argument("--batch", type=integer, default=32, help="examples per optimizer step B (default 32)")
         how.add_argument("--lr", type=float, default=0.1, help="(peak) learning rate (default 0.1)")
     how.add_argument("--optimizer", default="sgd", metavar="sgd|adam", help="default sgd")
-    how.add_argument("--momentum", type=float, help="SGD momentum (default 0) or Adam beta1 (default 0.9)")
-    how.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    how.add_argument("--momentum", type=float, metavar="M", help="SGD momentum (default 0) or Adam beta1 (default 0.9)")
+    how.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="default 0")
     how.add_argument("--accum", type=integer, default=1, metavar="K",
                      help="gradient accumulation: K micro-batches of B/K per step, same update as the full batch")
-    how.add_argument("--lr-schedule", default="constant",
+    how.add_argument("--lr-schedule", default="constant", metavar="SPEC",
                      help="constant (default), cosine, or xF@M1,M2: multiply the LR by F at epochs M1, M2 "
                           "(or examples: 50000ex)")
-    how.add_argument("--batch-schedule", help="xF@M1,M2: multiply the batch size by F at those epochs (Smith et al.)")
+    how.add_argument("--batch-schedule", metavar="SPEC", help="xF@M1,M2: multiply the batch size by F at those epochs (Smith et al.)")
     how.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (after measuring)")
     how.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
     how_long = p.add_argument_group("how long (default: 30 epochs of digits, 1000 linreg steps, 200k teacher examples)")
-    how_long.add_argument("--steps", type=integer, help="optimizer steps")
-    how_long.add_argument("--examples", type=integer, help="training examples")
-    how_long.add_argument("--epochs", type=float, help="passes over the training set")
-    how_long.add_argument("--target-loss", type=float,
-                          help="stop once the smoothed training loss reaches this (budget default x10)")
+    how_long.add_argument("--steps", type=integer, metavar="N", help="optimizer steps")
+    how_long.add_argument("--examples", type=integer, metavar="N", help="training examples")
+    how_long.add_argument("--epochs", type=float, metavar="E", help="passes over the training set")
+    how_long.add_argument("--target-loss", type=float, metavar="LOSS",
+                          help="stop once the smoothed training loss reaches LOSS (the default budget is then 10x longer)")
     how_long.add_argument("--diverge-factor", type=float, default=100.0, metavar="F",
                           help="end the run as diverged when the smoothed loss exceeds F x the first loss "
                                "(default 100; 0: only a non-finite loss counts)")
@@ -93,9 +93,9 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if not sweep:
         rec.add_argument("--name", help="run name (default: TASK-bB-lrLR)")
         rec.add_argument("--sweep", help="sweep (group of runs) this run belongs to")
-    rec.add_argument("--db", help="store path (default: $BATCHSCOPE_DB or ./runs.duckdb)")
+    rec.add_argument("--db", metavar="PATH", help="store path (default: $BATCHSCOPE_DB or ./runs.duckdb)")
     rec.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N, mps")
-    rec.add_argument("--threads", type=integer, help="CPU threads for torch (default: 1 for digits/linreg/teacher, whose layers are too "
+    rec.add_argument("--threads", type=integer, metavar="N", help="CPU threads for torch (default: 1 for digits/linreg/teacher, whose layers are too "
                           "small to split; torch's choice otherwise)")
     rec.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only when stderr is a terminal)")
