@@ -24,15 +24,19 @@ GROUP BY run_id, (step - 1) // width;
 -- within [steps/(1+noise_window), steps*(1+noise_window)]; g2, trace_sigma: their means; n_noise: count.
 -- Example: SELECT r.batch_size, r.lr, c.* FROM crossings([0.5, 0.3], width := 20) c JOIN runs r USING (run_id);
 CREATE OR REPLACE MACRO crossings(targets, width := 1, noise_window := 0.25) AS TABLE
-WITH b AS (
-    SELECT run_id, (step - 1) // width AS bucket, avg(step) AS step, avg(examples) AS examples,
-           avg(loss) AS loss
-    FROM steps WHERE isfinite(loss)
+WITH b0 AS (  -- one pass over steps: bucket centroids of the finite losses, and what per-run stats need
+    SELECT run_id, (step - 1) // width AS bucket,
+           avg(CASE WHEN isfinite(loss) THEN step END) AS step,
+           avg(CASE WHEN isfinite(loss) THEN examples END) AS examples,
+           avg(CASE WHEN isfinite(loss) THEN loss END) AS loss,
+           max(step) AS last_step, bool_or(NOT isfinite(loss)) AS nonfinite
+    FROM steps
     GROUP BY run_id, (step - 1) // width
 ),
+b AS (SELECT run_id, bucket, step, examples, loss FROM b0 WHERE loss IS NOT NULL),
 per_run AS (
-    SELECT run_id, max(step) AS last_step, coalesce(bool_or(NOT isfinite(loss)), false) AS nonfinite
-    FROM steps GROUP BY run_id
+    SELECT run_id, max(last_step) AS last_step, coalesce(bool_or(nonfinite), false) AS nonfinite
+    FROM b0 GROUP BY run_id
 ),
 bl AS (
     SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(loss) OVER w AS prev_loss,
