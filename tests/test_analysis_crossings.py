@@ -230,3 +230,14 @@ def test_nan_rows_in_run_metadata_are_skipped() -> None:
                                     "examples": [1.0], "reached": [True]}, schema=h.schema)])
     best = best_per_batch(h)
     assert best.height == 3 and np.isfinite(best["steps"].to_numpy()).all()
+
+
+def test_pre_bucketed_curves_give_the_same_crossings() -> None:
+    """A curve already averaged in buckets (float centroid steps, as the SQL macro or the dashboard's
+    query returns it) through steps_to_target(smoothing=1) equals smoothing=w on the raw steps."""
+    runs, steps, _ = sweep(seed=4)
+    raw = steps_to_target(steps, [0.5, 0.3], smoothing=7, runs=runs)
+    pre = steps_to_target(smooth_steps(steps, 7).drop("bucket", "n"), [0.5, 0.3], smoothing=1, runs=runs)
+    j = raw.join(pre, on=["run_id", "target"], suffix="_pre")
+    assert (j["reached"] == j["reached_pre"]).all()
+    assert np.allclose(j["steps"].fill_null(-1).to_numpy(), j["steps_pre"].fill_null(-1).to_numpy())

@@ -96,6 +96,5 @@ def best_per_batch(
     )
     cols = [*keys, "reached", "lr", "steps", "examples", "run_id", "n_runs", "n_reached", "n_diverged",
             "n_lrs", "lr_min", "lr_max", "lr_min_reached", "lr_max_reached", "lr_at_edge", *noise_cols]
-    order = keys if len(keys) == 1 else keys
-    desc = [True, False] if len(keys) == 2 else [False]
-    return out.select(cols).sort(order, descending=desc)
+    # targets from the highest (easiest) down, then batch sizes ascending
+    return out.select(cols).sort(keys, descending=[k == "target" for k in keys])

@@ -52,7 +52,7 @@ def metric_curve(steps: Any | None, evals: Any | None, metric: str) -> tuple[pl.
         f = f.with_columns(examples=pl.lit(None, dtype=pl.Float64))
     out = f.select(
         pl.col("run_id").cast(pl.String),
-        pl.col("step").cast(pl.Int64),
+        pl.col("step").cast(pl.Float64),  # float: pre-bucketed curves carry centroid steps
         pl.col("examples").cast(pl.Float64),
         pl.col(col).cast(pl.Float64).alias("value"),
     )
@@ -61,7 +61,9 @@ def metric_curve(steps: Any | None, evals: Any | None, metric: str) -> tuple[pl.
 
 def smooth_steps(curve: Any, smoothing: int = 1, value: str = "loss") -> pl.DataFrame:
     """Bucket means of a per-step curve: one row per (run_id, bucket) with step, examples and `value`
-    at the centroid of the finite values in the bucket, and n (how many).
+    at the centroid of the finite values in the bucket, and n (how many). bucket = floor((step-1)/w).
+    A curve that is already bucketed (float centroid steps, e.g. from the SQL macro) passes through
+    unchanged at smoothing=1.
 
     The same as the SQL macro ``smoothed_steps(width)``. Non-finite values are left out of the means;
     buckets with none are dropped.
@@ -74,7 +76,7 @@ def smooth_steps(curve: Any, smoothing: int = 1, value: str = "loss") -> pl.Data
     if "examples" not in f.columns:
         f = f.with_columns(examples=pl.lit(None, dtype=pl.Float64))
     f = f.filter(pl.col(value).is_finite().fill_null(False))
-    bucket = ((pl.col("step").cast(pl.Int64) - 1) // width).alias("bucket")
+    bucket = ((pl.col("step").cast(pl.Float64) - 1) / width).floor().cast(pl.Int64).alias("bucket")
     if width == 1:
         out = f.select(
             "run_id", bucket, pl.col("step").cast(pl.Float64), "examples", value, pl.lit(1, pl.UInt32).alias("n")
