@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -100,6 +100,8 @@ CACHE = _Cache()
 
 def clear_cache() -> None:
     CACHE.clear()
+    with _PER_RUN_LOCK:
+        _PER_RUN.clear()
     with _FINAL_LOCK:
         _FINAL_ROWS.clear()
 
@@ -196,9 +198,91 @@ def _migrated(db: Path) -> bool:
     return done is not None and str(Path(db).resolve()) in done
 
 
+_LOCAL = threading.local()
+
+
+@contextmanager
+def session(db: Path) -> Iterator[None]:
+    """Within this block, every read of `db` on this thread shares one read-only connection, opened at
+    the first read and closed at the end: a page's callback opens the store once, not once per query."""
+    if getattr(_LOCAL, "session", None) is not None:
+        yield
+        return
+    _LOCAL.session = {"db": str(Path(db)), "stack": None, "con": None}
+    try:
+        yield
+    finally:
+        state, _LOCAL.session = _LOCAL.session, None
+        if state["stack"] is not None:
+            state["stack"].close()
+
+
+def in_session(fn: Callable) -> Callable:
+    """Run `fn(db, ...)` inside session(db)."""
+
+    @wraps(fn)
+    def wrapper(db, *args, **kwargs):
+        with session(Path(db)):
+            return fn(db, *args, **kwargs)
+
+    return wrapper
+
+
+def runs_fingerprint(db: Path, run_ids: Sequence[str]) -> int:
+    """A number that changes when any of these runs changes (status, steps, examples, evaluations logged
+    or heartbeat), and only then: results over finished runs keep it across store versions."""
+    table = run_table(db)
+    cols = [c for c in ("run_id", "status", "steps", "examples", "final_test_loss", "final_train_loss",
+                        "heartbeat_at") if c in table.columns]
+    sub = table.filter(pl.col("run_id").is_in(_ids(run_ids))).select(cols)
+    return int(sub.hash_rows(seed=1).sum()) ^ sub.height
+
+
+def cached_by_runs(fn: Callable) -> Callable:
+    """Cache `fn(db, run_ids, ...)` by the content of those runs (runs_fingerprint) rather than by the
+    store version: a write to other runs leaves it valid."""
+
+    @wraps(fn)
+    def wrapper(db: Path, run_ids, *args, **kwargs):
+        db = Path(db)
+        if store_version(db) is None:
+            return fn(db, run_ids, *args, **kwargs)
+        key = ("by_runs", fn.__module__, fn.__name__, _store_identity(db), _freeze(sorted(run_ids)),
+               runs_fingerprint(db, run_ids), _freeze(args), _freeze(kwargs))
+        with _PER_RUN_LOCK:
+            if key in _PER_RUN:
+                _PER_RUN.move_to_end(key)
+                return _PER_RUN[key]
+        value = fn(db, run_ids, *args, **kwargs)
+        with _PER_RUN_LOCK:
+            _PER_RUN[key] = value
+        return value
+
+    return wrapper
+
+
 @contextmanager
 def connect(db: Path, timeout: float = 5.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short read-only connection (closed on exit); waits up to `timeout` s for a writer's lock."""
+    """A short read-only connection (closed on exit, or at the end of the enclosing session());
+    waits up to `timeout` s for a writer's lock."""
+    state = getattr(_LOCAL, "session", None)
+    if state is not None and state["db"] == str(Path(db)):
+        if state["con"] is None:
+            stack = ExitStack()
+            try:
+                state["con"] = stack.enter_context(_open(db, timeout))
+            except BaseException:
+                stack.close()
+                raise
+            state["stack"] = stack
+        yield state["con"]
+        return
+    with _open(db, timeout) as con:
+        yield con
+
+
+@contextmanager
+def _open(db: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
     if not _migrated(db):
         # read_connection first brings an old store forward through a brief read-write connection with
         # DuckDB's default configuration; no other connection of ours may be open meanwhile.
@@ -318,6 +402,56 @@ def _ids(run_ids: Sequence[str]) -> list[str]:
     return sorted({str(r) for r in run_ids})
 
 
+# Per-run results of finished runs outlive store versions: a trainer writing to one run must not make
+# the dashboard re-read the 10 million steps of the runs that ended long ago.
+_PER_RUN: OrderedDict[tuple, pl.DataFrame] = OrderedDict()
+_PER_RUN_LOCK = threading.Lock()
+PER_RUN_ENTRIES = 50_000
+
+
+def _store_identity(db: Path) -> tuple:
+    st = Path(db).stat()
+    return (str(Path(db).resolve()), st.st_ino, st.st_dev)
+
+
+def _final_ids(db: Path) -> set[str]:
+    table = run_table(db)
+    return set(table.filter(pl.col("status").is_in(TERMINAL))["run_id"].to_list())
+
+
+def per_run(name: str, db: Path, run_ids: Sequence[str], params: tuple,
+            fetch: Callable[[list[str]], pl.DataFrame]) -> pl.DataFrame:
+    """`fetch(ids)` (one query for many runs, with a run_id column), answered per run from memory for
+    runs that have finished, diverged or failed; only the others are read again."""
+    ids = _ids(run_ids)
+    if not ids:
+        return fetch([])
+    final = _final_ids(db)
+    ident = _store_identity(db)
+    parts, missing = [], []
+    with _PER_RUN_LOCK:
+        for rid in ids:
+            key = (name, ident, params, rid)
+            if rid in final and key in _PER_RUN:
+                _PER_RUN.move_to_end(key)
+                parts.append(_PER_RUN[key])
+            else:
+                missing.append(rid)
+    if missing:
+        fresh = fetch(missing)
+        by_run = {k[0]: v for k, v in fresh.partition_by("run_id", as_dict=True).items()} if fresh.height else {}
+        empty = fresh.clear()
+        with _PER_RUN_LOCK:
+            for rid in missing:
+                part = by_run.get(rid, empty)
+                parts.append(part)
+                if rid in final:
+                    _PER_RUN[(name, ident, params, rid)] = part
+            while len(_PER_RUN) > PER_RUN_ENTRIES:
+                _PER_RUN.popitem(last=False)
+    return pl.concat(parts, how="vertical_relaxed").sort("run_id", maintain_order=True) if parts else fetch([])
+
+
 @cached(ttl_bucket=10)
 def runs_frame(db: Path, run_ids: Sequence[str] | None = None, sweep: str | None = None) -> pl.DataFrame:
     """run_summary rows for the given runs (or a sweep, or all runs)."""
@@ -354,6 +488,11 @@ def step_curves(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str =
         return pl.DataFrame(schema={"run_id": pl.String, "step": pl.Float64, "x": pl.Float64, "y": pl.Float64,
                                     "y_min": pl.Float64, "y_max": pl.Float64, "n": pl.Int64})
     y = STEP_METRICS[metric]
+    return per_run("step_curves", db, ids, (metric, x, int(max_points)),
+                   lambda some: _step_curves(db, some, y, x, int(max_points)))
+
+
+def _step_curves(db: Path, ids: list[str], y: str, x: str, max_points: int) -> pl.DataFrame:
     sql = f"""
     WITH s AS (
         SELECT run_id, step, CAST({x} AS DOUBLE) AS x, CAST({y} AS DOUBLE) AS y
@@ -370,7 +509,7 @@ def step_curves(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str =
     FROM b GROUP BY run_id, bucket ORDER BY run_id, step
     """
     with connect(db) as con:
-        return _frame(con, sql, {"ids": ids, "maxp": int(max_points)})
+        return _frame(con, sql, {"ids": ids or [""], "maxp": int(max_points)})
 
 
 EVAL_METRICS = ("loss", "accuracy")
@@ -393,8 +532,12 @@ def eval_curves(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str =
       AND isfinite(CAST(e.{metric} AS DOUBLE))
     ORDER BY e.run_id, e.split, e.step
     """
-    with connect(db) as con:
-        return _frame(con, sql, {"ids": ids or [""], "splits": list(splits)})
+
+    def fetch(some: list[str]) -> pl.DataFrame:
+        with connect(db) as con:
+            return _frame(con, sql, {"ids": some or [""], "splits": list(splits)})
+
+    return per_run("eval_curves", db, ids, (metric, x, tuple(splits)), fetch)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,8 +569,12 @@ def evals_frame(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
     """Raw `evals` rows of the given runs."""
     sql = """SELECT run_id, step, examples, split, loss, accuracy FROM evals
              WHERE run_id IN (SELECT unnest($ids)) ORDER BY run_id, split, step"""
-    with connect(db) as con:
-        return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
+
+    def fetch(some: list[str]) -> pl.DataFrame:
+        with connect(db) as con:
+            return _frame(con, sql, {"ids": some or [""]})
+
+    return per_run("evals_frame", db, run_ids, (), fetch)
 
 
 @cached()
@@ -448,8 +595,12 @@ def bucketed_steps(db: Path, run_ids: Sequence[str], width: int = 1) -> pl.DataF
     GROUP BY run_id, (step - 1) // {w}
     ORDER BY run_id, step
     """
-    with connect(db) as con:
-        return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
+
+    def fetch(some: list[str]) -> pl.DataFrame:
+        with connect(db) as con:
+            return _frame(con, sql, {"ids": some or [""]})
+
+    return per_run("bucketed_steps", db, run_ids, (w,), fetch)
 
 
 @cached()
@@ -458,43 +609,44 @@ def run_lengths(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
     sql = """SELECT run_id, count(*) AS n, max(step) AS last,
                     count(*) FILTER (WHERE g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL) AS measured
              FROM steps WHERE run_id IN (SELECT unnest($ids)) GROUP BY run_id"""
-    with connect(db) as con:
-        return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
 
+    def fetch(some: list[str]) -> pl.DataFrame:
+        with connect(db) as con:
+            return _frame(con, sql, {"ids": some or [""]})
 
-NOISE_COLUMNS = ("run_id", "step", "examples", "loss", "batch_size", "g_small_sq", "b_small", "g_big_sq", "b_big")
+    return per_run("run_lengths", db, run_ids, (), fetch)
 
 
 @cached()
-def noise_steps(db: Path, run_ids: Sequence[str], max_rows: int = 200_000) -> pl.DataFrame:
-    """Measured gradient-noise steps of the given runs (the raw ingredients), at most ~`max_rows` rows.
+def noise_steps(db: Path, run_ids: Sequence[str], per_run_rows: int = 2_000) -> pl.DataFrame:
+    """Measured gradient-noise steps of the given runs (the raw ingredients), at most ~`per_run_rows`
+    rows per run.
 
-    When there are more, consecutive measured steps are averaged in DuckDB in blocks of k (per run and
-    per (b_small, b_big) pair). The unbiased |G|^2 and tr(Sigma) estimates are linear in |g_small|^2 and
+    A run with more measured steps has consecutive ones averaged in DuckDB in blocks of k (per
+    (b_small, b_big) pair). The unbiased |G|^2 and tr(Sigma) estimates are linear in |g_small|^2 and
     |g_big|^2 for fixed b_small, b_big, so a block's estimate is exactly the mean of its steps'
     estimates, and the ratio-of-averages B_simple downstream is unchanged up to the smoothing's weights.
     """
-    ids = _ids(run_ids) or [""]
-    total = int(run_lengths(db, ids)["measured"].sum() or 0)
-    k = max(1, -(-total // max(1, max_rows)))
     measured = ("g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL AND isfinite(g_small_sq) "
                 "AND isfinite(g_big_sq) AND b_big > b_small")
-    if k == 1:
-        sql = f"""SELECT {', '.join(NOISE_COLUMNS)} FROM steps
-                  WHERE run_id IN (SELECT unnest($ids)) AND {measured} ORDER BY run_id, step"""
-    else:
-        sql = f"""
-        WITH m AS (
-            SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i
-            FROM steps WHERE run_id IN (SELECT unnest($ids)) AND {measured}
-        )
-        SELECT run_id, CAST(round(avg(step)) AS BIGINT) AS step, avg(examples) AS examples,
-               avg(loss) FILTER (WHERE isfinite(loss)) AS loss, avg(batch_size) AS batch_size,
-               avg(g_small_sq) AS g_small_sq, b_small, avg(g_big_sq) AS g_big_sq, b_big
-        FROM m GROUP BY run_id, i // {k}, b_small, b_big ORDER BY run_id, step
-        """
-    with connect(db) as con:
-        return _frame(con, sql, {"ids": ids})
+    sql = f"""
+    WITH m AS (
+        SELECT run_id, step, examples, loss, batch_size, g_small_sq, b_small, g_big_sq, b_big,
+               row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i,
+               count(*) OVER (PARTITION BY run_id) AS cnt
+        FROM steps WHERE run_id IN (SELECT unnest($ids)) AND {measured}
+    )
+    SELECT run_id, CAST(round(avg(step)) AS BIGINT) AS step, CAST(round(avg(examples)) AS BIGINT) AS examples,
+           avg(loss) FILTER (WHERE isfinite(loss)) AS loss, avg(batch_size) AS batch_size,
+           avg(g_small_sq) AS g_small_sq, b_small, avg(g_big_sq) AS g_big_sq, b_big
+    FROM m GROUP BY run_id, i // CAST(ceil(cnt / $rows) AS BIGINT), b_small, b_big ORDER BY run_id, step
+    """
+
+    def fetch(some: list[str]) -> pl.DataFrame:
+        with connect(db) as con:
+            return _frame(con, sql, {"ids": some or [""], "rows": max(1, int(per_run_rows))})
+
+    return per_run("noise_steps", db, run_ids, (int(per_run_rows),), fetch)
 
 
 # ---------------------------------------------------------------------------------------------------

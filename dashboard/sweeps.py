@@ -27,7 +27,7 @@ def auto_smoothing(lengths: pl.DataFrame) -> int:
     return int(min(100, max(1, round(med / 200))))
 
 
-@queries.cached()
+@queries.cached_by_runs
 def curves_for_targets(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
     """(steps-like frame, evals frame or None, smoothing) to hand to analysis.steps_to_target."""
     ids = sorted(run_ids)
@@ -45,7 +45,7 @@ class TargetRange:
     higher_is_better: bool = False
 
 
-@queries.cached()
+@queries.cached_by_runs
 def target_range(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> TargetRange | None:
     """Slider bounds and the default target: the loosest target every non-diverged run reached."""
     steps, evals, width = curves_for_targets(db, run_ids, metric)
@@ -67,7 +67,7 @@ def target_range(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -
     return TargetRange(lo=lo, hi=hi, default=default, higher_is_better=higher)
 
 
-@queries.cached()
+@queries.cached_by_runs
 def hits_for(db: Path, run_ids: Sequence[str], targets: Sequence[float], metric: str = "train_loss") -> pl.DataFrame:
     """analysis.steps_to_target for the runs and targets, with B_simple measured around each best run's
     crossing (analysis.noise_at over that run's raw gradient-noise steps)."""
@@ -89,24 +89,12 @@ def hits_for(db: Path, run_ids: Sequence[str], targets: Sequence[float], metric:
 
 
 def noise_steps_of(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
-    """queries.noise_steps, cached per run: moving the target mostly keeps the same best runs, so only
-    runs not seen since the store last changed are read."""
-    version = queries.store_version(Path(db))
-    parts, missing = [], []
-    for rid in sorted(set(run_ids)):
-        hit, value = queries.CACHE.get(("noise_steps_of", str(db), version, rid))
-        (parts.append(value) if hit else missing.append(rid))
-    if missing:
-        fresh = queries.noise_steps(db, missing, max_rows=50_000 * len(missing))
-        by_run = {k[0]: v for k, v in fresh.partition_by("run_id", as_dict=True).items()} if fresh.height else {}
-        for rid in missing:
-            part = by_run.get(rid, fresh.clear())
-            queries.CACHE.put(("noise_steps_of", str(db), version, rid), part)
-            parts.append(part)
-    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+    """Raw gradient-noise steps of a few runs (queries.noise_steps caches them per finished run, so moving
+    the target, which mostly keeps the same best runs, reads little or nothing)."""
+    return queries.noise_steps(db, sorted(set(run_ids)), per_run_rows=50_000)
 
 
-@queries.cached()
+@queries.cached_by_runs
 def vs_target(db: Path, run_ids: Sequence[str], targets: Sequence[float], metric: str = "train_loss") -> pl.DataFrame:
     """analysis.tradeoff_vs_target over a grid of targets (does not depend on the slider: cached)."""
     return analysis.tradeoff_vs_target(hits_for(db, run_ids, tuple(targets), metric), n_boot=300)

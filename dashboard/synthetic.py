@@ -111,6 +111,7 @@ def make_store(
     now = datetime.now(UTC)
     con = duckdb.connect(str(db))
     try:
+        con.execute("SET enable_progress_bar = false")
         ensure_schema(con)
         run_rows: list[dict] = []
         step_parts: list[pa.Table] = []

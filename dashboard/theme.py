@@ -6,6 +6,7 @@ B = 1 ... 8192 (a perceptually ordered scale, its light end trimmed so lines sta
 
 from __future__ import annotations
 
+import functools
 import math
 
 from dash import html
@@ -28,6 +29,14 @@ _SCALE = "Viridis"
 
 def batch_color(batch: float | None) -> str:
     """The colour of batch size `batch` (the same on every page)."""
+    try:
+        return _batch_color(None if batch is None else float(batch))
+    except (TypeError, ValueError):
+        return MUTED
+
+
+@functools.lru_cache(maxsize=4096)
+def _batch_color(batch: float | None) -> str:
     if batch is None or not (batch > 0) or math.isnan(batch):
         return MUTED
     pos = (math.log2(batch) - _LOG2_MIN) / (_LOG2_MAX - _LOG2_MIN)

@@ -82,9 +82,11 @@ def test_cache_follows_store_version(tmp_path):
     db = tmp_path / "c.duckdb"
     make_store(db, n_runs=3, steps=50, seeds=1)
     assert queries.overview(db).runs == 3
+    ids = queries.run_table(db)["run_id"].to_list()
+    first = queries.step_curves(db, ids, "loss", "step")
     hits = queries.CACHE.hits
-    assert queries.overview(db).runs == 3
-    assert queries.CACHE.hits == hits + 1  # unchanged store: served from memory
+    assert queries.step_curves(db, ids, "loss", "step") is first  # unchanged store: served from memory
+    assert queries.CACHE.hits == hits + 1
     time.sleep(0.01)
     make_store(db, n_runs=2, steps=50, seeds=1, sweep="second", seed=7)  # a writer appends
     assert queries.overview(db).runs == 5  # new version, re-read

@@ -142,8 +142,17 @@ def test_selecting_runs_updates_curves(server, driver):
     assert severe_console_errors(driver) == []
 
 
+def _clear_selection(driver, server) -> None:
+    _open(driver, server.url + "/", "#runs-grid .ag-row")
+    driver.find_element("css selector", "#clear-selection").click()
+    wait_for(lambda: "no runs selected" in driver.find_element("css selector", "#selection-badge").text, 10)
+
+
 def test_tradeoff_page_shows_bcrit(server, driver):
-    _open(driver, server.url + "/tradeoff", "#tradeoff-frontier .main-svg")
+    _clear_selection(driver, server)  # the whole sweep, not the runs an earlier test picked
+    driver.find_element("css selector", "a.nav-link[href='/tradeoff']").click()
+    wait_for(lambda: driver.find_elements("css selector", "#tradeoff-frontier .main-svg"), 30)
+    wait_for(lambda: dash_idle(driver), 30)
     text = wait_for(lambda: driver.find_element("css selector", "#tradeoff-bcrit").text, 20, what="B_crit")
     assert any(ch.isdigit() for ch in text), text
     page = driver.find_element("css selector", "main").text
@@ -190,6 +199,7 @@ def test_welcome_page_on_an_empty_store(tmp_path, driver):
         else:
             assert button.get_attribute("disabled")
     finally:
+        driver.get("about:blank")  # no callbacks towards a stopped server
         srv.stop()
 
 
@@ -227,6 +237,7 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] > 100, 30, what="writer")
+        severe_console_errors(driver)  # drain
         _open(driver, srv.url + "/curves", "#curves-graph .main-svg")  # no selection: the newest sweep (live)
         lags = []
         for _ in range(3):
@@ -253,4 +264,5 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
     finally:
         if writer.poll() is None:
             writer.kill()
+        driver.get("about:blank")
         srv.stop()

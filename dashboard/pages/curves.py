@@ -66,6 +66,7 @@ def default_runs(db: Path) -> tuple[list[str], str]:
     return table.head(MAX_RUNS)["run_id"].to_list(), why
 
 
+@queries.in_session
 def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str = "step",
                   smoothing: float = 0.6, log_x: bool = False, log_y: bool = False,
                   color_by: str = "batch") -> tuple[dict, str]:

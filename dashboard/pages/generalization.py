@@ -25,7 +25,7 @@ register_page(__name__, path="/generalization", name="Generalization", title="ba
 GAPS = {"gap_loss": "test − train loss", "gap_accuracy": "train − test accuracy"}
 
 
-@queries.cached()
+@queries.cached_by_runs
 def gen_result(db: Path, run_ids: tuple[str, ...], at: str = "matched"):
     runs = queries.runs_frame(db, list(run_ids))
     evals = queries.evals_frame(db, list(run_ids))
@@ -34,6 +34,7 @@ def gen_result(db: Path, run_ids: tuple[str, ...], at: str = "matched"):
     return analysis.generalization(evals, runs, at=at)
 
 
+@queries.in_session
 def generalization_view(db: Path, run_ids: list[str], at: str = "matched", gap: str = "gap_loss") -> dict:
     blank = empty_figure("")
     if not run_ids:

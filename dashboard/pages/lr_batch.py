@@ -104,6 +104,7 @@ def lr_fit_figure(fit) -> dict:
                   shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.22})
 
 
+@queries.in_session
 def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis: str = "lr") -> dict:
     blank = empty_figure("")
     if not run_ids:

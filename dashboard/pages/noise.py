@@ -53,10 +53,10 @@ def pick_runs(runs: pl.DataFrame, limit: int = MAX_RUNS) -> tuple[list[str], str
     return ids, f"showing {len(ids)} of {runs.height} runs (the best run per batch size and LR)"
 
 
-@queries.cached()
+@queries.cached_by_runs
 def noise_frame(db: Path, run_ids: tuple[str, ...]) -> pl.DataFrame:
     """analysis.noise_scale over the runs' measured steps (read, and averaged if very many, in DuckDB)."""
-    steps = queries.noise_steps(db, list(run_ids), max_rows=POINTS_PER_RUN * 20 * max(1, len(run_ids)))
+    steps = queries.noise_steps(db, list(run_ids), per_run_rows=POINTS_PER_RUN * 10)
     if steps.is_empty():
         return steps
     return analysis.noise_scale(steps)
@@ -76,6 +76,7 @@ def _thin(part: pl.DataFrame, n: int) -> pl.DataFrame:
     return part[idx]
 
 
+@queries.in_session
 def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
     """Figures and headline numbers for the noise-scale page."""
     if not run_ids:

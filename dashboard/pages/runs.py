@@ -49,6 +49,7 @@ COLUMN_DEFS = [
 ]
 
 
+@queries.in_session
 def runs_rows(db: Path) -> list[dict]:
     """The grid's rows: run_summary with a colour per batch size and readable timestamps."""
     table = queries.run_table(db)

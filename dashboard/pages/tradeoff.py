@@ -55,6 +55,7 @@ def next_run_sentence(fit, target: float, metric_label: str) -> str:
             f"2 × E_min ≈ {fmt(2 * fit.e_min)} examples — go larger only if wall-clock time matters more than compute.")
 
 
+@queries.in_session
 def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, metric: str = "train_loss") -> dict:
     """Everything the page shows for a set of runs and a target (None: the default target)."""
     out: dict = {"target": None, "range": None, "fit": None, "frontier": empty_figure("No runs."),
