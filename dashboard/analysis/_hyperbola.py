@@ -53,7 +53,7 @@ def _sse_matrix(y: np.ndarray, f: np.ndarray, sign: float) -> np.ndarray:
     n = y.shape[1]
     y1, y2 = y.sum(1), (y * y).sum(1)
     f1, f2 = f.sum(1), (f * f).sum(1)
-    cross = y @ f.T
+    cross = np.einsum("bi,ki->bk", y, f)  # not BLAS: tiny matrices, and threads only contend here
     return y2[:, None] - 2 * sign * cross + f2[None, :] - (y1[:, None] - sign * f1[None, :]) ** 2 / n
 
 

@@ -79,6 +79,34 @@ def attach_runs(frame: pl.DataFrame, runs: Any | None, needed: Sequence[str] = (
     return frame
 
 
-def finite(values: Any) -> np.ndarray:
-    """Float array with NULLs turned into NaN."""
-    return np.asarray(pl.Series(values).cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy(), dtype=float)
+def column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    """A column as a float numpy array, NULL -> NaN (all NaN when the column is absent)."""
+    if name not in frame.columns:
+        return np.full(frame.height, np.nan)
+    return frame[name].cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy().astype(float)
+
+
+def flag(frame: pl.DataFrame, name: str, default: bool = False) -> np.ndarray:
+    """A boolean column as a numpy array, NULL -> False (`default` everywhere when absent)."""
+    if name not in frame.columns:
+        return np.full(frame.height, default)
+    return frame[name].cast(pl.Boolean, strict=False).fill_null(False).to_numpy().astype(bool)
+
+
+def by_batch(b: np.ndarray, y: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """One value per distinct batch size (sorted): the minimum, or the geometric mean, of y.
+
+    Plain numpy on purpose: the fits see a handful of rows, where a dataframe's per-call overhead
+    would dominate (tens of fits per page view, bootstrap included).
+    """
+    keys, inv = np.unique(b, return_inverse=True)
+    if how == "min":
+        out = np.full(len(keys), np.inf)
+        np.minimum.at(out, inv, y)
+    elif how == "geomean":
+        out = np.zeros(len(keys))
+        np.add.at(out, inv, np.log(y))
+        out = np.exp(out / np.bincount(inv, minlength=len(keys)))
+    else:
+        raise ValueError(how)
+    return keys, out

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from dashboard.analysis._hyperbola import fit_profile, interval
-from dashboard.analysis.frames import as_frame, floats, require
+from dashboard.analysis.frames import as_frame, by_batch, column, flag, require
 
 _NAN = float("nan")
 _NAN2 = (_NAN, _NAN)
@@ -80,33 +80,27 @@ def lr_scaling(
     largest batch). Pass optimizer="adam" (or keep an `optimizer` column) to be warned that the law is
     derived for SGD.
     """
-    f = floats(as_frame(best, "best"), ["batch_size", "lr"])
+    f = as_frame(best, "best")
     require(f, ["batch_size", "lr"], "best")
     if "target" in f.columns and f["target"].n_unique() > 1:
         raise ValueError("best has several targets: filter to one")
     warnings: list[str] = []
-    if "reached" in f.columns:
-        f = f.filter(pl.col("reached").fill_null(False))
-    if "lr_at_edge" in f.columns:
-        edge = f.filter(pl.col("lr_at_edge").fill_null(False))
-        if edge.height:
-            bs = ", ".join(f"{b:g}" for b in sorted(edge["batch_size"].to_list()))
-            if drop_edges:
-                f = f.filter(~pl.col("lr_at_edge").fill_null(False))
-                warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
-            else:
-                warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
+    b, lr = column(f, "batch_size"), column(f, "lr")
+    keep = flag(f, "reached", default=True)
+    edge = keep & flag(f, "lr_at_edge")
+    if edge.any():
+        bs = ", ".join(f"{x:g}" for x in sorted(b[edge]))
+        if drop_edges:
+            keep &= ~edge
+            warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
+        else:
+            warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
     opt = optimizer or (f["optimizer"].drop_nulls().first() if "optimizer" in f.columns else None)
     if opt and str(opt).lower().startswith("adam"):
         warnings.append("eps_opt(B) = eps_max/(1 + B_noise/B) is derived for SGD; Adam's best LR scales differently")
-    f = f.filter(
-        pl.col("lr").is_finite().fill_null(False) & (pl.col("lr") > 0)
-        & pl.col("batch_size").is_finite().fill_null(False) & (pl.col("batch_size") > 0)
-    )
+    keep &= np.isfinite(lr) & (lr > 0) & np.isfinite(b) & (b > 0)
     # one LR per batch size: the geometric mean if several rows were given
-    f = f.group_by("batch_size").agg(pl.col("lr").log().mean().exp()).sort("batch_size")
-    b = f["batch_size"].to_numpy().astype(float)
-    lr = f["lr"].to_numpy().astype(float)
+    b, lr = by_batch(b[keep], lr[keep], "geomean")
     base = dict(batch_sizes=b, lrs=lr, n_points=len(b), ci_level=ci)
     if len(b) < min_batches:
         what = "no batch size has a best LR" if len(b) == 0 else f"only {len(b)} batch size(s) with a best LR"

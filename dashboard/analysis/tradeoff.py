@@ -17,8 +17,7 @@ import polars as pl
 
 from dashboard.analysis._hyperbola import fit_profile, interval
 from dashboard.analysis.best import best_per_batch
-from dashboard.analysis.frames import as_frame, floats, require
-from dashboard.analysis.noise import pooled_b_simple
+from dashboard.analysis.frames import as_frame, by_batch, column, flag, require
 
 _NAN = float("nan")
 _NAN2 = (_NAN, _NAN)
@@ -101,25 +100,19 @@ def fit_tradeoff(
     B_crit -> 0 (steps do not fall with batch size) or B_crit -> inf (steps fall as 1/B all the way:
     perfect scaling, B_crit beyond the largest batch).
     """
-    f = floats(as_frame(best, "best"), ["batch_size", "steps"])
+    f = as_frame(best, "best")
     require(f, ["batch_size", "steps"], "best")
     if "target" in f.columns and f["target"].n_unique() > 1:
         raise ValueError("best has several targets: filter to one, or use tradeoff_vs_target")
     warnings: list[str] = []
-    if "reached" in f.columns:
-        f = f.filter(pl.col("reached").fill_null(False))
-    if "lr_at_edge" in f.columns:
-        edge = f.filter(pl.col("lr_at_edge").fill_null(False) & (pl.col("n_lrs") > 1 if "n_lrs" in f.columns else True))
-        if edge.height:
-            bs = ", ".join(f"{b:g}" for b in sorted(edge["batch_size"].to_list()))
-            warnings.append(f"best LR at the edge of the LR grid for B = {bs}: steps there may be overestimated")
-    f = f.filter(
-        pl.col("steps").is_finite().fill_null(False) & (pl.col("steps") > 0)
-        & pl.col("batch_size").is_finite().fill_null(False) & (pl.col("batch_size") > 0)
-    )
-    f = f.group_by("batch_size").agg(pl.col("steps").min()).sort("batch_size")
-    b = f["batch_size"].to_numpy().astype(float)
-    s = f["steps"].to_numpy().astype(float)
+    b, s = column(f, "batch_size"), column(f, "steps")
+    keep = flag(f, "reached", default=True)
+    edge = keep & flag(f, "lr_at_edge") & (column(f, "n_lrs") > 1 if "n_lrs" in f.columns else True)
+    if edge.any():
+        bs = ", ".join(f"{x:g}" for x in sorted(b[edge]))
+        warnings.append(f"best LR at the edge of the LR grid for B = {bs}: steps there may be overestimated")
+    keep &= np.isfinite(s) & (s > 0) & np.isfinite(b) & (b > 0)
+    b, s = by_batch(b[keep], s[keep], "min")
     if len(b) == 0:
         return _no_fit("no batch size reached the target", ci_level=ci, warnings=tuple(warnings))
     if len(b) < min_batches:
@@ -185,20 +178,23 @@ def tradeoff_vs_target(
     if "target" not in best.columns:
         best = best.with_columns(target=pl.lit(_NAN))
     wanted = sorted(set(best["target"].to_list()) if targets is None else set(targets), reverse=True)
+    parts = {k[0]: v for k, v in best.partition_by("target", as_dict=True).items()}
     rows = []
     for t in wanted:
-        sub = best.filter(pl.col("target") == t)
+        sub = parts.get(t, best.clear())
         fit = fit_tradeoff(sub, ci=ci, n_boot=n_boot, seed=seed, min_batches=min_batches)
-        reached = sub.filter(pl.col("reached"))
-        noise = reached.filter(pl.col("n_noise") > 0) if "n_noise" in reached.columns else reached.clear()
-        per_run = noise["b_simple"].drop_nulls().to_numpy() if noise.height else np.empty(0)
+        ok = flag(sub, "reached") & (column(sub, "n_noise") > 0)
+        per_run = column(sub, "b_simple")[ok]
+        per_run = per_run[np.isfinite(per_run)]
         q = np.quantile(per_run, [0.25, 0.5, 0.75]) if per_run.size else np.full(3, _NAN)
+        n = column(sub, "n_noise")[ok]
+        g, tr = float((column(sub, "g2")[ok] * n).sum()), float((column(sub, "trace_sigma")[ok] * n).sum())
         rows.append({
             "target": float(t), "b_crit": fit.b_crit, "b_crit_lo": fit.b_crit_ci[0], "b_crit_hi": fit.b_crit_ci[1],
             "s_min": fit.s_min, "e_min": fit.e_min, "r2": fit.r2, "n_batches": fit.n_points,
-            "b_simple": pooled_b_simple(noise) if noise.height else _NAN,
+            "b_simple": tr / g if ok.any() and g != 0 else _NAN,
             "b_simple_median": float(q[1]), "b_simple_q25": float(q[0]), "b_simple_q75": float(q[2]),
-            "n_noise_runs": int(noise.height), "reason": fit.reason,
+            "n_noise_runs": int(ok.sum()), "reason": fit.reason,
         })
     schema = {"target": pl.Float64, "b_crit": pl.Float64, "b_crit_lo": pl.Float64, "b_crit_hi": pl.Float64,
               "s_min": pl.Float64, "e_min": pl.Float64, "r2": pl.Float64, "n_batches": pl.Int64,
