@@ -91,13 +91,14 @@ def noise_scale(steps: Any, *, ema_examples: float | None = None, window: int | 
         half_life = f"{max(1, round(ema_examples * math.log(2)))}i"
         # a zero observation at examples = 0 turns polars' EMA (which starts at the first value) into the
         # un-normalized sum; the same EMA of ones is the total weight used to debias it
-        starts = est.group_by("run_id").agg(pl.col("examples").min())
-        starts = starts.filter(pl.col("examples") > 0).select(
-            "run_id", pl.lit(0, dtype=est.schema["examples"]).alias("examples"), pl.lit(True).alias("_virtual")
+        est = est.with_columns(_ex=pl.col("examples").cast(pl.Float64).round().cast(pl.Int64))  # polars wants ints
+        starts = est.group_by("run_id").agg(pl.col("_ex").min())
+        starts = starts.filter(pl.col("_ex") > 0).select(
+            "run_id", pl.lit(0, dtype=pl.Int64).alias("_ex"), pl.lit(True).alias("_virtual")
         )
         both = pl.concat([est.with_columns(_virtual=pl.lit(False)), starts], how="diagonal_relaxed")
-        both = both.sort("run_id", "examples", "_virtual", descending=[False, False, True])
-        ema = lambda e: e.ewm_mean_by("examples", half_life=half_life).over("run_id")  # noqa: E731
+        both = both.sort("run_id", "_ex", "_virtual", descending=[False, False, True])
+        ema = lambda e: e.ewm_mean_by("_ex", half_life=half_life).over("run_id")  # noqa: E731
         both = both.with_columns(
             _w=ema(pl.when(pl.col("_virtual")).then(0.0).otherwise(1.0)),
             _g=ema(pl.col("g2").fill_null(0.0)),
@@ -106,7 +107,7 @@ def noise_scale(steps: Any, *, ema_examples: float | None = None, window: int | 
         out = both.filter(~pl.col("_virtual")).with_columns(
             g2_avg=pl.col("_g") / pl.col("_w"),
             trace_sigma_avg=pl.col("_t") / pl.col("_w"),
-        ).drop("_virtual", "_w", "_g", "_t")
+        ).drop("_virtual", "_w", "_g", "_t", "_ex")
         out = out.sort("run_id", "step")
     return out.with_columns(b_simple=_ratio(pl.col("trace_sigma_avg"), pl.col("g2_avg")))
 
