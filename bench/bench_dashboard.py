@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     targets_all = [tr_all.default * f for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]
     xs = ["step", "examples", "wall_time"]
     metrics = list(lr_batch.METRICS)
-    queries_sql = list(queries.EXAMPLE_QUERIES.values())
+    examples = list(queries.EXAMPLE_QUERIES.items())
+    light = [q for n, q in examples if "steps_to_target" not in q and "noise_scale" not in q]
+    heavy = [q for n, q in examples if q not in light]
 
     cases = {
         "runs: runs_rows + sweep_summary": lambda i: (runs.runs_rows(db), runs.sweep_summary(db)),
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             db, sweep_ids, ["matched", "end"][i % 2], ["gap_loss", "gap_accuracy"][(i // 2) % 2]),
         "lr × batch: lr_batch_view (sweep)": lambda i: lr_batch.lr_batch_view(
             db, sweep_ids, metrics[i % len(metrics)], ["lr", "base_lr"][i % 2]),
-        "sql: console_view (example queries)": lambda i: sql.console_view(db, queries_sql[i % len(queries_sql)]),
+        "sql: console_view (run_summary, catalog examples)": lambda i: sql.console_view(db, light[i % len(light)]),
+        "sql: console_view (macro examples over all steps)": lambda i: sql.console_view(db, heavy[i % len(heavy)]),
         "live: live_token (every 2 s)": lambda i: live_token(db)[0],
     }
 

@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warm_up(db) -> None:
+    from dashboard import queries
+
+    try:
+        queries.overview(db)
+        queries.run_table(db)
+    except Exception:  # noqa: BLE001 - only a head start; pages report problems themselves
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from collector.store import StoreError
@@ -50,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         if n:
             print(f"recovered {n} run(s) from spools of dead processes", flush=True)
     app = create_app(db, auth=args.auth)
+    if db.exists():  # summarize the store once in the background, so the first visit is quick
+        import threading
+
+        threading.Thread(target=_warm_up, args=(db,), daemon=True, name="batchscope-warm-up").start()
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     state = "" if db.exists() else " (no store yet: the welcome page shows how to make one)"
     print(f"batchscope dashboard on http://{shown}:{args.port}/  store: {db}{state}", flush=True)

@@ -466,8 +466,7 @@ def runs_frame(db: Path, run_ids: Sequence[str] | None = None, sweep: str | None
 # ---------------------------------------------------------------------------------------------------
 # curves: server-side downsampling in DuckDB
 
-STEP_METRICS = {"loss": "loss", "lr": "lr", "batch_size": "batch_size", "b_simple": "b_simple",
-                "wall_time": "wall_time", "examples": "examples"}
+STEP_METRICS = {"loss": "loss", "lr": "lr", "batch_size": "batch_size", "b_simple": "b_simple"}
 X_AXES = ("step", "examples", "wall_time")
 
 
@@ -487,16 +486,25 @@ def step_curves(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str =
     if not ids:
         return pl.DataFrame(schema={"run_id": pl.String, "step": pl.Float64, "x": pl.Float64, "y": pl.Float64,
                                     "y_min": pl.Float64, "y_max": pl.Float64, "n": pl.Int64})
-    y = STEP_METRICS[metric]
-    return per_run("step_curves", db, ids, (metric, x, int(max_points)),
-                   lambda some: _step_curves(db, some, y, x, int(max_points)))
+    # one query fetches every metric against every x axis, so changing either is served from memory
+    wide = per_run("step_curves", db, ids, (int(max_points),), lambda some: _step_curves(db, some, int(max_points)))
+    return (wide.filter(pl.col(f"n_{metric}") > 0)
+            .select("run_id", "step", pl.col(f"x_{x}").alias("x"), pl.col(f"y_{metric}").alias("y"),
+                    pl.col(f"min_{metric}").alias("y_min"), pl.col(f"max_{metric}").alias("y_max"),
+                    pl.col(f"n_{metric}").alias("n")))
 
 
-def _step_curves(db: Path, ids: list[str], y: str, x: str, max_points: int) -> pl.DataFrame:
+def _step_curves(db: Path, ids: list[str], max_points: int) -> pl.DataFrame:
+    ys = []
+    for name, col in STEP_METRICS.items():
+        v = f"CAST({col} AS DOUBLE)"
+        ok = f"isfinite({v})"
+        ys.append(f"avg({v}) FILTER (WHERE {ok}) AS y_{name}, min({v}) FILTER (WHERE {ok}) AS min_{name}, "
+                  f"max({v}) FILTER (WHERE {ok}) AS max_{name}, count(*) FILTER (WHERE {ok}) AS n_{name}")
+    xs = ", ".join(f"avg(CAST({x} AS DOUBLE)) AS x_{x}" for x in X_AXES)
     sql = f"""
     WITH s AS (
-        SELECT run_id, step, CAST({x} AS DOUBLE) AS x, CAST({y} AS DOUBLE) AS y
-        FROM steps WHERE run_id IN (SELECT unnest($ids)) AND isfinite(CAST({y} AS DOUBLE))
+        SELECT * FROM steps WHERE run_id IN (SELECT unnest($ids))
     ), extent AS (
         SELECT run_id, count(*) AS cnt, min(step) AS lo, max(step) AS hi FROM s GROUP BY run_id
     ), b AS (
@@ -504,8 +512,7 @@ def _step_curves(db: Path, ids: list[str], y: str, x: str, max_points: int) -> p
                          ELSE floor((s.step - e.lo) * $maxp / (e.hi - e.lo + 1)) END AS bucket
         FROM s JOIN extent e USING (run_id)
     )
-    SELECT run_id, avg(step) AS step, avg(x) AS x, avg(y) AS y, min(y) AS y_min, max(y) AS y_max,
-           count(*) AS n
+    SELECT run_id, avg(step) AS step, {xs}, {", ".join(ys)}
     FROM b GROUP BY run_id, bucket ORDER BY run_id, step
     """
     with connect(db) as con:

@@ -90,6 +90,14 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
     over, vs_loss = [], []
     seen: set = set()
     order = sorted(ns["run_id"].unique().to_list(), key=lambda r: (info.get(r, {}).get("batch_size") or 0, info.get(r, {}).get("lr") or 0))
+    if "loss" in ns.columns:
+        # the loss at each measured step, smoothed by the analysis library's bucket means (all runs at once)
+        width = max(1, int(ns.group_by("run_id").len()["len"].median() or 1) // 60)
+        sm = analysis.smooth_steps(ns.select("run_id", "step", "loss"), width, value="loss")
+        ns = ns.with_columns(pl.col("step").cast(pl.Float64).alias("_s")).sort("_s").join_asof(
+            sm.select("run_id", pl.col("step").cast(pl.Float64).alias("_s"), pl.col("loss").alias("smooth_loss"))
+            .sort("_s"), on="_s", by="run_id", strategy="nearest", check_sortedness=False,
+        ).drop("_s").sort("run_id", "step")
     parts = {k[0]: v for k, v in ns.partition_by("run_id", as_dict=True).items()}
     for rid in order:
         part = _thin(parts[rid].filter(pl.col("b_simple").is_not_null()), POINTS_PER_RUN)
@@ -106,13 +114,8 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
                   "name": f"B={b}", "legendgroup": f"B{b}"}
         over.append({**common, "x": arr(part[x]), "y": arr(y), "showlegend": first,
                      "hovertemplate": f"{run_hover(row)}<br>{x} %{{x:,.4~g}}<br>B_simple %{{y:.3~g}}<extra></extra>"})
-        if "loss" in part.columns:
-            # the loss at each measured step, smoothed by the analysis library's bucket means
-            sm = analysis.smooth_steps(parts[rid].select("run_id", "step", "loss"), max(1, parts[rid].height // 60),
-                                       value="loss").sort("step")
-            loss_at = part.select(pl.col("step").cast(pl.Float64)).join_asof(
-                sm.select(pl.col("step").cast(pl.Float64), pl.col("loss").alias("sl")), on="step", strategy="nearest",
-            )["sl"]
+        if "smooth_loss" in part.columns:
+            loss_at = part["smooth_loss"]
             vs_loss.append({**common, "mode": "markers", "marker": {"color": color, "size": 4, "opacity": 0.6},
                             "x": arr(loss_at), "y": arr(y), "showlegend": first,
                             "hovertemplate": f"{run_hover(row)}<br>loss %{{x:.3~g}}<br>B_simple %{{y:.3~g}}<extra></extra>"})
