@@ -1,6 +1,7 @@
 """Benchmark: every fit of dashboard/analysis over a store of 1,000 runs x 10,000 steps.
 
     python bench/bench_analysis.py [--db PATH] [--runs 1000] [--steps 10000] [--repeat 5]
+    python bench/bench_analysis.py --real runs.duckdb --sweep NAME     # the figures of a real sweep
 
 Builds (once, then reuses) a synthetic store whose runs follow S(B) = S_min (1 + B_crit/B) with
 B_crit = 128, then times the whole analysis the way the dashboard runs it: the per-step reductions
@@ -156,13 +157,51 @@ def analyse(db: Path) -> dict[str, float]:
     return times
 
 
+def real_sweep(db: Path, sweep: str | None, targets: list[float], width: int, noise_window: float) -> None:
+    """The figures for a real sweep: steps to target per batch size, B_crit per target, B_simple there."""
+    where = f"WHERE r.sweep = '{sweep}'" if sweep else ""
+    with duckdb.connect(str(db), read_only=True) as con:
+        n = con.execute("SELECT count(*) FROM duckdb_functions() WHERE function_name = 'crossings'").fetchall()[0][0]
+        if not n:
+            raise SystemExit(f"{db} has no analysis macros: open it once read-write (python -m collector ingest)")
+        hits = con.sql(f"SELECT c.* FROM crossings({targets}, width := {width}, noise_window := {noise_window}) c "
+                       f"JOIN runs r USING (run_id) {where}").pl()
+        runs = con.sql(f"SELECT * FROM runs r {where}").pl()
+    best = best_per_batch(hits, runs)
+    pl.Config.set_tbl_rows(100)
+    pl.Config.set_tbl_cols(20)
+    pl.Config.set_tbl_width_chars(200)
+    print(f"{runs.height} runs, statuses {dict(runs['status'].value_counts().iter_rows())}")
+    print(best.select("target", "batch_size", "lr", "steps", "examples", "n_reached", "n_runs", "lr_at_edge",
+                      "b_simple").with_columns(pl.col("steps", "examples", "b_simple").round(1)))
+    vs = tradeoff_vs_target(hits, runs, n_boot=1000)
+    print(vs.select("target", "b_crit", "b_crit_lo", "b_crit_hi", "s_min", "e_min", "r2", "n_batches", "b_simple",
+                    "b_simple_q25", "b_simple_q75", "reason").with_columns(pl.selectors.float().round(2)))
+    for t in targets:
+        sub = best.filter(pl.col("target") == t)
+        fit, lr_fit = fit_tradeoff(sub), lr_scaling(sub)
+        if fit.ok:
+            print(f"target {t}: B_crit {fit.b_crit:.0f} [{fit.b_crit_ci[0]:.0f}, {fit.b_crit_ci[1]:.0f}], "
+                  f"residuals (log) {np.round(fit.residuals, 3).tolist()}, warnings {list(fit.warnings)}")
+        print(f"target {t}: LR scaling B_noise {lr_fit.b_noise:.0f} eps_max {lr_fit.eps_max:.3g} "
+              f"({lr_fit.reason or 'ok'}; {'; '.join(lr_fit.warnings)})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", default=os.environ.get("BENCH_DB", "/tmp/batchscope-bench-analysis.duckdb"))
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--real", metavar="DB", help="instead: report the figures of a real sweep in this store")
+    p.add_argument("--sweep", help="with --real: the sweep name")
+    p.add_argument("--targets", default="0.3,0.2,0.15,0.1,0.07,0.05", help="with --real: training-loss targets")
+    p.add_argument("--width", type=int, default=10, help="with --real: bucket width in steps")
+    p.add_argument("--noise-window", type=float, default=1.0, help="with --real: B_simple over [S/(1+w), S(1+w)]")
     a = p.parse_args()
+    if a.real:
+        real_sweep(Path(a.real), a.sweep, [float(x) for x in a.targets.split(",")], a.width, a.noise_window)
+        return
     db = Path(a.db)
     expected = a.runs * a.steps
     have = 0
