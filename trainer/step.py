@@ -50,31 +50,31 @@ def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: tor
         return StepGrads(loss.detach(), None, None, None, None)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if len({(p.dtype, p.device) for p in params}) > 1:
+        raise NotImplementedError("micro-batch statistics need all parameters on one device with one dtype")
     batch = x.shape[0]
     xs, ys = x.tensor_split(n_micro), y.tensor_split(n_micro)
     weights = [xk.shape[0] / batch for xk in xs]
     if min(weights) == 0:
         raise ValueError(f"batch of {batch} cannot be split into {n_micro} non-empty micro-batches")
-    acc: list[torch.Tensor] = []
-    norms: list[torch.Tensor] = []  # per micro-batch: per-tensor norms of w_k * g_k
-    loss_sum = None
+    # Each micro-batch gradient is flattened into one vector: one dot product gives its squared norm
+    # (a handful of kernels per step instead of several per parameter tensor), and the sum of the
+    # vectors is the batch gradient, handed to the parameters as views.
+    acc = small_sq = loss_sum = None
     for xk, yk, wk in zip(xs, ys, weights, strict=True):
-        loss_k = loss_fn(model(xk), yk) * wk  # its gradient is w_k g_k: the accumulator needs no rescaling
+        loss_k = loss_fn(model(xk), yk) * wk  # its gradient is w_k g_k: the sum needs no rescaling
         grads = torch.autograd.grad(loss_k, params, allow_unused=True)
-        if any(g is None for g in grads):  # a parameter this loss does not reach (cheaper than materialize_grads)
-            grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
-        norms.extend(torch._foreach_norm(grads))
-        if not acc:
-            acc, loss_sum = list(grads), loss_k.detach()
+        flat = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                          for p, g in zip(params, grads, strict=True)])
+        sq = torch.dot(flat, flat) / wk**2  # |g_k|^2
+        if acc is None:
+            acc, small_sq, loss_sum = flat, sq, loss_k.detach()
         else:
-            torch._foreach_add_(acc, grads)
-            loss_sum = loss_sum + loss_k.detach()
-    for p, g in zip(params, acc, strict=True):
-        p.grad = g
-    per_micro = torch.stack(norms).float().square().reshape(n_micro, -1).sum(1)  # |w_k g_k|^2
-    if len(set(weights)) == 1:  # the usual case; no host-to-device copy of the weights either way
-        g_small_sq = per_micro.mean() / weights[0] ** 2
-    else:
-        g_small_sq = sum(per_micro[k] / w**2 for k, w in enumerate(weights)) / n_micro
+            acc.add_(flat)
+            small_sq, loss_sum = small_sq + sq, loss_sum + loss_k.detach()
+    offset = 0
+    for p in params:
+        p.grad = acc[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
     b_small = n_micro / sum(1.0 / (w * batch) for w in weights)
-    return StepGrads(loss_sum, g_small_sq, b_small, sq_norm(acc), float(batch))
+    return StepGrads(loss_sum, small_sq / n_micro, b_small, torch.dot(acc, acc), float(batch))
