@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call, grad, vmap
 
-from tests.trainer_helpers import train_in_process
+from tests.trainer_helpers import one_torch_thread, train_in_process
 from trainer.gns import (
     BSimpleEMA,
     ExampleEMA,
@@ -23,6 +23,12 @@ from trainer.step import compute_gradients
 from trainer.tasks import TaskOptions, make_task
 
 pos = st.floats(min_value=1e-3, max_value=1e3, allow_nan=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @settings(max_examples=200, deadline=None)

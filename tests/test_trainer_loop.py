@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer_helpers import train_in_process
+from tests.trainer_helpers import one_torch_thread, train_in_process
 from trainer import datasets
 from trainer.config import ConfigError, TrainConfig, parse_schedule, plan, validate
 from trainer.step import compute_gradients
 from trainer.tasks import TaskOptions, make_task
 from trainer.train import make_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

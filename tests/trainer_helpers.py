@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from trainer.config import TrainConfig
@@ -56,5 +58,18 @@ def train_in_process(device: str = "cpu", **options) -> tuple[RecordingRun, Trai
     torch.set_num_threads(1)  # as the CLI does for the small tasks: much faster on a busy 2-core machine
     try:
         return run, train(cfg, task, run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
