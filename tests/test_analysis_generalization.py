@@ -107,3 +107,12 @@ def test_stability_map_accuracy_is_higher_better_and_takes_crossings(sim) -> Non
     grid = stability_map(hits, metric="final_value")
     assert grid.cells["n_runs"].sum() == runs.height
     assert grid.cells.filter(pl.col("state") == "diverged").height == 8  # lr x4 diverges at every B
+
+
+def test_stable_range_can_ignore_runs_that_did_not_learn() -> None:
+    summary = pl.DataFrame({"run_id": list("abcd"), "batch_size": [8] * 4, "lr": [0.01, 0.1, 1.0, 3.0],
+                            "status": ["finished"] * 4, "final_test_accuracy": [0.95, 0.97, 0.96, 0.09]})
+    wide = stability_map(summary, metric="final_test_accuracy").by_batch.row(0, named=True)
+    assert wide["lr_stable_max"] == 3.0
+    narrow = stability_map(summary, metric="final_test_accuracy", stable_within=0.1).by_batch.row(0, named=True)
+    assert (narrow["lr_stable_min"], narrow["lr_stable_max"], narrow["best_lr"]) == (0.01, 1.0, 0.1)

@@ -114,8 +114,8 @@ def steps_to_target(
     Columns: run_id, target, reached, steps, examples, hit_value (smoothed metric in the bucket that
     reached it), best_value, final_value (best / last smoothed value), last_step, diverged (a
     non-finite value was logged, or runs.status says so), b_simple / g2 / trace_sigma / n_noise (the
-    noise scale over measured steps within +-noise_window of S, see noise.noise_at; NULL without the
-    ingredients), reason (why not reached; NULL when reached), plus batch_size, lr, sweep, status, ...
+    noise scale over the measured steps in [S/(1+noise_window), S*(1+noise_window)], see
+    noise.noise_at; NULL without the ingredients), reason (why not reached; NULL when reached), plus batch_size, lr, sweep, status, ...
     when `runs` is given. Every run in `runs` (or in the curve) appears once per target.
     """
     targets = _as_targets(target)

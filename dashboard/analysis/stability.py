@@ -28,7 +28,7 @@ class StabilityMap:
     "diverged", "unfinished", "failed": the best thing any of its runs did, in that order), and
     is_best (best value in its batch size's row).
     by_batch: per batch size, best_lr, best_value, lr_stable_min / lr_stable_max (range of LRs with
-    an ok cell) and stable_decades = log10(max/min).
+    an ok cell, see stable_within) and stable_decades = log10(max/min).
     """
 
     cells: pl.DataFrame
@@ -66,11 +66,16 @@ def stability_map(
     *,
     metric: str = "final_loss",
     lower_is_better: bool | None = None,
+    stable_within: float | None = None,
 ) -> StabilityMap:
     """Build the LR x batch grid from a per-run frame holding `metric` (e.g. the run_summary view:
     final_loss, best_loss, final_test_loss, final_test_accuracy, ...; or steps_to_target output with
     final_value), with batch_size, lr and status (pass `runs` to attach them). A run is diverged when
     its status says so, its `diverged` column is true, or a loss metric is non-finite.
+
+    The stable LR range per batch size spans the "ok" cells; with `stable_within=x` only those whose
+    value is within a factor (1 + x) of the row's best (losses) or at least (1 - x) times it
+    (accuracies), so a run that "finished" without learning (loss stuck at chance) does not widen it.
     """
     f = attach_runs(as_frame(summary, "summary"), runs, needed=["run_id", "batch_size", "lr", metric])
     if "target" in f.columns:
@@ -115,6 +120,11 @@ def stability_map(
     best_val = (pl.col("value").max() if higher else pl.col("value").min()).over("batch_size")
     cells = cells.with_columns(is_best=(pl.col("value") == best_val).fill_null(False)).sort("batch_size", "lr")
     ok = cells.filter(pl.col("state") == "ok")
+    if stable_within is not None:
+        best_row = (pl.col("value").max() if higher else pl.col("value").min()).over("batch_size")
+        near = pl.col("value") >= best_row * (1 - stable_within) if higher else (
+            pl.col("value") <= best_row * (1 + stable_within))
+        ok = ok.filter(near.fill_null(False))
     best = ok.filter(pl.col("is_best")).group_by("batch_size").agg(
         best_lr=pl.col("lr").first(), best_value=pl.col("value").first()
     )
