@@ -6,7 +6,8 @@
 Builds (once, then reuses) a synthetic store whose runs follow S(B) = S_min (1 + B_crit/B) with
 B_crit = 128, then times the whole analysis the way the dashboard runs it: the per-step reductions
 (bucket smoothing, first crossing of each target, B_simple around each crossing) in DuckDB through the
-SQL macro `crossings` (schema/sql/20_analysis.sql), and in Python only per-run rows: best LR per batch,
+SQL macro `crossings` and B_simple around the best runs' crossings by `noise_around`
+(schema/sql/20_analysis.sql), and in Python only per-run rows: best LR per batch,
 the tradeoff fit with a 1,000-sample bootstrap, B_crit for 8 targets (200 samples each), the LR-scaling
 fit, the generalization gap at matched examples (from `evals`) and the LR x batch map.
 Results and the machine are recorded in bench/analysis.md.
@@ -128,15 +129,28 @@ def analyse(db: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     con = duckdb.connect(str(db), read_only=True)
     try:
-        hits = con.sql(f"SELECT * FROM crossings({TARGETS}, width := {WIDTH})").pl()
+        # crossings without B_simple (noise_window := NULL), then B_simple only around the crossings of
+        # the best-LR run of each (target, batch size): the runs the fits use, as the dashboard does
+        hits = con.sql(f"SELECT * FROM crossings({TARGETS}, width := {WIDTH}, noise_window := NULL)").pl()
         t1 = time.perf_counter()
         runs = con.sql("SELECT run_id, sweep, status, optimizer, lr, momentum, batch_size, train_size FROM runs").pl()
         evals = con.sql("SELECT run_id, step, split, examples, loss, accuracy FROM evals").pl()
+        t2 = time.perf_counter()
+        best = best_per_batch(hits, runs).filter(pl.col("reached"))
+        # the best cell's fastest run, at its own crossing (a cell's steps are the median over seeds)
+        pts = best.select("target", "run_id").join(hits.select("target", "run_id", "steps"), on=["target", "run_id"])
+        noise = con.sql(f"SELECT * FROM noise_around({pts['run_id'].to_list()}, {pts['steps'].to_list()})").pl()
+        t3 = time.perf_counter()
     finally:
         con.close()
-    t2 = time.perf_counter()
     times["sql crossings (10M steps -> 8,000 rows)"] = t1 - t0
     times["read runs + evals (1k + 80k rows)"] = t2 - t1
+    times["best LR per batch + sql noise_around (64 pts)"] = t3 - t2
+    noise = pts.join(noise.unique(["run_id", "steps"]), on=["run_id", "steps"], how="left")
+    hits = hits.drop("b_simple", "g2", "trace_sigma", "n_noise").join(
+        noise.select("target", "run_id", "b_simple", "g2", "trace_sigma", "n_noise"), on=["target", "run_id"],
+        how="left").with_columns(pl.col("n_noise").fill_null(0))
+    t2 = time.perf_counter()
     best = best_per_batch(hits, runs)
     main = best.filter(pl.col("target") == MAIN_TARGET)
     fit = fit_tradeoff(main, n_boot=1000)

@@ -14,6 +14,7 @@ from dashboard.analysis import (
     best_per_batch,
     fit_tradeoff,
     generalization,
+    noise_at,
     noise_scale,
     smooth_steps,
     stability_map,
@@ -210,3 +211,19 @@ def test_generalization_runs_view_matches(store) -> None:
     _same(py.select("run_id", "gap_loss", "gap_accuracy", "noise_g"),
           sq.select("run_id", "gap_loss", "gap_accuracy", "noise_g"), ["run_id"],
           ["gap_loss", "gap_accuracy", "noise_g"])
+
+
+def test_noise_around_matches_noise_at(store) -> None:
+    db, runs, steps, _ = store
+    ids = runs["run_id"].to_list()[:6] + ["nosteps0000"]
+    at = [30.0, 100.5, 250.0, 7.0, 1.0, 400.0, 50.0]
+    sq = _sql(db, f"SELECT * FROM noise_around({ids}, {at}, noise_window := 0.5)")
+    py = noise_at(steps, pl.DataFrame({"run_id": ids, "steps": at}), rel_window=0.5)
+    _same(py, sq, ["run_id", "steps"], ["b_simple", "g2", "trace_sigma", "n_noise"])
+    assert sq.filter(pl.col("run_id") == "nosteps0000")["n_noise"][0] == 0
+
+
+def test_crossings_can_skip_the_noise(store) -> None:
+    db, *_ = store
+    sq = _sql(db, "SELECT * FROM crossings([0.3], width := 7, noise_window := NULL)")
+    assert sq["reached"].any() and sq["b_simple"].is_null().all() and (sq["n_noise"] == 0).all()

@@ -70,7 +70,8 @@ m AS (
            (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small) AS g2,
            (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big) AS trace_sigma
     FROM steps
-    WHERE isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfinite(b_big)
+    WHERE noise_window IS NOT NULL  -- noise_window := NULL skips B_simple (then see noise_around)
+      AND isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfinite(b_big)
       AND b_big > b_small
 ),
 nz AS (
@@ -91,6 +92,29 @@ LEFT JOIN per_run pr USING (run_id)
 LEFT JOIN runs r USING (run_id)
 LEFT JOIN nz USING (run_id, target)
 ORDER BY p.target DESC, p.run_id;
+
+-- B_simple around given steps of given runs (two lists of equal length): the ratio of the sums of the
+-- unbiased |G|^2 and tr(Sigma) estimates over measured steps in [s/(1+noise_window), s*(1+noise_window)]
+-- (noise_at in Python). Cheaper than crossings' own noise columns when only a few runs matter, e.g. the
+-- best-LR run of each batch size: SELECT * FROM noise_around(['a1b2c3d4e5f6'], [412.5]);
+CREATE OR REPLACE MACRO noise_around(run_ids, at_steps, noise_window := 0.25) AS TABLE
+WITH p AS (
+    SELECT unnest(run_ids)::VARCHAR AS run_id, unnest(at_steps)::DOUBLE AS steps
+),
+m AS (
+    SELECT run_id, step,
+           (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small) AS g2,
+           (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big) AS trace_sigma
+    FROM steps
+    WHERE list_contains(run_ids, run_id)
+      AND isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfinite(b_big)
+      AND b_big > b_small
+)
+SELECT p.run_id, p.steps, count(m.step) AS n_noise, avg(m.g2) AS g2, avg(m.trace_sigma) AS trace_sigma,
+       sum(m.trace_sigma) / nullif(sum(m.g2), 0) AS b_simple
+FROM p LEFT JOIN m ON m.run_id = p.run_id
+    AND m.step BETWEEN ceil(p.steps / (1 + noise_window)) AND floor(p.steps * (1 + noise_window))
+GROUP BY p.run_id, p.steps;
 
 -- For each target and batch size, the learning rate with the fewest steps to target (best_per_batch in
 -- Python). Seeds of one (batch_size, lr) cell are combined by the median, a seed that never reached the
