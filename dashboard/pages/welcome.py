@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dash
@@ -109,7 +110,7 @@ def layout(**_kwargs):
 
 @callback(
     Output("load-samples-result", "children"),
-    Output("welcome-redirect", "href"),
+    Output("welcome-redirect", "href", allow_duplicate=True),
     Input("load-samples", "n_clicks"),
     State("load-samples", "disabled"),
     prevent_initial_call=True,
@@ -118,4 +119,11 @@ def on_load(n_clicks, disabled):
     if not n_clicks or disabled:
         return dash.no_update, dash.no_update
     ok, msg = load_sample_runs(queries.current_db())
-    return msg, ("/" if ok else dash.no_update)
+    return msg, (f"/?loaded={time.time():.0f}" if ok else dash.no_update)
+
+
+@callback(Output("welcome-redirect", "href"), Input("store-version", "data"), prevent_initial_call=True)
+def runs_arrived(_version):
+    """Leave the welcome page by itself once the store has runs (a trainer started, samples loaded)."""
+    ov = queries.overview(queries.current_db())
+    return f"/?ready={time.time():.0f}" if ov.exists and not ov.empty else dash.no_update
