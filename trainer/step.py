@@ -9,6 +9,7 @@ no `.item()`, no host-device sync.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,20 @@ class StepGrads:
     b_small: float | None  # examples per small gradient (harmonic mean of the micro-batch sizes)
     g_big_sq: torch.Tensor | None  # |g_big|^2 of the whole batch's mean gradient (unclipped)
     b_big: float | None
+
+
+_FLAT: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _flat_buffers(model: nn.Module, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two flat gradient-sized vectors per model, reused every step (the previous step's p.grad views
+    into the first are overwritten, which is why the caller sets gradients to None before each step)."""
+    n = sum(p.numel() for p in params)
+    bufs = _FLAT.get(model)
+    if bufs is None or bufs[0].numel() != n or bufs[0].dtype != params[0].dtype or bufs[0].device != params[0].device:
+        bufs = tuple(torch.empty(n, dtype=params[0].dtype, device=params[0].device) for _ in range(2))
+        _FLAT[model] = bufs
+    return bufs
 
 
 def sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -57,18 +72,21 @@ def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: tor
     weights = [xk.shape[0] / batch for xk in xs]
     if min(weights) == 0:
         raise ValueError(f"batch of {batch} cannot be split into {n_micro} non-empty micro-batches")
-    # Each micro-batch gradient is flattened into one vector: one dot product gives its squared norm
-    # (a handful of kernels per step instead of several per parameter tensor), and the sum of the
-    # vectors is the batch gradient, handed to the parameters as views.
-    acc = small_sq = loss_sum = None
-    for xk, yk, wk in zip(xs, ys, weights, strict=True):
+    # Each micro-batch gradient is copied into one flat vector, so one dot product gives its squared norm
+    # (two kernels per micro-batch instead of several per parameter tensor), and the running sum of the
+    # vectors becomes the batch gradient, handed to the parameters as views. The two vectors are kept
+    # between steps: allocating them afresh costs page faults that show up in the step time.
+    acc, scratch = _flat_buffers(model, params)
+    small_sq = loss_sum = None
+    for k, (xk, yk, wk) in enumerate(zip(xs, ys, weights, strict=True)):
         loss_k = loss_fn(model(xk), yk) * wk  # its gradient is w_k g_k: the sum needs no rescaling
         grads = torch.autograd.grad(loss_k, params, allow_unused=True)
-        flat = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
-                          for p, g in zip(params, grads, strict=True)])
+        flat = acc if k == 0 else scratch
+        torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                   for p, g in zip(params, grads, strict=True)], out=flat)
         sq = torch.dot(flat, flat) / wk**2  # |g_k|^2
-        if acc is None:
-            acc, small_sq, loss_sum = flat, sq, loss_k.detach()
+        if k == 0:
+            small_sq, loss_sum = sq, loss_k.detach()
         else:
             acc.add_(flat)
             small_sq, loss_sum = small_sq + sq, loss_sum + loss_k.detach()
