@@ -47,20 +47,31 @@ class TargetRange:
 
 @queries.cached_by_runs
 def target_range(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> TargetRange | None:
-    """Slider bounds and the default target: the loosest target every non-diverged run reached."""
+    """Slider bounds and the default target: a loss every batch size reached (with its best run) by half-way
+    through training."""
     steps, evals, width = curves_for_targets(db, run_ids, metric)
     curve, higher = analysis.metric_curve(steps, evals, metric)
     sm = analysis.smooth_steps(curve, 1, value="value").filter(pl.col("value").is_finite())
     if sm.is_empty():
         return None
-    runs = queries.runs_frame(db, run_ids).select("run_id", "diverged", "status")
-    per = sm.sort("step").group_by("run_id").agg(best=pl.col("value").min(), first=pl.col("value").first())
+    runs = queries.runs_frame(db, run_ids).select("run_id", "diverged", "status", "batch_size")
+    per = sm.sort("step").group_by("run_id").agg(
+        best=pl.col("value").min(),
+        first=pl.col("value").first(),
+        mid=pl.col("value").filter(pl.col("step") >= pl.col("step").max() / 2).cum_min().first(),
+    )
     per = per.join(runs, on="run_id", how="left").filter(~pl.col("diverged").fill_null(False))
     if per.is_empty():
         return None
-    lo = float(per["best"].min())
+    # The frontier compares batch sizes each at its best LR, so the default target is a loss that every
+    # batch size reached with at least one of its runs (a run with a hopeless LR does not pin the target
+    # at the starting loss) -- and reached by half-way through that run, so the crossing is not decided
+    # by noise on the final plateau. The slider goes down to where 3 batch sizes still reach it.
+    agg = per.group_by("batch_size").agg(pl.col("best").min(), pl.col("mid").min())
+    default = float(agg["mid"].max())
+    bests = sorted(agg["best"].to_list())
+    lo = float(bests[min(2, len(bests) - 1)])
     hi = float(per["first"].median())
-    default = float(per["best"].max())
     if not hi > lo:
         hi = lo * 1.5 if lo > 0 else lo + 1.0
     default = min(max(default, lo), hi)

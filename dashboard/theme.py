@@ -77,7 +77,12 @@ def figure(data: list[dict], title: str | None = None, height: int = 460, xaxis:
     }
     if title:
         lay["title"] = {"text": title, "x": 0.01, "font": {"size": 15}}
+    if "legend" in layout:
+        layout = {**layout, "legend": {**lay["legend"], **layout["legend"]}}
     lay.update(layout)
+    if lay.get("legend", {}).get("orientation") == "h":  # a legend under the plot needs room below the axis title
+        lay["margin"]["b"] = 110
+        lay["legend"] = {**lay["legend"], "y": -0.22, "yanchor": "top", "x": 0, "xanchor": "left"}
     return {"data": data, "layout": lay}
 
 

@@ -244,3 +244,41 @@ def test_sql_view(app, store):
     assert v["ok"] and len(v["rowData"]) == 3 and [c["field"] for c in v["columnDefs"]] == ["run_id", "started_at", "config"]
     e = console_view(store, "DROP TABLE runs")
     assert not e["ok"] and "not allowed" in e["message"]
+
+
+def test_tradeoff_view_recovers_bcrit_and_explains(app, store):
+    from dashboard.pages.tradeoff import render, tradeoff_view
+    from dashboard.synthetic import B_NOISE
+
+    ids = queries.run_table(store)["run_id"].to_list()
+    view = tradeoff_view(store, ids)
+    fit = view["fit"]
+    assert fit.ok, fit.reason
+    assert 0.5 * B_NOISE < fit.b_crit < 2 * B_NOISE  # synthetic runs follow S(B) = S_min (1 + B_noise / B)
+    assert fit.b_crit_ci[0] <= fit.b_crit <= fit.b_crit_ci[1]
+    stats, sentence, *_ = render(view, "sweep", "train_loss")
+    assert "B_crit" in json.dumps(sentence.to_plotly_json(), default=str)
+    json.dumps(view["frontier"], allow_nan=False)
+    json.dumps(view["vs_target"], allow_nan=False)
+    # a lower target from the slider, and a degenerate scope: a single run cannot make a frontier
+    assert tradeoff_view(store, ids, view["target"] * 0.8)["fit"] is not None
+    one = tradeoff_view(store, ids[:1])
+    assert one["fit"] is None or not one["fit"].ok
+
+
+def test_noise_generalization_lr_batch_views(app, store):
+    from dashboard.pages.generalization import generalization_view
+    from dashboard.pages.lr_batch import lr_batch_view
+    from dashboard.pages.noise import noise_view
+
+    ids = queries.run_table(store)["run_id"].to_list()
+    nv = noise_view(store, ids, "examples")
+    assert nv["over"]["data"] and nv["vs_loss"]["data"]
+    json.dumps(nv["over"], allow_nan=False)
+    gv = generalization_view(store, ids, "end", "gap_loss")
+    assert gv["batch"]["data"] and gv["noise"]["data"]
+    lv = lr_batch_view(store, ids, "final_loss", "base_lr")
+    assert lv["heatmap"]["data"][0]["type"] == "heatmap"
+    assert any(t.get("name") == "diverged" for t in lv["heatmap"]["data"])  # diverged cells are marked
+    for view in (noise_view(store, []), generalization_view(store, []), lr_batch_view(store, [])):
+        assert all(not f["data"] for f in view.values() if isinstance(f, dict) and "data" in f)

@@ -126,7 +126,7 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
                               f"{widest['stable_decades']:.2g} decades of LR trained without diverging"))
     n_div = int(smap.cells["n_diverged"].sum())
     stats.append(stat("Cells", f"{smap.cells.height}", f"{n_div} diverged run(s)"))
-    # best LR per batch size at the default target (every run reached it) -> lr_scaling
+    # best LR per batch size at the default target (every batch size reached it) -> lr_scaling
     tr = sweeps.target_range(db, run_ids, "train_loss")
     lrfit = blank
     if tr is not None:

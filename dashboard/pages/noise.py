@@ -47,10 +47,12 @@ def pick_runs(runs: pl.DataFrame, limit: int = MAX_RUNS) -> tuple[list[str], str
     if runs.height <= limit:
         return runs["run_id"].to_list(), ""
     best = runs.sort("best_loss", nulls_last=True).unique(["batch_size", "lr"], keep="first", maintain_order=True)
+    what = "the best run per batch size and LR"
     if best.height > limit:
         best = best.sort("best_loss", nulls_last=True).unique(["batch_size"], keep="first", maintain_order=True)
+        what = "the run with the lowest loss per batch size"
     ids = best.head(limit)["run_id"].to_list()
-    return ids, f"showing {len(ids)} of {runs.height} runs (the best run per batch size and LR)"
+    return ids, f"showing {len(ids)} of {runs.height} runs ({what})"
 
 
 @queries.cached_by_runs
@@ -131,7 +133,7 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
                       xaxis={"title": {"text": {"examples": "examples seen", "step": "step"}[x]}},
                       yaxis={"title": {"text": "B_simple = tr(Σ) / |G|²"}, "type": "log"},
                       legend={"title": {"text": "batch size"}})
-    loss_fig = figure(vs_loss, "B_simple against the training loss (it should grow as the loss falls)", height=440,
+    loss_fig = figure(vs_loss, "B_simple vs training loss (grows as the loss falls)", height=440,
                       xaxis={"title": {"text": "training loss (smoothed)"}, "type": "log", "autorange": "reversed"},
                       yaxis={"title": {"text": "B_simple"}, "type": "log"}, showlegend=False)
     table = html.Table(

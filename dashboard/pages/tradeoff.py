@@ -275,7 +275,7 @@ def tradeoff_slider(scope, metric, selected):
     lo, hi, d = f(tr.lo), f(tr.hi), f(tr.default)
     inv = (lambda v: v) if tr.higher_is_better else (lambda v: 10 ** v)
     marks = {round(v, 4): fmt(inv(v), 2) for v in np.linspace(lo, hi, 5)}
-    marks[round(d, 4)] = {"label": "every run", "style": {"color": ACCENT, "whiteSpace": "nowrap"}}
+    marks[round(d, 4)] = {"label": "all batch sizes", "style": {"color": ACCENT, "whiteSpace": "nowrap"}}
     return lo, hi, d, marks
 
 
