@@ -64,9 +64,12 @@ def main(argv: list[str] | None = None) -> None:
         import threading
 
         threading.Thread(target=_warm_up, args=(db,), daemon=True, name="batchscope-warm-up").start()
-    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     state = "" if db.exists() else " (no store yet: the welcome page shows how to make one)"
-    print(f"batchscope dashboard on http://{shown}:{args.port}/  store: {db}{state}", flush=True)
+    if args.host in ("0.0.0.0", "::"):
+        where = f"all interfaces, port {args.port} (locally http://127.0.0.1:{args.port}/)"
+    else:
+        where = f"http://{args.host}:{args.port}/"
+    print(f"batchscope dashboard on {where}  store: {db}{state}", flush=True)
     if args.debug:
         app.run(host=args.host, port=args.port, debug=True)
         return

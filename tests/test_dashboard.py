@@ -282,3 +282,17 @@ def test_noise_generalization_lr_batch_views(app, store):
     assert any(t.get("name") == "diverged" for t in lv["heatmap"]["data"])  # diverged cells are marked
     for view in (noise_view(store, []), generalization_view(store, []), lr_batch_view(store, [])):
         assert all(not f["data"] for f in view.values() if isinstance(f, dict) and "data" in f)
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "dashboard", *args], capture_output=True, text=True, timeout=60)
+
+    assert run("--help").returncode == 0
+    bad_auth = run("--auth", "justaword", "--db", str(tmp_path / "x.duckdb"))
+    assert bad_auth.returncode != 0 and "--auth" in bad_auth.stderr and "Traceback" not in bad_auth.stderr
+    folder = run("--db", str(tmp_path))
+    assert folder.returncode != 0 and "directory" in folder.stderr and "Traceback" not in folder.stderr
