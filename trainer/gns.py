@@ -93,10 +93,6 @@ class BSimpleEMA:
         self.tr_sigma = ExampleEMA(window_examples)
         self._pending = 0.0
 
-    def skip(self, examples: float) -> None:
-        """Examples went by without a (usable) measurement: they still age the average."""
-        self._pending += examples
-
     def update(self, g_small_sq: float, b_small: float, g_big_sq: float, b_big: float, examples: float) -> float:
         """Fold one measurement in and return the current B_simple (NaN while |G|^2 is not positive).
 

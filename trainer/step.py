@@ -44,11 +44,6 @@ def _flat_buffers(model: nn.Module, params: list[torch.Tensor]) -> tuple[torch.T
     return bufs
 
 
-def sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of a list of tensors as a 0-d float32 tensor (fused per-tensor norms, no sync)."""
-    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
-
-
 def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
                       n_micro: int = 1) -> StepGrads:
     """Set `p.grad` to the batch's mean-loss gradient, computed as `n_micro` micro-batches.
