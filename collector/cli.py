@@ -102,13 +102,16 @@ def cmd_import(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", help="store file (default: $BATCHSCOPE_DB or ./runs.duckdb)")
+    # SUPPRESS: a --db given before the command (python -m collector --db X runs) is not reset to None.
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help="store file (default: $BATCHSCOPE_DB or ./runs.duckdb)")
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--format", choices=("table", "csv", "json"), default="table", help="stdout format")
     out.add_argument("--output", "-o", metavar="FILE", help="write .csv, .json or .parquet instead")
 
     p = argparse.ArgumentParser(prog="python -m collector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", help="store file (default: $BATCHSCOPE_DB or ./runs.duckdb)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("runs", parents=[common, out], help="table of runs (from the run_summary view)")
     s.add_argument("--sweep", help="only this sweep")

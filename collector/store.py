@@ -130,6 +130,11 @@ def read_connection(
         con.close()
 
 
+def is_migrated(db: str | os.PathLike) -> bool:
+    """Whether this process has already brought `db` to the current schema (no connection needed)."""
+    return str(Path(db).resolve()) in _MIGRATED
+
+
 def _migrate_if_needed(path: Path) -> None:
     """Bring an old store forward once per process before reading; skip quietly if it is busy."""
     key = str(path.resolve())

@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from collector.store import StoreError, read_connection, resolve_db
+from collector.store import StoreError, is_migrated, read_connection, resolve_db
 
 __all__ = [
     "StoreError", "ConsoleResult", "Overview", "configure", "current_db", "store_version", "overview",
@@ -191,11 +191,6 @@ class _ReadWriteLock:
 _RW = _ReadWriteLock()
 
 
-def _migrated(db: Path) -> bool:
-    import collector.store as store
-
-    done = getattr(store, "_MIGRATED", None)
-    return done is not None and str(Path(db).resolve()) in done
 
 
 _LOCAL = threading.local()
@@ -283,7 +278,7 @@ def connect(db: Path, timeout: float = 5.0) -> Iterator[duckdb.DuckDBPyConnectio
 
 @contextmanager
 def _open(db: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
-    if not _migrated(db):
+    if not is_migrated(db):
         # read_connection first brings an old store forward through a brief read-write connection with
         # DuckDB's default configuration; no other connection of ours may be open meanwhile.
         with _RW.write(), read_connection(db, timeout=timeout):

@@ -19,7 +19,7 @@ def views_and_macros() -> list[tuple[str, str, str]]:
         pattern = r"((?:^--[^\n]*\n)+)CREATE OR REPLACE (VIEW|MACRO) (\w+(?:\([^)]*\))?)"
         for comment, kind, name in re.findall(pattern, text, flags=re.M):
             doc = " ".join(line.lstrip("-").strip() for line in comment.strip().splitlines())
-            out.append((kind.lower(), name, doc))
+            out.append((kind.lower(), " ".join(name.split()), doc))
     return out
 
 

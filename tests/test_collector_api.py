@@ -158,6 +158,8 @@ def test_cli_sql_formats_and_errors(tmp_path):
     assert _q(db, f"SELECT count(*) FROM read_parquet('{out}')") == [(3,)]
     table = cli("runs", db=db)
     assert table.returncode == 0 and "finished" in table.stdout
+    before = cli("--db", str(db), "runs", "--format", "csv")  # --db before the command works too
+    assert before.returncode == 0 and before.stdout.count("finished") == 1
 
     for query, needle in [("DELETE FROM steps", "read-only"), ("SELEC 1", "SQL error"),
                           ("CREATE TABLE x (a INT)", "read-only"), ("", "empty query")]:
