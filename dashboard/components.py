@@ -44,6 +44,20 @@ def scope_dropdown(id: str) -> html.Div:
     )
 
 
+def scope_callback(dropdown_id: str) -> None:
+    """Register the callback that fills a page's scope dropdown from the selection and the store."""
+
+    @dash.callback(
+        dash.Output(dropdown_id, "options"),
+        dash.Output(dropdown_id, "value"),
+        dash.Input("selected-runs", "data"),
+        dash.Input("store-version", "data"),
+        dash.State(dropdown_id, "value"),
+    )
+    def fill_scope(selected, _version, current):
+        return scope_options(queries.current_db(), selected, current)
+
+
 def scope_options(db: Path, selected: Sequence[str] | None, current: str | None = None) -> tuple[list[dict], str | None]:
     """Dropdown options (selected runs, each sweep, all runs) and the value to show.
 

@@ -87,21 +87,12 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
     if source == "step":
         per_run = max(100, POINT_BUDGET // max(1, len(ids)))
         data = queries.step_curves(db, ids, metric, x, per_run)
-        parts = data.partition_by("run_id", as_dict=True) if data.height else {}
-        parts = {k[0] if isinstance(k, tuple) else k: v for k, v in parts.items()}
-        downsampled = any(int(p["n"].max()) > 1 for p in parts.values())
-        if downsampled:
+        if data.height and int(data["n"].max()) > 1:
             notes.append(f"long runs averaged into ≤{per_run:,} points each (in DuckDB)")
         smooth = smoothing if metric in ("loss", "b_simple") else 0.0
-        for k, rid in enumerate(order):
-            part = parts.get(rid)
-            if part is None or part.is_empty():
-                continue
-            row = info.get(rid, {"run_id": rid})
-            color = batch_color(row.get("batch_size")) if color_by == "batch" else QUALITATIVE[k % len(QUALITATIVE)]
+        for part, row, color, legend in _per_run(data, order, info, color_by, seen_batches):
             xs = part["x"].to_numpy()
             ys = part["y"].to_numpy()
-            legend = _legend(row, color_by, seen_batches)
             if smooth > 0:
                 traces.append({"type": "scatter", "x": arr(xs), "y": arr(ys), "mode": "lines",
                                "line": {"color": color, "width": 1}, "opacity": 0.22, "hoverinfo": "skip",
@@ -121,15 +112,7 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
         split = "test" if metric.startswith("test") else "train"
         what = "accuracy" if metric.endswith("accuracy") else "loss"
         data = queries.eval_curves(db, ids, what, x, (split,))
-        parts = data.partition_by("run_id", as_dict=True) if data.height else {}
-        parts = {k[0] if isinstance(k, tuple) else k: v for k, v in parts.items()}
-        for k, rid in enumerate(order):
-            part = parts.get(rid)
-            if part is None or part.is_empty():
-                continue
-            row = info.get(rid, {"run_id": rid})
-            color = batch_color(row.get("batch_size")) if color_by == "batch" else QUALITATIVE[k % len(QUALITATIVE)]
-            legend = _legend(row, color_by, seen_batches)
+        for part, row, color, legend in _per_run(data, order, info, color_by, seen_batches):
             traces.append({
                 "type": "scatter", "x": arr(part["x"]), "y": arr(part["y"]), "mode": "lines+markers",
                 "line": {"color": color, "width": 1.8}, "marker": {"size": 4}, "name": legend["name"],
@@ -145,6 +128,19 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
     )
     fig["layout"]["legend"]["title"] = {"text": "batch size" if color_by == "batch" else "run"}
     return fig, "; ".join(notes)
+
+
+def _per_run(data: pl.DataFrame, order: list[str], info: dict, color_by: str, seen_batches: set):
+    """(rows, run info, colour, legend entry) per run with data, in the page's run order."""
+    parts = data.partition_by("run_id", as_dict=True) if data.height else {}
+    parts = {k[0] if isinstance(k, tuple) else k: v for k, v in parts.items()}
+    for k, rid in enumerate(order):
+        part = parts.get(rid)
+        if part is None or part.is_empty():
+            continue
+        row = info.get(rid, {"run_id": rid})
+        color = batch_color(row.get("batch_size")) if color_by == "batch" else QUALITATIVE[k % len(QUALITATIVE)]
+        yield part, row, color, _legend(row, color_by, seen_batches)
 
 
 def _legend(row: dict, color_by: str, seen: set) -> dict:

@@ -14,8 +14,8 @@ from dashboard.components import (
     page_header,
     register_page,
     resolve_scope,
+    scope_callback,
     scope_dropdown,
-    scope_options,
     store_problem,
 )
 from dashboard.theme import ACCENT, arr, batch_color, empty_figure, figure, fmt, note, stat
@@ -124,15 +124,7 @@ def layout(**_kwargs):
     )
 
 
-@callback(
-    Output("gen-scope", "options"),
-    Output("gen-scope", "value"),
-    Input("selected-runs", "data"),
-    Input("store-version", "data"),
-    State("gen-scope", "value"),
-)
-def gen_scope(selected, _version, current):
-    return scope_options(queries.current_db(), selected, current)
+scope_callback("gen-scope")
 
 
 @callback(

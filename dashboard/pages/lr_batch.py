@@ -15,8 +15,8 @@ from dashboard.components import (
     page_header,
     register_page,
     resolve_scope,
+    scope_callback,
     scope_dropdown,
-    scope_options,
     store_problem,
 )
 from dashboard.theme import (
@@ -171,15 +171,7 @@ def layout(**_kwargs):
     )
 
 
-@callback(
-    Output("lrb-scope", "options"),
-    Output("lrb-scope", "value"),
-    Input("selected-runs", "data"),
-    Input("store-version", "data"),
-    State("lrb-scope", "value"),
-)
-def lrb_scope(selected, _version, current):
-    return scope_options(queries.current_db(), selected, current)
+scope_callback("lrb-scope")
 
 
 @callback(

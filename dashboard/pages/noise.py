@@ -16,8 +16,8 @@ from dashboard.components import (
     register_page,
     resolve_scope,
     run_hover,
+    scope_callback,
     scope_dropdown,
-    scope_options,
     store_problem,
 )
 from dashboard.theme import arr, batch_color, empty_figure, figure, fmt, note, stat
@@ -173,15 +173,7 @@ def layout(**_kwargs):
     )
 
 
-@callback(
-    Output("noise-scope", "options"),
-    Output("noise-scope", "value"),
-    Input("selected-runs", "data"),
-    Input("store-version", "data"),
-    State("noise-scope", "value"),
-)
-def noise_scope(selected, _version, current):
-    return scope_options(queries.current_db(), selected, current)
+scope_callback("noise-scope")
 
 
 @callback(

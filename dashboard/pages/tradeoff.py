@@ -16,8 +16,8 @@ from dashboard.components import (
     page_header,
     register_page,
     resolve_scope,
+    scope_callback,
     scope_dropdown,
-    scope_options,
     store_problem,
 )
 from dashboard.theme import (
@@ -242,15 +242,7 @@ def layout(**_kwargs):
     )
 
 
-@callback(
-    Output("tradeoff-scope", "options"),
-    Output("tradeoff-scope", "value"),
-    Input("selected-runs", "data"),
-    Input("store-version", "data"),
-    State("tradeoff-scope", "value"),
-)
-def tradeoff_scope(selected, _version, current):
-    return scope_options(queries.current_db(), selected, current)
+scope_callback("tradeoff-scope")
 
 
 @callback(
