@@ -38,7 +38,7 @@ from dashboard.analysis import (  # noqa: E402
     stability_map,
     tradeoff_vs_target,
 )
-from schema import ensure_schema  # noqa: E402
+from schema import ensure_schema, refresh_run_stats  # noqa: E402
 
 B_CRIT, S_MIN, EPS_MAX = 128.0, 500.0, 0.8
 BATCHES = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -119,6 +119,7 @@ def build_store(db: Path, n_runs: int, n_steps: int, seed: int = 0) -> None:
     flush()
     con.register("_r", pa.Table.from_pylist(run_rows))
     con.execute("INSERT INTO runs BY NAME SELECT * FROM _r")
+    refresh_run_stats(con)
     con.execute("CHECKPOINT")
     con.close()
 

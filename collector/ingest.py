@@ -15,6 +15,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 
 from collector.spool import Spool
 from collector.store import spool_root, try_write_connection
+from schema import refresh_run_stats
 
 RUN_COLUMNS = (
     "run_id", "name", "sweep", "status", "task", "model", "optimizer", "lr", "momentum", "weight_decay",
@@ -59,6 +60,44 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, run_
         con.unregister("_batch")
 
 
+# Merge a batch's per-run figures into the run_stats cache. Every figure but n_steps is a max/min/or,
+# so merging is exact for any batch; n_steps adds up only when every row of the batch was new.
+_MERGE_RUN_STATS = """
+INSERT INTO run_stats SELECT * FROM run_stats_of('_stats_batch')
+ON CONFLICT (run_id) DO UPDATE SET
+    n_steps = run_stats.n_steps + excluded.n_steps,
+    final_loss = CASE WHEN run_stats.steps IS NULL OR excluded.steps >= run_stats.steps
+                      THEN excluded.final_loss ELSE run_stats.final_loss END,
+    steps = greatest(run_stats.steps, excluded.steps),
+    examples = greatest(run_stats.examples, excluded.examples),
+    wall_time = greatest(run_stats.wall_time, excluded.wall_time),
+    best_loss = least(run_stats.best_loss, excluded.best_loss),
+    has_nonfinite_loss = run_stats.has_nonfinite_loss OR excluded.has_nonfinite_loss
+"""
+_STATS_COLUMNS = {"examples": pa.int64(), "wall_time": pa.float64(), "loss": pa.float64()}
+
+
+def update_run_stats(con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table, all_new: bool) -> None:
+    """Keep run_stats in step with the rows just inserted into `steps` (same transaction).
+
+    `all_new`: every row of `data` was inserted (a plain INSERT); otherwise (a replay, some rows were
+    already there) the run's figures are recomputed from `steps`, which is exact either way.
+    """
+    if not all_new:
+        con.execute("DELETE FROM run_stats WHERE run_id = ?", [run_id])
+        refresh_run_stats(con)  # recomputes the runs missing from the cache, this one included
+        return
+    for name, type_ in _STATS_COLUMNS.items():  # a user's loop may not log every column
+        if name not in data.column_names:
+            data = data.append_column(name, pa.nulls(data.num_rows, type_))
+    batch = data.select(["step", *_STATS_COLUMNS]).append_column("run_id", pa.repeat(pa.scalar(run_id), data.num_rows))
+    con.register("_stats_batch", batch)
+    try:
+        con.execute(_MERGE_RUN_STATS)
+    finally:
+        con.unregister("_stats_batch")
+
+
 def _stored_in_range(con: duckdb.DuckDBPyConnection, table: str, run_id: str, data: pa.Table) -> bool:
     """Whether any stored row of this run falls in the batch's step range (then it may be a replay)."""
     steps = data.column("step")
@@ -76,6 +115,8 @@ def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, 
             # Fresh rows (the usual case) take the plain bulk INSERT; a possible replay takes INSERT OR IGNORE.
             ignore = careful or _stored_in_range(con, table, run["run_id"], data)
             insert_rows(con, table, data, run_id=run["run_id"], ignore_existing=ignore)
+            if table == "steps":
+                update_run_stats(con, run["run_id"], data, all_new=not ignore)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

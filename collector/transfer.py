@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from collector.ingest import insert_rows
 from collector.store import read_connection, write_connection
+from schema import refresh_run_stats
 
 EXPORT_TABLES = ("runs", "steps", "evals", "scalars")
 
@@ -47,5 +48,6 @@ def import_store(db: str | os.PathLike | None, folder: str | os.PathLike) -> dic
             before = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
             insert_rows(con, table, pq.read_table(path))
             counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0] - before
+        refresh_run_stats(con)
         con.execute("COMMIT")
     return counts

@@ -103,7 +103,7 @@ def make_store(
     train_size: int = 50_000,
 ) -> Path:
     """Create (or extend) a store at `db` with `n_runs` synthetic runs of up to `steps` steps each."""
-    from schema import ensure_schema
+    from schema import ensure_schema, refresh_run_stats
 
     db = Path(db)
     rng = np.random.default_rng(seed)
@@ -162,6 +162,7 @@ def make_store(
         con.register("_r", pa.Table.from_pylist(run_rows))
         con.execute("INSERT INTO runs BY NAME SELECT * FROM _r")
         con.unregister("_r")
+        refresh_run_stats(con)
         con.execute("CHECKPOINT")
     finally:
         con.close()

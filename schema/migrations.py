@@ -14,7 +14,7 @@ import duckdb
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
-from schema.tables import DATA_TABLES, SCHEMA_VERSION, metadata, schema_version
+from schema.tables import DATA_TABLES, DERIVED_TABLES, SCHEMA_VERSION, metadata, schema_version
 
 # duckdb_engine's dialect is PostgreSQL's with DuckDB types added; for these tables both compile to the
 # same DDL (a test checks it). We compile with the PostgreSQL one at run time because importing
@@ -48,6 +48,18 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE steps ADD COLUMN b_simple DOUBLE",
         "ALTER TABLE schema_version ADD COLUMN sql_digest VARCHAR",
     ],
+    3: [
+        """CREATE TABLE run_stats (run_id VARCHAR NOT NULL, n_steps BIGINT, steps BIGINT, examples BIGINT,
+            wall_time DOUBLE PRECISION, final_loss DOUBLE PRECISION, best_loss DOUBLE PRECISION,
+            has_nonfinite_loss BOOLEAN, PRIMARY KEY (run_id))""",
+    ],
+}
+# Recompute the run_stats cache for runs whose steps were written outside the collector.
+REFRESH_RUN_STATS = "INSERT OR REPLACE INTO run_stats SELECT * FROM run_stats_of('uncached_steps')"
+
+# Statements that need the current views and macros, run after them when a store passes version v.
+AFTER_VIEWS: dict[int, list[str]] = {
+    3: [REFRESH_RUN_STATS],
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION, "add a migration when SCHEMA_VERSION changes"
 
@@ -86,7 +98,7 @@ def store_version(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
 
 def _apply_comments(con: duckdb.DuckDBPyConnection) -> None:
     """Keep DuckDB's catalog comments equal to the data dictionary in tables.py."""
-    for table in (*DATA_TABLES, schema_version):
+    for table in (*DATA_TABLES, *DERIVED_TABLES, schema_version):
         for col in table.columns:
             doc = (col.comment or "").replace("'", "''")
             con.execute(f"COMMENT ON COLUMN {table.name}.{col.name} IS '{doc}'")
@@ -95,6 +107,11 @@ def _apply_comments(con: duckdb.DuckDBPyConnection) -> None:
 def _apply_views(con: duckdb.DuckDBPyConnection) -> None:
     for _name, text in _sql_files():
         con.execute(text)
+
+
+def refresh_run_stats(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring the run_stats cache in step after writing `steps` directly (bulk loads, imports, tests)."""
+    con.execute(REFRESH_RUN_STATS)
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> bool:
@@ -120,6 +137,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> bool:
         if version < SCHEMA_VERSION:
             _apply_comments(con)
         _apply_views(con)
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for stmt in AFTER_VIEWS.get(v, []) if version > 0 else []:
+                con.execute(stmt)
         con.execute(
             "INSERT OR REPLACE INTO schema_version (version, applied_at, sql_digest) VALUES (?, now(), ?)",
             [SCHEMA_VERSION, current_digest],

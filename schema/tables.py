@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUN_STATUSES = ("running", "finished", "diverged", "failed", "stale")
 
 
@@ -96,4 +96,20 @@ schema_version = sa.Table(
     _col("sql_digest", sa.String, "Digest of the views and macros (schema/sql/*.sql) last applied; they are recreated when it changes."),
 )
 
+run_stats = sa.Table(
+    "run_stats",
+    metadata,
+    _col("run_id", RunId, "Run (runs.run_id).", primary_key=True),
+    _col("n_steps", sa.BigInteger, "Rows of this run in steps when these figures were made; run_summary trusts a row only while this still equals the count in steps (else it recomputes the run)."),
+    _col("steps", sa.BigInteger, "Last logged step."),
+    _col("examples", sa.BigInteger, "Largest cumulative examples logged."),
+    _col("wall_time", Double, "Largest wall_time logged (seconds since the run started)."),
+    _col("final_loss", Double, "Training loss at the last logged step (NaN/inf if it diverged there)."),
+    _col("best_loss", Double, "Lowest finite training loss logged."),
+    _col("has_nonfinite_loss", sa.Boolean, "Whether any logged training loss was NaN or infinite."),
+)
+
 DATA_TABLES = (runs, steps, evals, scalars)
+# Kept up to date by the collector at every ingest, so run_summary reads one row per run instead of
+# aggregating every step. A cache: it can always be rebuilt from `steps` (see the uncached_steps view).
+DERIVED_TABLES = (run_stats,)

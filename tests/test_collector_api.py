@@ -130,6 +130,26 @@ def test_v1_store_migrates_without_data_loss(tmp_path):
     assert _q(db, q) == _q(fresh, q)
     # The old rows are readable through the new views.
     assert _q(db, "SELECT count(*) FROM run_summary WHERE steps > 0")[0][0] == before["runs"]
+    assert _q(db, "SELECT count(*) FROM run_stats")[0][0] == before["runs"]  # the cache was filled
+
+
+def test_run_summary_survives_steps_written_outside_the_collector(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    with collector.start_run(db, name="a", lr=0.1, batch_size=8) as run:
+        for i in range(1, 11):
+            run.log_step(i, examples=8 * i, loss=1.0 / i)
+    summary = "SELECT steps, examples, final_loss, best_loss, diverged FROM run_summary"
+    assert _q(db, summary) == [(10, 80, 0.1, 0.1, False)]
+    # An analyst appends rows by hand (not through the collector): the cache no longer matches steps,
+    # so run_summary recomputes that run instead of showing stale figures.
+    with duckdb.connect(str(db)) as con:
+        con.execute("INSERT INTO steps (run_id, step, examples, loss) SELECT run_id, 11, 88, 'nan' FROM runs")
+    steps, examples, final_loss, best_loss, diverged = _q(db, summary)[0]
+    assert (steps, examples, best_loss, diverged) == (11, 88, 0.1, True) and math.isnan(final_loss)
+    with duckdb.connect(str(db)) as con:  # the documented refresh brings the cache back in step
+        con.execute("INSERT OR REPLACE INTO run_stats SELECT * FROM run_stats_of('uncached_steps')")
+        assert con.execute("SELECT count(*) FROM uncached_steps").fetchall() == [(0,)]
+        assert con.execute("SELECT n_steps, steps, has_nonfinite_loss FROM run_stats").fetchall() == [(11, 11, True)]
 
 
 def test_fresh_ddl_comes_from_sqlalchemy_and_matches_the_duckdb_dialect():

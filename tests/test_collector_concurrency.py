@@ -20,6 +20,13 @@ from collector.store import spool_root
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_run_stats_exact(con: duckdb.DuckDBPyConnection) -> None:
+    """The run_stats cache the collector maintains at ingest equals a recomputation from steps."""
+    for a, b in (("run_stats", "run_stats_of('steps')"), ("run_stats_of('steps')", "run_stats")):
+        diff = con.execute(f"SELECT * FROM {a} EXCEPT SELECT * FROM {b}").fetchall()
+        assert diff == [], (a, diff)
+
+
 def _spawn(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "tests.collector_workers", *args], cwd=ROOT, env=env,
@@ -53,6 +60,7 @@ def test_eight_writers_and_a_reader_share_one_store(tmp_path):
     assert con.execute("SELECT count(*) FROM scalars").fetchall()[0][0] == n_writers * n_steps // 1000
     statuses = con.execute("SELECT DISTINCT status FROM run_summary").fetchall()
     assert statuses == [("finished",)]
+    assert_run_stats_exact(con)  # after ~20 flushes per writer
     con.close()
     assert not any(spool_root(Path(db)).glob("*/*.arrow")), "everything left the spool"
 
@@ -90,6 +98,7 @@ def test_sigkilled_writer_is_recovered_as_stale(tmp_path):
         n, hi = con.execute("SELECT count(*), max(step) FROM steps WHERE run_id = ?", [run_id]).fetchall()[0]
         status = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
         summary = con.execute("SELECT status FROM run_summary WHERE run_id = ?", [run_id]).fetchall()[0][0]
+        assert_run_stats_exact(con)
     assert n == flushed == hi  # every flushed step, each once, none missing
     assert status == summary == "stale"
     assert not (spool_root(db) / run_id).exists()
@@ -127,6 +136,8 @@ def test_replaying_a_spool_twice_creates_no_duplicates(tmp_path):
         assert con.execute("SELECT count(*), count(DISTINCT step) FROM steps").fetchall()[0] == (100, 100)
         assert con.execute("SELECT count(*) FROM evals").fetchall()[0][0] == 1
         assert con.execute("SELECT count(*) FROM runs").fetchall()[0][0] == 1
+        assert_run_stats_exact(con)
+        assert con.execute("SELECT steps, final_loss FROM run_summary").fetchall() == [(100, 0.5)]
 
 
 def test_locked_store_never_blocks_the_training_loop(tmp_path):

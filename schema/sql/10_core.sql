@@ -1,18 +1,42 @@
 -- Core views and macros: the questions people ask of a store, in plain SQL.
 -- Executed (CREATE OR REPLACE) whenever this file changes; see schema/migrations.py.
 
+-- Per-run figures over the steps of table `tbl` (steps, or a batch about to be ingested): row count,
+-- last step, examples, wall time, final and best training loss, whether any loss was non-finite.
+-- Example: SELECT * FROM run_stats_of('steps') WHERE run_id = '...';
+CREATE OR REPLACE MACRO run_stats_of(tbl) AS TABLE
+SELECT run_id,
+       count(*) AS n_steps,
+       max(step) AS steps,
+       max(examples) AS examples,
+       max(wall_time) AS wall_time,
+       arg_max(loss, step) AS final_loss,
+       min(loss) FILTER (WHERE isfinite(loss)) AS best_loss,
+       coalesce(bool_or(NOT isfinite(loss)), false) AS has_nonfinite_loss
+FROM query_table(tbl) GROUP BY run_id;
+
+-- The steps of every run whose row in the run_stats cache is missing or out of date (its n_steps
+-- differs from the rows in steps: steps written outside the collector). Usually empty.
+-- Example (refresh the cache): INSERT OR REPLACE INTO run_stats SELECT * FROM run_stats_of('uncached_steps');
+CREATE OR REPLACE VIEW uncached_steps AS
+SELECT * FROM steps
+WHERE run_id IN (
+    SELECT c.run_id
+    FROM (SELECT run_id, count(*) AS n_steps FROM steps GROUP BY run_id) c
+    LEFT JOIN run_stats r USING (run_id)
+    WHERE r.n_steps IS DISTINCT FROM c.n_steps
+);
+
 -- One row per run: effective status (a running run whose heartbeat is over 60 s old is 'stale'),
 -- progress, final/best losses and accuracies, and the generalization gap (test - train) at the last eval.
+-- Step figures come from the run_stats cache where it is current, else from the steps themselves.
 CREATE OR REPLACE VIEW run_summary AS
 WITH step_stats AS (
-    SELECT run_id,
-           max(step) AS steps,
-           max(examples) AS examples,
-           max(wall_time) AS wall_time,
-           arg_max(loss, step) AS final_loss,
-           min(loss) FILTER (WHERE isfinite(loss)) AS best_loss,
-           bool_or(NOT isfinite(loss)) AS has_nonfinite_loss
-    FROM steps GROUP BY run_id
+    SELECT * FROM run_stats
+    WHERE run_id NOT IN (SELECT DISTINCT run_id FROM uncached_steps)
+      AND run_id IN (SELECT DISTINCT run_id FROM steps)
+    UNION ALL BY NAME
+    SELECT * FROM run_stats_of('uncached_steps')
 ),
 eval_stats AS (
     SELECT run_id,
