@@ -217,7 +217,9 @@ class Run:
         return wrote
 
     def _drain(self) -> list[tuple[str, pa.Table]]:
-        """Buffered rows as Arrow tables (without run_id: the spool folder says whose rows they are)."""
+        """Buffered rows as one Arrow table per store table (without run_id: the spool folder says whose
+        rows they are). One segment per table per flush: a trainer's many small blocks must not cost an
+        fsync each."""
         out = []
         while self._tables:
             out.append(self._tables.popleft())
@@ -229,7 +231,11 @@ class Run:
             if rows:  # column by column: pa.array over a list is ~50x faster than over zip(*rows) tuples
                 out.append((table, pa.table({c: pa.array(list(map(itemgetter(i), rows)), type=t)
                                              for i, (c, t) in enumerate(types.items())})))
-        return out
+        by_table: dict[str, list[pa.Table]] = {}
+        for table, data in out:
+            by_table.setdefault(table, []).append(data)
+        return [(t, parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default").combine_chunks())
+                for t, parts in by_table.items()]
 
     def _try_ingest(self, patience: float = TICK_PATIENCE) -> bool:
         """Move the spool into the store, retrying a lock conflict for up to `patience` seconds."""
