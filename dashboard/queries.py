@@ -329,7 +329,7 @@ def overview(db: Path) -> Overview:
     try:
         with connect(db) as con:
             n, running = con.sql(
-                "SELECT count(*), count(*) FILTER (WHERE status = 'running') FROM run_summary"
+                "SELECT count(*), count(*) FILTER (WHERE status = 'running') FROM run_status"
             ).fetchall()[0]
             sweeps = [r[0] for r in con.sql(
                 "SELECT sweep FROM runs WHERE sweep IS NOT NULL GROUP BY sweep ORDER BY max(started_at) DESC"

@@ -27,6 +27,13 @@ WHERE run_id IN (
     WHERE r.n_steps IS DISTINCT FROM c.n_steps
 );
 
+-- The runs table with the effective status: a running run whose heartbeat is over 60 s old is 'stale'
+-- (its process died without a word). Cheap: no steps are read.
+CREATE OR REPLACE VIEW run_status AS
+SELECT * REPLACE (CASE WHEN status = 'running' AND heartbeat_at < now() - INTERVAL 60 SECOND THEN 'stale'
+                       ELSE status END AS status)
+FROM runs;
+
 -- One row per run: effective status (a running run whose heartbeat is over 60 s old is 'stale'),
 -- progress, final/best losses and accuracies, and the generalization gap (test - train) at the last eval.
 -- Step figures come from the run_stats cache where it is current, else from the steps themselves.
@@ -48,9 +55,7 @@ eval_stats AS (
            max(accuracy) FILTER (WHERE split = 'test') AS best_test_accuracy
     FROM evals GROUP BY run_id
 )
-SELECT r.run_id, r.name, r.sweep,
-       CASE WHEN r.status = 'running' AND r.heartbeat_at < now() - INTERVAL 60 SECOND THEN 'stale'
-            ELSE r.status END AS status,
+SELECT r.run_id, r.name, r.sweep, r.status,
        r.task, r.model, r.optimizer, r.lr, r.momentum, r.weight_decay, r.batch_size, r.micro_batch_size,
        r.accum_steps, r.world_size, r.train_size, r.seed, r.device, r.host,
        r.started_at, r.ended_at, r.heartbeat_at,
@@ -62,7 +67,7 @@ SELECT r.run_id, r.name, r.sweep,
        e.final_test_loss - e.final_train_loss AS gap_loss,
        e.final_train_accuracy - e.final_test_accuracy AS gap_accuracy,
        (r.status = 'diverged' OR coalesce(s.has_nonfinite_loss, false)) AS diverged
-FROM runs r
+FROM run_status r
 LEFT JOIN step_stats s USING (run_id)
 LEFT JOIN eval_stats e USING (run_id);
 
