@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import plotly.utils  # noqa: E402
 import polars as pl  # noqa: E402
 
-from dashboard import queries  # noqa: E402
+from dashboard import console, queries  # noqa: E402
 from dashboard.synthetic import make_store  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     targets_all = [tr_all.default * f for f in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]
     xs = ["step", "examples", "wall_time"]
     metrics = list(lr_batch.METRICS)
-    examples = list(queries.EXAMPLE_QUERIES.items())
+    examples = list(console.EXAMPLE_QUERIES.items())
     light = [q for n, q in examples if "steps_to_target" not in q and "noise_scale" not in q]
     heavy = [q for n, q in examples if q not in light]
 

@@ -1,101 +1,40 @@
-"""Every SQL statement the dashboard runs lives here, and nowhere else in dashboard/.
-
-Following DESIGN.md's concurrency contract, the dashboard never holds the store: each read opens a
-short read-only connection (collector.store.read_connection, which retries while a writer holds the
-lock) and closes it at once. Results are cached in memory keyed by the store's *version* — the
-modification time and size of the DuckDB file and its WAL — so an unchanged store is never re-read,
-and a store a trainer is writing to is re-read at most once per change.
-
-Reads return polars frames; the analysis library (dashboard/analysis/) turns them into numbers.
+"""Every SQL statement the dashboard runs for its pages lives here (the console runs the user's own,
+dashboard/console.py). Reads return polars frames; the analysis library (dashboard/analysis/) turns them
+into numbers. Connections and the caches keyed by the store's version: dashboard/store_access.py.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import polars as pl
 
-from collector.store import StoreError, is_migrated, read_connection, resolve_db
+from collector.store import StoreError
+from dashboard import store_access
+from dashboard.store_access import (  # re-exported: pages use queries.* as their one door to the store
+    CACHE,
+    cached,
+    configure,
+    connect,
+    current_db,
+    freeze,
+    in_session,
+    read_frame,
+    session,
+    store_version,
+)
 
 __all__ = [
-    "StoreError", "ConsoleResult", "Overview", "configure", "current_db", "store_version", "overview",
-    "run_table", "step_curves", "eval_curves", "steps_frame", "evals_frame", "runs_frame", "run_console",
-    "clear_cache",
+    "StoreError", "Overview", "configure", "current_db", "store_version", "overview", "run_table",
+    "step_curves", "eval_curves", "steps_frame", "evals_frame", "runs_frame", "clear_cache", "connect",
+    "session", "in_session", "cached",
 ]
-
-_DB: Path | None = None
-
-
-def configure(db: str | os.PathLike | None) -> Path:
-    """Set the store the running dashboard serves (from --db, $BATCHSCOPE_DB or ./runs.duckdb)."""
-    global _DB
-    _DB = resolve_db(db).absolute()
-    return _DB
-
-
-def current_db() -> Path:
-    return _DB if _DB is not None else configure(None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# store version and cache
-
-
-def store_version(db: Path) -> tuple | None:
-    """(mtime, size) of the DuckDB file and of its WAL: changes whenever a writer commits. None if missing."""
-    try:
-        st = db.stat()
-    except FileNotFoundError:
-        return None
-    try:
-        w = db.with_name(db.name + ".wal").stat()
-        wal = (w.st_mtime_ns, w.st_size)
-    except FileNotFoundError:
-        wal = None
-    return (st.st_mtime_ns, st.st_size, wal)
-
-
-class _Cache:
-    """A small thread-safe LRU of query results, keyed by (store, store version, query, arguments)."""
-
-    def __init__(self, size: int = 256):
-        self.size = size
-        self._data: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple) -> tuple[bool, Any]:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return True, self._data[key]
-            self.misses += 1
-            return False, None
-
-    def put(self, key: tuple, value: Any) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
-CACHE = _Cache()
 
 
 def clear_cache() -> None:
@@ -106,121 +45,12 @@ def clear_cache() -> None:
         _FINAL_ROWS.clear()
 
 
-def _freeze(v: Any) -> Any:
-    if isinstance(v, (list, tuple, set, frozenset)):
-        return tuple(_freeze(x) for x in v)
-    if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    return v
-
-
-def cached(ttl_bucket: float | None = None) -> Callable:
-    """Cache a `fn(db, ...)` by the store's version; `ttl_bucket` s also expires it with the clock
-    (for results that depend on now(), such as stale detection from heartbeats)."""
-
-    def deco(fn: Callable) -> Callable:
-        @wraps(fn)
-        def wrapper(db: Path, *args, **kwargs):
-            db = Path(db)
-            version = store_version(db)
-            if version is None:
-                return fn(db, *args, **kwargs)
-            clock = int(time.time() // ttl_bucket) if ttl_bucket else None
-            key = (fn.__name__, str(db), version, clock, _freeze(args), _freeze(kwargs))
-            hit, value = CACHE.get(key)
-            if hit:
-                return value
-            value = fn(db, *args, **kwargs)
-            CACHE.put(key, value)
-            return value
-
-        wrapper.uncached = fn  # type: ignore[attr-defined]
-        return wrapper
-
-    return deco
-
-
-# One configuration for every connection this process opens on the store: DuckDB refuses a second
-# in-process connection to a file with a different configuration, and the console needs this one.
-READ_CONFIG = {
-    "enable_external_access": False,  # no files, no network, no extensions (read_csv, COPY, ATTACH, INSTALL ...)
-    "allow_community_extensions": False,
-    "autoload_known_extensions": False,
-    "autoinstall_known_extensions": False,
-    "memory_limit": "1GB",
-    "threads": 2,
-    "lock_configuration": True,  # and no SET can undo the above
-}
-
-
-class _ReadWriteLock:
-    """Many readers or one writer, within this process (recovery writes; pages and the console read)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writing:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            while self._writing or self._readers:
-                self._cond.wait()
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writing = False
-                self._cond.notify_all()
-
-
-_RW = _ReadWriteLock()
-
-
-
-
-_LOCAL = threading.local()
-
-
-@contextmanager
-def session(db: Path) -> Iterator[None]:
-    """Within this block, every read of `db` on this thread shares one read-only connection, opened at
-    the first read and closed at the end: a page's callback opens the store once, not once per query."""
-    if getattr(_LOCAL, "session", None) is not None:
-        yield
-        return
-    _LOCAL.session = {"db": str(Path(db)), "stack": None, "con": None}
-    try:
-        yield
-    finally:
-        state, _LOCAL.session = _LOCAL.session, None
-        if state["stack"] is not None:
-            state["stack"].close()
-
-
-def in_session(fn: Callable) -> Callable:
-    """Run `fn(db, ...)` inside session(db)."""
-
-    @wraps(fn)
-    def wrapper(db, *args, **kwargs):
-        with session(Path(db)):
-            return fn(db, *args, **kwargs)
-
-    return wrapper
+def recover(db: Path) -> int:
+    """Ingest spools of dead writer processes; forget cached results if any run changed."""
+    n = store_access.recover(db)
+    if n:
+        clear_cache()
+    return n
 
 
 def runs_fingerprint(db: Path, run_ids: Sequence[str]) -> int:
@@ -242,8 +72,8 @@ def cached_by_runs(fn: Callable) -> Callable:
         db = Path(db)
         if store_version(db) is None:
             return fn(db, run_ids, *args, **kwargs)
-        key = ("by_runs", fn.__module__, fn.__name__, _store_identity(db), _freeze(sorted(run_ids)),
-               runs_fingerprint(db, run_ids), _freeze(args), _freeze(kwargs))
+        key = ("by_runs", fn.__module__, fn.__name__, _store_identity(db), freeze(sorted(run_ids)),
+               runs_fingerprint(db, run_ids), freeze(args), freeze(kwargs))
         with _PER_RUN_LOCK:
             if key in _PER_RUN:
                 _PER_RUN.move_to_end(key)
@@ -254,55 +84,6 @@ def cached_by_runs(fn: Callable) -> Callable:
         return value
 
     return wrapper
-
-
-@contextmanager
-def connect(db: Path, timeout: float = 5.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short read-only connection (closed on exit, or at the end of the enclosing session());
-    waits up to `timeout` s for a writer's lock."""
-    state = getattr(_LOCAL, "session", None)
-    if state is not None and state["db"] == str(Path(db)):
-        if state["con"] is None:
-            stack = ExitStack()
-            try:
-                state["con"] = stack.enter_context(_open(db, timeout))
-            except BaseException:
-                stack.close()
-                raise
-            state["stack"] = stack
-        yield state["con"]
-        return
-    with _open(db, timeout) as con:
-        yield con
-
-
-@contextmanager
-def _open(db: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
-    if not is_migrated(db):
-        # read_connection first brings an old store forward through a brief read-write connection with
-        # DuckDB's default configuration; no other connection of ours may be open meanwhile.
-        with _RW.write(), read_connection(db, timeout=timeout):
-            pass
-    with _RW.read(), read_connection(db, timeout=timeout, config=READ_CONFIG) as con:
-        yield con
-
-
-def recover(db: Path) -> int:
-    """Ingest spools of dead writer processes (collector.store.recover), never alongside our own reads."""
-    from collector.store import recover as _recover
-
-    with _RW.write():
-        try:
-            n = _recover(db)
-        except Exception:  # noqa: BLE001 - recovery is best effort; the store stays readable
-            return 0
-    if n:
-        clear_cache()
-    return n
-
-
-def _frame(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> pl.DataFrame:
-    return con.sql(sql, params=params).pl() if params else con.sql(sql).pl()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,7 +153,7 @@ def run_table(db: Path) -> pl.DataFrame:
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'run_summary'"
         ).fetchall()}
         cols = ", ".join(c for c in RUN_COLUMNS if c in have)
-        current = _frame(con, "SELECT run_id, status FROM runs")
+        current = read_frame(con, "SELECT run_id, status FROM runs")
         with _FINAL_LOCK:
             final = _FINAL_ROWS.get(key)
         if final is not None and final.columns == [c for c in RUN_COLUMNS if c in have]:
@@ -382,10 +163,10 @@ def run_table(db: Path) -> pl.DataFrame:
         else:
             keep = None
         if keep is None or keep.is_empty():
-            table = _frame(con, f"SELECT {cols} FROM run_summary")
+            table = read_frame(con, f"SELECT {cols} FROM run_summary")
         else:
             todo = current.filter(~pl.col("run_id").is_in(keep["run_id"].implode()))["run_id"].to_list()
-            fresh = _frame(con, f"SELECT {cols} FROM run_summary WHERE run_id IN (SELECT unnest($ids))",
+            fresh = read_frame(con, f"SELECT {cols} FROM run_summary WHERE run_id IN (SELECT unnest($ids))",
                            {"ids": todo}) if todo else keep.clear()
             table = pl.concat([keep, fresh], how="vertical_relaxed")
     table = table.sort(["started_at", "name"], descending=[True, False], nulls_last=True)
@@ -512,7 +293,7 @@ def _step_curves(db: Path, ids: list[str], max_points: int) -> pl.DataFrame:
     FROM b GROUP BY run_id, bucket ORDER BY run_id, step
     """
     with connect(db) as con:
-        return _frame(con, sql, {"ids": ids or [""], "maxp": int(max_points)})
+        return read_frame(con, sql, {"ids": ids or [""], "maxp": int(max_points)})
 
 
 EVAL_METRICS = ("loss", "accuracy")
@@ -538,7 +319,7 @@ def eval_curves(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str =
 
     def fetch(some: list[str]) -> pl.DataFrame:
         with connect(db) as con:
-            return _frame(con, sql, {"ids": some or [""], "splits": list(splits)})
+            return read_frame(con, sql, {"ids": some or [""], "splits": list(splits)})
 
     return per_run("eval_curves", db, ids, (metric, x, tuple(splits)), fetch)
 
@@ -564,7 +345,7 @@ def steps_frame(db: Path, run_ids: Sequence[str], columns: Sequence[str] = STEP_
         where.append("g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL")
     sql = f"SELECT {', '.join(columns)} FROM steps WHERE {' AND '.join(where)} ORDER BY run_id, step"
     with connect(db) as con:
-        return _frame(con, sql, {"ids": _ids(run_ids) or [""]})
+        return read_frame(con, sql, {"ids": _ids(run_ids) or [""]})
 
 
 @cached()
@@ -575,7 +356,7 @@ def evals_frame(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
 
     def fetch(some: list[str]) -> pl.DataFrame:
         with connect(db) as con:
-            return _frame(con, sql, {"ids": some or [""]})
+            return read_frame(con, sql, {"ids": some or [""]})
 
     return per_run("evals_frame", db, run_ids, (), fetch)
 
@@ -601,7 +382,7 @@ def bucketed_steps(db: Path, run_ids: Sequence[str], width: int = 1) -> pl.DataF
 
     def fetch(some: list[str]) -> pl.DataFrame:
         with connect(db) as con:
-            return _frame(con, sql, {"ids": some or [""]})
+            return read_frame(con, sql, {"ids": some or [""]})
 
     return per_run("bucketed_steps", db, run_ids, (w,), fetch)
 
@@ -615,7 +396,7 @@ def run_lengths(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
 
     def fetch(some: list[str]) -> pl.DataFrame:
         with connect(db) as con:
-            return _frame(con, sql, {"ids": some or [""]})
+            return read_frame(con, sql, {"ids": some or [""]})
 
     return per_run("run_lengths", db, run_ids, (), fetch)
 
@@ -647,124 +428,6 @@ def noise_steps(db: Path, run_ids: Sequence[str], per_run_rows: int = 2_000) -> 
 
     def fetch(some: list[str]) -> pl.DataFrame:
         with connect(db) as con:
-            return _frame(con, sql, {"ids": some or [""], "rows": max(1, int(per_run_rows))})
+            return read_frame(con, sql, {"ids": some or [""], "rows": max(1, int(per_run_rows))})
 
     return per_run("noise_steps", db, run_ids, (int(per_run_rows),), fetch)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the SQL console
-
-ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
-
-EXAMPLE_QUERIES = {
-    "Runs of a sweep, best first": (
-        "SELECT name, batch_size, lr, status, steps, round(best_loss, 4) AS best_loss,\n"
-        "       round(final_test_accuracy, 4) AS test_acc\nFROM run_summary\nORDER BY best_loss NULLS LAST\nLIMIT 50"
-    ),
-    "Steps and examples to a target loss": (
-        "SELECT r.name, r.batch_size, r.lr, t.reached, round(t.steps) AS steps, round(t.examples) AS examples\n"
-        "FROM steps_to_target(0.5, smooth := 20) t JOIN runs r USING (run_id)\n"
-        "ORDER BY r.batch_size, t.steps NULLS LAST"
-    ),
-    "B_simple at the end of each run": (
-        "SELECT r.name, r.batch_size, arg_max(n.b_simple, n.step) AS b_simple_last\n"
-        "FROM noise_scale(100) n JOIN runs r USING (run_id)\nGROUP BY ALL ORDER BY r.batch_size"
-    ),
-    "Generalization gap by batch size": (
-        "SELECT batch_size, count(*) AS runs, avg(gap_loss) AS gap_loss, avg(gap_accuracy) AS gap_accuracy\n"
-        "FROM run_summary WHERE NOT diverged GROUP BY batch_size ORDER BY batch_size"
-    ),
-    "Tables and columns (data dictionary)": (
-        "SELECT table_name, column_name, data_type, comment\nFROM duckdb_columns()\n"
-        "WHERE table_name IN ('runs', 'steps', 'evals', 'scalars')\nORDER BY table_name, column_index"
-    ),
-}
-
-
-@dataclass
-class ConsoleResult:
-    ok: bool
-    message: str
-    frame: pl.DataFrame | None = None
-    truncated: bool = False
-    elapsed_s: float = 0.0
-    columns: list[str] = field(default_factory=list)
-
-
-def check_console_sql(sql: str) -> str | None:
-    """Why `sql` may not run in the console (None if it may): one read-only SELECT/EXPLAIN statement."""
-    text = (sql or "").strip()
-    if not text:
-        return "Enter a query."
-    try:
-        statements = duckdb.connect(":memory:").extract_statements(text)
-    except duckdb.Error as exc:
-        return _clean_error(exc)
-    if len(statements) != 1:
-        return f"Run one statement at a time ({len(statements)} given)."
-    kind = statements[0].type.name
-    if kind not in ALLOWED_STATEMENTS:
-        return f"{kind} statements are not allowed: the console is read-only (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN)."
-    return None
-
-
-def _clean_error(exc: BaseException) -> str:
-    """A DuckDB error as one or a few readable lines, no traceback."""
-    msg = str(exc).strip()
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    return "\n".join(lines[:6]) if lines else type(exc).__name__
-
-
-def run_console(db: Path, sql: str, row_limit: int = 5000, time_limit_s: float = 10.0) -> ConsoleResult:
-    """Run one read-only query with the console's protections; never raises.
-
-    Protections: statement type allow-list (parsed by DuckDB, so comments and casing do not fool it);
-    a read-only connection with external access disabled and the configuration locked (READ_CONFIG:
-    no files, network or extensions, even through table functions); a watchdog that interrupts the query after
-    `time_limit_s`; at most `row_limit` rows fetched (the LIMIT is pushed into the query plan).
-    """
-    t0 = time.perf_counter()
-    why = check_console_sql(sql)
-    if why:
-        return ConsoleResult(False, why)
-    if store_version(Path(db)) is None:
-        return ConsoleResult(False, f"No store at {db}.")
-    timer = None
-    interrupted = threading.Event()
-    try:
-        with connect(Path(db)) as con:
-            def _interrupt() -> None:
-                interrupted.set()
-                con.interrupt()
-
-            timer = threading.Timer(time_limit_s, _interrupt)
-            timer.daemon = True
-            timer.start()
-            rel = con.sql(sql.strip().rstrip(";"))
-            if rel is None:
-                return ConsoleResult(False, "The statement returned no result.")
-            table = rel.limit(row_limit + 1).to_arrow_table()
-    except duckdb.InterruptException:
-        return ConsoleResult(False, f"Query stopped: it ran over the {time_limit_s:g} s time limit.",
-                             elapsed_s=time.perf_counter() - t0)
-    except (duckdb.Error, StoreError) as exc:
-        if interrupted.is_set():
-            return ConsoleResult(False, f"Query stopped: it ran over the {time_limit_s:g} s time limit.",
-                                 elapsed_s=time.perf_counter() - t0)
-        return ConsoleResult(False, _clean_error(exc), elapsed_s=time.perf_counter() - t0)
-    except Exception as exc:  # noqa: BLE001 - the console shows messages, never tracebacks
-        return ConsoleResult(False, f"{type(exc).__name__}: {exc}", elapsed_s=time.perf_counter() - t0)
-    finally:
-        if timer is not None:
-            timer.cancel()
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    truncated = frame.height > row_limit
-    if truncated:
-        frame = frame.head(row_limit)
-    elapsed = time.perf_counter() - t0
-    msg = f"{frame.height:,} row{'s' if frame.height != 1 else ''} in {elapsed * 1000:.0f} ms"
-    if truncated:
-        msg += f" (stopped at the {row_limit:,}-row limit)"
-    return ConsoleResult(True, msg, frame=frame, truncated=truncated, elapsed_s=elapsed, columns=frame.columns)

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dashboard import queries
+from dashboard import console, queries
 from dashboard.synthetic import make_store
 
 
@@ -113,7 +113,7 @@ def test_cache_follows_store_version(tmp_path):
     "/* sneaky */ insert into runs (run_id, name, status) values ('y', 'y', 'finished')",
 ])
 def test_console_rejects_writes_and_side_effects(store, sql):
-    res = queries.run_console(store, sql)
+    res = console.run_console(store, sql)
     assert not res.ok and res.frame is None
     assert "Traceback" not in res.message
     with duckdb.connect(str(store), read_only=True) as con:
@@ -128,29 +128,29 @@ def test_console_rejects_writes_and_side_effects(store, sql):
     "WITH x AS (SELECT * FROM read_csv_auto('/etc/hosts')) SELECT * FROM x",
 ])
 def test_console_has_no_file_or_network_access(store, sql):
-    res = queries.run_console(store, sql)
+    res = console.run_console(store, sql)
     assert not res.ok
     assert "root:" not in res.message and "Traceback" not in res.message
 
 
 def test_console_runs_reads_with_row_and_time_limits(store):
-    ok = queries.run_console(store, "SELECT name, batch_size FROM run_summary ORDER BY name")
+    ok = console.run_console(store, "SELECT name, batch_size FROM run_summary ORDER BY name")
     assert ok.ok and ok.frame.height == 40 and ok.columns == ["name", "batch_size"]
-    big = queries.run_console(store, "SELECT * FROM range(1000000)", row_limit=1000)
+    big = console.run_console(store, "SELECT * FROM range(1000000)", row_limit=1000)
     assert big.ok and big.truncated and big.frame.height == 1000 and "limit" in big.message
     t0 = time.perf_counter()
-    slow = queries.run_console(store, "SELECT count(*) FROM steps a, steps b, steps c", time_limit_s=1.0)
+    slow = console.run_console(store, "SELECT count(*) FROM steps a, steps b, steps c", time_limit_s=1.0)
     assert not slow.ok and "time limit" in slow.message
     assert time.perf_counter() - t0 < 8
-    bad = queries.run_console(store, "SELEC 1")
+    bad = console.run_console(store, "SELEC 1")
     assert not bad.ok and "syntax error" in bad.message.lower() and "Traceback" not in bad.message
-    missing = queries.run_console(store, "SELECT * FROM no_such_table")
+    missing = console.run_console(store, "SELECT * FROM no_such_table")
     assert not missing.ok and "no_such_table" in missing.message
 
 
 def test_console_example_queries_run(store):
-    for name, sql in queries.EXAMPLE_QUERIES.items():
-        res = queries.run_console(store, sql)
+    for name, sql in console.EXAMPLE_QUERIES.items():
+        res = console.run_console(store, sql)
         assert res.ok, (name, res.message)
 
 

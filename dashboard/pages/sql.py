@@ -1,4 +1,4 @@
-"""SQL: a read-only console over the store (protections in queries.run_console), with CSV export."""
+"""SQL: a read-only console over the store (protections in console.run_console), with CSV export."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dash_ag_grid as dag
 import polars as pl
 from dash import Input, Output, State, callback, dcc, html
 
-from dashboard import queries
+from dashboard import console, queries
 from dashboard.components import register_page
 
 register_page(__name__, path="/sql", name="SQL", title="batchscope · SQL", order=7)
@@ -29,7 +29,7 @@ def _jsonable(v):
 
 def console_view(db: Path, sql: str, row_limit: int = ROW_LIMIT, time_limit_s: float = TIME_LIMIT_S) -> dict:
     """Run a console query; a dict of what the page shows (ok, message, columnDefs, rowData)."""
-    res = queries.run_console(db, sql, row_limit=row_limit, time_limit_s=time_limit_s)
+    res = console.run_console(db, sql, row_limit=row_limit, time_limit_s=time_limit_s)
     if not res.ok or res.frame is None:
         return {"ok": False, "message": res.message, "columnDefs": [], "rowData": []}
     frame = res.frame
@@ -48,7 +48,7 @@ def console_view(db: Path, sql: str, row_limit: int = ROW_LIMIT, time_limit_s: f
 
 
 def layout(**_kwargs):
-    first = next(iter(queries.EXAMPLE_QUERIES.values()))
+    first = next(iter(console.EXAMPLE_QUERIES.values()))
     return html.Div(
         [
             html.Div([html.H1("SQL"),
@@ -79,7 +79,7 @@ def layout(**_kwargs):
                         [html.Div("Examples", className="control-label"),
                          *[html.Button(name, id={"type": "sql-example", "index": i}, className="example-link",
                                        n_clicks=0)
-                           for i, name in enumerate(queries.EXAMPLE_QUERIES)]],
+                           for i, name in enumerate(console.EXAMPLE_QUERIES)]],
                         className="sql-examples",
                     ),
                 ],
@@ -105,7 +105,7 @@ def pick_example(clicks):
     trig = dash.ctx.triggered_id
     if not trig or not any(clicks or []):
         return dash.no_update
-    return list(queries.EXAMPLE_QUERIES.values())[trig["index"]]
+    return list(console.EXAMPLE_QUERIES.values())[trig["index"]]
 
 
 @callback(
