@@ -6,6 +6,7 @@ between COMMIT and unlink never duplicates anything. Segments are deleted only a
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
-from collector.spool import Spool
+from collector.spool import Segment, Spool
 from collector.store import spool_root, try_write_connection
 from schema import refresh_run_stats
 
@@ -42,6 +43,13 @@ def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) ->
     )
 
 
+def _unregister(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Drop a registered Arrow view; inside a failed transaction DuckDB refuses, and the error that failed
+    it is the one to report (the view dies with the short-lived connection or is replaced)."""
+    with contextlib.suppress(duckdb.TransactionException):
+        con.unregister(name)
+
+
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, run_id: str | None = None,
                 ignore_existing: bool = True) -> None:
     """Bulk insert through DuckDB's Arrow scan, matching columns by name.
@@ -57,7 +65,7 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, run_
         verb = "INSERT OR IGNORE" if ignore_existing else "INSERT"
         con.execute(f"{verb} INTO {table} BY NAME {select}", [run_id] if run_id is not None else [])
     finally:
-        con.unregister("_batch")
+        _unregister(con, "_batch")
 
 
 # Merge a batch's per-run figures into the run_stats cache. Every figure but n_steps is a max/min/or,
@@ -95,7 +103,7 @@ def update_run_stats(con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table
     try:
         con.execute(_MERGE_RUN_STATS)
     finally:
-        con.unregister("_stats_batch")
+        _unregister(con, "_stats_batch")
 
 
 def _stored_in_range(con: duckdb.DuckDBPyConnection, table: str, run_id: str, data: pa.Table) -> bool:
@@ -123,14 +131,8 @@ def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, 
         raise
 
 
-def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None) -> int:
-    """Ingest everything in one spool within one transaction; returns the number of rows moved."""
-    run = spool.read_run()
-    segments = spool.segments()
-    if run is None:
-        return 0
-    if status_override:
-        run = {**run, "status": status_override}
+def read_segments(segments: list[Segment]) -> dict[str, pa.Table]:
+    """The segments' rows as one table per store table (segments removed meanwhile are skipped)."""
     by_table: dict[str, list[pa.Table]] = {}
     for seg in segments:
         try:
@@ -140,15 +142,61 @@ def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: 
         if "run_id" in data.column_names:
             data = data.drop_columns(["run_id"])
         by_table.setdefault(seg.table, []).append(data)
-    tables = {t: pa.concat_tables(parts, promote_options="default") for t, parts in by_table.items()}
+    return {t: pa.concat_tables(parts, promote_options="default") for t, parts in by_table.items()}
+
+
+def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None,
+                 replay_ingested: bool = False) -> int:
+    """Ingest everything in one spool within one transaction; returns the number of rows moved.
+
+    `replay_ingested` also re-inserts the segments kept after earlier ingests (INSERT OR IGNORE), which
+    puts back whatever the store lost of them.
+    """
+    run = spool.read_run()
+    segments = spool.segments()
+    if replay_ingested:
+        segments = spool.segments(ingested=True) + segments
+    if run is None:
+        return 0
+    if status_override:
+        run = {**run, "status": status_override}
+    tables = read_segments(segments)
     alive = status_override != "stale"
     try:
-        _ingest_tables(con, run, tables, alive, careful=False)
+        _ingest_tables(con, run, tables, alive, careful=replay_ingested)
     except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
         _ingest_tables(con, run, tables, alive, careful=True)
-    for seg in segments:
-        seg.path.unlink(missing_ok=True)
+    spool.mark_ingested(segments)
     return sum(t.num_rows for t in tables.values())
+
+
+# Primary key of each data table besides run_id: what makes a logged row distinct.
+_KEYS = {"steps": ["step"], "evals": ["step", "split"], "scalars": ["step", "name"]}
+
+
+def missing_rows(con: duckdb.DuckDBPyConnection, spool: Spool, status: str) -> dict[str, int]:
+    """Per table, how many of the rows this run spooled (ingested or not) the store lacks; {} if none.
+    `runs` counts 1 when the run's row is missing or does not have `status`.
+
+    A count per table first (cheap); only when a count falls short are the segments read to tell rows
+    logged twice under the same key (stored once, by design) from rows really missing.
+    """
+    stored = dict(con.execute(
+        "SELECT 'steps', count(*) FROM steps WHERE run_id = $1 UNION ALL "
+        "SELECT 'evals', count(*) FROM evals WHERE run_id = $1 UNION ALL "
+        "SELECT 'scalars', count(*) FROM scalars WHERE run_id = $1", [spool.run_id]).fetchall())
+    row = con.execute("SELECT status FROM runs WHERE run_id = ?", [spool.run_id]).fetchall()
+    out = {} if row == [(status,)] else {"runs": 1}
+    short = [t for t, n in spool.rows_written.items() if stored[t] < n]
+    if not short:
+        return out
+    tables = read_segments(spool.segments(ingested=True) + spool.segments())
+    for t in short:
+        if t in tables:
+            distinct = tables[t].group_by(_KEYS[t]).aggregate([]).num_rows
+            if stored[t] < distinct:
+                out[t] = distinct - stored[t]
+    return out
 
 
 def recover_spools(db: Path) -> int:
@@ -161,8 +209,8 @@ def recover_spools(db: Path) -> int:
     if not root.is_dir():
         return 0
     recovered = 0
-    con = None
-    try:
+    with contextlib.ExitStack() as stack:
+        con = None
         for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             spool = Spool(root, run_dir.name)
             if not spool.try_own():
@@ -172,16 +220,13 @@ def recover_spools(db: Path) -> int:
                 if run is None:
                     continue  # being created right now, or foreign: leave it
                 if con is None:
-                    con = try_write_connection(db)
+                    con = stack.enter_context(try_write_connection(db))
                     if con is None:
                         return recovered
                 override = "stale" if run.get("status") == "running" else None
-                ingest_spool(con, spool, status_override=override)
+                ingest_spool(con, spool, status_override=override, replay_ingested=True)
                 spool.remove()
                 recovered += 1
             finally:
                 spool.release()
-    finally:
-        if con is not None:
-            con.close()
     return recovered

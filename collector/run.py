@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from collector.ingest import RUN_COLUMNS, ingest_spool, recover_spools
+from collector.ingest import RUN_COLUMNS, ingest_spool, missing_rows, recover_spools
 from collector.spool import Spool
 from collector.store import StoreError, resolve_db, spool_root, try_write_connection
 
@@ -92,7 +92,7 @@ class Run:
         self._last_ingest = 0.0
         self._busy_since: float | None = None
         self.flush_every, self.finish_timeout, self.warn_after = flush_every, finish_timeout, warn_after
-        self.spool = Spool(spool_root(self.db), self.run_id)
+        self.spool = Spool(spool_root(self.db), self.run_id, keep_ingested=True)
         self.spool.create_and_own()
         self.spool.write_run(self._row)
         self._wake = threading.Event()
@@ -174,14 +174,33 @@ class Run:
         self._row |= {"status": self._status, "ended_at": _utcnow()}
         self._spool_buffers()
         self.spool.write_run(self._row)
-        if not self._try_ingest(patience=self.finish_timeout):
-            self._say("final", f"batchscope: could not write run {self.run_id} to {self.db} within "
-                      f"{self.finish_timeout:.0f} s; its rows are safe in {self.spool.dir} and will be moved by "
-                      "`python -m collector ingest` (or the next run or dashboard)")
+        if not (self._try_ingest(patience=self.finish_timeout) and self._check_store()):
+            self._say("final", f"batchscope: run {self.run_id} is not (all) in {self.db} yet; its rows are "
+                      f"safe in {self.spool.dir} and will be moved by `python -m collector ingest` (or the next "
+                      "run or dashboard)")
             self.spool.release()
             return
         self.spool.remove()
         self.spool.release()
+
+    def _check_store(self) -> bool:
+        """Read the run back from the store (a fresh connection, so from disk) and put back anything
+        missing from the kept segments. The spool is deleted only after this says True."""
+        for attempt in range(3):
+            missing: dict[str, int] = {}
+
+            def check_and_repair(con, missing=missing) -> None:
+                missing.update(missing_rows(con, self.spool, self._status))
+                if missing:
+                    ingest_spool(con, self.spool, replay_ingested=True)
+
+            if not self._with_store(check_and_repair, self.finish_timeout):
+                return False
+            if not missing:
+                return True
+            self._say(f"repair{attempt}", f"batchscope: the store lacked rows of run {self.run_id} after they "
+                      f"were committed ({missing}); wrote them again from the spool")
+        return False
 
     def __enter__(self) -> Run:
         return self
@@ -239,15 +258,29 @@ class Run:
 
     def _try_ingest(self, patience: float = TICK_PATIENCE) -> bool:
         """Move the spool into the store, retrying a lock conflict for up to `patience` seconds."""
+        def ingest(con) -> None:
+            ingest_spool(con, self.spool)
+            self._last_ingest = time.monotonic()
+
+        return self._with_store(ingest, patience)
+
+    def _with_store(self, work, patience: float) -> bool:
+        """Run work(con) in one short write connection, retrying a busy store for up to `patience` seconds;
+        False if the store stayed busy or failed (which the user is told once)."""
         deadline = time.monotonic() + patience
         while True:
             try:
-                con = try_write_connection(self.db)
+                with try_write_connection(self.db) as con:
+                    if con is not None:
+                        self._busy_since = None
+                        work(con)
+                        return True
             except StoreError as exc:
                 self._say("store", f"batchscope: {exc}; run {self.run_id} keeps spooling to {self.spool.dir}")
                 return False
-            if con is not None:
-                break
+            except Exception as exc:  # noqa: BLE001 - the training loop must not die because the store did
+                self._say("ingest", f"batchscope: writing to {self.db} failed ({exc}); rows stay in {self.spool.dir}")
+                return False
             # Brief contention with other writers and readers is normal; only a lasting lock is news.
             self._busy_since = self._busy_since or time.monotonic()
             if time.monotonic() - self._busy_since > self.warn_after:
@@ -256,16 +289,6 @@ class Run:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005 + 0.025 * random.random())
-        self._busy_since = None
-        try:
-            ingest_spool(con, self.spool)
-            self._last_ingest = time.monotonic()
-            return True
-        except Exception as exc:  # noqa: BLE001 - the training loop must not die because the store did
-            self._say("ingest", f"batchscope: writing to {self.db} failed ({exc}); rows stay in {self.spool.dir}")
-            return False
-        finally:
-            con.close()
 
     def _say(self, key: str, message: str) -> None:
         """Tell the user about a store problem once per kind, on stderr."""

@@ -3,6 +3,10 @@
 A row is durable once its segment is renamed into place, before any DuckDB lock is taken. The owning
 process holds an flock on `owner.lock` for its whole life; the kernel drops it when the process dies,
 so any other process can tell a dead run's spool from a live one without trusting PIDs or clocks.
+
+A live run keeps its ingested segments in `ingested/` until it ends, so that it can check the store
+against everything it logged and put back anything missing (see Run.finish); recovery of a dead
+run's spool replays them too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pyarrow.ipc as ipc
 TABLES = ("steps", "evals", "scalars")
 RUN_FILE = "run.json"
 LOCK_FILE = "owner.lock"
+INGESTED = "ingested"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -44,9 +49,11 @@ class Segment:
 class Spool:
     """One run's folder of segments plus its run.json (the `runs` row as last known)."""
 
-    def __init__(self, root: Path, run_id: str):
+    def __init__(self, root: Path, run_id: str, keep_ingested: bool = False):
         self.dir = root / run_id
         self.run_id = run_id
+        self.keep_ingested = keep_ingested
+        self.rows_written = dict.fromkeys(TABLES, 0)  # by this process, for Run's end-of-run check
         self._seq = 0
         self._lock_fd: int | None = None
 
@@ -93,19 +100,35 @@ class Spool:
         with ipc.new_file(sink, data.schema, options=ipc.IpcWriteOptions(compression="zstd")) as writer:
             writer.write_table(data)
         atomic_write(path, sink.getvalue().to_pybytes())
+        self.rows_written[table] += data.num_rows
         return path
 
-    def segments(self) -> list[Segment]:
+    def segments(self, ingested: bool = False) -> list[Segment]:
+        """Segments waiting for ingest, or (ingested=True) those already ingested and kept."""
         out = []
-        for p in sorted(self.dir.glob("*.arrow")):
+        for p in sorted((self.dir / INGESTED if ingested else self.dir).glob("*.arrow")):
             table = p.name.rsplit(".", 2)[-2]
             if table in TABLES:
                 out.append(Segment(p, table))
         return out
 
+    def mark_ingested(self, segments: list[Segment]) -> None:
+        """After COMMIT: keep the segments under ingested/ (keep_ingested) or delete them."""
+        if self.keep_ingested:
+            (self.dir / INGESTED).mkdir(exist_ok=True)
+        for seg in segments:
+            if self.keep_ingested and seg.path.parent == self.dir:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(seg.path, self.dir / INGESTED / seg.path.name)
+            elif not self.keep_ingested:
+                seg.path.unlink(missing_ok=True)
+
     def remove(self) -> None:
         """Delete the spool folder (call only after everything in it was ingested)."""
-        for p in self.dir.iterdir():
-            p.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()
+        for folder in (self.dir / INGESTED, self.dir):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.is_file():
+                        p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()

@@ -3,10 +3,16 @@
 DuckDB lets one process open a file read-write, or many read-only, never both. Nobody here keeps the
 file open: writers open, append and close in milliseconds; readers do the same read-only, retrying
 (with jitter, bounded in time) while a writer holds the lock.
+
+Every connection is also bracketed by batchscope's own lock (an flock on <db>.spool/store.lock,
+exclusive for writers, shared for readers), taken before DuckDB opens the file and released after it
+has closed it. DuckDB's lock covers an open database only; ours also covers DuckDB's open and its
+checkpoint-and-close, so two batchscope processes never interleave those steps.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +25,7 @@ import tenacity
 from schema import ensure_schema
 
 DEFAULT_DB = "runs.duckdb"
+LOCK_FILE = "store.lock"
 _MIGRATED: set[str] = set()
 
 
@@ -43,13 +50,59 @@ def spool_root(db: Path) -> Path:
     return db.with_name(db.name + ".spool")
 
 
+class StoreBusy(Exception):
+    """Another batchscope process holds the store lock (ours, taken before DuckDB's)."""
+
+
 def is_lock_error(exc: BaseException) -> bool:
-    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+    return isinstance(exc, StoreBusy) or (isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower())
 
 
 def _lock_holder(exc: BaseException) -> str:
+    if isinstance(exc, StoreBusy):
+        return "another batchscope process"
     m = re.search(r"held in (.+?) \(PID (\d+)\)", str(exc))
     return f"{m.group(1)} (PID {m.group(2)})" if m else "another process"
+
+
+def _take_lock(db: Path, exclusive: bool) -> int | None:
+    """flock <db>.spool/store.lock without waiting; the fd to close later, or None where the folder is
+    read-only (then DuckDB's own lock is all there is). Raises StoreBusy if another process holds it."""
+    root = spool_root(db)
+    try:
+        root.mkdir(exist_ok=True)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(root / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusy(f"store {db} is in use by another batchscope process") from None
+    return fd
+
+
+def _connect(db: Path, *, read_only: bool, config: dict | None = None) -> tuple[duckdb.DuckDBPyConnection, int | None]:
+    """DuckDB connection plus the store-lock fd that must outlive it (see _close)."""
+    fd = _take_lock(db, exclusive=not read_only)
+    try:
+        return duckdb.connect(str(db), read_only=read_only, config=config or {}), fd
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+
+
+def _close(con: duckdb.DuckDBPyConnection, fd: int | None) -> None:
+    """Close DuckDB first (its checkpoint and WAL removal happen here), then let the next process in."""
+    try:
+        con.close()
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _explain(path: Path, exc: BaseException) -> StoreError:
@@ -61,23 +114,28 @@ def _explain(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"cannot open store {path}: {msg}")
 
 
-def try_write_connection(db: Path) -> duckdb.DuckDBPyConnection | None:
+@contextmanager
+def try_write_connection(db: Path) -> Iterator[duckdb.DuckDBPyConnection | None]:
     """A read-write connection with the schema current, or None at once if another process holds the lock."""
     try:
-        con = duckdb.connect(str(db))
-    except duckdb.Error as exc:
+        con, fd = _connect(db, read_only=False)
+    except (StoreBusy, duckdb.Error) as exc:
         if is_lock_error(exc):
-            return None
+            yield None
+            return
         raise _explain(db, exc) from exc
+    try:
+        _migrate(con, db)
+        yield con
+    finally:
+        _close(con, fd)
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, db: Path) -> None:
     key = str(db.resolve())
     if key not in _MIGRATED:
-        try:
-            ensure_schema(con)
-        except Exception:
-            con.close()
-            raise
+        ensure_schema(con)
         _MIGRATED.add(key)
-    return con
 
 
 def _retrying(timeout: float) -> tenacity.Retrying:
@@ -96,17 +154,14 @@ def write_connection(db: str | os.PathLike | None = None, timeout: float = 10.0)
     try:
         for attempt in _retrying(timeout):
             with attempt:
-                con = duckdb.connect(str(path))
-    except duckdb.Error as exc:
+                con, fd = _connect(path, read_only=False)
+    except (StoreBusy, duckdb.Error) as exc:
         raise _explain(path, exc) from exc
     try:
-        key = str(path.resolve())
-        if key not in _MIGRATED:
-            ensure_schema(con)
-            _MIGRATED.add(key)
+        _migrate(con, path)
         yield con
     finally:
-        con.close()
+        _close(con, fd)
 
 
 @contextmanager
@@ -121,13 +176,13 @@ def read_connection(
     try:
         for attempt in _retrying(timeout):
             with attempt:
-                con = duckdb.connect(str(path), read_only=True, config=config or {})
-    except duckdb.Error as exc:
+                con, fd = _connect(path, read_only=True, config=config)
+    except (StoreBusy, duckdb.Error) as exc:
         raise _explain(path, exc) from exc
     try:
         yield con
     finally:
-        con.close()
+        _close(con, fd)
 
 
 def is_migrated(db: str | os.PathLike) -> bool:
@@ -141,13 +196,12 @@ def _migrate_if_needed(path: Path) -> None:
     if key in _MIGRATED:
         return
     try:
-        con = try_write_connection(path)
+        with try_write_connection(path):
+            pass
     except StoreError:
         raise
     except Exception:  # noqa: BLE001 - a failed migration must not hide the data; the read reports problems
         return
-    if con is not None:
-        con.close()
 
 
 def recover(db: str | os.PathLike | None = None) -> int:

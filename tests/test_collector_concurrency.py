@@ -131,9 +131,8 @@ def test_replaying_a_spool_twice_creates_no_duplicates(tmp_path):
     from collector.store import try_write_connection
 
     for _ in range(2):  # ingest, then put the same segments back as if the unlink had never happened
-        con = try_write_connection(db)
-        ingest_spool(con, spool)
-        con.close()
+        with try_write_connection(db) as con:
+            ingest_spool(con, spool)
         for path, data in segments:
             path.write_bytes(data)
     with duckdb.connect(str(db), read_only=True) as con:
