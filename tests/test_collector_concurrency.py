@@ -34,10 +34,6 @@ def _spawn(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "KNOWN BUG (docs/DESIGN.md, 'Known issues'): under CPU contention, about 1 stress run in 6 loses the "
-    "committed rows of one writer silently (8 writers + a reader; reproduced with the code of 2026-11-22 "
-    "before and after the run_stats cache). Kept running so a fix shows up as XPASS."))
 def test_eight_writers_and_a_reader_share_one_store(tmp_path):
     db = str(tmp_path / "runs.duckdb")
     n_steps, n_writers = 20_000, 8
