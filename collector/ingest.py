@@ -1,7 +1,8 @@
 """Move spooled rows into DuckDB: one short, idempotent transaction per spool.
 
-Rows go in with INSERT OR IGNORE against the primary keys, so a segment replayed after a crash
-between COMMIT and unlink never duplicates anything. Segments are deleted only after COMMIT.
+A possible replay goes in with INSERT OR IGNORE against the primary keys, so a segment replayed after
+a crash between COMMIT and its removal never duplicates anything. Segments leave the spool (deleted, or
+kept under ingested/ by a live run) only after COMMIT.
 """
 
 from __future__ import annotations

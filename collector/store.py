@@ -53,14 +53,37 @@ def spool_root(db: Path) -> Path:
 class StoreBusy(Exception):
     """Another batchscope process holds the store lock (ours, taken before DuckDB's)."""
 
+    def __init__(self, message: str, lock: Path):
+        super().__init__(message)
+        self.lock = lock
+
 
 def is_lock_error(exc: BaseException) -> bool:
     return isinstance(exc, StoreBusy) or (isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower())
 
 
+def _flock_holders(lock: Path) -> list[str]:
+    """'program (PID n)' for each process holding an flock on `lock`, from /proc/locks ([] off Linux)."""
+    try:
+        st = os.stat(lock)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = []
+    for fields in map(str.split, lines):  # "12: FLOCK  ADVISORY  WRITE 4242 08:01:131 0 EOF" (waiters: "12: -> FLOCK")
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+            try:
+                program = Path(f"/proc/{fields[4]}/cmdline").read_bytes().split(b"\0")[0].decode() or "?"
+            except OSError:
+                program = "?"
+            holders.append(f"{program} (PID {fields[4]})")
+    return holders
+
+
 def _lock_holder(exc: BaseException) -> str:
     if isinstance(exc, StoreBusy):
-        return "another batchscope process"
+        return ", ".join(_flock_holders(exc.lock)) or "another batchscope process"
     m = re.search(r"held in (.+?) \(PID (\d+)\)", str(exc))
     return f"{m.group(1)} (PID {m.group(2)})" if m else "another process"
 
@@ -81,7 +104,7 @@ def _take_lock(db: Path, exclusive: bool) -> int | None:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreBusy(f"store {db} is in use by another batchscope process") from None
+        raise StoreBusy(f"store {db} is in use by another batchscope process", root / LOCK_FILE) from None
     return fd
 
 

@@ -72,7 +72,8 @@ def test_store_lock_excludes_writers_and_is_released_after_close(tmp_path):
         with read_connection(db, timeout=0.2) as con:  # readers share
             assert con.execute("SELECT count(*) FROM runs").fetchall() == [(0,)]
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(StoreLockedError, match="batchscope process"), read_connection(db, timeout=0.2):
+        with pytest.raises(StoreLockedError, match=rf"locked by .*python.* \(PID {os.getpid()}\)"), \
+                read_connection(db, timeout=0.2):
             pass
     finally:
         os.close(fd)
