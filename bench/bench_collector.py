@@ -46,14 +46,15 @@ def bench_ingest(rows: int, folder: Path, repeats: int = 3) -> dict:
     Both sides run `repeats` times, interleaved, into fresh stores; the best time of each counts.
     """
     data = _steps_table("bulk00000000", rows)
-    bulk, spooled, ingested, columnar = [], [], [], []
+    bulk, spooled, ingested, columnar, finished = [], [], [], [], []
     for i in range(repeats):
         bulk.append(_bulk_insert(data, folder / f"baseline{i}.duckdb"))
-        s, g = _collector_ingest(data, folder / f"collector{i}.duckdb", log_step)
+        s, g, f = _collector_ingest(data, folder / f"collector{i}.duckdb", log_step)
         spooled.append(s)
         ingested.append(g)
-        columnar.append(sum(_collector_ingest(data, folder / f"columnar{i}.duckdb", log_blocks)))
-    bulk, spooled, ingested, columnar = min(bulk), min(spooled), min(ingested), min(columnar)
+        finished.append(f)
+        columnar.append(sum(_collector_ingest(data, folder / f"columnar{i}.duckdb", log_blocks)[:2]))
+    bulk, spooled, ingested, columnar, finished = min(bulk), min(spooled), min(ingested), min(columnar), min(finished)
     base_db = folder / "baseline0.duckdb"
 
     # Row-by-row INSERT on a sample (it is far too slow for all rows).
@@ -76,6 +77,8 @@ def bench_ingest(rows: int, folder: Path, repeats: int = 3) -> dict:
         "columnar_rows_per_s": rows / columnar,
         "columnar_vs_bulk": bulk / columnar,
         "bulk_vs_row_by_row": row_by_row / bulk,
+        "finish_s": finished,
+        "finish_vs_ingest": finished / ingested,
     }
 
 
@@ -95,8 +98,9 @@ def log_blocks(run: collector.Run, data: pa.Table, block: int = 1000) -> None:
         run.log_steps({k: v[lo:lo + block] for k, v in cols.items()})
 
 
-def _collector_ingest(data: pa.Table, db: Path, fill) -> tuple[float, float]:
-    """(seconds to spool, seconds to ingest) for rows first buffered by `fill` (outside the timing)."""
+def _collector_ingest(data: pa.Table, db: Path, fill) -> tuple[float, float, float]:
+    """(seconds to spool, to ingest, to finish) for rows first buffered by `fill` (outside the timing).
+    finish() has nothing left to move: it is the end-of-run read-back check plus the spool's removal."""
     rows = data.num_rows
     run = collector.start_run(db, name="bench", flush_every=3600)
     time.sleep(0.5)  # let the first heartbeat write happen outside the timed part
@@ -107,10 +111,12 @@ def _collector_ingest(data: pa.Table, db: Path, fill) -> tuple[float, float]:
     t = time.perf_counter()
     assert run._try_ingest()  # segment -> DuckDB (bulk INSERT, one transaction)
     ingested = time.perf_counter() - t
+    t = time.perf_counter()
     run.finish()
+    finished = time.perf_counter() - t
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM steps").fetchall()[0][0] == rows
-    return spooled, ingested
+    return spooled, ingested, finished
 
 
 def bench_log_step(calls: int, folder: Path) -> dict:
@@ -154,6 +160,8 @@ def main() -> None:
           f"= {ing['columnar_vs_bulk']:.2f} x baseline (the trainer's path)")
     print(f"  row-by-row INSERT (sampled)   {ing['row_by_row_rows_per_s']:>14,.0f} rows/s  "
           f"(bulk is {ing['bulk_vs_row_by_row']:,.0f} x faster)")
+    print(f"  finish() after that (read-back check, spool removal) {ing['finish_s'] * 1000:.0f} ms "
+          f"= {ing['finish_vs_ingest']:.2f} x the ingest itself")
     print(f"log_step cost over {calls['calls']:,} calls: {calls['log_step_us']:.2f} us (5 fields), "
           f"{calls['log_step_with_gns_us']:.2f} us (with the 5 noise-scale fields); goal < 5 us")
 
