@@ -175,12 +175,30 @@ def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: 
 _KEYS = {"steps": ["step"], "evals": ["step", "split"], "scalars": ["step", "name"]}
 
 
+def missing_keys(con: duckdb.DuckDBPyConnection, run_id: str, tables: dict[str, pa.Table]) -> dict[str, int]:
+    """Per table, how many distinct keys of these spooled rows of `run_id` the store lacks ({} if none).
+    Exact whatever was logged twice: it asks for each key, not for a count."""
+    out = {}
+    for table, data in tables.items():
+        keys = _KEYS[table]
+        on = " AND ".join(f"s.{k} = k.{k}" for k in keys)
+        con.register("_kept", data.select(keys))
+        try:
+            n = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT {', '.join(keys)} FROM _kept) k WHERE NOT EXISTS "
+                            f"(SELECT 1 FROM {table} s WHERE s.run_id = ? AND {on})", [run_id]).fetchall()[0][0]
+        finally:
+            _unregister(con, "_kept")
+        if n:
+            out[table] = n
+    return out
+
+
 def missing_rows(con: duckdb.DuckDBPyConnection, spool: Spool, status: str) -> dict[str, int]:
-    """Per table, how many of the rows this run spooled (ingested or not) the store lacks; {} if none.
+    """Per table, how many of the rows this run spooled (and still keeps) the store lacks; {} if none.
     `runs` counts 1 when the run's row is missing or does not have `status`.
 
-    A count per table first (cheap); only when a count falls short are the segments read to tell rows
-    logged twice under the same key (stored once, by design) from rows really missing.
+    A count per table first (cheap, and exact when it matches); otherwise, or when some kept segments
+    were already checked and dropped, each kept key is looked up.
     """
     stored = dict(con.execute(
         "SELECT 'steps', count(*) FROM steps WHERE run_id = $1 UNION ALL "
@@ -188,16 +206,9 @@ def missing_rows(con: duckdb.DuckDBPyConnection, spool: Spool, status: str) -> d
         "SELECT 'scalars', count(*) FROM scalars WHERE run_id = $1", [spool.run_id]).fetchall())
     row = con.execute("SELECT status FROM runs WHERE run_id = ?", [spool.run_id]).fetchall()
     out = {} if row == [(status,)] else {"runs": 1}
-    short = [t for t, n in spool.rows_written.items() if stored[t] < n]
-    if not short:
+    if not spool.pruned and all(stored[t] >= n for t, n in spool.rows_written.items()):
         return out
-    tables = read_segments(spool.segments(ingested=True) + spool.segments())
-    for t in short:
-        if t in tables:
-            distinct = tables[t].group_by(_KEYS[t]).aggregate([]).num_rows
-            if stored[t] < distinct:
-                out[t] = distinct - stored[t]
-    return out
+    return out | missing_keys(con, spool.run_id, read_segments(spool.segments(ingested=True) + spool.segments()))
 
 
 def recover_spools(db: Path) -> int:

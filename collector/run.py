@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from collector.ingest import RUN_COLUMNS, ingest_spool, missing_rows, recover_spools
+from collector.ingest import (
+    RUN_COLUMNS,
+    ingest_spool,
+    missing_keys,
+    missing_rows,
+    read_segments,
+    recover_spools,
+)
 from collector.spool import Spool
 from collector.store import StoreError, resolve_db, spool_root, try_write_connection
 
@@ -43,6 +50,7 @@ _META = frozenset(RUN_COLUMNS) - {"run_id", "name", "sweep", "status", "config",
 HEARTBEAT_EVERY = 10.0  # seconds between store writes when there is nothing new to write
 BUSY_WARN_AFTER = 30.0  # seconds the store may stay locked (e.g. a DuckDB CLI left open) before the user is told
 TICK_PATIENCE = 2.0  # seconds a background flush keeps retrying a locked store before the next tick
+KEEP_BYTES = 256 * 2**20  # ingested segments a run keeps for its end-of-run check before checking and dropping the oldest
 
 
 def _utcnow() -> str:
@@ -65,7 +73,7 @@ class Run:
 
     def __init__(self, db=None, *, name: str, sweep: str | None = None, config: Mapping | None = None,
                  flush_every: float = 1.0, finish_timeout: float = 60.0, warn_after: float = BUSY_WARN_AFTER,
-                 **meta):
+                 keep_bytes: int = KEEP_BYTES, **meta):
         if not isinstance(name, str) or not name.strip():
             raise ValueError("run name must be a non-empty string")
         unknown = set(meta) - _META
@@ -92,6 +100,7 @@ class Run:
         self._last_ingest = 0.0
         self._busy_since: float | None = None
         self.flush_every, self.finish_timeout, self.warn_after = flush_every, finish_timeout, warn_after
+        self.keep_bytes = keep_bytes
         self.spool = Spool(spool_root(self.db), self.run_id, keep_ingested=True)
         self.spool.create_and_own()
         self.spool.write_run(self._row)
@@ -202,6 +211,24 @@ class Run:
                       f"were committed ({missing}); wrote them again from the spool")
         return False
 
+    def _prune_kept(self) -> None:
+        """Past keep_bytes, look the oldest kept segments up in the store (a fresh connection, after the
+        commit's own closed) and drop them if every row is there; if not, keep them for finish() to repair."""
+        old, size = [], self.spool.kept_bytes
+        for seg in self.spool.segments(ingested=True):
+            if size <= self.keep_bytes // 2:
+                break
+            old.append(seg)
+            size -= seg.path.stat().st_size
+        complete = []
+
+        def check(con) -> None:
+            if not missing_keys(con, self.run_id, read_segments(old)):
+                complete.extend(old)
+
+        if self._with_store(check, TICK_PATIENCE) and complete:
+            self.spool.drop_kept(complete)
+
     def __enter__(self) -> Run:
         return self
 
@@ -223,6 +250,8 @@ class Run:
             wrote = self._spool_buffers()
             if wrote or time.monotonic() - self._last_ingest > HEARTBEAT_EVERY:
                 ok = self._try_ingest()
+                if ok and self.spool.kept_bytes > self.keep_bytes:
+                    self._prune_kept()
                 # Under contention write less often (bigger batches, fewer lock grabs), up to 8x.
                 backoff = 1 if ok else min(backoff * 2, 8)
             self._wake.wait(self.flush_every * backoff)

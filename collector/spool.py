@@ -4,9 +4,9 @@ A row is durable once its segment is renamed into place, before any DuckDB lock 
 process holds an flock on `owner.lock` for its whole life; the kernel drops it when the process dies,
 so any other process can tell a dead run's spool from a live one without trusting PIDs or clocks.
 
-A live run keeps its ingested segments in `ingested/` until it ends, so that it can check the store
-against everything it logged and put back anything missing (see Run.finish); recovery of a dead
-run's spool replays them too.
+A live run keeps its ingested segments in `ingested/` until it ends (or, past a size limit, until
+they have been checked against the store), so that it can check the store against what it logged and
+put back anything missing (see Run.finish); recovery of a dead run's spool replays them too.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class Spool:
         self.run_id = run_id
         self.keep_ingested = keep_ingested
         self.rows_written = dict.fromkeys(TABLES, 0)  # by this process, for Run's end-of-run check
+        self.kept_bytes = 0  # size of the segments under ingested/ kept by this process
+        self.pruned = False  # some kept segments were checked against the store and dropped
         self._seq = 0
         self._lock_fd: int | None = None
 
@@ -119,9 +121,19 @@ class Spool:
         for seg in segments:
             if self.keep_ingested and seg.path.parent == self.dir:
                 with contextlib.suppress(FileNotFoundError):
+                    size = seg.path.stat().st_size
                     os.replace(seg.path, self.dir / INGESTED / seg.path.name)
+                    self.kept_bytes += size
             elif not self.keep_ingested:
                 seg.path.unlink(missing_ok=True)
+
+    def drop_kept(self, segments: list[Segment]) -> None:
+        """Delete kept segments whose rows were found in the store (the size limit of keep_ingested)."""
+        for seg in segments:
+            with contextlib.suppress(FileNotFoundError):
+                self.kept_bytes -= seg.path.stat().st_size
+                seg.path.unlink()
+        self.pruned = True
 
     def remove(self) -> None:
         """Delete the spool folder (call only after everything in it was ingested)."""

@@ -154,3 +154,31 @@ def test_recovery_replays_kept_segments_of_a_dead_run(tmp_path):
     assert _count(db, "SELECT count(*) FROM steps") == 100
     assert _count(db, "SELECT status FROM runs") == "stale"
     assert not spool.dir.exists()
+
+
+def test_kept_segments_past_the_limit_are_checked_then_dropped(tmp_path, capsys):
+    """keep_bytes bounds the spool: the oldest kept segments are looked up in the store and dropped only
+    if every row is there; a segment with rows missing stays and is repaired at finish."""
+    db = tmp_path / "runs.duckdb"
+    run = collector.start_run(db, name="long", flush_every=3600, keep_bytes=1)
+    time.sleep(0.5)  # the first background tick (heartbeat) is done; flushes below are driven by hand
+    for step in range(1, 101):
+        run.log_step(step, loss=1.0)
+    run._spool_buffers()
+    assert run._try_ingest()
+    assert run.spool.kept_bytes > 1
+    run._prune_kept()
+    assert run.spool.pruned and run.spool.segments(ingested=True) == [] and run.spool.kept_bytes == 0
+
+    for step in range(101, 201):
+        run.log_step(step, loss=1.0)
+    run._spool_buffers()
+    assert run._try_ingest()
+    with write_connection(db) as con:  # rows of the kept segment go missing after their commit
+        con.execute("DELETE FROM steps WHERE step > 150")
+    run._prune_kept()
+    assert len(run.spool.segments(ingested=True)) == 1  # not dropped: it is needed for the repair
+    run.finish()
+    assert "lacked rows" in capsys.readouterr().err
+    assert _count(db, "SELECT count(DISTINCT step) FROM steps") == 200
+    assert not run.spool.dir.exists()
