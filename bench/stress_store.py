@@ -23,12 +23,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import duckdb
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.collector_workers import CREATE_AND_WRITE, start_held_in_create  # noqa: E402
 
 PLAIN = """
 import duckdb, os, random, sys, time
@@ -44,12 +46,6 @@ while True:
 con.execute("CREATE TABLE IF NOT EXISTS t (pid INT)")
 con.execute("INSERT INTO t VALUES (?)", [os.getpid()])
 con.close()
-"""
-LOCKED = """
-import os, sys
-from collector.store import write_connection
-with write_connection(sys.argv[1], timeout=60) as con:
-    con.execute("INSERT INTO scalars (run_id, step, name, value) VALUES (?, 1, 'pid', 1.0)", [str(os.getpid())])
 """
 
 
@@ -101,13 +97,8 @@ def create_round(folder: Path, code: Path, script: str, table: str) -> bool:
 def forced_round(folder: Path, code: Path, script: str, table: str) -> tuple[int, int]:
     """(rows committed, rows in the store) when B is held between "no file" and creating it while A writes."""
     db, trace = folder / "runs.duckdb", folder / "strace.log"
-    b = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), "-P", str(db), "-e", "trace=openat",
-                          "-e", "inject=openat:delay_enter=3000000:when=3", sys.executable, "-c", script, str(db)],
-                         cwd=code, env=_env(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while "O_CREAT" not in (trace.read_text() if trace.exists() else ""):
-        if b.poll() is not None:
-            raise RuntimeError(f"strace or the writer failed: {b.communicate()[1]}")
-        time.sleep(0.02)
+    b = start_held_in_create(db, trace, [sys.executable, "-c", script, str(db)], cwd=code, env=_env(code),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     a = subprocess.run([sys.executable, "-c", script, str(db)], cwd=code, env=_env(code), capture_output=True)
     committed = (a.returncode == 0) + (b.wait() == 0)
     with duckdb.connect(str(db), read_only=True) as con:
@@ -139,7 +130,7 @@ def main() -> None:
                   f"rounds; end-of-run repair needed in {repaired}")
         elif a.mode == "forced":
             for name, script, table in (("plain duckdb.connect", PLAIN, "t"),
-                                        ("batchscope write_connection", LOCKED, "scalars")):
+                                        ("batchscope write_connection", CREATE_AND_WRITE, "scalars")):
                 folder = Path(tmp) / table
                 folder.mkdir()
                 committed, stored = forced_round(folder, a.code, script, table)
@@ -148,7 +139,7 @@ def main() -> None:
             counts = {"plain duckdb.connect": 0, "batchscope write_connection": 0}
             for i in range(a.rounds):
                 for name, script, table in (("plain duckdb.connect", PLAIN, "t"),
-                                            ("batchscope write_connection", LOCKED, "scalars")):
+                                            ("batchscope write_connection", CREATE_AND_WRITE, "scalars")):
                     folder = Path(tmp) / f"{i}-{table}"
                     folder.mkdir()
                     counts[name] += create_round(folder, a.code, script, table)

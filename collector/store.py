@@ -174,17 +174,9 @@ def _retrying(timeout: float) -> tenacity.Retrying:
 def write_connection(db: str | os.PathLike | None = None, timeout: float = 10.0) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short read-write connection, waiting up to `timeout` s for the lock; closed on exit."""
     path = resolve_db(db)
-    try:
-        for attempt in _retrying(timeout):
-            with attempt:
-                con, fd = _connect(path, read_only=False)
-    except (StoreBusy, duckdb.Error) as exc:
-        raise _explain(path, exc) from exc
-    try:
+    with _waiting_connection(path, timeout, read_only=False) as con:
         _migrate(con, path)
         yield con
-    finally:
-        _close(con, fd)
 
 
 @contextmanager
@@ -196,10 +188,18 @@ def read_connection(
     if not path.exists():
         raise StoreError(f"no store at {path}: train a run first (python -m trainer) or pass --db")
     _migrate_if_needed(path)
+    with _waiting_connection(path, timeout, read_only=True, config=config) as con:
+        yield con
+
+
+@contextmanager
+def _waiting_connection(path: Path, timeout: float, *, read_only: bool,
+                        config: dict | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """_connect, retried with jitter while either lock is held, for up to `timeout` s; closed on exit."""
     try:
         for attempt in _retrying(timeout):
             with attempt:
-                con, fd = _connect(path, read_only=True, config=config)
+                con, fd = _connect(path, read_only=read_only, config=config)
     except (StoreBusy, duckdb.Error) as exc:
         raise _explain(path, exc) from exc
     try:

@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import duckdb
 
 import collector
 from collector.store import StoreError, read_connection
+
+# One commit of one row through write_connection: `python -c CREATE_AND_WRITE <db>` (run as a script so
+# that bench/stress_store.py can run it against another checkout's collector).
+CREATE_AND_WRITE = """
+import os, sys
+from collector.store import write_connection
+with write_connection(sys.argv[1], timeout=60) as con:
+    con.execute("INSERT INTO scalars (run_id, step, name, value) VALUES (?, 1, 'pid', 1.0)", [str(os.getpid())])
+print("committed")
+"""
+
+
+def start_held_in_create(db: Path, trace: Path, command: list[str], **popen) -> subprocess.Popen:
+    """Start `command` under strace, which holds its create-open of `db` (the 3rd openat of that path,
+    after DuckDB's two "does it exist" checks) for 3 s; return once it is held there."""
+    proc = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), "-P", str(db), "-e", "trace=openat",
+                             "-e", "inject=openat:delay_enter=3000000:when=3", *command], **popen)
+    deadline = time.monotonic() + 60
+    while "O_CREAT" not in (trace.read_text() if trace.exists() else ""):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the process was not held in its create-open: {proc.communicate()}")
+        time.sleep(0.02)
+    return proc
 
 
 def writer(db: str, name: str, n_steps: int, evals_every: int = 1000) -> None:

@@ -29,18 +29,10 @@ from collector.store import (
     try_write_connection,
     write_connection,
 )
+from tests.collector_workers import CREATE_AND_WRITE, start_held_in_create
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-CREATE_AND_WRITE = """
-import os, sys
-from collector.store import write_connection
-with write_connection(sys.argv[1], timeout=60) as con:
-    con.execute("INSERT INTO scalars (run_id, step, name, value) VALUES (?, 1, 'pid', 1.0)", [str(os.getpid())])
-print("committed")
-"""
-
 
 def _count(db: Path, sql: str, params: list | None = None) -> int:
     with read_connection(db, timeout=30) as con:
@@ -61,14 +53,8 @@ def test_a_store_created_while_another_process_decides_it_is_new_keeps_both_comm
     for B and both rows stay."""
     db = tmp_path / "runs.duckdb"
     trace = tmp_path / "strace.log"
-    b = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), "-P", str(db), "-e", "trace=openat",
-                          "-e", "inject=openat:delay_enter=3000000:when=3",  # the 3rd open of the store: its create
-                          sys.executable, "-c", CREATE_AND_WRITE, str(db)], cwd=ROOT, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while "O_CREAT" not in (trace.read_text() if trace.exists() else ""):
-        assert b.poll() is None and time.monotonic() < deadline, b.communicate()
-        time.sleep(0.02)
+    b = start_held_in_create(db, trace, [sys.executable, "-c", CREATE_AND_WRITE, str(db)], cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "ENOENT" in trace.read_text()  # B has decided the store is new and is now held
     a = subprocess.run([sys.executable, "-c", CREATE_AND_WRITE, str(db)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
