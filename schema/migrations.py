@@ -53,6 +53,13 @@ MIGRATIONS: dict[int, list[str]] = {
             wall_time DOUBLE PRECISION, final_loss DOUBLE PRECISION, best_loss DOUBLE PRECISION,
             has_nonfinite_loss BOOLEAN, PRIMARY KEY (run_id))""",
     ],
+    4: [
+        "ALTER TABLE runs ADD COLUMN status_reason VARCHAR",
+        # provenance of a run (where it ran, which attempt of which sweep cell): collector/provenance.py
+        *(f"ALTER TABLE runs ADD COLUMN {c}" for c in (
+            "cell_id VARCHAR", "attempt INTEGER", "launcher VARCHAR", "job_id VARCHAR", "array_job_id VARCHAR",
+            "array_task_id INTEGER", "rank INTEGER", "git_commit VARCHAR")),
+    ],
 }
 # Recompute the run_stats cache for runs whose steps were written outside the collector.
 REFRESH_RUN_STATS = "INSERT OR REPLACE INTO run_stats SELECT * FROM run_stats_of('uncached_steps')"

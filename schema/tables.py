@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RUN_STATUSES = ("running", "finished", "diverged", "failed", "stale")
 
 
@@ -49,6 +49,16 @@ runs = sa.Table(
     _col("started_at", sa.DateTime(timezone=True), "When the run started (UTC)."),
     _col("ended_at", sa.DateTime(timezone=True), "When the run ended; NULL while running or if the process died."),
     _col("heartbeat_at", sa.DateTime(timezone=True), "Last sign of life from the training process; a running run whose heartbeat stops is stale."),
+    _col("status_reason", sa.String, "Why the run ended with its status when that is not plain: the signal (SIGTERM), the exception, or how many logged rows were lost and why. NULL otherwise."),
+    # Where the run ran (collector/provenance.py; docs/cluster.md): NULL where the launcher does not say.
+    _col("cell_id", sa.String, "Cell of its sweep's grid, e.g. b64-lr0.1-s0 (batch, LR, seed), set by python -m trainer sweep; every attempt of a cell shares it. NULL for a run started on its own."),
+    _col("attempt", sa.Integer, "Which try of its cell this run is: 1 for the first, 2 for the first retry (after a failure, a preemption or a requeue), ... See the sweep_cells view."),
+    _col("launcher", sa.String, "What started the run: local, slurm, submitit or ray (python -m trainer sweep --launcher), slurm for a run inside a SLURM job, NULL otherwise."),
+    _col("job_id", sa.String, "The launcher's job id: SLURM_JOB_ID, submitit's job id (e.g. 4242_3) or the Ray task id."),
+    _col("array_job_id", sa.String, "SLURM_ARRAY_JOB_ID of the job array the run was a task of."),
+    _col("array_task_id", sa.Integer, "SLURM_ARRAY_TASK_ID: the run's index in that job array."),
+    _col("rank", sa.Integer, "Global rank of the process that wrote the run (RANK under torchrun; 0 otherwise)."),
+    _col("git_commit", sa.String, "Git commit (HEAD) of the training code's repository, with '-dirty' when tracked files had uncommitted changes; NULL without git or outside a repository."),
 )
 
 steps = sa.Table(
