@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
-from collector.spool import Segment, Spool
-from collector.store import spool_root, try_write_connection
-from schema import refresh_run_stats
+from collector.spool import INGESTED, Segment, Spool, quarantine
+from collector.values import STEP_KINDS, clean_run_row, kinds
+from schema import evals, refresh_run_stats, runs, scalars
 
-RUN_COLUMNS = (
-    "run_id", "name", "sweep", "status", "task", "model", "optimizer", "lr", "momentum", "weight_decay",
-    "batch_size", "micro_batch_size", "accum_steps", "world_size", "train_size", "seed", "device", "host",
-    "config", "started_at", "ended_at",
-)
+RUN_COLUMNS = tuple(c.name for c in runs.columns if c.name != "heartbeat_at")
+# What a spool segment of each table may hold (the table's columns without run_id).
+SEGMENT_COLUMNS = {"steps": frozenset(STEP_KINDS), "evals": frozenset(kinds(evals)),
+                   "scalars": frozenset(kinds(scalars))}
+# Errors that belong to the rows being inserted (a value the column cannot take), not to the store.
+DATA_ERRORS = (duckdb.DataError, duckdb.IntegrityError, duckdb.BinderException)
+_NOTED: set = set()  # runs whose unstorable run fields were reported (once per process)
 
 
 def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) -> None:
@@ -31,6 +34,11 @@ def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) ->
 
     heartbeat_at becomes now() when the writing process is alive; a recovered dead run keeps its last one.
     """
+    row, notes = clean_run_row(row)
+    if notes and row.get("run_id") not in _NOTED:
+        _NOTED.add(row.get("run_id"))
+        print(f"batchscope: run {row.get('run_id')}: stored NULL for run fields the store cannot take: "
+              + "; ".join(notes), file=sys.stderr, flush=True)
     values = {c: row.get(c) for c in RUN_COLUMNS}
     if isinstance(values["config"], (dict, list)):
         values["config"] = json.dumps(values["config"], default=str)
@@ -39,6 +47,7 @@ def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) ->
     con.execute(
         f"INSERT INTO runs ({cols}, heartbeat_at) VALUES ({marks}, {'now()' if alive else 'CAST(? AS TIMESTAMPTZ)'}) "
         "ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, ended_at = excluded.ended_at, "
+        "status_reason = excluded.status_reason, "
         f"heartbeat_at = {'excluded.heartbeat_at' if alive else 'runs.heartbeat_at'}",
         list(values.values()) + ([] if alive else [row.get("heartbeat_at") or row.get("started_at")]),
     )
@@ -127,48 +136,101 @@ def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, 
             if table == "steps":
                 update_run_stats(con, run["run_id"], data, all_new=not ignore)
         con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
+    except BaseException:
+        # After an I/O error (a full disk) DuckDB may have ended the transaction itself; its "cannot
+        # rollback" would hide the real cause, which is the error raised here.
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
         raise
 
 
+def read_segment(seg: Segment) -> pa.Table | None:
+    """A segment's rows; None if it is gone (ingested meanwhile) or unreadable (then quarantined)."""
+    try:
+        data = seg.read()
+    except FileNotFoundError:
+        return None
+    except (pa.ArrowException, OSError, ValueError) as exc:  # truncated, garbled, zero bytes
+        _quarantine_segment(seg, f"not a readable Arrow segment: {' '.join(str(exc).split())[:200]}")
+        return None
+    if "run_id" in data.column_names:
+        data = data.drop_columns(["run_id"])
+    unknown = set(data.column_names) - SEGMENT_COLUMNS[seg.table]
+    if unknown or "step" not in data.column_names:
+        why = f"unknown columns {sorted(unknown)}" if unknown else "no step column"
+        _quarantine_segment(seg, f"not a {seg.table} segment: {why}")
+        return None
+    return data
+
+
+def _quarantine_segment(seg: Segment, reason: str) -> None:
+    spool_dir = seg.path.parent.parent if seg.path.parent.name == INGESTED else seg.path.parent
+    with contextlib.suppress(FileNotFoundError):
+        quarantine(spool_dir.parent, seg.path, reason, run_id=spool_dir.name)
+
+
 def read_segments(segments: list[Segment]) -> dict[str, pa.Table]:
-    """The segments' rows as one table per store table (segments removed meanwhile are skipped)."""
+    """The segments' rows as one table per store table (segments removed meanwhile are skipped,
+    unreadable ones quarantined)."""
     by_table: dict[str, list[pa.Table]] = {}
     for seg in segments:
-        try:
-            data = seg.read()
-        except FileNotFoundError:  # ingested and removed by another process meanwhile
-            continue
-        if "run_id" in data.column_names:
-            data = data.drop_columns(["run_id"])
-        by_table.setdefault(seg.table, []).append(data)
+        data = read_segment(seg)
+        if data is not None:
+            by_table.setdefault(seg.table, []).append(data)
     return {t: pa.concat_tables(parts, promote_options="default") for t, parts in by_table.items()}
 
 
 def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None,
-                 replay_ingested: bool = False) -> int:
+                 replay_ingested: bool = False, alive: bool | None = None) -> int:
     """Ingest everything in one spool within one transaction; returns the number of rows moved.
 
     `replay_ingested` also re-inserts the segments kept after earlier ingests (INSERT OR IGNORE), which
-    puts back whatever the store lost of them.
+    puts back whatever the store lost of them. A segment whose rows the store refuses (a value out of
+    range, written by an older release) is quarantined and the rest go in.
     """
-    run = spool.read_run()
+    run = spool.read_run()  # ValueError if garbled: the caller quarantines run.json
+    if run is None:
+        return 0
+    run = {**run, "run_id": spool.run_id}
+    if status_override:
+        run = {**run, "status": status_override}
+    if alive is None:
+        alive = status_override != "stale"
     segments = spool.segments()
     if replay_ingested:
         segments = spool.segments(ingested=True) + segments
-    if run is None:
-        return 0
-    if status_override:
-        run = {**run, "status": status_override}
-    tables = read_segments(segments)
-    alive = status_override != "stale"
+    parts = [(seg, read_segment(seg)) for seg in segments]
+    parts = [(seg, data) for seg, data in parts if data is not None]
+    tables = _by_table(parts)
     try:
-        _ingest_tables(con, run, tables, alive, careful=replay_ingested)
-    except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
-        _ingest_tables(con, run, tables, alive, careful=True)
-    spool.mark_ingested(segments)
-    return sum(t.num_rows for t in tables.values())
+        try:
+            _ingest_tables(con, run, tables, alive, careful=replay_ingested)
+        except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
+            _ingest_tables(con, run, tables, alive, careful=True)
+    except DATA_ERRORS:
+        parts = _ingest_one_by_one(con, run, parts, alive)
+    spool.mark_ingested([seg for seg, _ in parts])
+    return sum(data.num_rows for _, data in parts)
+
+
+def _by_table(parts: list[tuple[Segment, pa.Table]]) -> dict[str, pa.Table]:
+    by_table: dict[str, list[pa.Table]] = {}
+    for seg, data in parts:
+        by_table.setdefault(seg.table, []).append(data)
+    return {t: pa.concat_tables(p, promote_options="default") for t, p in by_table.items()}
+
+
+def _ingest_one_by_one(con, run: dict, parts: list[tuple[Segment, pa.Table]], alive: bool) -> list:
+    """Each segment in its own transaction; those the store refuses are quarantined. Returns the rest."""
+    _ingest_tables(con, run, {}, alive, careful=True)  # the run row alone (cleaned: it cannot fail on values)
+    good = []
+    for seg, data in parts:
+        try:
+            _ingest_tables(con, run, {seg.table: data}, alive, careful=True)
+            good.append((seg, data))
+        except DATA_ERRORS as exc:
+            _quarantine_segment(seg, f"the store refused its rows: {' '.join(str(exc).split())[:200]}")
+    return good
 
 
 # Primary key of each data table besides run_id: what makes a logged row distinct.
@@ -211,34 +273,11 @@ def missing_rows(con: duckdb.DuckDBPyConnection, spool: Spool, status: str) -> d
     return out | missing_keys(con, spool.run_id, read_segments(spool.segments(ingested=True) + spool.segments()))
 
 
-def recover_spools(db: Path) -> int:
-    """Ingest the spools whose owner process is gone (killed, crashed, or finished while the store was busy).
+def recover_spools(db: Path, wait: float = 0.0) -> int:
+    """Move every spool into the store (collector.ingester.ingest_all) and return how many spools of
+    dead processes (killed, crashed, or finished while the store was busy) were recovered; a run still
+    marked `running` in a dead spool becomes `stale`. 0 if another process holds the ingest lease."""
+    from collector.ingester import ingest_all
 
-    A run still marked `running` in its dead spool becomes `stale`. Live runs' spools are left alone.
-    Returns the number of spools recovered; 0 if the store is busy (try again later).
-    """
-    root = spool_root(db)
-    if not root.is_dir():
-        return 0
-    recovered = 0
-    with contextlib.ExitStack() as stack:
-        con = None
-        for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            spool = Spool(root, run_dir.name)
-            if not spool.try_own():
-                continue  # a live process owns it
-            try:
-                run = spool.read_run()
-                if run is None:
-                    continue  # being created right now, or foreign: leave it
-                if con is None:
-                    con = stack.enter_context(try_write_connection(db))
-                    if con is None:
-                        return recovered
-                override = "stale" if run.get("status") == "running" else None
-                ingest_spool(con, spool, status_override=override, replay_ingested=True)
-                spool.remove()
-                recovered += 1
-            finally:
-                spool.release()
-    return recovered
+    summary = ingest_all(db, wait=wait)
+    return summary.recovered if summary is not None else 0

@@ -1,9 +1,10 @@
 """The logging API a training loop calls: `start_run(...)` and the `Run` it returns.
 
-log_* calls only append to in-memory buffers (a few microseconds). A background thread spools the
-buffers to Arrow segments about once a second and then moves them into DuckDB in a short transaction.
-If the store is locked, missing or broken the run keeps spooling and says so once: the training loop
-is never failed or slowed by the store.
+log_* calls check each value against its column's type (collector/values.py) and append it to an
+in-memory buffer (about a microsecond). A spool thread writes the buffers to durable Arrow segments
+about once a second, whatever the store is doing; a separate ingest thread takes part in the store's
+single-ingester rota (collector/ingester.py). A locked, missing or broken store, or a full disk, never
+fails or slows the training loop: it is said once, in one line, and retried.
 """
 
 from __future__ import annotations
@@ -20,52 +21,48 @@ import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from numbers import Real
 from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from collector.ingest import (
-    RUN_COLUMNS,
-    ingest_spool,
-    missing_keys,
-    missing_rows,
-    read_segments,
-    recover_spools,
-)
-from collector.spool import Spool
+from collector import ingester, signals
+from collector.ingest import RUN_COLUMNS, ingest_spool, missing_keys, missing_rows, read_segments, upsert_run
+from collector.spool import TABLES, Spool
 from collector.store import StoreError, resolve_db, spool_root, try_write_connection
+from collector.values import (
+    ARROW_TYPES,
+    EVAL_KINDS,
+    INT_RANGES,
+    RUN_KINDS,
+    SCALAR_KINDS,
+    STEP_KINDS,
+    column,
+    converter,
+    run_fields,
+    to_float,
+    to_int,
+    to_json,
+    to_text,
+)
 
-STEP_COLUMNS = ("step", "examples", "wall_time", "batch_size", "lr", "loss",
-                "g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
-_STEP_TYPES = (pa.int64(), pa.int64(), pa.float64(), pa.int32(), pa.float64(), pa.float64(),
-               pa.float64(), pa.float64(), pa.float64(), pa.float64(), pa.float64())
-_EVAL_TYPES = {"step": pa.int64(), "split": pa.string(), "examples": pa.int64(), "loss": pa.float64(),
-               "accuracy": pa.float64()}
-_SCALAR_TYPES = {"step": pa.int64(), "name": pa.string(), "value": pa.float64()}
-_FAST = {float, int, type(None)}
-_META = frozenset(RUN_COLUMNS) - {"run_id", "name", "sweep", "status", "config", "started_at", "ended_at", "host"}
-HEARTBEAT_EVERY = 10.0  # seconds between store writes when there is nothing new to write
+STEP_COLUMNS = tuple(STEP_KINDS)
+_STEP_TYPES = {c: ARROW_TYPES[k] for c, k in STEP_KINDS.items()}
+_EVAL_TYPES = {c: ARROW_TYPES[k] for c, k in EVAL_KINDS.items()}
+_SCALAR_TYPES = {c: ARROW_TYPES[k] for c, k in SCALAR_KINDS.items()}
+_META = frozenset(RUN_KINDS) - {"name", "sweep", "config", "status_reason"}
+_EXACT = 2**53  # ints up to this are stored exactly by a DOUBLE (and are in every integer column's range)
+_I32 = INT_RANGES["INTEGER"]
 BUSY_WARN_AFTER = 30.0  # seconds the store may stay locked (e.g. a DuckDB CLI left open) before the user is told
-TICK_PATIENCE = 2.0  # seconds a background flush keeps retrying a locked store before the next tick
+TICK_PATIENCE = ingester.STORE_PATIENCE  # seconds a background ingest keeps retrying a locked store
 KEEP_BYTES = 256 * 2**20  # ingested segments a run keeps for its end-of-run check before checking and dropping the oldest
+MAX_BUFFERED_ROWS = 2_000_000  # rows kept in memory while the spool cannot be written (a full disk), per run
 
 
 def _utcnow() -> str:
     return datetime.now(timezone.utc).isoformat()
-
-
-def _number(name: str, v):
-    """Accept Python and NumPy real numbers (and 0-d arrays); reject strings, tensors needing sync, etc."""
-    if v is None or type(v) in (float, int):
-        return v
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, (Real, np.number)) or (isinstance(v, np.ndarray) and v.ndim == 0):
-        return v.item() if hasattr(v, "item") else float(v)
-    raise TypeError(f"{name} must be a real number, got {type(v).__name__}: {v!r:.60}")
 
 
 class Run:
@@ -73,42 +70,52 @@ class Run:
 
     def __init__(self, db=None, *, name: str, sweep: str | None = None, config: Mapping | None = None,
                  flush_every: float = 1.0, finish_timeout: float = 60.0, warn_after: float = BUSY_WARN_AFTER,
-                 keep_bytes: int = KEEP_BYTES, **meta):
+                 keep_bytes: int = KEEP_BYTES, max_buffered_rows: int = MAX_BUFFERED_ROWS, **meta):
         if not isinstance(name, str) or not name.strip():
             raise ValueError("run name must be a non-empty string")
         unknown = set(meta) - _META
         if unknown:
             raise ValueError(f"unknown run field(s) {sorted(unknown)}; allowed: {sorted(_META)}")
+        fields = run_fields(meta) | {"name": to_text(name, "name"),
+                                     "sweep": None if sweep is None else to_text(sweep, "sweep"),
+                                     "config": to_json(config or {})}
         self.db: Path = resolve_db(db)
         self.db.parent.mkdir(parents=True, exist_ok=True)
         self.run_id = uuid.uuid4().hex[:12]
         self.name, self.sweep = name, sweep
-        self._row = {c: None for c in RUN_COLUMNS} | dict(meta) | {
-            "run_id": self.run_id, "name": name, "sweep": sweep, "status": "running",
-            "config": dict(config or {}), "started_at": _utcnow(), "host": socket.gethostname(),
-        }
-        self._row.setdefault("world_size", 1)
+        self._row = {c: None for c in RUN_COLUMNS} | fields | {
+            "run_id": self.run_id, "status": "running", "started_at": _utcnow(), "host": socket.gethostname()}
+        if self._row["world_size"] is None:
+            self._row["world_size"] = 1
         self._t0 = time.perf_counter()
-        # Plain lists: append (hot path) and the flusher's take-prefix-then-delete are each atomic under the GIL.
+        # Plain lists: append (hot path) and the spooler's take-prefix-then-delete are each atomic under the GIL.
         self._steps: list[tuple] = []
         self._evals: list[tuple] = []
         self._scalars: list[tuple] = []
         self._tables: deque[tuple[str, pa.Table]] = deque()  # blocks from log_steps
+        self._names: set[str] = set()  # scalar names already checked
+        # Rows accepted at the call, per table: what the end-of-run check holds the store to.
+        self._n_steps = self._n_evals = self._n_scalars = 0
+        self._pending: deque[tuple[str, pa.Table]] = deque()  # drained, not yet in a segment (disk full)
+        self._lost = dict.fromkeys(TABLES, 0)  # dropped past max_buffered_rows
+        self._io_error: str | None = None  # the spool's last write error, while it lasts
         self._diverged = False
         self._status: str | None = None
         self._warned: set[str] = set()
-        self._last_ingest = 0.0
         self._busy_since: float | None = None
         self.flush_every, self.finish_timeout, self.warn_after = flush_every, finish_timeout, warn_after
-        self.keep_bytes = keep_bytes
+        self.keep_bytes, self.max_buffered_rows = keep_bytes, max_buffered_rows
+        self._spool_lock = threading.Lock()
         self.spool = Spool(spool_root(self.db), self.run_id, keep_ingested=True)
         self.spool.create_and_own()
         self.spool.write_run(self._row)
-        self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"batchscope-{self.run_id}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=target, name=f"batchscope-{what}-{self.run_id}", daemon=True)
+                         for what, target in (("spool", self._spool_loop), ("ingest", self._ingest_loop))]
+        for t in self._threads:
+            t.start()
         atexit.register(self._atexit)
+        signals.watch(self)
 
     # --- logging (hot path) ----------------------------------------------------------------------
     def log_step(self, step: int, examples=None, loss=None, lr=None, batch_size=None, g_small_sq=None,
@@ -117,73 +124,121 @@ class Run:
         if wall_time is None:
             wall_time = time.perf_counter() - self._t0
         row = (step, examples, wall_time, batch_size, lr, loss, g_small_sq, b_small, g_big_sq, b_big, b_simple)
+        # Fast path: floats, None, and ints small enough for every column; else the full check.
         for v in row:
-            if v.__class__ not in _FAST:
-                row = tuple(_number(c, x) for c, x in zip(STEP_COLUMNS, row, strict=True))
+            if v.__class__ is not float and v is not None and (v.__class__ is not int or not -_EXACT <= v <= _EXACT):
+                row = self._checked_step(row)
                 break
-        if type(row[0]) is not int:
-            raise TypeError(f"step must be an integer, got {row[0]!r}")
+        else:
+            if (step.__class__ is not int or examples.__class__ is float or batch_size.__class__ is float
+                    or (batch_size is not None and not _I32[0] <= batch_size <= _I32[1])):
+                row = self._checked_step(row)
         loss = row[5]
         if loss is not None and not -math.inf < loss < math.inf:
             self._diverged = True
         self._steps.append(row)
+        self._n_steps += 1
         if extra:
             self.log(step, **extra)
 
+    def _checked_step(self, row: tuple) -> tuple:
+        if row[0] is None:
+            raise TypeError("step must be an integer, got None")
+        return tuple(converter(kind, name)(v) for (name, kind), v in zip(STEP_KINDS.items(), row, strict=True))
+
     def log_steps(self, columns: Mapping[str, Sequence | np.ndarray]) -> None:
-        """Record a block of steps at once (columns of equal length); the trainer's path for device-side stats."""
+        """Record a block of steps at once (columns of equal length); the trainer's path for device-side stats.
+        Columns other than the steps table's go to `scalars` under their name."""
         if "step" not in columns:
             raise ValueError("log_steps needs a 'step' column")
-        arrays = {k: np.asarray(v) for k, v in columns.items()}
-        n = len(arrays["step"])
-        for k, a in arrays.items():
-            if a.shape != (n,):
-                raise ValueError(f"log_steps column {k!r} has shape {a.shape}, expected ({n},)")
-            if a.dtype.kind not in "iufb":
-                raise TypeError(f"log_steps column {k!r} must be numeric, got dtype {a.dtype}")
+        step = column(columns["step"], "step", STEP_KINDS["step"], None)
+        n = len(step)
+        if step.null_count:
+            raise TypeError("log_steps column 'step' must not hold None")
+        known = {"step": step}
+        extra = {}
+        for k, v in columns.items():
+            if k == "step":
+                continue
+            if k in STEP_KINDS:
+                known[k] = column(v, k, STEP_KINDS[k], n)
+            else:
+                self._check_name(k)
+                extra[k] = column(v, k, "DOUBLE", n)
         if n == 0:
             return
-        if "wall_time" not in arrays:
-            arrays["wall_time"] = np.full(n, time.perf_counter() - self._t0)
-        if "loss" in arrays and not np.isfinite(arrays["loss"].astype(float)).all():
+        if "wall_time" not in known:
+            known["wall_time"] = pa.array(np.full(n, time.perf_counter() - self._t0))
+        if "loss" in known and pc.any(pc.invert(pc.is_finite(known["loss"]))).as_py():
             self._diverged = True
-        known = {c: pa.array(arrays[c], type=t) for c, t in zip(STEP_COLUMNS, _STEP_TYPES, strict=True)
-                 if c in arrays}
-        self._tables.append(("steps", pa.table(known)))
-        for name in set(arrays) - set(STEP_COLUMNS):
-            self._tables.append(("scalars", pa.table({
-                "step": known["step"],
-                "name": pa.array(np.full(n, name, dtype=object), type=pa.string()),
-                "value": pa.array(arrays[name], type=pa.float64())})))
+        blocks = [("steps", pa.table(known))]
+        for name, values in extra.items():
+            blocks.append(("scalars", pa.table({"step": step, "name": pa.repeat(pa.scalar(name), n), "value": values})))
+        self._tables.extend(blocks)
+        self._n_steps += n
+        self._n_scalars += n * len(extra)
 
     def log_eval(self, step: int, split: str = "test", loss=None, accuracy=None, examples=None) -> None:
         """Record an evaluation on a data split (train, test, ...)."""
         if not isinstance(split, str) or not split:
             raise ValueError("split must be a non-empty string such as 'test'")
-        self._evals.append((_number("step", step), split, _number("examples", examples),
-                            _number("loss", loss), _number("accuracy", accuracy)))
+        self._evals.append((to_int(step, "step"), to_text(split, "split"),
+                            None if examples is None else to_int(examples, "examples"),
+                            None if loss is None else to_float(loss, "loss"),
+                            None if accuracy is None else to_float(accuracy, "accuracy")))
+        self._n_evals += 1
 
     def log(self, step: int, **values) -> None:
         """Record free-form scalars, like wandb.log: run.log(step, grad_norm=1.3)."""
-        step = _number("step", step)
+        step = to_int(step, "step")
+        rows = []
         for name, v in values.items():
-            if not name:
-                raise ValueError("scalar names must be non-empty")
-            self._scalars.append((step, name, _number(name, v)))
+            self._check_name(name)
+            rows.append((step, name, None if v is None else to_float(v, name)))
+        self._scalars.extend(rows)
+        self._n_scalars += len(rows)
+
+    def _check_name(self, name) -> None:
+        if name not in self._names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"scalar names must be non-empty strings, got {name!r:.60}")
+            to_text(name, "scalar name")
+            self._names.add(name)
 
     # --- ending ----------------------------------------------------------------------------------
-    def finish(self, status: str | None = None) -> None:
-        """End the run (finished, or diverged if a non-finite loss was logged) and move everything to the store."""
+    def finish(self, status: str | None = None, reason: str | None = None) -> None:
+        """End the run (finished, or diverged if a non-finite loss was logged) and move everything to the store.
+
+        Every row accepted at the call is accounted for: if some could not be spooled (a disk that
+        stayed full), the run ends `failed` with the count and the cause in `status_reason`, and on stderr."""
         if self._status is not None:
             return
         self._status = status or ("diverged" if self._diverged else "finished")
+        signals.finishing(self, True)
+        try:
+            self._finish(reason)
+        finally:
+            signals.finishing(self, False)
+            signals.forget(self)
+
+    def _finish(self, reason: str | None) -> None:
         self._stop.set()
-        self._wake.set()
-        self._thread.join()
-        self._row |= {"status": self._status, "ended_at": _utcnow()}
-        self._spool_buffers()
-        self.spool.write_run(self._row)
-        if not (self._try_ingest(patience=self.finish_timeout) and self._check_store()):
+        for t in self._threads:
+            t.join()
+        deadline = time.monotonic() + self.finish_timeout
+        while not self._spool_buffers() and self._pending and time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        lost = self._unspooled()
+        if lost:
+            what = ", ".join(f"{n:,} of {self._accepted()[t]:,} {t}" for t, n in lost.items())
+            cause = self._io_error or "dropped past max_buffered_rows"
+            reason = "; ".join(filter(None, [reason, f"lost {what} logged rows: {cause}"]))
+            self._status = "failed"
+            self._say("lost", f"batchscope: run {self.run_id} lost {what} logged rows ({cause}); everything "
+                      "else it logged is stored or in its spool")
+        self._row |= {"status": self._status, "ended_at": _utcnow(), "status_reason": reason}
+        self._write_run()
+        if not self._store_final():
             self._say("final", f"batchscope: run {self.run_id} is not (all) in {self.db} yet; its rows are "
                       f"safe in {self.spool.dir} and will be moved by `python -m collector ingest` (or the next "
                       "run or dashboard)")
@@ -191,6 +246,28 @@ class Run:
             return
         self.spool.remove()
         self.spool.release()
+
+    def _accepted(self) -> dict[str, int]:
+        return {"steps": self._n_steps, "evals": self._n_evals, "scalars": self._n_scalars}
+
+    def _unspooled(self) -> dict[str, int]:
+        """Per table, rows accepted at the call that never reached a segment ({} when none)."""
+        return {t: n - self.spool.rows_written[t] for t, n in self._accepted().items()
+                if n > self.spool.rows_written[t]}
+
+    def _store_final(self) -> bool:
+        """Under the ingest lease: this run's spool into the store, its final row, then the read-back check."""
+        with ingester.Lease(self.db).held(self.finish_timeout) as got:
+            if not got:
+                self._say("lease", f"batchscope: another process kept the ingest lease of {self.db} for "
+                          f"{self.finish_timeout:.0f} s")
+                return False
+
+            def ingest(con) -> None:
+                ingest_spool(con, self.spool)
+                upsert_run(con, self._row)  # the final status even if run.json could not be rewritten
+
+            return self._with_store(ingest, self.finish_timeout) and self._check_store()
 
     def _check_store(self) -> bool:
         """Read the run back from the store (a fresh connection, so from disk) and put back anything
@@ -202,6 +279,7 @@ class Run:
                 missing.update(missing_rows(con, self.spool, self._status))
                 if missing:
                     ingest_spool(con, self.spool, replay_ingested=True)
+                    upsert_run(con, self._row)
 
             if not self._with_store(check_and_repair, self.finish_timeout):
                 return False
@@ -213,56 +291,105 @@ class Run:
 
     def _prune_kept(self) -> None:
         """Past keep_bytes, look the oldest kept segments up in the store (a fresh connection, after the
-        commit's own closed) and drop them if every row is there; if not, keep them for finish() to repair."""
-        old, size = [], self.spool.kept_bytes
-        for seg in self.spool.segments(ingested=True):
+        commit's own closed) and drop them if every row is there; if not, keep them for finish() to repair.
+        Call with the ingest lease held (no one else moves this spool's files meanwhile)."""
+        kept = [(seg, seg.path.stat().st_size) for seg in self.spool.segments(ingested=True) if seg.path.exists()]
+        size = sum(s for _, s in kept)
+        old = []
+        for seg, s in kept:
             if size <= self.keep_bytes // 2:
                 break
             old.append(seg)
-            size -= seg.path.stat().st_size
+            size -= s
         complete = []
 
         def check(con) -> None:
             if not missing_keys(con, self.run_id, read_segments(old)):
                 complete.extend(old)
 
-        if self._with_store(check, TICK_PATIENCE) and complete:
+        if old and self._with_store(check, TICK_PATIENCE) and complete:
             self.spool.drop_kept(complete)
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish("failed" if exc_type is not None else None)
+        if exc_type is None:
+            self.finish()
+        else:
+            self.finish("failed", reason=f"{exc_type.__name__}: {exc}"[:500])
 
     def _atexit(self) -> None:
         if self._status is None:  # the script ended without finish(): record what it logged
             self.finish()
 
     # --- background ------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _spool_loop(self) -> None:
+        """Every flush_every s: buffers -> durable segments. Never waits on the store."""
+        while not self._stop.wait(self.flush_every):
+            self._spool_buffers()
+
+    def _ingest_loop(self) -> None:
+        """Take a turn as the store's ingester when one is due (collector/ingester.py)."""
+        while not self._stop.wait(min(self.flush_every, 1.0) * (0.8 + 0.4 * random.random())):
+            try:
+                if self._io_error is None and ingester.due(self.db):
+                    self._ingest_turn()
+            except Exception as exc:  # noqa: BLE001 - the training loop must not die because the store did
+                self._say("ingest", f"batchscope: writing to {self.db} failed ({_one_line(exc)}); rows stay in "
+                          f"{self.spool.dir} and will be retried")
+
+    def _ingest_turn(self) -> None:
+        lease = ingester.Lease(self.db)
+        if not lease.acquire(0.0):
+            return
         try:
-            recover_spools(self.db)
-        except Exception as exc:  # noqa: BLE001 - recovery of others' runs must never hurt this one
-            self._say("recover", f"batchscope: could not recover old spools: {exc}")
-        backoff = 1
-        while not self._stop.is_set():
-            wrote = self._spool_buffers()
-            if wrote or time.monotonic() - self._last_ingest > HEARTBEAT_EVERY:
-                ok = self._try_ingest()
-                if ok and self.spool.kept_bytes > self.keep_bytes:
-                    self._prune_kept()
-                # Under contention write less often (bigger batches, fewer lock grabs), up to 8x.
-                backoff = 1 if ok else min(backoff * 2, 8)
-            self._wake.wait(self.flush_every * backoff)
+            summary = ingester.ingest_locked(self.db, lease)
+            self._note_busy(summary.busy)
+            if not summary.busy and self.spool.bytes_written - self.spool.bytes_dropped > self.keep_bytes:
+                self._prune_kept()
+        except StoreError as exc:
+            self._say("store", f"batchscope: {exc}; run {self.run_id} keeps spooling to {self.spool.dir}")
+        finally:
+            lease.release()
 
     def _spool_buffers(self) -> bool:
-        """Move buffered rows to durable segment files; True if anything was written."""
-        wrote = False
-        for table, data in self._drain():
-            self.spool.write_segment(table, data)
-            wrote = True
-        return wrote
+        """Move buffered rows to durable segment files; True once nothing is left waiting. On a write
+        error (a full disk) the rows stay in memory, up to max_buffered_rows, for the next try."""
+        with self._spool_lock:
+            self._pending.extend(self._drain())
+            while self._pending:
+                table, data = self._pending[0]
+                try:
+                    self.spool.write_segment(table, data)
+                except OSError as exc:
+                    self._io_error = _one_line(exc)
+                    self._say("spool", f"batchscope: cannot write to the spool of run {self.run_id} ({self._io_error}); "
+                              f"keeping its rows in memory (up to {self.max_buffered_rows:,}) and retrying")
+                    self._bound_pending()
+                    return False
+                self._pending.popleft()
+            if self._io_error is not None:
+                self._io_error = None
+                self._warned.discard("spool")
+                print(f"batchscope: run {self.run_id} writes its spool again; nothing waiting in memory was lost",
+                      file=sys.stderr, flush=True)
+            return True
+
+    def _bound_pending(self) -> None:
+        """Past max_buffered_rows, drop the oldest rows waiting for the spool (counted, reported at finish)."""
+        total = sum(d.num_rows for _, d in self._pending)
+        while total > self.max_buffered_rows and self._pending:
+            table, data = self._pending.popleft()
+            total -= data.num_rows
+            self._lost[table] += data.num_rows
+
+    def _write_run(self) -> None:
+        try:
+            self.spool.write_run(self._row)
+        except OSError as exc:
+            self._say("runjson", f"batchscope: cannot rewrite {self.spool.dir / 'run.json'} ({_one_line(exc)}); "
+                      "the final status goes to the store directly")
 
     def _drain(self) -> list[tuple[str, pa.Table]]:
         """Buffered rows as one Arrow table per store table (without run_id: the spool folder says whose
@@ -271,8 +398,8 @@ class Run:
         out = []
         while self._tables:
             out.append(self._tables.popleft())
-        for table, buffer, types in (("steps", self._steps, dict(zip(STEP_COLUMNS, _STEP_TYPES, strict=True))),
-                                     ("evals", self._evals, _EVAL_TYPES), ("scalars", self._scalars, _SCALAR_TYPES)):
+        for table, buffer, types in (("steps", self._steps, _STEP_TYPES), ("evals", self._evals, _EVAL_TYPES),
+                                     ("scalars", self._scalars, _SCALAR_TYPES)):
             n = len(buffer)
             rows = buffer[:n]
             del buffer[:n]
@@ -286,12 +413,10 @@ class Run:
                 for t, parts in by_table.items()]
 
     def _try_ingest(self, patience: float = TICK_PATIENCE) -> bool:
-        """Move the spool into the store, retrying a lock conflict for up to `patience` seconds."""
-        def ingest(con) -> None:
-            ingest_spool(con, self.spool)
-            self._last_ingest = time.monotonic()
-
-        return self._with_store(ingest, patience)
+        """Move this run's spool into the store under the ingest lease, retrying a busy store for up to
+        `patience` seconds."""
+        with ingester.Lease(self.db).held(patience) as got:
+            return got and self._with_store(lambda con: ingest_spool(con, self.spool), patience)
 
     def _with_store(self, work, patience: float) -> bool:
         """Run work(con) in one short write connection, retrying a busy store for up to `patience` seconds;
@@ -301,23 +426,30 @@ class Run:
             try:
                 with try_write_connection(self.db) as con:
                     if con is not None:
-                        self._busy_since = None
+                        self._note_busy(False)
                         work(con)
                         return True
             except StoreError as exc:
                 self._say("store", f"batchscope: {exc}; run {self.run_id} keeps spooling to {self.spool.dir}")
                 return False
             except Exception as exc:  # noqa: BLE001 - the training loop must not die because the store did
-                self._say("ingest", f"batchscope: writing to {self.db} failed ({exc}); rows stay in {self.spool.dir}")
+                self._say("ingest", f"batchscope: writing to {self.db} failed ({_one_line(exc)}); rows stay in "
+                          f"{self.spool.dir}")
                 return False
-            # Brief contention with other writers and readers is normal; only a lasting lock is news.
-            self._busy_since = self._busy_since or time.monotonic()
-            if time.monotonic() - self._busy_since > self.warn_after:
-                self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
-                          f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
+            self._note_busy(True)
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005 + 0.025 * random.random())
+
+    def _note_busy(self, busy: bool) -> None:
+        """Brief contention with other writers and readers is normal; only a lasting lock is news."""
+        if not busy:
+            self._busy_since = None
+            return
+        self._busy_since = self._busy_since or time.monotonic()
+        if time.monotonic() - self._busy_since > self.warn_after:
+            self._say("locked", f"batchscope: store {self.db} is busy (locked by another process); "
+                      f"run {self.run_id} keeps spooling to {self.spool.dir} and will retry")
 
     def _say(self, key: str, message: str) -> None:
         """Tell the user about a store problem once per kind, on stderr."""
@@ -326,7 +458,14 @@ class Run:
             print(message, file=sys.stderr, flush=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error's own first line (e.g. `[Errno 28] No space left on device: ...`), not a later symptom."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def start_run(db: str | os.PathLike | None = None, *, name: str, sweep: str | None = None,
               config: Mapping | None = None, **meta) -> Run:
-    """Start logging a run; use as a context manager so it ends with the right status."""
+    """Start logging a run; use as a context manager so it ends with the right status. In the main
+    thread, SIGTERM and SIGINT end it too (collector/signals.py)."""
     return Run(db, name=name, sweep=sweep, config=config, **meta)

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,38 @@ LOCK_FILE = "owner.lock"
 INGESTED = "ingested"
 
 
+QUARANTINE = "quarantine"
+
+
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename: the file is whole or absent. On any error (a full disk) the
+    temp file is removed and the error raised."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def quarantine(root: Path, path: Path, reason: str, run_id: str | None = None) -> Path:
+    """Move an unreadable spool file aside to <spool root>/quarantine/<run_id>/ and say so in one line."""
+    dest_dir = root / QUARANTINE / (run_id or path.parent.name)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / path.name
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest_dir / f"{path.name}.{n}"
+    os.replace(path, dest)
+    print(f"batchscope: quarantined {path} -> {dest} ({reason}); its rows are not in the store",
+          file=sys.stderr, flush=True)
+    return dest
 
 
 @dataclass
@@ -56,6 +82,7 @@ class Spool:
         self.rows_written = dict.fromkeys(TABLES, 0)  # by this process, for Run's end-of-run check
         self.kept_bytes = 0  # size of the segments under ingested/ kept by this process
         self.pruned = False  # some kept segments were checked against the store and dropped
+        self.bytes_written = self.bytes_dropped = 0  # segment bytes written / dropped after a check, by this process
         self._seq = 0
         self._lock_fd: int | None = None
 
@@ -89,10 +116,16 @@ class Spool:
         atomic_write(self.dir / RUN_FILE, json.dumps(row, default=str).encode())
 
     def read_run(self) -> dict | None:
+        """The run row; None if there is no run.json (yet). Raises ValueError if it is unreadable."""
         try:
-            return json.loads((self.dir / RUN_FILE).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            row = json.loads((self.dir / RUN_FILE).read_bytes())
+        except FileNotFoundError:
             return None
+        except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
+            raise ValueError(f"unreadable run.json: {exc}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"run.json holds a {type(row).__name__}, not a run row")
+        return row
 
     def write_segment(self, table: str, data: pa.Table) -> Path:
         self._seq += 1
@@ -101,8 +134,10 @@ class Spool:
         # zstd: segments shrink ~3x and serialise faster than raw buffers; fsync then costs little.
         with ipc.new_file(sink, data.schema, options=ipc.IpcWriteOptions(compression="zstd")) as writer:
             writer.write_table(data)
-        atomic_write(path, sink.getvalue().to_pybytes())
+        data_bytes = sink.getvalue().to_pybytes()
+        atomic_write(path, data_bytes)
         self.rows_written[table] += data.num_rows
+        self.bytes_written += len(data_bytes)
         return path
 
     def segments(self, ingested: bool = False) -> list[Segment]:
@@ -113,6 +148,24 @@ class Spool:
             if table in TABLES:
                 out.append(Segment(p, table))
         return out
+
+    def kept_bytes_on_disk(self) -> int:
+        """Size of the kept segments, whichever process moved them there."""
+        total = 0
+        for seg in self.segments(ingested=True):
+            with contextlib.suppress(FileNotFoundError):
+                total += seg.path.stat().st_size
+        return total
+
+    def remove_temp_files(self) -> int:
+        """Delete temp files a dead writer left behind (killed or out of space mid-write)."""
+        n = 0
+        for folder in (self.dir, self.dir / INGESTED):
+            for p in folder.glob(".*.tmp") if folder.is_dir() else ():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+        return n
 
     def mark_ingested(self, segments: list[Segment]) -> None:
         """After COMMIT: keep the segments under ingested/ (keep_ingested) or delete them."""
@@ -131,8 +184,10 @@ class Spool:
         """Delete kept segments whose rows were found in the store (the size limit of keep_ingested)."""
         for seg in segments:
             with contextlib.suppress(FileNotFoundError):
-                self.kept_bytes -= seg.path.stat().st_size
+                size = seg.path.stat().st_size
                 seg.path.unlink()
+                self.kept_bytes -= size
+                self.bytes_dropped += size
         self.pruned = True
 
     def remove(self) -> None:

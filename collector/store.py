@@ -12,6 +12,7 @@ checkpoint-and-close, so two batchscope processes never interleave those steps.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -150,8 +151,13 @@ def try_write_connection(db: Path) -> Iterator[duckdb.DuckDBPyConnection | None]
     try:
         _migrate(con, db)
         yield con
-    finally:
-        _close(con, fd)
+    except BaseException:
+        # The error that ended the work is the one to tell (e.g. No space left on device), not a
+        # second one from closing the same file.
+        with contextlib.suppress(duckdb.Error, OSError):
+            _close(con, fd)
+        raise
+    _close(con, fd)
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, db: Path) -> None:

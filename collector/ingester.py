@@ -1,0 +1,232 @@
+"""One ingester at a time: whoever holds the ingest lease moves every spool of a store into DuckDB.
+
+Without it, each writer opened the store about once a second, so with 8 trainers the file was almost
+always open read-write and an analyst's plain `duckdb.connect(db, read_only=True)` was refused in 70 %
+of tries. Now every writer still spools on its own (durable within ~1 s), but the store is opened by one
+process per ingest for all runs at once, and ingests are spaced so that the store stays free most of
+the time: at least `INGEST_EVERY` s apart, and `held / DUTY` apart after an ingest that held the store
+for `held` s.
+
+The lease is an flock on <db>.spool/ingest.lock, held only for one ingest; the kernel drops it when its
+holder dies, so it passes on by itself. The file also holds the schedule (when the next ingest is due,
+when the last one ended), so processes take turns instead of each ingesting every second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from collector.ingest import ingest_spool
+from collector.spool import QUARANTINE, RUN_FILE, Spool, quarantine
+from collector.store import StoreError, spool_root, try_write_connection
+
+LEASE_FILE = "ingest.lock"
+INGEST_EVERY = 1.0  # seconds between two ingests, whichever processes do them
+DUTY = 0.03  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
+MAX_GAP = 30.0  # ... but never more than this between ingests
+HEARTBEAT_EVERY = 10.0  # live runs' heartbeat_at is refreshed at least this often, even with nothing new
+STORE_PATIENCE = 2.0  # seconds an ingest retries a store that a reader (or a DuckDB shell) holds
+# Errors of the store or the disk, not of one spool: they end the pass (and are reported by the caller).
+STORE_ERRORS = (StoreError, OSError, duckdb.IOException, duckdb.FatalException, duckdb.InternalException)
+
+
+@dataclass
+class Summary:
+    """What one pass over the spools did."""
+
+    recovered: int = 0  # spools of dead processes moved in and removed
+    live: int = 0  # spools of live runs moved in (they keep spooling)
+    rows: int = 0
+    quarantined: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "<run_id>: why"
+    busy: bool = False  # the store stayed locked by another process
+
+    def line(self, db: Path) -> str:
+        parts = [f"recovered {self.recovered} run spool(s) into {db}", f"moved {self.rows:,} rows",
+                 f"{self.live} live run(s)", f"quarantined {len(self.quarantined)} file(s)",
+                 f"skipped {len(self.skipped)}"]
+        return ", ".join(parts) + (" (store busy: try again)" if self.busy else "")
+
+
+class Lease:
+    """The ingest lease of one store: an flock on <db>.spool/ingest.lock plus the shared schedule."""
+
+    def __init__(self, db: Path):
+        self.path = spool_root(db) / LEASE_FILE
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        """Take the lease, waiting up to `wait` s; False if another process kept it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.005 + 0.02 * random.random())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @contextlib.contextmanager
+    def held(self, wait: float = 0.0) -> Iterator[bool]:
+        got = self.acquire(wait)
+        try:
+            yield got
+        finally:
+            if got:
+                self.release()
+
+    def schedule(self) -> tuple[float, float]:
+        """(when the next ingest is due, when the last one ended), as Unix times; (0, 0) if unknown."""
+        try:
+            with open(self.path, "rb") as f:
+                due, last = f.read(64).split()
+            return float(due), float(last)
+        except (OSError, ValueError):
+            return 0.0, 0.0
+
+    def set_schedule(self, due: float, last: float) -> None:
+        assert self._fd is not None, "only the lease holder sets the schedule"
+        data = f"{due:.3f} {last:.3f}\n".encode()
+        os.pwrite(self._fd, data.ljust(40), 0)
+
+
+def _spool_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name != QUARANTINE and not p.name.startswith("."))
+
+
+def due(db: Path) -> bool:
+    """Whether an ingest is due now: its time has come and there is something to move (or heartbeats
+    to refresh). Cheap: a read of the lease file and a listing of the spool folders."""
+    next_due, last = Lease(db).schedule()
+    now = time.time()
+    if now < next_due:
+        return False
+    if now - last >= HEARTBEAT_EVERY:
+        return True
+    for d in _spool_dirs(spool_root(db)):
+        if any(d.glob("*.arrow")):
+            return True
+        with contextlib.suppress(OSError):
+            if (d / RUN_FILE).stat().st_mtime > last:
+                return True
+    return False
+
+
+def ingest_all(db: Path, wait: float = 0.0, patience: float = STORE_PATIENCE) -> Summary | None:
+    """With the lease (waiting up to `wait` s), move every run's spool into the store; None if another
+    process holds the lease. Raises StoreError (corrupt store, ...) and I/O errors (a full disk)."""
+    lease = Lease(db)
+    if not lease.acquire(wait):
+        return None
+    try:
+        return ingest_locked(db, lease, patience)
+    finally:
+        lease.release()
+
+
+def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE) -> Summary:
+    """One pass over every spool, by the lease holder, in one store connection; sets the schedule."""
+    summary = Summary()
+    start = time.time()
+    held = 0.0
+    try:
+        with contextlib.ExitStack() as stack:
+            con = None
+            for run_dir in _spool_dirs(spool_root(db)):
+                spool = Spool(run_dir.parent, run_dir.name, keep_ingested=True)
+                dead = spool.try_own()
+                try:
+                    run = _read_run(spool, summary, dead)
+                    if run is None:
+                        continue
+                    if con is None:
+                        con = stack.enter_context(_patient_connection(db, patience))
+                        if con is None:
+                            summary.busy = True
+                            return summary
+                        held_from = time.monotonic()
+                    if dead:
+                        override = "stale" if run.get("status") == "running" else None
+                        summary.rows += ingest_spool(con, spool, status_override=override, replay_ingested=True,
+                                                     alive=False)
+                        spool.remove_temp_files()
+                        spool.remove()
+                        summary.recovered += 1
+                    else:
+                        summary.rows += ingest_spool(con, spool, alive=True)
+                        summary.live += 1
+                except STORE_ERRORS:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one bad spool must not keep the others out
+                    summary.skipped.append(f"{spool.run_id}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+                finally:
+                    if dead:
+                        spool.release()
+        if con is not None:
+            held = time.monotonic() - held_from  # includes the close (DuckDB's checkpoint)
+    finally:
+        now = time.time()
+        gap = INGEST_EVERY if summary.busy else min(MAX_GAP, max(INGEST_EVERY, held / DUTY))
+        lease.set_schedule(now + gap - (now - start if not summary.busy else 0.0), now)
+    return summary
+
+
+def _read_run(spool: Spool, summary: Summary, dead: bool) -> dict | None:
+    """The spool's run row, or None to leave the spool alone this time. A garbled run.json is
+    quarantined; a dead run's rows then go in under a placeholder row (status stale) rather than stay
+    in the spool forever."""
+    try:
+        run = spool.read_run()
+    except ValueError as exc:
+        summary.quarantined.append(str(quarantine(spool.dir.parent, spool.dir / RUN_FILE, str(exc))))
+        if not dead:
+            summary.skipped.append(f"{spool.run_id}: run.json unreadable, its owner is alive")
+            return None
+        placeholder = {"run_id": spool.run_id, "name": f"recovered {spool.run_id}", "status": "stale",
+                       "status_reason": "its run.json was unreadable (quarantined): run fields unknown"}
+        spool.write_run(placeholder)
+        return placeholder
+    if run is None:
+        if dead and not spool.segments() and not spool.segments(ingested=True):
+            spool.remove_temp_files()
+            spool.remove()  # a writer that died before writing anything
+        else:
+            summary.skipped.append(f"{spool.run_id}: no run.json yet")
+        return None
+    return run
+
+
+@contextlib.contextmanager
+def _patient_connection(db: Path, patience: float):
+    """try_write_connection, retried with jitter for up to `patience` s; yields None if still busy."""
+    deadline = time.monotonic() + patience
+    while True:
+        with try_write_connection(db) as con:
+            if con is not None:
+                yield con
+                return
+        if time.monotonic() >= deadline:
+            yield None
+            return
+        time.sleep(0.005 + 0.025 * random.random())

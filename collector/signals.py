@@ -1,0 +1,72 @@
+"""SIGTERM and SIGINT end the live runs properly, then do what they would have done without us.
+
+SLURM, Kubernetes and `timeout` stop a job with SIGTERM, whose default action kills the process at
+once: buffered steps were lost and the run stayed `running`. start_run, when called in the main thread
+(Python runs signal handlers only there), installs a handler for each signal that is not ignored: it
+flushes and finishes every live run as `failed` with the signal's name in `status_reason`, then chains
+to the handler found before it (SIGINT's default raises KeyboardInterrupt, as usual) or, for the default
+action, restores it and re-sends the signal, so the exit status is the usual one (143 for SIGTERM).
+A signal that arrives while a run is finishing waits for that finish.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import weakref
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_live: weakref.WeakSet = weakref.WeakSet()  # runs not finished yet
+_finishing: set[int] = set()  # id() of runs inside finish() right now
+_previous: dict[int, object] = {}  # signal -> the handler we replaced
+_deferred: list[int] = []  # signals that arrived during a finish
+
+
+def watch(run) -> None:
+    """Track a new run; install the handlers once, from the main thread only."""
+    _live.add(run)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        if sig in _previous:
+            continue
+        prev = signal.getsignal(sig)
+        if prev in (signal.SIG_IGN, None):  # ignored on purpose (nohup), or set outside Python: leave it
+            continue
+        _previous[sig] = prev
+        signal.signal(sig, _on_signal)
+
+
+def forget(run) -> None:
+    _live.discard(run)
+
+
+def finishing(run, inside: bool) -> None:
+    """Mark a run's finish() as running (a signal now waits for it) or done (then a waiting one acts)."""
+    if inside:
+        _finishing.add(id(run))
+        return
+    _finishing.discard(id(run))
+    if not _finishing and _deferred:
+        _on_signal(_deferred.pop(), None)
+
+
+def _on_signal(signum: int, frame) -> None:
+    if _finishing:  # we interrupted a finish(): let it complete, then act (see finishing())
+        if signum not in _deferred:
+            _deferred.append(signum)
+        return
+    name = signal.Signals(signum).name
+    runs = [r for r in list(_live) if r._status is None]
+    for run in runs:
+        print(f"batchscope: {name}: ending run {run.run_id} as failed, with every step it logged",
+              file=sys.stderr, flush=True)
+        run.finish("failed", reason=name)
+    prev = _previous.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)  # e.g. signal.default_int_handler raises KeyboardInterrupt
+        return
+    signal.signal(signum, signal.SIG_DFL)  # die of the signal, as we would have without the handler
+    os.kill(os.getpid(), signum)
