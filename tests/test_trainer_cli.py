@@ -86,6 +86,15 @@ def test_bad_input_is_one_line_exit_2_and_no_run(tmp_path, capsys, args, needle)
     assert not db.exists() and not Path(f"{db}.spool").exists()
 
 
+@pytest.mark.parametrize("where", ["directory", "missing folder"])
+def test_bad_db_path_is_one_line_exit_2_and_creates_nothing(tmp_path, where):
+    db = tmp_path if where == "directory" else tmp_path / "no" / "such" / "runs.duckdb"
+    proc = trainer("--db", str(db))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ("is a directory" if where == "directory" else "does not exist") in proc.stderr
+    assert not (tmp_path / "no").exists() and not list(tmp_path.glob("*.spool"))
+
+
 def test_bad_input_exit_code_through_python_m(tmp_path):
     db = tmp_path / "runs.duckdb"
     proc = trainer("--batch", "0", "--db", str(db))

@@ -71,7 +71,8 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                           "(or examples: 50000ex)")
     how.add_argument("--batch-schedule", metavar="SPEC", help="xF@M1,M2: multiply the batch size by F at those epochs (Smith et al.)")
     how.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (after measuring)")
-    how.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
+    if not sweep:  # a sweep takes a list of seeds (trainer/sweep.py)
+        how.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
     how_long = p.add_argument_group("how long (default: 30 epochs of digits, 1000 linreg steps, 200k teacher examples)")
     how_long.add_argument("--steps", type=integer, metavar="N", help="optimizer steps")
     how_long.add_argument("--examples", type=integer, metavar="N", help="training examples")
@@ -123,12 +124,31 @@ def prepare(cfg):
     from trainer.tasks import TaskOptions, make_task
 
     validate(cfg)
+    check_store_path(cfg.db)
     device = resolve_device(cfg.device)
     threads = cfg.threads or (1 if cfg.task in SMALL_TASKS and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     task = make_task(cfg.task, TaskOptions(dim=cfg.dim, noise=cfg.noise, data_dir=cfg.data_dir), device, cfg.seed)
     return task, plan(cfg, task.train_size)
+
+
+def check_store_path(db: str | None) -> None:
+    """Refuse a --db that cannot be a store before any training time is spent (one line, exit 2).
+
+    A directory, or a file in a folder that does not exist (a typo would otherwise silently create
+    a new tree of folders), is a ValueError; http(s):// URLs are left to the collector.
+    """
+    from collector.store import StoreError, resolve_db
+
+    if db and db.startswith(("http://", "https://")):
+        return
+    try:
+        path = resolve_db(db)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    if not path.parent.is_dir():
+        raise ValueError(f"--db {path}: folder {path.parent} does not exist (create it first)")
 
 
 def device_label(device) -> str:
