@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from collector import ingester, signals
 from collector.ingest import RUN_COLUMNS, ingest_spool, missing_keys, missing_rows, read_segments, upsert_run
+from collector.provenance import provenance
 from collector.spool import TABLES, Spool
 from collector.store import StoreError, resolve_db, spool_root, try_write_connection
 from collector.values import (
@@ -76,6 +77,7 @@ class Run:
         unknown = set(meta) - _META
         if unknown:
             raise ValueError(f"unknown run field(s) {sorted(unknown)}; allowed: {sorted(_META)}")
+        meta = provenance() | meta  # where it ran (collector/provenance.py); explicit fields win
         fields = run_fields(meta) | {"name": to_text(name, "name"),
                                      "sweep": None if sweep is None else to_text(sweep, "sweep"),
                                      "config": to_json(config or {})}
