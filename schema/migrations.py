@@ -60,6 +60,9 @@ MIGRATIONS: dict[int, list[str]] = {
             "cell_id VARCHAR", "attempt INTEGER", "launcher VARCHAR", "job_id VARCHAR", "array_job_id VARCHAR",
             "array_task_id INTEGER", "rank INTEGER", "git_commit VARCHAR")),
     ],
+    5: [  # language-model tasks count progress in tokens (issue 13)
+        "ALTER TABLE runs ADD COLUMN tokens_per_step BIGINT",
+    ],
 }
 # Recompute the run_stats cache for runs whose steps were written outside the collector.
 REFRESH_RUN_STATS = "INSERT OR REPLACE INTO run_stats SELECT * FROM run_stats_of('uncached_steps')"

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RUN_STATUSES = ("running", "finished", "diverged", "failed", "stale")
 
 
@@ -59,6 +59,7 @@ runs = sa.Table(
     _col("array_task_id", sa.Integer, "SLURM_ARRAY_TASK_ID: the run's index in that job array."),
     _col("rank", sa.Integer, "Global rank of the process that wrote the run (RANK under torchrun; 0 otherwise)."),
     _col("git_commit", sa.String, "Git commit (HEAD) of the training code's repository, with '-dirty' when tracked files had uncommitted changes; NULL without git or outside a repository."),
+    _col("tokens_per_step", sa.BigInteger, "Tokens per optimizer step at the start of the run: batch_size x context for the charlm task (tokens seen = steps.examples x tokens_per_step / batch_size, batch schedules included). NULL for tasks without tokens."),
 )
 
 steps = sa.Table(

@@ -5,6 +5,8 @@
 - teacher  infinite stream labelled by a fixed random teacher network: no overfitting, pure
            optimisation speed, the regime of the critical-batch-size theory.
 - mnist, cifar10  the standard files from --data-dir (see trainer/datasets.py).
+- charlm   a small GPT-style decoder on the bytes of Python's standard-library sources, split by file
+           (trainer/charlm.py); loss in nats per character, tokens per example = --context.
 
 No model uses batch norm: it would make micro-batch gradients differ from slices of the batch gradient.
 """
@@ -19,11 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import datasets
+from trainer import charlm, datasets
 from trainer.gns import linreg_b_simple, linreg_population_loss
 
-TASKS = ("digits", "linreg", "teacher", "mnist", "cifar10")
+TASKS = ("digits", "linreg", "teacher", "mnist", "cifar10", "charlm")
 EVAL_CHUNK = 4096
+CURVATURE_EXAMPLES = 512  # fixed examples behind --curvature: half for the Hessian, half for gradients
+# charlm: defaults that train to ~1.6 nats/char in a few minutes on a 2-core CPU; evaluation on fixed
+# subsets (a full pass over 25k windows would cost more than the training between two evaluations)
+CHARLM_DEFAULTS = {"context": 64, "layers": 2, "width": 128}
+CHARLM_EVAL_WINDOWS = 512
+CHARLM_CURVATURE_WINDOWS = 64
 
 
 @dataclass
@@ -33,6 +41,9 @@ class TaskOptions:
     dim: int | None = None  # linreg/teacher input dimension
     noise: float = 1.0  # linreg label noise sigma
     data_dir: str | None = None  # mnist/cifar10
+    context: int | None = None  # charlm: characters per example (default CHARLM_DEFAULTS)
+    layers: int | None = None  # charlm: transformer blocks
+    width: int | None = None  # charlm: model width (heads of 32)
 
 
 @dataclass
@@ -50,6 +61,11 @@ class Task:
     eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=dict)
     exact_eval: Callable[[nn.Module], dict[str, float]] | None = field(repr=False, default=None)
     info: dict = field(default_factory=dict)  # task constants worth storing in runs.config
+    eval_chunk: int = EVAL_CHUNK  # examples per forward pass when evaluating
+    tokens_per_example: int | None = None  # charlm: the context; None for tasks without tokens
+    # a fixed draw of n training examples, the same at every call (curvature measurements)
+    fixed_sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = field(repr=False, default=None)
+    curvature_examples: int = CURVATURE_EXAMPLES
 
     def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next `n` training examples (device tensors)."""
@@ -64,12 +80,13 @@ class Task:
         for split, (x, y) in self.eval_sets.items():
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device)
-            for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK), strict=True):
+            for xs, ys in zip(x.split(self.eval_chunk), y.split(self.eval_chunk), strict=True):
                 out_k = model(xs)
                 loss_sum += self.loss_fn(out_k, ys) * len(xs)
                 if self.classification:
                     correct += (out_k.argmax(-1) == ys).sum()
-            out[split] = (loss_sum / len(x), correct / len(x) if self.classification else None)
+            # accuracy per target: per example for classifiers, per character for charlm
+            out[split] = (loss_sum / len(x), correct / y.numel() if self.classification else None)
         model.train(was_training)
         return out
 
@@ -117,6 +134,27 @@ def _dataset_sampler(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> 
     return sample
 
 
+def _fixed_subset(x: torch.Tensor, y: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """The first n examples of one fixed permutation (the same for every run and seed)."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(2718281)).to(x.device)
+
+    def fixed(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = perm[:n]
+        return x[idx], y[idx]
+
+    return fixed
+
+
+def _fixed_draw(sample_with: Callable[[int, torch.Generator], tuple], device: torch.device,
+                seed: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """A stream task's fixed sample: n examples drawn afresh from one seed at every call (not the
+    training generator, whose position must not depend on whether curvature is measured)."""
+    def fixed(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_with(n, torch.Generator(device=device).manual_seed(seed + 15485863))
+
+    return fixed
+
+
 def _dataset_task(name: str, model_name: str, build: Callable[[], nn.Module], train, test,
                   device: torch.device, gen: torch.Generator) -> Task:
     x_tr, y_tr = (torch.from_numpy(a).to(device) for a in train)
@@ -124,17 +162,47 @@ def _dataset_task(name: str, model_name: str, build: Callable[[], nn.Module], tr
     return Task(name, model_name, build, F.cross_entropy, len(x_tr), True, device,
                 sample=_dataset_sampler(x_tr, y_tr, gen),
                 eval_sets={"train": (x_tr, y_tr), "test": (x_te, y_te)},
-                info={"train_size": len(x_tr), "test_size": len(x_te)})
+                info={"train_size": len(x_tr), "test_size": len(x_te)},
+                fixed_sample=_fixed_subset(x_tr, y_tr))
+
+
+def _charlm(opts: TaskOptions, device: torch.device, gen: torch.Generator) -> Task:
+    context = opts.context or CHARLM_DEFAULTS["context"]
+    layers = opts.layers or CHARLM_DEFAULTS["layers"]
+    width = opts.width or CHARLM_DEFAULTS["width"]
+    heads = charlm.heads_for(width)
+    corpus = charlm.load_corpus()
+    x_tr, y_tr = (t.to(device) for t in charlm.windows(corpus.train, context))
+    x_te, y_te = (t.to(device) for t in charlm.windows(corpus.test, context))
+    pick = torch.Generator().manual_seed(31415)
+    sub_tr = torch.randperm(len(x_tr), generator=pick)[:CHARLM_EVAL_WINDOWS].to(device)
+    sub_te = torch.randperm(len(x_te), generator=pick)[:CHARLM_EVAL_WINDOWS].to(device)
+    return Task(
+        "charlm", f"gpt-c{context}-l{layers}-w{width}-h{heads}",
+        lambda: charlm.CharGPT(context, layers, width, heads), charlm.char_loss, len(x_tr), True, device,
+        sample=_dataset_sampler(x_tr, y_tr, gen),
+        eval_sets={"train": (x_tr[sub_tr], y_tr[sub_tr]), "test": (x_te[sub_te], y_te[sub_te])},
+        info={"train_size": len(x_tr), "test_size": len(x_te), "context": context, "layers": layers,
+              "width": width, "heads": heads, "vocab": charlm.VOCAB, "train_chars": len(corpus.train),
+              "test_chars": len(corpus.test), "unigram_entropy": corpus.unigram_entropy(),
+              "eval_windows": CHARLM_EVAL_WINDOWS, "stdlib": corpus.source, "text_digest": corpus.digest,
+              "train_files": list(corpus.train_files), "test_files": list(corpus.test_files)},
+        eval_chunk=128, tokens_per_example=context, fixed_sample=_fixed_subset(x_tr, y_tr),
+        curvature_examples=CHARLM_CURVATURE_WINDOWS,
+    )
 
 
 def _linreg(opts: TaskOptions, device: torch.device, gen: torch.Generator, seed: int) -> Task:
     d, sigma = opts.dim or 10, opts.noise
     w_star = torch.randn(d, generator=torch.Generator().manual_seed(seed + 7919)).to(device)
 
-    def sample(n: int):
-        x = torch.randn(n, d, generator=gen, device=device)
-        y = x @ w_star + sigma * torch.randn(n, generator=gen, device=device)
+    def sample_with(n: int, g: torch.Generator):
+        x = torch.randn(n, d, generator=g, device=device)
+        y = x @ w_star + sigma * torch.randn(n, generator=g, device=device)
         return x, y
+
+    def sample(n: int):
+        return sample_with(n, gen)
 
     def build() -> nn.Module:
         model = nn.Linear(d, 1, bias=False)
@@ -151,7 +219,8 @@ def _linreg(opts: TaskOptions, device: torch.device, gen: torch.Generator, seed:
                 "b_simple_exact": linreg_b_simple(d, sigma, delta_sq) if delta_sq > 0 else math.inf}
 
     return Task("linreg", f"linear-{d}", build, loss_fn, None, False, device, sample=sample,
-                exact_eval=exact, info={"dim": d, "noise": sigma})
+                exact_eval=exact, info={"dim": d, "noise": sigma},
+                fixed_sample=_fixed_draw(sample_with, device, seed))
 
 
 def _teacher(opts: TaskOptions, device: torch.device, gen: torch.Generator, seed: int) -> Task:
@@ -160,16 +229,20 @@ def _teacher(opts: TaskOptions, device: torch.device, gen: torch.Generator, seed
         torch.manual_seed(seed + 104729)
         teacher = mlp([d, 64, classes]).to(device).requires_grad_(False)
 
-    def sample(n: int):
-        x = torch.randn(n, d, generator=gen, device=device)
+    def sample_with(n: int, g: torch.Generator):
+        x = torch.randn(n, d, generator=g, device=device)
         return x, teacher(x).argmax(-1)
+
+    def sample(n: int):
+        return sample_with(n, gen)
 
     eval_gen = torch.Generator(device=device).manual_seed(seed + 1299709)
     x_test = torch.randn(EVAL_CHUNK, d, generator=eval_gen, device=device)
     return Task("teacher", f"mlp-{d}-{hidden}-{hidden}-{classes}", lambda: mlp([d, hidden, hidden, classes]),
                 F.cross_entropy, None, True, device, sample=sample,
                 eval_sets={"test": (x_test, teacher(x_test).argmax(-1))},
-                info={"dim": d, "classes": classes, "teacher": f"mlp-{d}-64-{classes}"})
+                info={"dim": d, "classes": classes, "teacher": f"mlp-{d}-64-{classes}"},
+                fixed_sample=_fixed_draw(sample_with, device, seed))
 
 
 def make_task(name: str, opts: TaskOptions, device: torch.device, seed: int = 0) -> Task:
@@ -186,6 +259,8 @@ def make_task(name: str, opts: TaskOptions, device: torch.device, seed: int = 0)
                              (x[tr], y[tr]), (x[te], y[te]), device, gen)
     if name == "linreg":
         return _linreg(opts, device, gen, seed)
+    if name == "charlm":
+        return _charlm(opts, device, gen)
     if name == "teacher":
         return _teacher(opts, device, gen, seed)
     if name in ("mnist", "cifar10"):
