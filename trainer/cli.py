@@ -61,14 +61,16 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if not sweep:
         how.add_argument("--batch", type=integer, default=32, help="examples per optimizer step B (default 32)")
         how.add_argument("--lr", type=float, default=0.1, help="(peak) learning rate (default 0.1)")
-    how.add_argument("--optimizer", default="sgd", metavar="sgd|adam", help="default sgd")
+    how.add_argument("--optimizer", default="sgd", metavar="sgd|adam|adamw",
+                     help="default sgd; adamw: decoupled weight decay on weight matrices and embeddings only")
     how.add_argument("--momentum", type=float, metavar="M", help="SGD momentum (default 0) or Adam beta1 (default 0.9)")
     how.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="default 0")
     how.add_argument("--accum", type=integer, default=1, metavar="K",
                      help="gradient accumulation: K micro-batches of B/K per step, same update as the full batch")
     how.add_argument("--lr-schedule", default="constant", metavar="SPEC",
-                     help="constant (default), cosine, or xF@M1,M2: multiply the LR by F at epochs M1, M2 "
-                          "(or examples: 50000ex)")
+                     help="constant (default), cosine, warmup-cosine, wsd[:F] (warm-up, stable, linear decay "
+                          "over the last F of the budget, default 0.2), or xF@M1,M2: multiply the LR by F at "
+                          "epochs M1, M2 (or examples: 50000ex)")
     how.add_argument("--batch-schedule", metavar="SPEC", help="xF@M1,M2: multiply the batch size by F at those epochs (Smith et al.)")
     how.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (after measuring)")
     if not sweep:  # a sweep takes a list of seeds (trainer/sweep.py)
@@ -82,6 +84,7 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     how_long.add_argument("--diverge-factor", type=float, default=100.0, metavar="F",
                           help="end the run as diverged when the smoothed loss exceeds F x the first loss "
                                "(default 100; 0: only a non-finite loss counts)")
+    add_lm_options(p)
     rec = p.add_argument_group("measuring and recording")
     rec.add_argument("--eval-every", type=integer, metavar="STEPS",
                      help="evaluate train/test loss and accuracy every N steps (default: ~20 per run)")
@@ -100,6 +103,27 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                           "small to split; torch's choice otherwise)")
     rec.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only when stderr is a terminal)")
+
+
+def add_lm_options(p: argparse.ArgumentParser) -> None:
+    """charlm's model size, Adam's constants, the warm-up length and curvature (issue 13)."""
+    from trainer.config import TrainConfig
+    from trainer.tasks import CHARLM_DEFAULTS
+
+    d = TrainConfig()
+    lm = p.add_argument_group("language model (--task charlm), Adam and curvature")
+    for opt, what in (("context", "characters per example"), ("layers", "transformer blocks"),
+                      ("width", "model width (heads of 32)")):
+        lm.add_argument(f"--{opt}", type=integer, metavar="N", help=f"{what} (default {CHARLM_DEFAULTS[opt]})")
+    lm.add_argument("--beta1", type=float, metavar="B1", help="Adam beta1 (default 0.9; --momentum is the same)")
+    lm.add_argument("--beta2", type=float, default=d.beta2, metavar="B2", help=f"Adam beta2 (default {d.beta2})")
+    lm.add_argument("--eps", type=float, default=d.eps, metavar="EPS", help=f"Adam epsilon (default {d.eps:g})")
+    lm.add_argument("--warmup", default=d.warmup, metavar="SPEC",
+                    help=f"warm-up of warmup-cosine/wsd: a fraction of the budget (default {d.warmup}), "
+                         "examples (2000ex) or epochs (1ep)")
+    lm.add_argument("--curvature", action="store_true",
+                    help="at every evaluation, log the sharpness (top Hessian eigenvalue) and B_noise = "
+                         "tr(H Sigma)/G'HG on a fixed batch (costs tens of training steps per evaluation)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +153,9 @@ def prepare(cfg):
     threads = cfg.threads or (1 if cfg.task in SMALL_TASKS and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    task = make_task(cfg.task, TaskOptions(dim=cfg.dim, noise=cfg.noise, data_dir=cfg.data_dir), device, cfg.seed)
+    opts = TaskOptions(dim=cfg.dim, noise=cfg.noise, data_dir=cfg.data_dir, context=cfg.context, layers=cfg.layers,
+                       width=cfg.width)
+    task = make_task(cfg.task, opts, device, cfg.seed)
     return task, plan(cfg, task.train_size)
 
 
@@ -191,13 +217,16 @@ def run_training(cfg, task, plan, progress: bool | None = None) -> int:
         "plan": {"max_steps": plan.max_steps, "max_examples": plan.max_examples, "eval_every": plan.eval_every,
                  "gns_every": plan.gns_every, "gns_window": plan.gns_window},
     }
-    momentum = cfg.momentum if cfg.momentum is not None else (0.9 if cfg.optimizer == "adam" else 0.0)
+    from trainer.config import adam_betas
+
+    momentum = adam_betas(cfg)[0] if cfg.optimizer.startswith("adam") else (cfg.momentum or 0.0)
+    tokens = {} if task.tokens_per_example is None else {"tokens_per_step": cfg.batch * task.tokens_per_example}
     try:
         with collector.start_run(
             db=cfg.db, name=name, sweep=cfg.sweep, config=config, task=cfg.task, model=task.model_name,
             optimizer=cfg.optimizer, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay,
             batch_size=cfg.batch, micro_batch_size=cfg.batch // cfg.accum, accum_steps=cfg.accum, world_size=1,
-            train_size=task.train_size, seed=cfg.seed, device=device_label(task.device),
+            train_size=task.train_size, seed=cfg.seed, device=device_label(task.device), **tokens,
         ) as run:
             print(f"run {run.run_id} ({name}) on {device_label(task.device)} -> {run.db}", flush=True)
             result = train(cfg, task, run, progress=progress)

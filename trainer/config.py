@@ -15,10 +15,10 @@ import torch
 
 from trainer.tasks import TASKS
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 # Budget when none is given: digits trains to a useful loss in a few seconds; the streams are cheap.
 DEFAULT_BUDGET = {"digits": ("epochs", 30), "mnist": ("epochs", 2), "cifar10": ("epochs", 2),
-                  "linreg": ("steps", 1000), "teacher": ("examples", 200_000)}
+                  "linreg": ("steps", 1000), "teacher": ("examples", 200_000), "charlm": ("steps", 1000)}
 TARGET_BUDGET_FACTOR = 10  # with --target-loss and no budget, allow this many times the default
 GNS_WINDOW_MEASUREMENTS = 50  # default B_simple EMA window, in measurements' worth of examples
 # GNS_EVERY_WHY: at K = 1 a measurement runs the batch as 2 micro-batches: the same FLOPs, but twice the
@@ -62,6 +62,15 @@ class TrainConfig:
     clip_grad: float | None = None
     diverge_factor: float = 100.0  # also diverged: smoothed loss above this x the first loss (0: off)
     threads: int | None = None
+    # --- charlm, AdamW, warm-up schedules and curvature (issue 13) ---
+    context: int | None = None  # charlm characters per example (None: the task's default)
+    layers: int | None = None
+    width: int | None = None
+    beta1: float | None = None  # adam/adamw; None: --momentum if given, else 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup: str = "0.05"  # warmup-cosine / wsd: a fraction of the budget, or '2000ex', '1ep'
+    curvature: bool = False  # sharpness and B_noise at every evaluation (trainer/curvature.py)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -72,20 +81,24 @@ class TrainConfig:
 class Schedule:
     """Piecewise-constant multipliers at milestones (in examples), or a cosine decay over `total`."""
 
-    kind: str  # constant | steps | cosine
+    kind: str  # constant | steps | cosine | warmup-cosine | wsd
     factor: float = 1.0
     milestones: tuple[int, ...] = ()
     total: int | None = None
+    warmup: int = 0  # examples of linear warm-up (warmup-cosine, wsd)
+    decay: float = 0.0  # wsd: fraction of the budget spent in the final linear decay to 0
 
     def next_change(self, examples: int) -> float:
         """Examples count at which the multiplier next changes (so the loop need not ask every step)."""
-        if self.kind == "cosine":
+        if self.kind in ("cosine", "warmup-cosine", "wsd"):
             return examples + 1
         if self.kind == "steps":
             return next((m for m in self.milestones if m > examples), math.inf)
         return math.inf
 
     def multiplier(self, examples: int) -> float:
+        if self.kind in ("warmup-cosine", "wsd"):
+            return warmup_multiplier(self.kind, examples, self.total, self.warmup, self.decay)
         if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(examples / self.total, 1.0)))
         if self.kind == "steps":
@@ -93,10 +106,54 @@ class Schedule:
         return 1.0
 
 
+def warmup_multiplier(kind: str, examples: float, total: int, warmup: int, decay: float) -> float:
+    """LR multiplier of the warm-up schedules, as a function of examples seen (batch-size independent).
+
+    Both ramp linearly from 1/warmup-th of the peak to the peak over `warmup` examples (the step at
+    examples = 0 must not have LR 0, or it would be wasted). warmup-cosine then follows a half cosine to 0
+    at `total`; wsd (warm-up, stable, decay; Hu et al. 2024 "MiniCPM") holds the peak and decays linearly
+    to 0 over the last `decay` fraction of the budget, so a run can be branched off the stable phase.
+    """
+    e = min(max(float(examples), 0.0), float(total))
+    if warmup > 0 and e < warmup:
+        return (e + 1.0) / (warmup + 1.0)
+    if kind == "warmup-cosine":
+        span = max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min((e - warmup) / span, 1.0)))
+    start = total * (1.0 - decay)
+    if e <= start or decay <= 0:
+        return 1.0
+    return max(0.0, (total - e) / (total - start))
+
+
+def parse_warmup(spec: str, train_size: int | None, total: int) -> int:
+    """--warmup as examples: a fraction of the budget ('0.05'), examples ('2000ex') or epochs ('1ep')."""
+    text = str(spec).strip()
+    try:
+        if text.endswith("ex"):
+            value = int(float(text[:-2]))
+        elif text.endswith("ep"):
+            if train_size is None:
+                raise ConfigError(f"--warmup {spec!r}: a stream task has no epochs; use examples, e.g. 20000ex")
+            value = int(round(float(text[:-2]) * train_size))
+        else:
+            frac = float(text)
+            if not 0 <= frac < 1:
+                raise ConfigError(f"--warmup {spec!r}: a fraction of the budget must be in [0, 1); "
+                                  "use 2000ex for examples or 1ep for epochs")
+            value = int(round(frac * total))
+    except ValueError:
+        raise ConfigError(f"--warmup {spec!r}: expected a fraction (0.05), examples (2000ex) or epochs (1ep)") from None
+    if not 0 <= value < total:
+        raise ConfigError(f"--warmup {spec!r} is {value} examples, not within the budget of {total}")
+    return value
+
+
 _MULT = re.compile(r"^x(?P<f>[0-9.eE+-]+)@(?P<m>[^@]+)$")
 
 
-def parse_schedule(spec: str | None, what: str, train_size: int | None, total: int | None) -> Schedule:
+def parse_schedule(spec: str | None, what: str, train_size: int | None, total: int | None,
+                   warmup: str = "0.05") -> Schedule:
     """Parse 'constant', 'cosine' or 'xF@M1,M2,...' (multiply by F at each milestone).
 
     Milestones are epochs ('10', '2.5ep') on a finite dataset, or examples with an 'ex' suffix
@@ -110,9 +167,24 @@ def parse_schedule(spec: str | None, what: str, train_size: int | None, total: i
         if total is None:
             raise ConfigError("--lr-schedule cosine needs a finite budget (--steps, --examples or --epochs)")
         return Schedule("cosine", total=total)
+    if spec == "warmup-cosine" or spec == "wsd" or spec.startswith("wsd:"):
+        if what == "batch":
+            raise ConfigError(f"--batch-schedule {spec} makes no sense; use xF@M1,M2 (e.g. x5@10,20)")
+        if total is None:
+            raise ConfigError(f"--lr-schedule {spec} needs a finite budget (--steps, --examples or --epochs)")
+        decay = 0.0
+        if spec.startswith("wsd"):
+            try:
+                decay = float(spec[4:]) if spec.startswith("wsd:") else 0.2
+            except ValueError:
+                raise ConfigError(f"--lr-schedule {spec!r}: expected wsd or wsd:F with F the decay fraction") from None
+            if not 0 < decay <= 1:
+                raise ConfigError(f"--lr-schedule {spec!r}: the decay fraction must be in (0, 1]")
+        return Schedule("wsd" if decay else "warmup-cosine", total=total,
+                        warmup=parse_warmup(warmup, train_size, total), decay=decay)
     m = _MULT.match(spec)
     if not m:
-        raise ConfigError(f"--{what}-schedule {spec!r}: expected constant, cosine or xF@M1,M2,... "
+        raise ConfigError(f"--{what}-schedule {spec!r}: expected constant, cosine, warmup-cosine, wsd[:F] or xF@M1,M2,... "
                           "(e.g. x0.1@10,20 for epochs 10 and 20, or x5@50000ex)")
     try:
         factor = float(m["f"])
@@ -168,7 +240,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.task not in TASKS:
         raise ConfigError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
     if cfg.batch <= 0:
         raise ConfigError(f"--batch must be a positive integer, got {cfg.batch}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -204,7 +276,34 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--task {cfg.task} is an infinite stream: use --steps or --examples, not --epochs")
     if cfg.task in ("mnist", "cifar10") and not cfg.data_dir:
         raise ConfigError(f"--task {cfg.task} needs --data-dir DIR with the standard {cfg.task} files")
+    validate_lm_options(cfg)
     resolve_device(cfg.device)
+
+
+def validate_lm_options(cfg: TrainConfig) -> None:
+    """The charlm, Adam and curvature options (issue 13)."""
+    for opt in ("context", "layers", "width"):
+        value = getattr(cfg, opt)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{opt} must be a positive integer, got {value}")
+        if value is not None and cfg.task != "charlm":
+            raise ConfigError(f"--{opt} is an option of --task charlm only")
+    for opt in ("beta1", "beta2"):
+        value = getattr(cfg, opt)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"--{opt} must be in [0, 1), got {value}")
+    if not cfg.eps > 0:
+        raise ConfigError(f"--eps must be positive, got {cfg.eps}")
+    if cfg.optimizer == "sgd" and (cfg.beta1 is not None or cfg.beta2 != 0.999 or cfg.eps != 1e-8):
+        raise ConfigError("--beta1/--beta2/--eps are Adam options; add --optimizer adamw (or adam)")
+    if cfg.beta1 is not None and cfg.momentum is not None and cfg.beta1 != cfg.momentum:
+        raise ConfigError("--beta1 and --momentum both set Adam's beta1: give one of them")
+
+
+def adam_betas(cfg: TrainConfig) -> tuple[float, float]:
+    """(beta1, beta2) of an Adam run: --beta1, else --momentum, else 0.9."""
+    beta1 = cfg.beta1 if cfg.beta1 is not None else (cfg.momentum if cfg.momentum is not None else 0.9)
+    return beta1, cfg.beta2
 
 
 @dataclass
@@ -241,7 +340,7 @@ def plan(cfg: TrainConfig, train_size: int | None) -> Plan:
         else:
             examples = int(value * (train_size if unit == "epochs" else 1))
     total = examples if examples is not None else steps * cfg.batch
-    lr_s = parse_schedule(cfg.lr_schedule, "lr", train_size, total)
+    lr_s = parse_schedule(cfg.lr_schedule, "lr", train_size, total, cfg.warmup)
     batch_s = parse_schedule(cfg.batch_schedule, "batch", train_size, total)
     if batch_s.kind == "steps":
         for k in range(len(batch_s.milestones) + 1):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer.config import Plan, TrainConfig, plan
+from trainer.config import Plan, TrainConfig, adam_betas, plan
 from trainer.gns import BSimpleEMA, ExampleEMA
 from trainer.step import compute_gradients
 from trainer.steplog import StepLog
@@ -72,10 +72,19 @@ class LossWatch:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (with momentum and weight decay) or Adam (momentum is beta1)."""
+    """SGD (with momentum and weight decay), Adam (L2 penalty, momentum is beta1) or AdamW.
+
+    AdamW decays only weight matrices and embeddings (parameters of 2+ dimensions), not biases or
+    LayerNorm gains, as GPT-style training does: decaying a gain towards 0 fights the normalisation.
+    """
+    if cfg.optimizer == "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=adam_betas(cfg), eps=cfg.eps)
     if cfg.optimizer == "adam":
-        beta1 = 0.9 if cfg.momentum is None else cfg.momentum
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(beta1, 0.999), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=adam_betas(cfg), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum or 0.0,
                            weight_decay=cfg.weight_decay)
 
