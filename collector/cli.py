@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from collector.store import StoreError, read_connection, recover, resolve_db
+from collector.store import StoreError, read_connection, resolve_db
 from collector.transfer import export_store, import_store
 
 RUNS_COLUMNS = ("run_id, name, sweep, status, task, batch_size, lr, optimizer, steps, examples, "
@@ -80,8 +80,22 @@ def cmd_sql(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    n = recover(args.db)
-    print(f"recovered {n} run spool(s) into {resolve_db(args.db)}")
+    """Take the ingest lease and move every spool in; one summary line, never a traceback."""
+    from collector.ingester import ingest_all
+
+    db = resolve_db(args.db)
+    try:
+        summary = ingest_all(db, wait=args.wait)
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line with the real cause (e.g. No space left on device)
+        raise StoreError(f"ingest into {db} stopped: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+    if summary is None:
+        raise StoreError(f"another process kept the ingest lease of {db} for {args.wait:g} s; it is moving "
+                         "the spools in itself, or try again")
+    print(summary.line(db))
+    for why in summary.skipped:
+        print(f"  skipped {why}")
 
 
 def cmd_schema(args) -> None:
@@ -119,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sql", parents=[common, out], help="run a read-only SQL query ('-' reads stdin)")
     s.add_argument("query")
     s.set_defaults(func=cmd_sql)
-    s = sub.add_parser("ingest", parents=[common], help="move spooled rows of finished or dead runs into the store")
+    s = sub.add_parser("ingest", parents=[common], help="move every run's spooled rows into the store (quarantining "
+                       "unreadable files) and print a summary")
+    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the ingest lease (default 30)")
     s.set_defaults(func=cmd_ingest)
     s = sub.add_parser("schema", parents=[common], help="print the data dictionary")
     s.add_argument("--format", choices=("text", "markdown"), default="text")

@@ -144,29 +144,32 @@ def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, 
         raise
 
 
-def read_segment(seg: Segment) -> pa.Table | None:
-    """A segment's rows; None if it is gone (ingested meanwhile) or unreadable (then quarantined)."""
+def read_segment(seg: Segment, quarantined: list[str] | None = None) -> pa.Table | None:
+    """A segment's rows; None if it is gone (ingested meanwhile) or unreadable (then quarantined, and its
+    new path appended to `quarantined`)."""
     try:
         data = seg.read()
     except FileNotFoundError:
         return None
     except (pa.ArrowException, OSError, ValueError) as exc:  # truncated, garbled, zero bytes
-        _quarantine_segment(seg, f"not a readable Arrow segment: {' '.join(str(exc).split())[:200]}")
+        _quarantine_segment(seg, f"not a readable Arrow segment: {' '.join(str(exc).split())[:200]}", quarantined)
         return None
     if "run_id" in data.column_names:
         data = data.drop_columns(["run_id"])
     unknown = set(data.column_names) - SEGMENT_COLUMNS[seg.table]
     if unknown or "step" not in data.column_names:
         why = f"unknown columns {sorted(unknown)}" if unknown else "no step column"
-        _quarantine_segment(seg, f"not a {seg.table} segment: {why}")
+        _quarantine_segment(seg, f"not a {seg.table} segment: {why}", quarantined)
         return None
     return data
 
 
-def _quarantine_segment(seg: Segment, reason: str) -> None:
+def _quarantine_segment(seg: Segment, reason: str, quarantined: list[str] | None) -> None:
     spool_dir = seg.path.parent.parent if seg.path.parent.name == INGESTED else seg.path.parent
     with contextlib.suppress(FileNotFoundError):
-        quarantine(spool_dir.parent, seg.path, reason, run_id=spool_dir.name)
+        dest = quarantine(spool_dir.parent, seg.path, reason, run_id=spool_dir.name)
+        if quarantined is not None:
+            quarantined.append(str(dest))
 
 
 def read_segments(segments: list[Segment]) -> dict[str, pa.Table]:
@@ -181,7 +184,8 @@ def read_segments(segments: list[Segment]) -> dict[str, pa.Table]:
 
 
 def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None,
-                 replay_ingested: bool = False, alive: bool | None = None) -> int:
+                 replay_ingested: bool = False, alive: bool | None = None,
+                 quarantined: list[str] | None = None) -> int:
     """Ingest everything in one spool within one transaction; returns the number of rows moved.
 
     `replay_ingested` also re-inserts the segments kept after earlier ingests (INSERT OR IGNORE), which
@@ -199,7 +203,7 @@ def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: 
     segments = spool.segments()
     if replay_ingested:
         segments = spool.segments(ingested=True) + segments
-    parts = [(seg, read_segment(seg)) for seg in segments]
+    parts = [(seg, read_segment(seg, quarantined)) for seg in segments]
     parts = [(seg, data) for seg, data in parts if data is not None]
     tables = _by_table(parts)
     try:
@@ -208,7 +212,7 @@ def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: 
         except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
             _ingest_tables(con, run, tables, alive, careful=True)
     except DATA_ERRORS:
-        parts = _ingest_one_by_one(con, run, parts, alive)
+        parts = _ingest_one_by_one(con, run, parts, alive, quarantined)
     spool.mark_ingested([seg for seg, _ in parts])
     return sum(data.num_rows for _, data in parts)
 
@@ -220,7 +224,8 @@ def _by_table(parts: list[tuple[Segment, pa.Table]]) -> dict[str, pa.Table]:
     return {t: pa.concat_tables(p, promote_options="default") for t, p in by_table.items()}
 
 
-def _ingest_one_by_one(con, run: dict, parts: list[tuple[Segment, pa.Table]], alive: bool) -> list:
+def _ingest_one_by_one(con, run: dict, parts: list[tuple[Segment, pa.Table]], alive: bool,
+                       quarantined: list[str] | None) -> list:
     """Each segment in its own transaction; those the store refuses are quarantined. Returns the rest."""
     _ingest_tables(con, run, {}, alive, careful=True)  # the run row alone (cleaned: it cannot fail on values)
     good = []
@@ -229,7 +234,7 @@ def _ingest_one_by_one(con, run: dict, parts: list[tuple[Segment, pa.Table]], al
             _ingest_tables(con, run, {seg.table: data}, alive, careful=True)
             good.append((seg, data))
         except DATA_ERRORS as exc:
-            _quarantine_segment(seg, f"the store refused its rows: {' '.join(str(exc).split())[:200]}")
+            _quarantine_segment(seg, f"the store refused its rows: {' '.join(str(exc).split())[:200]}", quarantined)
     return good
 
 
@@ -270,7 +275,15 @@ def missing_rows(con: duckdb.DuckDBPyConnection, spool: Spool, status: str) -> d
     out = {} if row == [(status,)] else {"runs": 1}
     if not spool.pruned and all(stored[t] >= n for t, n in spool.rows_written.items()):
         return out
-    return out | missing_keys(con, spool.run_id, read_segments(spool.segments(ingested=True) + spool.segments()))
+    kept = read_segments(spool.segments(ingested=True) + spool.segments())
+    out |= missing_keys(con, spool.run_id, kept)
+    for t, written in spool.rows_written.items():
+        # Rows written to segments that are no longer there (quarantined as unreadable) and not found
+        # by count: they cannot be looked up, so they count as missing as far as the count says.
+        gone = written - spool.rows_dropped[t] - (kept[t].num_rows if t in kept else 0)
+        if gone > 0 and stored[t] < written:
+            out[t] = out.get(t, 0) + min(gone, written - stored[t])
+    return out
 
 
 def recover_spools(db: Path, wait: float = 0.0) -> int:

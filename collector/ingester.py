@@ -169,12 +169,12 @@ def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE) -> S
                     if dead:
                         override = "stale" if run.get("status") == "running" else None
                         summary.rows += ingest_spool(con, spool, status_override=override, replay_ingested=True,
-                                                     alive=False)
+                                                     alive=False, quarantined=summary.quarantined)
                         spool.remove_temp_files()
                         spool.remove()
                         summary.recovered += 1
                     else:
-                        summary.rows += ingest_spool(con, spool, alive=True)
+                        summary.rows += ingest_spool(con, spool, alive=True, quarantined=summary.quarantined)
                         summary.live += 1
                 except STORE_ERRORS:
                     raise
@@ -199,7 +199,10 @@ def _read_run(spool: Spool, summary: Summary, dead: bool) -> dict | None:
     try:
         run = spool.read_run()
     except ValueError as exc:
-        summary.quarantined.append(str(quarantine(spool.dir.parent, spool.dir / RUN_FILE, str(exc))))
+        consequence = ("its rows go in under a placeholder run row (status stale)" if dead
+                       else "its live owner rewrites it when the run ends")
+        summary.quarantined.append(str(quarantine(spool.dir.parent, spool.dir / RUN_FILE, str(exc),
+                                                  consequence=consequence)))
         if not dead:
             summary.skipped.append(f"{spool.run_id}: run.json unreadable, its owner is alive")
             return None

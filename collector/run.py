@@ -232,18 +232,18 @@ class Run:
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         lost = self._unspooled()
         if lost:
-            what = ", ".join(f"{n:,} of {self._accepted()[t]:,} {t}" for t, n in lost.items())
-            cause = self._io_error or "dropped past max_buffered_rows"
-            reason = "; ".join(filter(None, [reason, f"lost {what} logged rows: {cause}"]))
+            what = ", ".join(f"{n:,} of {self._accepted()[t]:,} logged {t}" for t, n in lost.items())
+            cause = self._io_error or ("dropped past max_buffered_rows" if any(self._lost.values()) else "not spooled")
+            reason = "; ".join(filter(None, [reason, f"lost {what}: {cause}"]))
             self._status = "failed"
-            self._say("lost", f"batchscope: run {self.run_id} lost {what} logged rows ({cause}); everything "
+            self._say("lost", f"batchscope: run {self.run_id} lost {what} ({cause}); everything "
                       "else it logged is stored or in its spool")
         self._row |= {"status": self._status, "ended_at": _utcnow(), "status_reason": reason}
         self._write_run()
         if not self._store_final():
-            self._say("final", f"batchscope: run {self.run_id} is not (all) in {self.db} yet; its rows are "
-                      f"safe in {self.spool.dir} and will be moved by `python -m collector ingest` (or the next "
-                      "run or dashboard)")
+            self._say("final", f"batchscope: run {self.run_id} is not (all) in {self.db} yet; its "
+                      f"{'other ' if lost else ''}rows are safe in {self.spool.dir} and will be moved by "
+                      "`python -m collector ingest` (or the next run or dashboard)")
             self.spool.release()
             return
         self.spool.remove()
@@ -269,11 +269,26 @@ class Run:
                 ingest_spool(con, self.spool)
                 upsert_run(con, self._row)  # the final status even if run.json could not be rewritten
 
-            return self._with_store(ingest, self.finish_timeout) and self._check_store()
+            if not self._with_store(ingest, self.finish_timeout):
+                return False
+            missing = self._check_store()
+            if missing is None:
+                return False
+            if missing:  # not in the store, and not in any file left: say so, and record it in the run
+                what = ", ".join(f"{n:,} of {self._accepted()[t]:,} logged {t}" for t, n in missing.items())
+                self._status = "failed"
+                self._row |= {"status": "failed", "status_reason": "; ".join(filter(None, [
+                    self._row["status_reason"], f"{what} are not in the store (their segment was unreadable)"]))}
+                self._say("missing", f"batchscope: run {self.run_id}: {what} are not in the store and cannot be "
+                          "put back; the run is marked failed")
+                return self._with_store(lambda con: upsert_run(con, self._row), self.finish_timeout)
+            return True
 
-    def _check_store(self) -> bool:
+    def _check_store(self) -> dict[str, int] | None:
         """Read the run back from the store (a fresh connection, so from disk) and put back anything
-        missing from the kept segments. The spool is deleted only after this says True."""
+        missing from the kept segments: {} when all is there, what is still missing after three tries,
+        None if the store could not be read. The spool is deleted only after a definite answer."""
+        missing: dict[str, int] = {}
         for attempt in range(3):
             missing: dict[str, int] = {}
 
@@ -284,12 +299,13 @@ class Run:
                     upsert_run(con, self._row)
 
             if not self._with_store(check_and_repair, self.finish_timeout):
-                return False
+                return None
             if not missing:
-                return True
+                return {}
             self._say(f"repair{attempt}", f"batchscope: the store lacked rows of run {self.run_id} after they "
                       f"were committed ({missing}); wrote them again from the spool")
-        return False
+        missing.pop("runs", None)
+        return missing
 
     def _prune_kept(self) -> None:
         """Past keep_bytes, look the oldest kept segments up in the store (a fresh connection, after the
@@ -303,14 +319,15 @@ class Run:
                 break
             old.append(seg)
             size -= s
-        complete = []
+        complete: dict[str, int] = {}
 
         def check(con) -> None:
-            if not missing_keys(con, self.run_id, read_segments(old)):
-                complete.extend(old)
+            tables = read_segments(old)
+            if not missing_keys(con, self.run_id, tables):
+                complete.update({t: data.num_rows for t, data in tables.items()})
 
         if old and self._with_store(check, TICK_PATIENCE) and complete:
-            self.spool.drop_kept(complete)
+            self.spool.drop_kept(old, complete)
 
     def __enter__(self) -> Run:
         return self

@@ -47,7 +47,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def quarantine(root: Path, path: Path, reason: str, run_id: str | None = None) -> Path:
+def quarantine(root: Path, path: Path, reason: str, run_id: str | None = None,
+               consequence: str = "its rows are not in the store") -> Path:
     """Move an unreadable spool file aside to <spool root>/quarantine/<run_id>/ and say so in one line."""
     dest_dir = root / QUARANTINE / (run_id or path.parent.name)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def quarantine(root: Path, path: Path, reason: str, run_id: str | None = None) -
         n += 1
         dest = dest_dir / f"{path.name}.{n}"
     os.replace(path, dest)
-    print(f"batchscope: quarantined {path} -> {dest} ({reason}); its rows are not in the store",
+    print(f"batchscope: quarantined {path} -> {dest} ({reason}); {consequence}",
           file=sys.stderr, flush=True)
     return dest
 
@@ -80,6 +81,7 @@ class Spool:
         self.run_id = run_id
         self.keep_ingested = keep_ingested
         self.rows_written = dict.fromkeys(TABLES, 0)  # by this process, for Run's end-of-run check
+        self.rows_dropped = dict.fromkeys(TABLES, 0)  # of those, in kept segments checked and dropped
         self.kept_bytes = 0  # size of the segments under ingested/ kept by this process
         self.pruned = False  # some kept segments were checked against the store and dropped
         self.bytes_written = self.bytes_dropped = 0  # segment bytes written / dropped after a check, by this process
@@ -180,8 +182,11 @@ class Spool:
             elif not self.keep_ingested:
                 seg.path.unlink(missing_ok=True)
 
-    def drop_kept(self, segments: list[Segment]) -> None:
-        """Delete kept segments whose rows were found in the store (the size limit of keep_ingested)."""
+    def drop_kept(self, segments: list[Segment], rows: dict[str, int] | None = None) -> None:
+        """Delete kept segments whose rows (`rows` per table) were found in the store (the size limit of
+        keep_ingested)."""
+        for table, n in (rows or {}).items():
+            self.rows_dropped[table] += n
         for seg in segments:
             with contextlib.suppress(FileNotFoundError):
                 size = seg.path.stat().st_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,6 +87,42 @@ def slow_writer(db: str, ready_file: str) -> None:
             announced = True
 
 
+def fill_disk(path: Path) -> None:
+    """Fill the file system holding `path` up to the last byte (the test frees it by deleting the file)."""
+    with open(path, "wb", buffering=0) as f:  # unbuffered: no write is left for close() to fail on
+        for chunk in (65536, 512):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+        with contextlib.suppress(OSError):
+            os.fsync(f.fileno())
+
+
+def disk_full_writer(db: str, filler: str, free_at_end: bool) -> None:
+    """Log steps, fill the disk, keep logging, then (free_at_end) free it and log more; print the
+    run id and the number of steps logged."""
+    with collector.start_run(db, name="disk", flush_every=0.2, finish_timeout=3) as run:
+        step = 0
+
+        def steps(n: int) -> None:
+            nonlocal step
+            for _ in range(n):
+                step += 1
+                run.log_step(step, examples=step * 8, loss=1.0 / step, lr=0.1, batch_size=8)
+                if step % 200 == 0:
+                    time.sleep(0.01)
+
+        steps(4000)
+        time.sleep(1.5)  # spooled and ingested
+        fill_disk(Path(filler))
+        steps(30000)  # the disk is full: spool writes and the store fail; the loop goes on
+        time.sleep(1.5)
+        if free_at_end:
+            Path(filler).unlink()  # space returns mid-run
+            steps(4000)
+        print(run.run_id, step, flush=True)
+
+
 if __name__ == "__main__":
     role, *rest = sys.argv[1:]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -95,3 +132,5 @@ if __name__ == "__main__":
         reader(rest[0], float(rest[1]))
     elif role == "slow_writer":
         slow_writer(rest[0], rest[1])
+    elif role == "disk_full_writer":
+        disk_full_writer(rest[0], rest[1], rest[2] == "free")
