@@ -1,20 +1,22 @@
-"""The SQL console's engine: one read-only query at a time, with no file or network access,
-bounded in time and rows, and errors as messages rather than tracebacks."""
+"""The SQL console's engine: collector.sql_engine's rules and limits, run in a pool of worker processes
+(collector.sql_worker) so that no query can grow or stall the dashboard server; results as polars frames
+and errors as messages, never tracebacks."""
 
 from __future__ import annotations
 
+import json
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import duckdb
 import polars as pl
 
-from collector.store import StoreError
-from dashboard.store_access import connect, store_version
+from collector.sql_engine import CONSOLE_LIMITS, Limits, check_sql
+from collector.sql_worker import WorkerPool
+from dashboard.store_access import store_version
 
-ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
+LIMITS = CONSOLE_LIMITS
+POOL_SIZE = 2  # console queries at once; a third waits for one of them (up to its time limit)
 
 EXAMPLE_QUERIES = {
     "Runs of a sweep, best first": (
@@ -23,7 +25,7 @@ EXAMPLE_QUERIES = {
     ),
     "Steps and examples to a target loss": (
         "SELECT r.name, r.batch_size, r.lr, t.reached, round(t.steps) AS steps, round(t.examples) AS examples\n"
-        "FROM steps_to_target(0.5, smooth := 20) t JOIN runs r USING (run_id)\n"
+        "FROM steps_to_target(0.5) t JOIN runs r USING (run_id)\n"
         "ORDER BY r.batch_size, t.steps NULLS LAST"
     ),
     "B_simple at the end of each run": (
@@ -49,81 +51,64 @@ class ConsoleResult:
     truncated: bool = False
     elapsed_s: float = 0.0
     columns: list[str] = field(default_factory=list)
+    rule: str | None = None
+
+
+_POOL: WorkerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def pool() -> WorkerPool:
+    """The process's console workers (started on first use; `warm_up` starts one ahead)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = WorkerPool(size=POOL_SIZE)
+        return _POOL
+
+
+def warm_up() -> None:
+    """Start a console worker in the background, so the first query does not wait for its imports."""
+    pool().prestart()
 
 
 def check_console_sql(sql: str) -> str | None:
-    """Why `sql` may not run in the console (None if it may): one read-only SELECT/EXPLAIN statement."""
-    text = (sql or "").strip()
-    if not text:
-        return "Enter a query."
-    try:
-        statements = duckdb.connect(":memory:").extract_statements(text)
-    except duckdb.Error as exc:
-        return _clean_error(exc)
-    if len(statements) != 1:
-        return f"Run one statement at a time ({len(statements)} given)."
-    kind = statements[0].type.name
-    if kind not in ALLOWED_STATEMENTS:
-        return f"{kind} statements are not allowed: the console is read-only (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN)."
-    return None
+    """Why `sql` may not run in the console (None if it may)."""
+    why = check_sql(sql)
+    return why.message if why is not None else None
 
 
-def _clean_error(exc: BaseException) -> str:
-    """A DuckDB error as one or a few readable lines, no traceback."""
-    msg = str(exc).strip()
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    return "\n".join(lines[:6]) if lines else type(exc).__name__
-
-
-def run_console(db: Path, sql: str, row_limit: int = 5000, time_limit_s: float = 10.0) -> ConsoleResult:
-    """Run one read-only query with the console's protections; never raises.
-
-    Protections: statement type allow-list (parsed by DuckDB, so comments and casing do not fool it);
-    a read-only connection with external access disabled and the configuration locked (READ_CONFIG:
-    no files, network or extensions, even through table functions); a watchdog that interrupts the query after
-    `time_limit_s`; at most `row_limit` rows fetched (the LIMIT is pushed into the query plan).
-    """
-    t0 = time.perf_counter()
-    why = check_console_sql(sql)
-    if why:
-        return ConsoleResult(False, why)
+def run_console(db: Path, sql: str, row_limit: int | None = None, time_limit_s: float | None = None,
+                limits: Limits | None = None) -> ConsoleResult:
+    """Run one read-only query under the console's limits (LIMITS, or `limits`, with the row and time
+    limits overridden when given); never raises."""
+    lim = limits or LIMITS
+    if row_limit is not None:
+        lim = replace(lim, max_rows=row_limit)
+    if time_limit_s is not None:
+        lim = replace(lim, timeout_s=time_limit_s)
+    why = check_sql(sql)
+    if why is not None:
+        return ConsoleResult(False, why.message, rule=why.rule)
     if store_version(Path(db)) is None:
         return ConsoleResult(False, f"No store at {db}.")
-    timer = None
-    interrupted = threading.Event()
-    try:
-        with connect(Path(db)) as con:
-            def _interrupt() -> None:
-                interrupted.set()
-                con.interrupt()
-
-            timer = threading.Timer(time_limit_s, _interrupt)
-            timer.daemon = True
-            timer.start()
-            rel = con.sql(sql.strip().rstrip(";"))
-            if rel is None:
-                return ConsoleResult(False, "The statement returned no result.")
-            table = rel.limit(row_limit + 1).to_arrow_table()
-    except duckdb.InterruptException:
-        return ConsoleResult(False, f"Query stopped: it ran over the {time_limit_s:g} s time limit.",
-                             elapsed_s=time.perf_counter() - t0)
-    except (duckdb.Error, StoreError) as exc:
-        if interrupted.is_set():
-            return ConsoleResult(False, f"Query stopped: it ran over the {time_limit_s:g} s time limit.",
-                                 elapsed_s=time.perf_counter() - t0)
-        return ConsoleResult(False, _clean_error(exc), elapsed_s=time.perf_counter() - t0)
-    except Exception as exc:  # noqa: BLE001 - the console shows messages, never tracebacks
-        return ConsoleResult(False, f"{type(exc).__name__}: {exc}", elapsed_s=time.perf_counter() - t0)
-    finally:
-        if timer is not None:
-            timer.cancel()
-    frame = pl.from_arrow(table)
+    res = pool().run(Path(db), sql, lim)
+    if not res.ok or res.table is None:
+        return ConsoleResult(False, res.message, elapsed_s=res.elapsed_s, rule=res.rule)
+    frame = pl.from_arrow(res.table)
     assert isinstance(frame, pl.DataFrame)
-    truncated = frame.height > row_limit
-    if truncated:
-        frame = frame.head(row_limit)
-    elapsed = time.perf_counter() - t0
-    msg = f"{frame.height:,} row{'s' if frame.height != 1 else ''} in {elapsed * 1000:.0f} ms"
-    if truncated:
-        msg += f" (stopped at the {row_limit:,}-row limit)"
-    return ConsoleResult(True, msg, frame=frame, truncated=truncated, elapsed_s=elapsed, columns=frame.columns)
+    return ConsoleResult(True, res.message, frame=frame, truncated=res.truncated, elapsed_s=res.elapsed_s,
+                         columns=frame.columns, rule=res.rule)
+
+
+def to_csv(frame: pl.DataFrame) -> str:
+    """CSV as spreadsheets and pandas read it: no byte-order mark, numbers unquoted, text quoted only
+    where it must be (a comma, quote or newline), nested values as text."""
+    nested = [c for c, t in zip(frame.columns, frame.dtypes, strict=True) if t.is_nested() or t == pl.Object]
+    if nested:
+        frame = frame.with_columns([pl.col(c).map_elements(_as_text, return_dtype=pl.String) for c in nested])
+    return frame.write_csv()
+
+
+def _as_text(value) -> str:
+    return json.dumps(value.to_list() if isinstance(value, pl.Series) else value, default=str)

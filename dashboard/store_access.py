@@ -121,10 +121,12 @@ def cached(ttl_bucket: float | None = None) -> Callable:
     return deco
 
 
-# One configuration for every connection this process opens on the store: DuckDB refuses a second
-# in-process connection to a file with a different configuration, and the console needs this one.
+# One configuration for every connection this process opens on the store (DuckDB refuses a second
+# in-process connection to a file with a different configuration). The pages' own SQL needs no files or
+# network either; the SQL console's queries run in worker processes with collector.sql_engine's limits.
 READ_CONFIG = {
     "enable_external_access": False,  # no files, no network, no extensions (read_csv, COPY, ATTACH, INSTALL ...)
+    "python_enable_replacements": False,  # no scans of this process's Python variables by name
     "allow_community_extensions": False,
     "autoload_known_extensions": False,
     "autoinstall_known_extensions": False,

@@ -1,4 +1,5 @@
-"""SQL: a read-only console over the store (protections in console.run_console), with CSV export."""
+"""SQL: a read-only console over the store (rules and limits in collector.sql_engine, run by
+dashboard.console in worker processes), with CSV export of the rows shown."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from dashboard.components import register_page
 
 register_page(__name__, path="/sql", name="SQL", title="batchscope · SQL", order=7)
 
-ROW_LIMIT = 5000
-TIME_LIMIT_S = 10.0
+ROW_LIMIT = console.LIMITS.max_rows
+TIME_LIMIT_S = console.LIMITS.timeout_s
 
 
 def _jsonable(v):
@@ -56,8 +57,9 @@ def layout(**_kwargs):
                               html.Code("steps"), ", ", html.Code("evals"), ", ", html.Code("scalars"),
                               ", the view ", html.Code("run_summary"), " and the macros ",
                               html.Code("steps_to_target(target)"), " and ", html.Code("noise_scale(window)"),
-                              f". One SELECT at a time; no files, network or extensions; "
-                              f"{TIME_LIMIT_S:g} s and {ROW_LIMIT:,} rows at most."],
+                              f". One SELECT at a time; no files, network or extensions; at most "
+                              f"{TIME_LIMIT_S:g} s, {ROW_LIMIT:,} rows, {console.LIMITS.memory_mb:,} MB of memory "
+                              f"and {console.LIMITS.max_response_mb:g} MB of results per query."],
                              className="lede")], className="page-title"),
             html.Div(
                 [
@@ -89,23 +91,31 @@ def layout(**_kwargs):
                 id="sql-grid", columnDefs=[], rowData=[],
                 defaultColDef={"sortable": True, "filter": True, "resizable": True, "minWidth": 90},
                 dashGridOptions={"animateRows": False, "enableCellTextSelection": True},
-                csvExportParams={"fileName": "batchscope-query.csv"},
                 style={"height": "480px", "width": "100%"},
             ),
+            dcc.Store(id="sql-last", data=None),
+            dcc.Download(id="sql-download"),
         ]
     )
 
 
 @callback(
     Output("sql-text", "value"),
+    Output("sql-grid", "columnDefs", allow_duplicate=True),
+    Output("sql-grid", "rowData", allow_duplicate=True),
+    Output("sql-message", "children", allow_duplicate=True),
+    Output("sql-message", "className", allow_duplicate=True),
+    Output("sql-export", "disabled", allow_duplicate=True),
+    Output("sql-last", "data", allow_duplicate=True),
     Input({"type": "sql-example", "index": dash.ALL}, "n_clicks"),
     prevent_initial_call=True,
 )
 def pick_example(clicks):
+    """An example replaces the text and clears the previous result and its timing."""
     trig = dash.ctx.triggered_id
     if not trig or not any(clicks or []):
-        return dash.no_update
-    return list(console.EXAMPLE_QUERIES.values())[trig["index"]]
+        return (dash.no_update,) * 7
+    return list(console.EXAMPLE_QUERIES.values())[trig["index"]], [], [], "", "sql-message", True, None
 
 
 @callback(
@@ -114,15 +124,30 @@ def pick_example(clicks):
     Output("sql-message", "children"),
     Output("sql-message", "className"),
     Output("sql-export", "disabled"),
+    Output("sql-last", "data"),
     Input("sql-run", "n_clicks"),
     State("sql-text", "value"),
 )
 def run_sql(_n, sql):
     view = console_view(queries.current_db(), sql or "")
     cls = "sql-message ok" if view["ok"] else "sql-message error"
-    return view["columnDefs"], view["rowData"], view["message"], cls, not (view["ok"] and view["rowData"])
+    can_export = view["ok"] and bool(view["rowData"])
+    return (view["columnDefs"], view["rowData"], view["message"], cls, not can_export,
+            sql if can_export else None)
 
 
-@callback(Output("sql-grid", "exportDataAsCsv"), Input("sql-export", "n_clicks"), prevent_initial_call=True)
-def export_csv(n):
-    return bool(n)
+def export_csv_text(db: Path, sql: str) -> str | None:
+    """The CSV of the query shown (re-run under the same limits, so the same rows); None if it fails."""
+    res = console.run_console(db, sql)
+    return console.to_csv(res.frame) if res.ok and res.frame is not None else None
+
+
+@callback(Output("sql-download", "data"), Input("sql-export", "n_clicks"), State("sql-last", "data"),
+          prevent_initial_call=True)
+def export_csv(n, sql):
+    if not n or not sql:
+        return dash.no_update
+    text = export_csv_text(queries.current_db(), sql)
+    if text is None:
+        return dash.no_update
+    return {"content": text, "filename": "batchscope-query.csv", "type": "text/csv"}
