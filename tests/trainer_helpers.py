@@ -73,3 +73,80 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# --- small models and exact per-example gradients for the noise-scale tests ----------------------
+
+def small_models():
+    """name -> (model factory, input batch factory, loss): an MLP, a CNN, a transformer block, and one
+    with nn.MultiheadAttention (packed projections: no per-example rule, the fallback)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        """A pre-LN transformer block in the nanoGPT style: Linear q/k/v/o, LayerNorm, token and position
+        embeddings, a Linear head; `mha=True` uses nn.MultiheadAttention instead."""
+
+        def __init__(self, vocab=13, t=6, d=16, heads=2, mha=False):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(t, d)
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.heads, self.mha = heads, (nn.MultiheadAttention(d, heads, batch_first=True) if mha else None)
+            if not mha:
+                self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            self.head = nn.Linear(d, vocab)
+
+        def forward(self, idx):
+            n, t = idx.shape
+            pos = torch.arange(t, device=idx.device).expand(n, t)
+            x = self.tok(idx) + self.pos(pos)
+            h = self.ln1(x)
+            if self.mha is not None:
+                a, _ = self.mha(h, h, h, need_weights=False)
+            else:
+                q, k, v = self.qkv(h).view(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, t, -1)
+                a = self.proj(a)
+            x = x + a
+            x = x + self.ff(self.ln2(x))
+            return self.head(x)
+
+    def seq_loss(out, y):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    def images(gen, n):
+        return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+    def tokens(gen, n):
+        x = torch.randint(0, 13, (n, 6), generator=gen)
+        return x, (x * 3 + 1) % 13
+
+    def vectors(gen, n):
+        return torch.randn(n, 12, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+
+    cnn = lambda: nn.Sequential(  # noqa: E731
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(6, 5))
+    mlp = lambda: nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4))  # noqa: E731
+    return {
+        "mlp": (mlp, vectors, F.cross_entropy),
+        "cnn": (cnn, images, F.cross_entropy),
+        "transformer": (Block, tokens, seq_loss),
+        "mha": (lambda: Block(mha=True), tokens, seq_loss),
+    }
+
+
+def per_example_grads(model, loss_fn, x, y):
+    """(N, P) float64 matrix of exact per-example gradients (torch.func vmap(grad)), in parameter order."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[k].reshape(len(x), -1) for k in params], 1).double()

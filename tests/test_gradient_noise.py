@@ -1,0 +1,227 @@
+"""GradientNoise (trainer/noise.py) against exact per-example gradients from torch.func.
+
+Per step, each mode's ingredients are deterministic functions of the per-example gradients, so they
+are checked exactly (to float32 rounding): per-example norms give mean_i |g_i|^2, accumulation hooks
+give mean_k |mean_{i in k} g_i|^2, DDP gives mean over ranks of |local gradient|^2, and |g_big|^2 is
+the norm of the batch mean. Then the unbiased |G|^2 and tr(Sigma) built from them are checked in
+expectation against the population values of a finite pool sampled with replacement.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.trainer_helpers import one_torch_thread, per_example_grads, small_models
+from trainer.noise import GradientNoise
+
+MODELS = small_models()
+RTOL = 2e-5  # float32 sums of a few hundred terms vs float64 torch.func
+
+
+@pytest.fixture(autouse=True)
+def _quiet_one_thread():
+    with one_torch_thread(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")  # torch.func on SDPA (CPU)
+        yield
+
+
+def setup(name: str, n: int = 16, seed: int = 1):
+    make, data, loss_fn = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    x, y = data(torch.Generator().manual_seed(seed), n)
+    return model, loss_fn, x, y, per_example_grads(model, loss_fn, x, y)
+
+
+def micro_steps(model, loss_fn, x, y, k):
+    model.zero_grad(set_to_none=True)
+    for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
+        (loss_fn(model(xk), yk) / k).backward()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_per_example_norms_are_exact_per_step(name):
+    model, loss_fn, x, y, g = setup(name)
+    gns = GradientNoise(model)
+    loss_fn(model(x), y).backward()
+    s = gns.step()
+    assert s.complete and not s.micro_batch and s.b_small == 1.0 and s.b_big == len(x)
+    assert len(s.per_example) == sum(1 for p in model.parameters())
+    assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=RTOL)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=RTOL)
+    # the same with accumulation (K = 4): still per-example norms, and the update is the batch mean
+    micro_steps(model, loss_fn, x, y, 4)
+    s4 = gns.step()
+    assert s4.micro_batches == 4 and s4.b_small == 1.0
+    assert float(s4.g_small_sq) == pytest.approx(float(s.g_small_sq), rel=RTOL)
+    assert float(s4.g_big_sq) == pytest.approx(float(s.g_big_sq), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulation_hooks_are_exact_per_step(name, k):
+    model, loss_fn, x, y, g = setup(name)
+    gns = GradientNoise(model, per_example=False)
+    micro_steps(model, loss_fn, x, y, k)
+    s = gns.step()
+    want_small = float(np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(k)]))
+    assert s.complete and not s.per_example and s.b_small == len(x) / k and s.b_big == len(x)
+    assert float(s.g_small_sq) == pytest.approx(want_small, rel=RTOL)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+
+
+def test_loss_scale_and_uneven_micro_batches():
+    """Micro-batches weighted by their share (b_k / B) and a GradScaler-like factor: same answer."""
+    model, loss_fn, x, y, g = setup("mlp", n=15)
+    gns = GradientNoise(model, per_example=False)
+    parts = [(0, 4), (4, 15)]
+    scale = 1024.0
+    model.zero_grad(set_to_none=True)
+    for a, b in parts:
+        (loss_fn(model(x[a:b]), y[a:b]) * (b - a) / 15 * scale).backward()
+    s = gns.step(loss_scale=[(b - a) / 15 * scale for a, b in parts])
+    assert s.b_small == pytest.approx(2 / (1 / 4 + 1 / 11))
+    want = np.mean([float(g[a:b].mean(0).square().sum()) for a, b in parts])
+    assert float(s.g_small_sq) == pytest.approx(want, rel=RTOL)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+
+
+def test_fallback_for_layers_without_a_rule():
+    """nn.MultiheadAttention has no per-example rule: its parameters fall back to micro-batch norms.
+
+    K = 1: no small batch for them, so the step says it is incomplete and covers the other parameters
+    exactly. K = 2: the two blocks' unbiased |G|^2 and tr(Sigma) add up exactly.
+    """
+    model, loss_fn, x, y, g = setup("mha")
+    names = [n for n, _ in model.named_parameters()]
+    gns = GradientNoise(model)
+    assert "mha" not in gns.covered and {"tok", "pos", "ln1", "head"} <= set(gns.covered)
+    fallback = np.array([n.startswith("mha.") for n in names])
+    cols = np.concatenate([np.full(p.numel(), f) for p, f in zip(model.parameters(), fallback, strict=True)])
+    g_pe, g_mb = g[:, ~torch.from_numpy(cols)], g[:, torch.from_numpy(cols)]
+    with pytest.warns(RuntimeWarning, match="no small batch"):
+        loss_fn(model(x), y).backward()
+        s1 = gns.step()
+    assert not s1.complete and set(s1.missing) == {n for n in names if n.startswith("mha.")}
+    assert float(s1.g_small_sq) == pytest.approx(float(g_pe.square().sum(1).mean()), rel=RTOL)
+
+    micro_steps(model, loss_fn, x, y, 2)
+    s2 = gns.step()
+    assert s2.complete and set(s2.micro_batch) == set(s1.missing) and s2.b_small == 1.0
+    n = len(x)
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
+    mb_big = float(g_mb.mean(0).square().sum())
+    want_g = (n * pe_big - pe_small) / (n - 1) + (n * mb_big - n / 2 * mb_small) / (n / 2)
+    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    assert float(s2.g_sq) == pytest.approx(want_g, rel=1e-4)
+    assert float(s2.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
+    assert float(s2.g_big_sq) == pytest.approx(pe_big + mb_big, rel=1e-4)
+    # per-example-equivalent ingredients reproduce the same estimates
+    assert float(s2.g_small_sq) == pytest.approx(want_g + want_tr, rel=1e-4)
+
+
+def test_tied_weights_and_reused_layers_fall_back():
+    """A weight shared by two layers, or a layer called twice per forward, has no exact per-example
+    norm from one call: those parameters are measured by micro-batches, and the result is still exact."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.out = nn.Embedding(13, 8), nn.Linear(8, 8), nn.Linear(8, 13, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, idx):
+            h = self.emb(idx)
+            return self.out(torch.tanh(self.mid(torch.tanh(self.mid(h)))))  # mid used twice
+
+    torch.manual_seed(0)
+    model = Tied()
+    x = torch.randint(0, 13, (8, 5), generator=torch.Generator().manual_seed(2))
+    y = (x + 1) % 13
+    loss_fn = MODELS["transformer"][2]
+    g = per_example_grads(model, loss_fn, x, y)
+    gns = GradientNoise(model)
+    assert "emb" not in gns.covered and "out" not in gns.covered
+    micro_steps(model, loss_fn, x, y, 2)
+    s = gns.step()
+    assert s.complete and {"emb.weight", "mid.weight", "mid.bias"} == set(s.micro_batch)
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(2)])
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+    assert float(s.g_sq + s.tr_sigma / 4) == pytest.approx(mb_small, rel=1e-4)  # b_small of the block: 4
+
+
+@pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("mlp", False, 2),
+                                                        ("transformer", True, 1)])
+def test_unbiased_in_expectation(name, per_example, k):
+    """Averaged over batches drawn with replacement, |G|^2 and tr(Sigma) match the pool's exact values."""
+    model, loss_fn, x, y, g = setup(name, n=256, seed=3)
+    mean = g.mean(0)
+    exact = (float(mean @ mean), float((g - mean).square().sum(1).mean()))
+    gns = GradientNoise(model, per_example=per_example)
+    gen, draws = torch.Generator().manual_seed(4), []
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (16,), generator=gen)
+        micro_steps(model, loss_fn, x[idx], y[idx], k)
+        s = gns.step()
+        draws.append((float(s.g_sq), float(s.tr_sigma)))
+    est = np.array(draws)
+    se = est.std(0) / np.sqrt(len(est))
+    for got, err, want in zip(est.mean(0), se, exact, strict=True):
+        assert abs(got - want) < 4 * err, (got, want, err)
+
+
+# --- DDP: two real gloo processes --------------------------------------------------------------
+
+def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_example: bool, k: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        make, data, loss_fn = MODELS[name]
+        torch.manual_seed(0)
+        model = DDP(make())
+        x, y = data(torch.Generator().manual_seed(1), 16)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        gns = GradientNoise(model, per_example=per_example)
+        model.zero_grad(set_to_none=True)
+        for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
+            if j < k - 1:
+                with model.no_sync():
+                    (loss_fn(model(xk), yk) / k).backward()
+            else:
+                (loss_fn(model(xk), yk) / k).backward()
+        s = gns.step()
+        torch.save({"stats": s.as_dict(), "complete": s.complete,
+                    "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("mlp", False, 1), ("mlp", False, 2),
+                                                        ("transformer", True, 2)])
+def test_ddp_two_gloo_processes(tmp_path, name, per_example, k):
+    """Each rank's local gradient (or its micro-batches, or its examples) is the small batch, the
+    all-reduced one the big batch; both ranks report the same ingredients."""
+    _, _, _, _, g = setup(name)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out"), name, per_example, k),
+                       nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    assert r0["stats"] == pytest.approx(r1["stats"], rel=1e-6) and r0["complete"]
+    s = r0["stats"]
+    assert s["b_big"] == 16 and float(r0["grad"].double().square().sum()) == pytest.approx(s["g_big_sq"], rel=1e-5)
+    assert s["g_big_sq"] == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+    if per_example:
+        assert s["b_small"] == 1 and s["g_small_sq"] == pytest.approx(float(g.square().sum(1).mean()), rel=RTOL)
+    else:
+        assert s["b_small"] == 8 / k
+        want = np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(2 * k)])
+        assert s["g_small_sq"] == pytest.approx(want, rel=RTOL)

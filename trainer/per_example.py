@@ -1,0 +1,149 @@
+"""Per-example squared gradient norms of one layer from its input and output gradient ("ghost" norms).
+
+For a layer whose output row i depends only on input row i (no batch norm), the gradient of the
+batch loss with respect to its parameters is a sum of per-example terms, and the squared norm of
+each term follows from the layer input a and the output gradient delta alone, without ever forming
+the per-example gradients (Goodfellow 2015; Li et al. 2022; Gray et al. 2024):
+
+- Linear on (N, d) inputs: |a_i|^2 |delta_i|^2 for the weight, |delta_i|^2 for the bias;
+- Linear on sequences (N, T, d): sum_tt' (a_t . a_t')(delta_t . delta_t') (the Gram form), or the
+  per-example gradient itself when that is smaller (T (d_in + d_out) > d_in d_out);
+- Embedding: sum_tt' [idx_t == idx_t'] (delta_t . delta_t');
+- LayerNorm / RMSNorm: the per-example gradients are only of the size of the normalised shape, so
+  they are formed (sum over positions of delta * x_hat, and of delta);
+- Conv1d / Conv2d (groups = 1, zero padding): Linear on the unfolded input, Gram or direct.
+
+Each rule returns sum over the examples of the squared norms, as a 0-d tensor (the noise scale only
+needs their mean), or None when the call does not fit (e.g. an input without the batch dimension):
+the caller then falls back to the micro-batch method for that layer's parameters.
+Pure tensor math: no hooks, no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def _wants(p: torch.nn.Parameter | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _seq_sq(a: torch.Tensor, d: torch.Tensor, with_bias: bool, with_weight: bool = True) -> torch.Tensor:
+    """Sum over n of |sum_t delta_nt a_nt^T|^2 (+ |sum_t delta_nt|^2) for a (N, T, i) and d (N, T, o)."""
+    t, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
+    total = d.sum(1).square().sum() if with_bias else None
+    if with_weight:
+        if t * (d_in + d_out) < d_in * d_out:  # Gram form: O(N T^2 (d_in + d_out))
+            w = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum()
+        else:  # the per-example gradients are smaller than the Gram matrices: form them
+            w = torch.bmm(d.transpose(1, 2), a).square().sum()
+        total = w if total is None else total + w
+    return total
+
+
+def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    if a.dim() < 2 or d.shape[:-1] != a.shape[:-1]:
+        return None
+    a, d = a.to(d.dtype), d
+    if a.dim() == 2:
+        d_sq = d.square().sum(1)
+        if not _wants(m.weight):
+            return d_sq.sum()
+        a_sq = a.square().sum(1)
+        return torch.dot(a_sq + 1.0, d_sq) if _wants(m.bias) else torch.dot(a_sq, d_sq)
+    n = a.shape[0]
+    return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m.bias), _wants(m.weight))
+
+
+def embedding_sq(m: nn.Embedding, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    if idx.dim() == 0 or d.shape[:-1] != idx.shape or not _wants(m.weight):
+        return None
+    n = idx.shape[0]
+    idx, d = idx.reshape(n, -1), d.reshape(n, -1, d.shape[-1])
+    if m.padding_idx is not None:  # the padding row gets no gradient
+        d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)
+    if idx.shape[1] == 1:
+        return d.square().sum()
+    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d.dtype)
+    return (same * torch.bmm(d, d.transpose(1, 2))).sum()
+
+
+def _norm_sq(m: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n, k = d.shape[0], len(shape)
+    if x_hat.dim() - k < 1:
+        return None
+    dims = tuple(range(1, d.dim() - k))  # positions between the batch and the normalised dims
+    total = None
+    if _wants(getattr(m, "weight", None)):
+        gw = (d * x_hat).sum(dims) if dims else d * x_hat
+        total = gw.reshape(n, -1).square().sum()
+    if _wants(getattr(m, "bias", None)):
+        gb = d.sum(dims) if dims else d
+        b = gb.reshape(n, -1).square().sum()
+        total = b if total is None else total + b
+    return total
+
+
+def layer_norm_sq(m: nn.LayerNorm, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    shape = tuple(m.normalized_shape)
+    if a.shape != d.shape or a.dim() <= len(shape):
+        return None
+    x_hat = F.layer_norm(a.to(d.dtype), shape, None, None, m.eps)
+    return _norm_sq(m, x_hat, d, shape)
+
+
+def rms_norm_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    shape = tuple(m.normalized_shape)
+    if a.shape != d.shape or a.dim() <= len(shape):
+        return None
+    x_hat = F.rms_norm(a.to(d.dtype), shape, None, m.eps)
+    return _norm_sq(m, x_hat, d, shape)
+
+
+def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool) -> torch.Tensor | None:
+    if not two_d:  # Conv1d as a Conv2d of height 1
+        a, d = a.unsqueeze(2), d.unsqueeze(2)
+    k = m.kernel_size if two_d else (1, m.kernel_size[0])
+    pad = m.padding if two_d else (0, m.padding[0])
+    stride = m.stride if two_d else (1, m.stride[0])
+    dil = m.dilation if two_d else (1, m.dilation[0])
+    if a.dim() != 4 or d.dim() != 4 or isinstance(pad, str):
+        return None
+    cols = F.unfold(a.to(d.dtype), k, dilation=dil, padding=pad, stride=stride)  # (N, C_in k k, L)
+    n = a.shape[0]
+    dd = d.reshape(n, d.shape[1], -1)  # (N, C_out, L)
+    if cols.shape[2] != dd.shape[2]:
+        return None
+    return _seq_sq(cols.transpose(1, 2), dd.transpose(1, 2), _wants(m.bias), _wants(m.weight))
+
+
+def conv1d_sq(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    return _conv_sq(m, a, d, two_d=False)
+
+
+def conv2d_sq(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    return _conv_sq(m, a, d, two_d=True)
+
+
+def rule_for(m: nn.Module) -> Rule | None:
+    """The per-example rule for this layer type and configuration, or None (then: micro-batch fallback)."""
+    if isinstance(m, nn.Linear):
+        return linear_sq
+    if isinstance(m, nn.Embedding):
+        return None if m.sparse or m.scale_grad_by_freq or m.max_norm is not None else embedding_sq
+    if isinstance(m, nn.LayerNorm):
+        return layer_norm_sq if m.elementwise_affine else None
+    if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+        return rms_norm_sq if m.elementwise_affine else None
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        ok = m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        if not ok:
+            return None
+        return conv2d_sq if isinstance(m, nn.Conv2d) else conv1d_sq
+    return None
