@@ -125,7 +125,8 @@ def run_cell(manifest: Manifest, index: int, *, job_id: str | None = None, echo:
     attempt = (state.attempts if state else 0) + 1
     cmd = cell_command(manifest, cell)
     t0 = time.perf_counter()
-    for _ in range(1 + manifest.retries):
+    for tried in range(1 + manifest.retries):
+        attempt += tried > 0
         if echo:
             print(f"cell {cell.cell_id} attempt {attempt}" + (f" (job {job_id})" if job_id else "")
                   + f": {' '.join(cmd)}", flush=True)
@@ -133,7 +134,6 @@ def run_cell(manifest: Manifest, index: int, *, job_id: str | None = None, echo:
         status, run_id = outcome(code, out)
         if status != "failed" or code in NO_RETRY:
             break
-        attempt += 1
     error = None
     if status == "failed":
         error = f"exit code {code}: " + (err.strip().splitlines() or ["(no output)"])[-1]

@@ -100,12 +100,18 @@ def sweep_dir(db: str | Path, sweep: str) -> Path:
 def write_manifest(m: Manifest, folder: Path) -> Path:
     """Write a new, never rewritten manifest for this launch (atomically) and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"launch-{stamp}-{os.getpid()}.json"
-    tmp = path.with_suffix(".tmp")
+    stamp = f"launch-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    tmp = folder / f".{stamp}.tmp"
     tmp.write_text(json.dumps(asdict(m), indent=1))
-    tmp.replace(path)
-    return path
+    for n in range(1000):
+        path = folder / (f"{stamp}.json" if n == 0 else f"{stamp}-{n}.json")
+        try:
+            os.link(tmp, path)  # fails if the name is taken: a manifest is never replaced
+        except FileExistsError:
+            continue
+        tmp.unlink()
+        return path
+    raise SweepError(f"cannot find a free manifest name in {folder}")
 
 
 def read_manifest(path: str | Path) -> Manifest:
