@@ -1,7 +1,8 @@
 """`python -m collector`: look at and maintain a store from the shell.
 
     python -m collector runs                      # table of runs
-    python -m collector sql "SELECT ..."          # read-only SQL; --format csv|json, --output FILE
+    python -m collector sql "SELECT ..."          # read-only, bounded SQL; --format csv|json, --output FILE
+    python -m collector shell                     # interactive read-only SQL prompt (history, tab completion)
     python -m collector ingest                    # move dead runs' spools into the store
     python -m collector schema                    # the data dictionary
     python -m collector export DIR / import DIR   # Parquet, one file per table
@@ -16,6 +17,8 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from collector.sql_engine import CLI_LIMITS, Limits, clean_error, csv_text, with_overrides
+from collector.sql_worker import run_sql
 from collector.store import StoreError, read_connection, resolve_db
 from collector.transfer import export_store, import_store
 
@@ -29,6 +32,7 @@ class UsageError(Exception):
 
 
 def _frame(db, sql: str, params: list | None = None) -> pl.DataFrame:
+    """batchscope's own queries (not the user's SQL, which goes through collector.sql_engine)."""
     with read_connection(db) as con:
         try:
             return con.sql(sql, params=params or None).pl()
@@ -37,29 +41,29 @@ def _frame(db, sql: str, params: list | None = None) -> pl.DataFrame:
 
 
 def _sql_message(exc: duckdb.Error) -> str:
-    text = " ".join(str(exc).split())
-    if "read-only" in text or "read only" in text:
-        return "the store is opened read-only here: only queries (SELECT, WITH, DESCRIBE, ...) are allowed"
-    return f"SQL error: {text}"
+    """DuckDB's message as DuckDB wrote it: its lines, with the caret under the error, kept."""
+    return f"SQL error: {clean_error(exc)}"
 
 
-def _print(df: pl.DataFrame, fmt: str, output: str | None) -> None:
+def _print(df: pl.DataFrame, fmt: str, output: str | None, file=None) -> None:
+    file = file or sys.stdout
     if output:
         path = Path(output)
         ext = path.suffix.lower()
-        writers = {".csv": df.write_csv, ".json": df.write_json, ".parquet": df.write_parquet}
+        writers = {".csv": lambda p: p.write_text(csv_text(df)), ".json": df.write_json,
+                   ".parquet": df.write_parquet}
         if ext not in writers:
             raise UsageError(f"--output {output}: use a .csv, .json or .parquet file name")
         writers[ext](path)
         print(f"wrote {df.height} rows to {path}", file=sys.stderr)
     elif fmt == "csv":
-        sys.stdout.write(df.write_csv())
+        file.write(csv_text(df))
     elif fmt == "json":
-        sys.stdout.write(df.write_json() + "\n")
+        file.write(df.write_json() + "\n")
     else:
         with pl.Config(tbl_rows=200, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200,
                        tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
-            print(df)
+            print(df, file=file)
         if df.height > 200:
             print(f"... {df.height} rows; use --format csv or --output to get them all", file=sys.stderr)
 
@@ -72,11 +76,49 @@ def cmd_runs(args) -> None:
            args.format, args.output)
 
 
+def _limits(args) -> Limits:
+    """CLI_LIMITS with the user's --max-rows, --timeout, --memory-mb, --max-response-mb, --allow-files."""
+    for name in ("max_rows", "timeout", "memory_mb", "max_response_mb", "max_cell_chars"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    return with_overrides(CLI_LIMITS, max_rows=args.max_rows, timeout_s=args.timeout, memory_mb=args.memory_mb,
+                          max_response_mb=args.max_response_mb, max_cell_chars=args.max_cell_chars,
+                          allow_files=args.allow_files or None)
+
+
+def run_user_sql(db, query: str, limits: Limits) -> pl.DataFrame:
+    """The user's query through the bounded engine; a refusal or SQL error raises UsageError (exit 2),
+    a query stopped by its time or memory limit raises StoreError (exit 1); a cut result says so on stderr."""
+    path = resolve_db(db)
+    if not path.exists():
+        raise StoreError(f"no store at {path}: train a run first (python -m trainer) or pass --db")
+    res = run_sql(path, query, limits)
+    if not res.ok or res.table is None:
+        if res.rule in ("time-limit", "memory-limit"):
+            raise StoreError(res.message)
+        raise UsageError(res.message)
+    if res.truncated:
+        print(f"note: {res.message}", file=sys.stderr)
+    frame = pl.from_arrow(res.table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 def cmd_sql(args) -> None:
     query = args.query if args.query != "-" else sys.stdin.read()
     if not query.strip():
         raise UsageError("empty query")
-    _print(_frame(args.db, query), args.format, args.output)
+    _print(run_user_sql(args.db, query, _limits(args)), args.format, args.output)
+
+
+def cmd_shell(args) -> None:
+    from collector.shell import Shell
+
+    path = resolve_db(args.db)
+    if not path.exists():
+        raise StoreError(f"no store at {path}: train a run first (python -m trainer) or pass --db")
+    Shell(path, _limits(args), printer=lambda df, fmt, file: _print(df, fmt, None, file)).run()
 
 
 def cmd_ingest(args) -> None:
@@ -122,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--format", choices=("table", "csv", "json"), default="table", help="stdout format")
     out.add_argument("--output", "-o", metavar="FILE", help="write .csv, .json or .parquet instead")
+    lim = argparse.ArgumentParser(add_help=False)
+    d = CLI_LIMITS
+    lim.add_argument("--max-rows", type=int, help=f"rows at most (default {d.max_rows:,})")
+    lim.add_argument("--timeout", type=float, help=f"seconds before the query is stopped (default {d.timeout_s:g})")
+    lim.add_argument("--memory-mb", type=int, help=f"memory of the query process, MB (default {d.memory_mb:,})")
+    lim.add_argument("--max-response-mb", type=float,
+                     help=f"result size at which fetching stops, MB (default {d.max_response_mb:g})")
+    lim.add_argument("--max-cell-chars", type=int, help=f"longest text cell (default {d.max_cell_chars:,})")
+    lim.add_argument("--allow-files", action="store_true",
+                     help="let queries read local files and URLs (read_csv, read_parquet, glob, 'file.csv'); "
+                          "off by default")
 
     p = argparse.ArgumentParser(prog="python -m collector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", parents=[common, out], help="table of runs (from the run_summary view)")
     s.add_argument("--sweep", help="only this sweep")
     s.set_defaults(func=cmd_runs)
-    s = sub.add_parser("sql", parents=[common, out], help="run a read-only SQL query ('-' reads stdin)")
+    s = sub.add_parser("sql", parents=[common, out, lim], help="run a read-only, bounded SQL query ('-' reads stdin)")
     s.add_argument("query")
     s.set_defaults(func=cmd_sql)
+    s = sub.add_parser("shell", parents=[common, lim], help="interactive read-only SQL prompt with history and "
+                       "tab completion (the same limits as sql)")
+    s.set_defaults(func=cmd_shell)
     s = sub.add_parser("ingest", parents=[common], help="move every run's spooled rows into the store (quarantining "
                        "unreadable files) and print a summary")
     s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the ingest lease (default 30)")

@@ -243,12 +243,12 @@ def _summary(table: pa.Table, cuts: list[str], limits: Limits, elapsed: float) -
     msg = f"{n:,} row{'s' if n != 1 else ''} in {elapsed * 1000:.0f} ms"
     notes = []
     if "row-limit" in cuts:
-        notes.append(f"stopped at the {limits.max_rows:,}-row limit (rule row-limit)")
+        notes.append(f"stopped at the {limits.max_rows:,}-row limit: rule row-limit")
     if "size-limit" in cuts:
         notes.append(f"truncated at {n:,} rows: the response reached the {limits.max_response_mb:g} MB "
-                     f"size limit (rule size-limit)")
+                     f"size limit: rule size-limit")
     if "cell-limit" in cuts:
-        notes.append(f"text cells cut at {limits.max_cell_chars:,} characters (rule cell-limit)")
+        notes.append(f"text cells cut at {limits.max_cell_chars:,} characters: rule cell-limit")
     return msg + (" (" + "; ".join(notes) + ")" if notes else "")
 
 
@@ -301,3 +301,19 @@ def stopped_for_memory(limits: Limits, elapsed: float) -> SqlResult:
 def with_overrides(base: Limits, **overrides) -> Limits:
     """`base` with the given limits replaced (None leaves one as it is)."""
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def csv_text(frame) -> str:
+    """A polars frame as CSV that spreadsheets and pandas read as typed: no byte-order mark, numbers
+    unquoted, text quoted only where it must be (a comma, quote or newline), nested values as JSON."""
+    import json
+
+    import polars as pl
+
+    def _as_text(value) -> str:
+        return json.dumps(value.to_list() if isinstance(value, pl.Series) else value, default=str)
+
+    nested = [c for c, t in zip(frame.columns, frame.dtypes, strict=True) if t.is_nested() or t == pl.Object]
+    if nested:
+        frame = frame.with_columns([pl.col(c).map_elements(_as_text, return_dtype=pl.String) for c in nested])
+    return frame.write_csv()

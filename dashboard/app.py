@@ -1,4 +1,5 @@
-"""The Dash application: shell (header, navigation, live refresh, run selection) and authentication.
+"""The Dash application: shell (header, navigation, live refresh, run selection), authentication and
+availability (a busy or broken store is a message and a retry, never an HTTP 5xx).
 
 Pages live in dashboard/pages/, one module per page (dash.register_page), each with its layout and its
 callbacks side by side. A page's callback is a thin wrapper around a plain function of the store path
@@ -7,24 +8,34 @@ callbacks side by side. A page's callback is a thin wrapper around a plain funct
 
 from __future__ import annotations
 
-import base64
-import hmac
 import importlib
 import os
+import sys
 import time
+import traceback
+from html import escape as html_escape
 from pathlib import Path
 
 import dash
+import duckdb
 from dash import Input, Output, State, dcc, html
 
+from collector.store import StoreError
 from dashboard import queries
 from dashboard.components import PAGES
+from dashboard.security import (  # noqa: F401 - parse_auth and install_auth are part of this module's API
+    healthz_body,
+    install_auth,
+    install_browser_protections,
+    parse_auth,
+)
 
 PAGE_MODULES = ("welcome", "runs", "curves", "noise", "tradeoff", "generalization", "lr_batch", "sql")
 
 LIVE_INTERVAL_MS = 2000  # while a run is `running`
 IDLE_INTERVAL_MS = 10000  # otherwise: still notices new runs and stale heartbeats
 RECOVER_EVERY_S = 60.0
+RETRY_INTERVAL_MS = 2000  # after a callback failed on the store: tick (and so retry the pages) this often
 
 _APP: dash.Dash | None = None
 
@@ -43,6 +54,7 @@ def create_app(db: str | os.PathLike | None = None, auth: str | None = None) -> 
         update_title=None,
         suppress_callback_exceptions=True,
         assets_folder=str(Path(__file__).parent / "assets"),
+        on_error=callback_error,
     )
     for name in PAGE_MODULES:
         module = importlib.import_module(f"dashboard.pages.{name}")
@@ -52,12 +64,18 @@ def create_app(db: str | os.PathLike | None = None, auth: str | None = None) -> 
         dash.page_registry[module.__name__]["layout"] = module.layout
     app.layout = _shell
     _register_shell_callbacks(app)
+    install_browser_protections(app.server)
     if auth:
         install_auth(app.server, auth)
+    app.server.register_error_handler(StoreError, _store_error_page)
+    app.server.register_error_handler(duckdb.Error, _store_error_page)
 
     @app.server.route("/healthz")
     def _healthz():
-        return {"ok": True, "db": str(queries.current_db())}
+        import flask
+
+        authenticated = not auth or bool(getattr(flask.g, "authenticated", False))
+        return healthz_body(authenticated, _store_state(queries.current_db()) if authenticated else "")
 
     _APP = app
     return app
@@ -104,6 +122,7 @@ def _shell() -> html.Div:
                 ],
                 className="header",
             ),
+            html.Div(id="store-alert", className="store-alert", role="status", hidden=True),
             html.Main(dash.page_container, className="main"),
         ],
         className="app",
@@ -118,6 +137,8 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         Output("live-badge", "children"),
         Output("live-badge", "className"),
         Output("live-interval", "interval"),
+        Output("store-alert", "children"),
+        Output("store-alert", "hidden"),
         Input("live-interval", "n_intervals"),
         State("store-version", "data"),
     )
@@ -136,7 +157,10 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         else:
             badge, cls = f"{ov.runs:,} runs", "badge"
         interval = LIVE_INTERVAL_MS if ov.running else IDLE_INTERVAL_MS
-        return (token if token != previous else dash.no_update), badge, cls, interval
+        if ov.error:
+            alert = f"The store is unavailable ({_first_line(ov.error)}); retrying every {RETRY_INTERVAL_MS // 1000} s."
+            return dash.no_update, badge, cls, RETRY_INTERVAL_MS, alert, False
+        return (token if token != previous else dash.no_update), badge, cls, interval, "", True
 
     @app.callback(Output("selection-badge", "children"), Input("selected-runs", "data"))
     def selection_badge(selected):
@@ -164,58 +188,41 @@ def live_token(db: Path) -> tuple[str | None, queries.Overview]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# authentication for a team deployment
+# availability: a busy or broken store is a message and a retry
 
 
-def parse_auth(spec: str) -> tuple[str, str, str]:
-    """'token:SECRET' -> ('token', '', SECRET); 'user:password' or 'basic:user:password' -> ('basic', user, pw)."""
-    spec = spec.strip()
-    if spec.startswith("token:"):
-        secret = spec[len("token:"):]
-        if not secret:
-            raise ValueError("--auth token:SECRET needs a non-empty secret")
-        return "token", "", secret
-    if spec.startswith("basic:"):
-        spec = spec[len("basic:"):]
-    user, sep, password = spec.partition(":")
-    if not sep or not user or not password:
-        raise ValueError("--auth takes token:SECRET or USER:PASSWORD")
-    return "basic", user, password
+def _first_line(text: str) -> str:
+    return str(text).strip().splitlines()[0][:300] if str(text).strip() else "unknown error"
 
 
-def install_auth(server, spec: str) -> None:
-    """Require a shared token or HTTP basic auth on every request (except /healthz)."""
+def is_store_problem(err: BaseException) -> bool:
+    return isinstance(err, (StoreError, duckdb.Error, OSError))
+
+
+def callback_error(err: Exception):
+    """Dash's on_error for every callback: instead of an HTTP 500, show what went wrong in the shell's
+    alert, forget the store version (so the next tick re-runs the pages) and tick soon."""
+    if is_store_problem(err):
+        text = f"The store is unavailable ({_first_line(err)}); retrying every {RETRY_INTERVAL_MS // 1000} s."
+    else:
+        traceback.print_exception(err, file=sys.stderr)
+        text = f"This view failed ({type(err).__name__}: {_first_line(err)}); retrying."
+    dash.set_props("store-alert", {"children": text, "hidden": False})
+    dash.set_props("store-version", {"data": None})
+    dash.set_props("live-interval", {"interval": RETRY_INTERVAL_MS})
+    return None
+
+
+def _store_state(db: Path) -> str:
+    """'missing', 'readable' or 'unavailable' (busy or broken), from the cached overview."""
+    ov = queries.overview(db)
+    return "unavailable" if ov.error else ("readable" if ov.exists else "missing")
+
+
+def _store_error_page(err: Exception):
+    """A plain (non-callback) request that met a store problem: a page that says so and reloads itself."""
     import flask
 
-    kind, user, secret = parse_auth(spec)
-    cookie = "batchscope_token"
-
-    def _eq(a: str | None, b: str) -> bool:
-        return a is not None and hmac.compare_digest(a.encode(), b.encode())
-
-    @server.before_request
-    def _check():
-        req = flask.request
-        if req.path == "/healthz":
-            return None
-        if kind == "basic":
-            header = req.headers.get("Authorization", "")
-            if header.startswith("Basic "):
-                try:
-                    u, _, p = base64.b64decode(header[6:]).decode().partition(":")
-                except Exception:  # noqa: BLE001
-                    u = p = ""
-                if _eq(u, user) and _eq(p, secret):
-                    return None
-            return flask.Response("Authentication required.\n", 401,
-                                  {"WWW-Authenticate": 'Basic realm="batchscope", charset="UTF-8"'})
-        header = req.headers.get("Authorization", "")
-        if header.startswith("Bearer ") and _eq(header[7:], secret):
-            return None
-        if _eq(req.cookies.get(cookie), secret):
-            return None
-        if _eq(req.args.get("token"), secret):  # first visit with ?token=...: remember it, drop it from the URL
-            resp = flask.redirect(req.path)
-            resp.set_cookie(cookie, secret, httponly=True, samesite="Lax", max_age=30 * 24 * 3600)
-            return resp
-        return flask.Response("A token is required: open this page as /?token=YOUR_TOKEN.\n", 401)
+    body = (f"<!doctype html><meta http-equiv='refresh' content='5'><title>batchscope</title>"
+            f"<p>The store is unavailable right now ({html_escape(_first_line(err))}). This page retries in 5 s.</p>")
+    return flask.Response(body, 200, {"Retry-After": "5", "Cache-Control": "no-store"})

@@ -5,14 +5,17 @@
     python -m dashboard --debug                 # Dash's dev server with hot reload and the debug UI
 
 Without --debug it is served by waitress, a production WSGI server. --auth takes token:SECRET (open
-the dashboard once as /?token=SECRET; a cookie remembers it; API clients send `Authorization: Bearer
-SECRET`) or USER:PASSWORD (HTTP basic auth). $BATCHSCOPE_AUTH is read when --auth is not given.
+the dashboard once as /?token=SECRET; a session cookie, an HMAC of the secret, remembers it; API clients
+send `Authorization: Bearer SECRET`) or USER:PASSWORD (HTTP basic auth). $BATCHSCOPE_AUTH is read when
+--auth is not given. Listening beyond this machine without --auth prints a warning. Behind a TLS reverse
+proxy, see docs/dashboard.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import sys
@@ -53,6 +56,16 @@ def _warm_up(db) -> None:
             view(db, run_ids)
 
 
+def is_local_only(host: str) -> bool:
+    """Whether listening on `host` is reachable from this machine only (a loopback address)."""
+    if host.strip("[]").lower() in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from collector.store import StoreError
@@ -72,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
         n = queries.recover(db)
         if n:
             print(f"recovered {n} run(s) from spools of dead processes", flush=True)
+    if not args.auth and not is_local_only(args.host):
+        print(f"warning: listening on {args.host} without --auth: anyone who can reach port {args.port} can read "
+              "every run and query the store. Pass --auth token:SECRET (or USER:PASSWORD), and put TLS in "
+              "front (docs/dashboard.md).", file=sys.stderr, flush=True)
     app = create_app(db, auth=args.auth)
+    from dashboard import console
+
+    console.warm_up()  # a SQL worker process, started in the background
     if db.exists():  # summarize the store once in the background, so the first visit is quick
         import threading
 

@@ -4,14 +4,13 @@ and errors as messages, never tracebacks."""
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
 
-from collector.sql_engine import CONSOLE_LIMITS, Limits, check_sql
+from collector.sql_engine import CONSOLE_LIMITS, Limits, check_sql, csv_text
 from collector.sql_worker import WorkerPool
 from dashboard.store_access import store_version
 
@@ -102,13 +101,5 @@ def run_console(db: Path, sql: str, row_limit: int | None = None, time_limit_s: 
 
 
 def to_csv(frame: pl.DataFrame) -> str:
-    """CSV as spreadsheets and pandas read it: no byte-order mark, numbers unquoted, text quoted only
-    where it must be (a comma, quote or newline), nested values as text."""
-    nested = [c for c, t in zip(frame.columns, frame.dtypes, strict=True) if t.is_nested() or t == pl.Object]
-    if nested:
-        frame = frame.with_columns([pl.col(c).map_elements(_as_text, return_dtype=pl.String) for c in nested])
-    return frame.write_csv()
-
-
-def _as_text(value) -> str:
-    return json.dumps(value.to_list() if isinstance(value, pl.Series) else value, default=str)
+    """The CSV the console exports (collector.sql_engine.csv_text: no BOM, numbers unquoted)."""
+    return csv_text(frame)

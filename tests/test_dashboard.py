@@ -176,7 +176,8 @@ def test_token_auth():
     assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     r = c.get("/?token=s3cret")
-    assert r.status_code == 302 and "batchscope_token" in r.headers["Set-Cookie"]
+    assert r.status_code == 302 and "batchscope_session=" in r.headers["Set-Cookie"]
+    assert "s3cret" not in r.headers["Set-Cookie"]  # an HMAC of the secret, never the secret
     assert c.get("/").status_code == 200  # the cookie is remembered
 
 
