@@ -32,7 +32,8 @@ from dashboard.store_access import (  # re-exported: pages use queries.* as thei
 
 __all__ = [
     "StoreError", "Overview", "configure", "current_db", "store_version", "overview", "run_table",
-    "step_curves", "eval_curves", "steps_frame", "evals_frame", "runs_frame", "clear_cache", "connect",
+    "step_curves", "eval_curves", "evals_frame", "runs_frame", "clear_cache", "connect", "crossings",
+    "run_outcomes", "noise_scale", "smoothed_loss",
     "session", "in_session", "cached",
 ]
 
@@ -325,27 +326,7 @@ def eval_curves(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str =
 
 
 # ---------------------------------------------------------------------------------------------------
-# frames for the analysis library
-
-STEP_FRAME_COLUMNS = ("run_id", "step", "examples", "wall_time", "batch_size", "lr", "loss",
-                      "g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
-
-
-@cached()
-def steps_frame(db: Path, run_ids: Sequence[str], columns: Sequence[str] = STEP_FRAME_COLUMNS,
-                every: int = 1, measured_only: bool = False) -> pl.DataFrame:
-    """Raw `steps` rows of the given runs (optionally every n-th step, or only gradient-noise steps)."""
-    bad = set(columns) - set(STEP_FRAME_COLUMNS)
-    if bad:
-        raise ValueError(f"unknown steps columns: {sorted(bad)}")
-    where = ["run_id IN (SELECT unnest($ids))"]
-    if every > 1:
-        where.append(f"(step % {int(every)} = 0 OR step = 1)")
-    if measured_only:
-        where.append("g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL")
-    sql = f"SELECT {', '.join(columns)} FROM steps WHERE {' AND '.join(where)} ORDER BY run_id, step"
-    with connect(db) as con:
-        return read_frame(con, sql, {"ids": _ids(run_ids) or [""]})
+# the derived quantities: thin SELECTs over the macros of schema/sql/20_analysis.sql (their one definition)
 
 
 @cached()
@@ -361,73 +342,48 @@ def evals_frame(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
     return per_run("evals_frame", db, run_ids, (), fetch)
 
 
-@cached()
-def bucketed_steps(db: Path, run_ids: Sequence[str], width: int = 1) -> pl.DataFrame:
-    """Training loss in consecutive blocks of `width` steps, per run, averaged in DuckDB.
-
-    The same numbers as dashboard.analysis.smooth_steps(steps, width): per (run, bucket = (step-1) //
-    width) the mean step, mean examples and mean finite loss (n of them), so a sweep of millions of
-    steps reaches the analysis as a few hundred rows per run. `step` is rounded to an integer (the
-    analysis keys curves by integer step). Columns: run_id, step, examples, loss, n.
-    """
-    w = max(1, int(width))
-    sql = f"""
-    SELECT run_id, CAST(round(avg(step)) AS BIGINT) AS step, avg(examples) AS examples, avg(loss) AS loss,
-           count(*) AS n
-    FROM steps
-    WHERE run_id IN (SELECT unnest($ids)) AND isfinite(loss)
-    GROUP BY run_id, (step - 1) // {w}
-    ORDER BY run_id, step
-    """
-
+def _macro(name: str, db: Path, run_ids: Sequence[str], sql: str, params: dict) -> pl.DataFrame:
+    """A per-run macro call `sql` (with $ids for the runs), answered from memory for ended runs."""
     def fetch(some: list[str]) -> pl.DataFrame:
         with connect(db) as con:
-            return read_frame(con, sql, {"ids": some or [""]})
+            return read_frame(con, sql, {**params, "ids": some or [""]})
 
-    return per_run("bucketed_steps", db, run_ids, (w,), fetch)
+    return per_run(name, db, run_ids, freeze(params), fetch)
 
 
 @cached()
-def run_lengths(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
-    """Per run: logged steps, last step, and measured gradient-noise steps. Columns: run_id, n, last, measured."""
-    sql = """SELECT run_id, count(*) AS n, max(step) AS last,
-                    count(*) FILTER (WHERE g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL) AS measured
-             FROM steps WHERE run_id IN (SELECT unnest($ids)) GROUP BY run_id"""
-
-    def fetch(some: list[str]) -> pl.DataFrame:
-        with connect(db) as con:
-            return read_frame(con, sql, {"ids": some or [""]})
-
-    return per_run("run_lengths", db, run_ids, (), fetch)
+def crossings(db: Path, run_ids: Sequence[str], targets: Sequence[float], width_examples: float = 0,
+              metric: str = "train_loss", noise_window: float | None = 0.1) -> pl.DataFrame:
+    """SQL `crossings` for these runs: steps/examples to each target, censoring, outcome, reason and B_simple
+    at the crossing, plus batch_size, lr, sweep and status."""
+    return _macro("crossings", db, run_ids,
+                  "SELECT * FROM crossings($t, width_examples := $w, metric := $m, noise_window := $nw, run_ids := $ids)",
+                  {"t": sorted({float(t) for t in targets}, reverse=True), "w": float(width_examples), "m": metric,
+                   "nw": noise_window})
 
 
 @cached()
-def noise_steps(db: Path, run_ids: Sequence[str], per_run_rows: int = 2_000) -> pl.DataFrame:
-    """Measured gradient-noise steps of the given runs (the raw ingredients), at most ~`per_run_rows`
-    rows per run.
+def run_outcomes(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
+    """SQL `run_outcomes` for these runs: trained, stalled, diverged, unfinished or failed, and why."""
+    return _macro("run_outcomes", db, run_ids, "SELECT * FROM run_outcomes(run_ids := $ids)", {})
 
-    A run with more measured steps has consecutive ones averaged in DuckDB in blocks of k (per
-    (b_small, b_big) pair). The unbiased |G|^2 and tr(Sigma) estimates are linear in |g_small|^2 and
-    |g_big|^2 for fixed b_small, b_big, so a block's estimate is exactly the mean of its steps'
-    estimates, and the ratio-of-averages B_simple downstream is unchanged up to the smoothing's weights.
-    """
-    measured = ("g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL AND isfinite(g_small_sq) "
-                "AND isfinite(g_big_sq) AND b_big > b_small")
-    sql = f"""
-    WITH m AS (
-        SELECT run_id, step, examples, loss, batch_size, g_small_sq, b_small, g_big_sq, b_big,
-               row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i,
-               count(*) OVER (PARTITION BY run_id) AS cnt
-        FROM steps WHERE run_id IN (SELECT unnest($ids)) AND {measured}
-    )
-    SELECT run_id, CAST(round(avg(step)) AS BIGINT) AS step, CAST(round(avg(examples)) AS BIGINT) AS examples,
-           avg(loss) FILTER (WHERE isfinite(loss)) AS loss, avg(batch_size) AS batch_size,
-           avg(g_small_sq) AS g_small_sq, b_small, avg(g_big_sq) AS g_big_sq, b_big
-    FROM m GROUP BY run_id, i // CAST(ceil(cnt / $rows) AS BIGINT), b_small, b_big ORDER BY run_id, step
-    """
 
-    def fetch(some: list[str]) -> pl.DataFrame:
-        with connect(db) as con:
-            return read_frame(con, sql, {"ids": some or [""], "rows": max(1, int(per_run_rows))})
+@cached()
+def noise_scale(db: Path, run_ids: Sequence[str], noise_window: float = 0.1, max_rows: int = 2_000) -> pl.DataFrame:
+    """SQL `noise_scale` (B_simple over training) for these runs, at most ~`max_rows` of its rows per run:
+    every k-th measured step and the last one, each with its exact value (thinned, not re-averaged)."""
+    sql = """SELECT * FROM noise_scale(noise_window := $nw, run_ids := $ids)
+             WINDOW r AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+             QUALIFY (row_number() OVER r - 1) % greatest(1, ceil(count(*) OVER r / $rows)) = 0
+                  OR row_number() OVER r = count(*) OVER r
+             ORDER BY run_id, step"""
+    return _macro("noise_scale", db, run_ids, sql, {"nw": float(noise_window), "rows": max(1, int(max_rows))})
 
-    return per_run("noise_steps", db, run_ids, (int(per_run_rows),), fetch)
+
+@cached()
+def smoothed_loss(db: Path, run_ids: Sequence[str], width_examples: float = 0,
+                  metric: str = "train_loss") -> pl.DataFrame:
+    """SQL `smoothed_loss` for these runs (bucket means over `width_examples` examples)."""
+    return _macro("smoothed_loss", db, run_ids,
+                  "SELECT * FROM smoothed_loss(width_examples := $w, metric := $m, run_ids := $ids) ORDER BY run_id, step",
+                  {"w": float(width_examples), "m": metric})

@@ -44,8 +44,10 @@ def test_interpolates_between_logged_points() -> None:
     assert a["reached"] and a["steps"] == pytest.approx(2.6) and a["examples"] == pytest.approx(26.0)
     assert a["reason"] is None and a["hit_value"] == 1.0
     assert _one(hits, "a", 0.45)["steps"] == pytest.approx(4.5)
-    assert _one(hits, "a", 2.5)["steps"] == 1.0  # reached at the first point: no interpolation
-    assert hits.columns[:6] == ["run_id", "target", "reached", "steps", "examples", "hit_value"]
+    first = _one(hits, "a", 2.5)  # already below at the first point: no measured crossing, and it says so
+    assert not first["reached"] and first["censored"] and first["steps"] is None and first["bound_steps"] == 1.0
+    assert first["reason"] == "already at or below the target at its first point (step 1): not measured"
+    assert hits.columns[:6] == ["run_id", "target", "reached", "censored", "steps", "examples"]
 
 
 def test_first_crossing_not_the_last() -> None:
@@ -53,16 +55,27 @@ def test_first_crossing_not_the_last() -> None:
     assert _one(hits, "a")["steps"] == pytest.approx(1 + 1.0 / 1.1)
 
 
-def test_bucket_smoothing_uses_centroids() -> None:
-    f = _steps({"a": [3.0, 1.0, 2.0, 0.0, 1.0, 1.0]})
-    b = smooth_steps(f, 2)
-    assert b["loss"].to_list() == [2.0, 1.0, 1.0]
+def test_bucket_smoothing_uses_centroids_over_examples() -> None:
+    f = _steps({"a": [3.0, 1.0, 2.0, 0.0, 1.0, 1.0]})  # 10 examples per step
+    b = smooth_steps(f, 20)
+    assert b["value"].to_list() == [2.0, 1.0, 1.0]
     assert b["step"].to_list() == [1.5, 3.5, 5.5]
     assert b["examples"].to_list() == [15.0, 35.0, 55.0]
     # raw crosses 1.5 at step 1.5 (between 3.0 and 1.0); the bucket means cross between centroids 1.5 and 3.5
-    assert _one(steps_to_target(f, 1.5, smoothing=2), "a")["steps"] == pytest.approx(2.5)
+    assert _one(steps_to_target(f, 1.5, smoothing_examples=20), "a")["steps"] == pytest.approx(2.5)
     with pytest.raises(ValueError):
-        smooth_steps(f, 0)
+        smooth_steps(f, -1)
+
+
+def test_smoothing_averages_the_same_examples_at_every_batch_size() -> None:
+    """Buckets hold a fixed number of examples: 8 steps of B = 8 and 1 step of B = 64 for 64 examples."""
+    small = pl.DataFrame({"run_id": "s", "step": range(1, 65), "examples": [8 * i for i in range(1, 65)],
+                          "loss": 1.0})
+    big = pl.DataFrame({"run_id": "b", "step": range(1, 9), "examples": [64 * i for i in range(1, 9)], "loss": 1.0})
+    b = smooth_steps(pl.concat([small, big]), 64)
+    n = dict(b.group_by("run_id").agg(pl.col("n").max()).iter_rows())
+    assert n == {"s": 8, "b": 1}
+    assert b.group_by("run_id").len().sort("run_id")["len"].to_list() == [8, 8]
 
 
 def test_examples_follow_batch_schedules() -> None:
@@ -75,15 +88,17 @@ def test_examples_follow_batch_schedules() -> None:
 
 def test_every_run_is_reported_with_a_reason() -> None:
     f = _steps({"ok": [2, 1, 0.5], "slow": [2, 1.8, 1.7], "div": [2, 1.9, float("inf"), float("nan")],
-                "nan": [float("nan")] * 3, "live": [2, 1.5]})
-    runs = pl.DataFrame({"run_id": ["ok", "slow", "div", "nan", "live", "empty"],
-                         "status": ["finished", "finished", "diverged", "failed", "running", "failed"],
-                         "batch_size": [8, 8, 8, 8, 8, 8], "lr": [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]})
+                "nan": [float("nan")] * 3, "live": [2, 1.5], "stuck": [2.3, 2.31, 2.2, 2.29]})
+    runs = pl.DataFrame({"run_id": ["ok", "slow", "div", "nan", "live", "empty", "stuck"],
+                         "status": ["finished", "finished", "diverged", "failed", "running", "failed", "finished"],
+                         "batch_size": [8, 8, 8, 8, 8, 8, 8], "lr": [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 0.01]})
     hits = steps_to_target(f, 0.6, runs=runs)
-    assert hits.height == 6
+    assert hits.height == 7
     reasons = dict(zip(hits["run_id"], hits["reason"], strict=True))
     assert reasons["ok"] is None
-    assert reasons["slow"].startswith("never reached the target (best 1.7")
+    assert reasons["slow"].startswith("never reached the target within its budget (best 1.7")
+    assert reasons["stuck"] == "stalled: never left its initial loss (2.3 to 2.29)"
+    assert _one(hits, "stuck")["stalled"] and _one(hits, "stuck")["outcome"] == "stalled"
     assert reasons["div"].startswith("diverged before reaching")
     assert reasons["nan"] == "no finite train_loss"
     assert reasons["live"].startswith("still running")
@@ -98,13 +113,16 @@ def test_diverged_after_reaching_still_counts() -> None:
     assert a["reached"] and a["diverged"] and a["steps"] == pytest.approx(1 + 1.0 / 1.5)
 
 
-def test_single_step_runs() -> None:
+def test_single_step_runs_are_censored_not_crossings() -> None:
     hits = steps_to_target(_steps({"a": [0.5], "b": [2.0]}), 1.0)
-    assert _one(hits, "a")["reached"] and _one(hits, "a")["steps"] == 1.0
-    assert not _one(hits, "b")["reached"]
+    assert _one(hits, "a")["censored"] and not _one(hits, "a")["reached"]
+    assert not _one(hits, "b")["reached"] and not _one(hits, "b")["censored"]
     best = best_per_batch(hits, pl.DataFrame({"run_id": ["a", "b"], "batch_size": [8, 16], "lr": [0.1, 0.1]}))
-    assert best["reached"].to_list() == [True, False]
-    assert "only 1 batch size" in fit_tradeoff(best).reason
+    assert best["censored"].to_list() == [True, False]
+    fit = fit_tradeoff(best)
+    assert fit.reason == "no batch size reached the target"
+    assert fit.warnings == ("B = 8: already at or below the target at the first point, so steps to target are not "
+                            "measured: left out of the fit",)
 
 
 def test_eval_and_accuracy_metrics() -> None:
@@ -178,7 +196,7 @@ def test_include_diverged_false_skips_runs_that_blew_up() -> None:
 
 def test_pipeline_recovers_b_crit_from_loss_curves() -> None:
     runs, steps, _ = sweep(b_crit=128.0, s_min=200.0, noise=0.03, seeds=2, seed=7)
-    hits = steps_to_target(steps, [0.5, 0.3], smoothing=5, runs=runs)
+    hits = steps_to_target(steps, [0.5, 0.3], smoothing_examples=1024, runs=runs)
     assert hits.height == 2 * runs.height
     fit = fit_tradeoff(best_per_batch(hits.filter(pl.col("target") == 0.3)))
     assert fit.ok and fit.b_crit == pytest.approx(128.0, rel=0.10)
@@ -230,14 +248,3 @@ def test_nan_rows_in_run_metadata_are_skipped() -> None:
                                     "examples": [1.0], "reached": [True]}, schema=h.schema)])
     best = best_per_batch(h)
     assert best.height == 3 and np.isfinite(best["steps"].to_numpy()).all()
-
-
-def test_pre_bucketed_curves_give_the_same_crossings() -> None:
-    """A curve already averaged in buckets (float centroid steps, as the SQL macro or the dashboard's
-    query returns it) through steps_to_target(smoothing=1) equals smoothing=w on the raw steps."""
-    runs, steps, _ = sweep(seed=4)
-    raw = steps_to_target(steps, [0.5, 0.3], smoothing=7, runs=runs)
-    pre = steps_to_target(smooth_steps(steps, 7).drop("bucket", "n"), [0.5, 0.3], smoothing=1, runs=runs)
-    j = raw.join(pre, on=["run_id", "target"], suffix="_pre")
-    assert (j["reached"] == j["reached_pre"]).all()
-    assert np.allclose(j["steps"].fill_null(-1).to_numpy(), j["steps_pre"].fill_null(-1).to_numpy())

@@ -142,7 +142,7 @@ def test_b_crit_beyond_the_data_is_flagged() -> None:
 
 def test_lr_scaling_recovers_b_noise_from_a_sweep() -> None:
     runs, steps, _ = sweep(b_crit=128.0, lr_mults=(0.5, 1.0, 2.0), noise=0.02, seed=3)
-    best = best_per_batch(steps_to_target(steps, 0.3, smoothing=5, runs=runs))
+    best = best_per_batch(steps_to_target(steps, 0.3, smoothing_examples=1024, runs=runs))
     fit = lr_scaling(best)
     assert fit.ok, fit.reason
     assert fit.b_noise == pytest.approx(128.0, rel=0.10)

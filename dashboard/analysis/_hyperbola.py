@@ -38,6 +38,7 @@ class ProfileFit:
     rmse: float
     boot_c: np.ndarray
     boot_a: np.ndarray
+    unbounded: bool = False  # the profile SSE at a grid end is within the 90 % profile interval
 
 
 def grid(b: np.ndarray, step: float = GRID_STEP) -> np.ndarray:
@@ -128,7 +129,18 @@ def fit_profile(b: np.ndarray, y: np.ndarray, sign: float, n_boot: int = 1000, s
         with np.errstate(invalid="ignore"):
             boot_a = np.mean(draws - sign * np.log1p(boot_c[:, None] / b[None, :]), axis=1)
         boot_a[~np.isfinite(boot_c)] = np.nan
-    return ProfileFit(c, a, boundary, fitted, resid, r2, rmse, boot_c, boot_a)
+    return ProfileFit(c, a, boundary, fitted, resid, r2, rmse, boot_c, boot_a, profile_unbounded(sse, n))
+
+
+# chi-square(1) at 90 %: the profile-likelihood interval of ln c is where n ln(SSE/SSE_min) <= this
+PROFILE_CHI2 = 2.706
+
+
+def profile_unbounded(sse: np.ndarray, n: int) -> bool:
+    """Whether the data leave c unbounded on one side: an end of the grid lies inside the 90 % profile
+    interval (the rule of the SQL macro critical_batch_of, so both give the same warning)."""
+    limit = float(sse.min()) * np.exp(PROFILE_CHI2 / n)
+    return bool(sse[0] <= limit or sse[-1] <= limit)
 
 
 def interval(draws: np.ndarray, level: float) -> tuple[float, float]:

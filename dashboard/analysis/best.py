@@ -1,9 +1,10 @@
-"""For each batch size, the learning rate that reached the target in the fewest steps.
+"""For each batch size, the learning rate that reached the target in the fewest steps (SQL `best_lr_of`).
 
 McCandlish et al. compare batch sizes each at its *own* best learning rate: the tradeoff frontier is the
-lower envelope over a sweep's LR grid. Repeated seeds of one (batch size, LR) cell are combined by the
-median steps, a seed that never reached the target counting as infinitely slow, so a cell counts as
-reached only when more than half its seeds did (one lucky seed does not make an LR "best").
+lower envelope over a sweep's LR grid. Seeds of one (batch size, LR) cell are combined by the median
+steps, a seed that never reached the target counting as infinitely slow, so a cell counts only when more
+than half its seeds got there. The rule lives once in schema/sql/20_analysis.sql; this runs it over a
+hits frame (crossings / steps_to_target output, or one built by hand).
 """
 
 from __future__ import annotations
@@ -12,9 +13,25 @@ from typing import Any
 
 import polars as pl
 
-from dashboard.analysis.frames import as_frame, attach_runs, floats
+from dashboard.analysis.frames import as_frame, attach_runs
+from schema.frames import evaluate
 
-_INF = float("inf")
+# columns best_lr_of reads, with what a hand-built hits frame gets when it lacks them
+_DEFAULTS: dict[str, pl.Expr] = {
+    "target": pl.lit(float("nan")),
+    "censored": pl.lit(False),
+    "diverged": pl.lit(False),
+    "scheduled": pl.lit(False),
+    "examples": pl.lit(None, dtype=pl.Float64),
+    "bound_steps": pl.lit(None, dtype=pl.Float64),
+    "bound_examples": pl.lit(None, dtype=pl.Float64),
+    "b_simple": pl.lit(None, dtype=pl.Float64),
+    "g2": pl.lit(None, dtype=pl.Float64),
+    "trace_sigma": pl.lit(None, dtype=pl.Float64),
+    "n_noise": pl.lit(0, dtype=pl.Int64),
+}
+_FLOATS = ("target", "steps", "examples", "bound_steps", "bound_examples", "batch_size", "lr", "b_simple", "g2",
+           "trace_sigma", "effective_batch")
 
 
 def best_per_batch(
@@ -26,75 +43,29 @@ def best_per_batch(
 ) -> pl.DataFrame:
     """One row per (target, batch size): the best LR and its steps/examples to target.
 
-    `hits` is the output of steps_to_target (or of the SQL macro ``crossings``): run_id, reached,
-    steps, examples, with batch_size and lr (or pass `runs` to attach them). Ties: cells within
-    `rtol` (relative) of the fewest steps all count as best, and the middle one by LR (the lower of
-    the two middles) is chosen, so a flat optimum picks its centre rather than an edge.
-    `include_diverged=False` ignores runs that later diverged even if they reached the target first.
-
-    Columns: [target], batch_size, reached, lr, steps, examples, run_id (fastest run of the best
-    cell), n_runs, n_reached, n_diverged, n_lrs, lr_min, lr_max (LRs tried), lr_min_reached,
-    lr_max_reached (range of LRs whose cell reached the target), lr_at_edge (the best LR is the
-    smallest or largest tried, so the true optimum may lie outside the grid), and, where present in
-    `hits`, b_simple / g2 / trace_sigma / n_noise of that fastest run. Batch sizes where no LR reached
-    the target are kept with reached = false.
+    Columns (best_lr_of): target, batch_size, reached, censored, scheduled, lr, steps, examples,
+    effective_batch, run_id (fastest run of the best cell), n_runs, n_reached, n_censored, n_diverged,
+    n_lrs, lr_min, lr_max, lr_min_reached, lr_max_reached, lr_at_edge, b_simple, g2, trace_sigma, n_noise.
+    Ties within `rtol` pick the middle LR; include_diverged=False ignores runs that later diverged.
     """
     if rtol < 0:
         raise ValueError("rtol must be >= 0")
-    f = attach_runs(as_frame(hits, "hits"), runs, needed=["run_id", "reached", "steps", "batch_size", "lr"])
-    f = floats(f, ["steps", "examples", "lr", "batch_size"])
-    if "examples" not in f.columns:
-        f = f.with_columns(examples=pl.lit(None, dtype=pl.Float64))
-    if "diverged" not in f.columns:
-        f = f.with_columns(diverged=pl.lit(False))
-    keys = ["target", "batch_size"] if "target" in f.columns else ["batch_size"]
-    f = f.filter(pl.col("batch_size").is_finite().fill_null(False) & pl.col("lr").is_finite().fill_null(False))
-    ok = pl.col("reached").fill_null(False) & pl.col("steps").is_finite().fill_null(False)
-    if not include_diverged:
-        ok = ok & ~pl.col("diverged").fill_null(False)
-    f = f.with_columns(_ok=ok, diverged=pl.col("diverged").fill_null(False))
-    noise_cols = [c for c in ("b_simple", "g2", "trace_sigma", "n_noise") if c in f.columns]
-
-    cells = (
-        f.sort([*keys, "lr", "steps"], nulls_last=True)
-        .group_by([*keys, "lr"], maintain_order=True)
-        .agg(
-            n_runs=pl.len(),
-            n_reached=pl.col("_ok").sum(),
-            n_diverged=pl.col("diverged").sum(),
-            steps=pl.when(pl.col("_ok")).then(pl.col("steps")).otherwise(_INF).median(),
-            examples=pl.when(pl.col("_ok")).then(pl.col("examples")).otherwise(_INF).median(),
-            run_id=pl.col("run_id").filter(pl.col("_ok")).first(),
-            **{c: pl.col(c).filter(pl.col("_ok")).first() for c in noise_cols},
-        )
-        .with_columns(_cell_ok=2 * pl.col("n_reached") > pl.col("n_runs"))
+    f = as_frame(hits, "hits")
+    if runs is not None:  # columns crossings left NULL (it had no runs) come from `runs`
+        f = f.drop([c for c in ("batch_size", "lr") if c in f.columns and f[c].null_count() == f.height])
+    f = attach_runs(f, runs, needed=["run_id", "reached", "steps", "batch_size", "lr"])
+    had_target = "target" in f.columns
+    f = f.with_columns([e.alias(c) for c, e in _DEFAULTS.items() if c not in f.columns])
+    if "effective_batch" not in f.columns:
+        f = f.with_columns(effective_batch=pl.col("batch_size"))
+    f = f.with_columns(
+        *[pl.col(c).cast(pl.Float64, strict=False) for c in _FLOATS],
+        pl.col("run_id").cast(pl.String),
+        pl.col("reached", "censored", "diverged", "scheduled").cast(pl.Boolean).fill_null(False),
+        pl.col("n_noise").cast(pl.Int64).fill_null(0),
     )
-    # best steps per batch size, then the tie set within rtol, then its middle LR
-    cells = cells.with_columns(
-        _best=pl.col("steps").filter(pl.col("_cell_ok")).min().over(keys),
-    ).with_columns(
-        _tied=pl.col("_cell_ok") & (pl.col("steps") <= pl.col("_best") * (1.0 + rtol)),
-    )
-    tied = cells.filter(pl.col("_tied")).sort([*keys, "lr"])
-    tied = tied.with_columns(_rank=pl.int_range(pl.len()).over(keys), _m=pl.len().over(keys))
-    best = tied.filter(pl.col("_rank") == (pl.col("_m") - 1) // 2).select(
-        *keys, "lr", "steps", "examples", "run_id", *noise_cols
-    )
-    summary = cells.group_by(keys).agg(
-        n_runs=pl.col("n_runs").sum(),
-        n_reached=pl.col("n_reached").sum(),
-        n_diverged=pl.col("n_diverged").sum(),
-        n_lrs=pl.len(),
-        lr_min=pl.col("lr").min(),
-        lr_max=pl.col("lr").max(),
-        lr_min_reached=pl.col("lr").filter(pl.col("_cell_ok")).min(),
-        lr_max_reached=pl.col("lr").filter(pl.col("_cell_ok")).max(),
-    )
-    out = summary.join(best, on=keys, how="left").with_columns(
-        reached=pl.col("lr").is_not_null(),
-        lr_at_edge=(pl.col("lr") == pl.col("lr_min")) | (pl.col("lr") == pl.col("lr_max")),
-    )
-    cols = [*keys, "reached", "lr", "steps", "examples", "run_id", "n_runs", "n_reached", "n_diverged",
-            "n_lrs", "lr_min", "lr_max", "lr_min_reached", "lr_max_reached", "lr_at_edge", *noise_cols]
-    # targets from the highest (easiest) down, then batch sizes ascending
-    return out.select(cols).sort(keys, descending=[k == "target" for k in keys])
+    keep = ["run_id", "target", "reached", "censored", "diverged", "scheduled", "steps", "examples", "bound_steps",
+            "bound_examples", "effective_batch", "batch_size", "lr", "b_simple", "g2", "trace_sigma", "n_noise"]
+    out = evaluate("SELECT * FROM best_lr_of('hits', rtol := $r, include_diverged := $d)",
+                   {"r": float(rtol), "d": bool(include_diverged)}, hits=f.select(keep))
+    return out if had_target else out.drop("target")

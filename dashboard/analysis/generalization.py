@@ -1,9 +1,11 @@
 """The generalization gap across batch sizes (Keskar et al. 2016) and the SGD noise scale (Smith et al. 2017).
 
-Gap = test - train loss (and train - test accuracy) per run, compared at *matched* training progress:
-by default every run is read at the same number of examples (the most that all finished runs reached,
-interpolated between evaluations), because a gap measured at different epochs mixes batch size with
-training length. Smith & Le's noise scale g = eps*N / (B*(1 - m)) puts LR, batch size and momentum on
+Gap = test - train loss (and train - test accuracy) per run, compared at *matched* training progress.
+The default reads every run where its training loss (on the fixed train-split evaluation) first reaches
+the same level, the lowest level every batch size reached: Keskar et al. compare minima of similar
+training loss, and at matched examples a large-batch run has taken few steps and barely trained, so its
+small gap says "under-fitted", not "generalizes well". Matched examples (the most that all finished runs
+reached) and end of training are offered beside it. Smith & Le's noise scale g = eps*N / (B*(1 - m)) puts LR, batch size and momentum on
 one axis; runs with the same g are predicted to generalize alike.
 """
 
@@ -74,17 +76,55 @@ def _read_at(ev: pl.DataFrame, where: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _at_train_loss(train: pl.DataFrame, m: pl.DataFrame, level: float | None,
+                   runs: Any) -> tuple[pl.DataFrame, str, list[str]]:
+    """Runs `m` with x = the examples where their train-split loss first reaches `level` (interpolated)."""
+    warnings: list[str] = []
+    r = as_frame(runs, "runs")
+    if "outcome" in r.columns:
+        stalled = r.filter(pl.col("outcome") == "stalled")["run_id"].cast(pl.String).to_list()
+        n = m.filter(pl.col("run_id").is_in(stalled)).height
+        if n:
+            warnings.append(f"{n} stalled run(s) left out: they never left their initial loss")
+        m = m.filter(~pl.col("run_id").is_in(stalled))
+    tr = train.filter(pl.col("run_id").is_in(m["run_id"].implode())).sort("run_id", "examples")
+    if tr.is_empty():
+        return m.clear().with_columns(x=pl.lit(None, dtype=pl.Float64)), "matched training loss", warnings
+    lowest = tr.group_by("run_id").agg(pl.col("loss").min(), pl.col("batch_size").first())
+    if level is None:  # the lowest level every batch size reached with at least one run
+        level = float(lowest.group_by("batch_size").agg(pl.col("loss").min())["loss"].max())
+    short = lowest.filter(pl.col("loss") > level)["run_id"].to_list()
+    if short:
+        warnings.append(f"{len(short)} run(s) left out: their training loss never reached {level:.3g}")
+    tr = tr.with_columns(prev_loss=pl.col("loss").shift(1).over("run_id"),
+                         prev_x=pl.col("examples").shift(1).over("run_id"))
+    first = tr.filter(pl.col("loss") <= level).group_by("run_id").agg(pl.all().sort_by("examples").first())
+    frac = (pl.col("prev_loss") - level) / (pl.col("prev_loss") - pl.col("loss"))
+    first = first.with_columns(x=pl.when(pl.col("prev_x").is_null() | (pl.col("prev_loss") == pl.col("loss")))
+                               .then(pl.col("examples"))
+                               .otherwise(pl.col("prev_x") + frac * (pl.col("examples") - pl.col("prev_x"))))
+    early = first.filter(pl.col("prev_x").is_null()).height
+    if early:
+        warnings.append(f"{early} run(s) were already below {level:.3g} at their first evaluation: read there")
+    m = m.join(first.select("run_id", "x"), on="run_id", how="inner")
+    return m, f"training loss {level:.3g}", warnings
+
+
 def generalization(
     evals: Any,
     runs: Any,
     *,
-    at: str | float = "matched",
+    at: str | float = "train_loss",
+    loss_level: float | None = None,
     train_split: str = "train",
     test_split: str = "test",
     include_diverged: bool = False,
 ) -> Generalization:
     """Generalization gap per run and per batch size, at matched progress or at the end of training.
 
+    at="train_loss" (default): every run where its train-split evaluation loss first reaches `loss_level`
+    (default: the lowest level every batch size reached with one of its runs), interpolated in examples between evaluations;
+    runs that stalled (runs.outcome, SQL run_outcomes) are left out, with a warning.
     at="matched": every run at the same number of examples, the most that all finished runs reached
     (runs that stopped short are left out); at="end": each run's last evaluation with both splits;
     at=<float>: that many epochs (examples = epochs * train_size). Diverged runs (status or non-finite
@@ -118,7 +158,10 @@ def generalization(
         what = "run" if include_diverged else "run that did not diverge"
         return Generalization(empty, empty, reason=f"no {what} has evaluations with both splits")
     warnings: list[str] = []
-    if at == "end":
+    if at == "train_loss":
+        m, label, more = _at_train_loss(ev.filter(pl.col("split") == train_split), m, loss_level, runs)
+        warnings += more
+    elif at == "end":
         m = m.with_columns(x=pl.col("x_end"))
         label = "end of training"
     elif at == "matched":

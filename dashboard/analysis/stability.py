@@ -1,8 +1,10 @@
 """The learning-rate x batch-size grid (Masters & Luschi 2018): final metric per cell, failures marked.
 
 Masters & Luschi found the best results at batch sizes 2-32 and a wider range of stable LRs there.
-Seeing that needs every cell, including the ones that diverged or have not finished: a missing cell
-and a diverged one must look different. The base LR eta/B (LR per example) is offered as an
+Seeing that needs every cell, including the ones that diverged, stalled or have not finished: a missing
+cell and a failed one must look different, and a run that never left its initial loss (stalled at chance)
+is a failure of its cell, never part of the stable range. Who stalled is decided once, in SQL
+(`run_outcomes`, column `outcome`); pass that column in the summary. The base LR eta/B (LR per example) is offered as an
 alternative axis: under linear LR scaling, a fixed base LR is one horizontal line.
 """
 
@@ -23,8 +25,8 @@ UNFINISHED = ("running", "stale")
 class StabilityMap:
     """Result of stability_map.
 
-    cells: one row per (batch_size, lr): base_lr = lr/batch_size, n_runs, n_ok, n_diverged,
-    n_unfinished, n_failed, value (median metric over finished, finite runs), state ("ok",
+    cells: one row per (batch_size, lr): base_lr = lr/batch_size, n_runs, n_ok, n_stalled, n_diverged,
+    n_unfinished, n_failed, value (median metric over trained, finite runs), state ("ok", "stalled",
     "diverged", "unfinished", "failed": the best thing any of its runs did, in that order), and
     is_best (best value in its batch size's row).
     by_batch: per batch size, best_lr, best_value, lr_stable_min / lr_stable_max (range of LRs with
@@ -71,7 +73,8 @@ def stability_map(
     """Build the LR x batch grid from a per-run frame holding `metric` (e.g. the run_summary view:
     final_loss, best_loss, final_test_loss, final_test_accuracy, ...; or steps_to_target output with
     final_value), with batch_size, lr and status (pass `runs` to attach them). A run is diverged when
-    its status says so, its `diverged` column is true, or a loss metric is non-finite.
+    its status says so, its `diverged` column is true, or a loss metric is non-finite; stalled when its
+    `outcome` column (SQL run_outcomes) says 'stalled'.
 
     The stable LR range per batch size spans the "ok" cells; with `stable_within=x` only those whose
     value is within a factor (1 + x) of the row's best (losses) or at least (1 - x) times it
@@ -86,6 +89,8 @@ def stability_map(
         f = f.with_columns(status=pl.lit(None, dtype=pl.String))
     if "diverged" not in f.columns:
         f = f.with_columns(diverged=pl.lit(False))
+    if "outcome" not in f.columns:
+        f = f.with_columns(outcome=pl.lit(None, dtype=pl.String))
     f = f.filter(pl.col("batch_size").is_finite().fill_null(False) & pl.col("lr").is_finite().fill_null(False))
     if f.height == 0:
         empty = pl.DataFrame()
@@ -98,6 +103,7 @@ def stability_map(
         .then(pl.lit("diverged"))
         .when(pl.col("status").is_in(list(UNFINISHED)).fill_null(False)).then(pl.lit("unfinished"))
         .when((pl.col("status") == "failed").fill_null(False)).then(pl.lit("failed"))
+        .when((pl.col("outcome") == "stalled").fill_null(False)).then(pl.lit("stalled"))
         .otherwise(pl.lit("ok"))
     )
     f = f.with_columns(_kind=kind)
@@ -105,6 +111,7 @@ def stability_map(
     cells = f.group_by("batch_size", "lr").agg(
         n_runs=pl.len(),
         n_ok=good.sum(),
+        n_stalled=(pl.col("_kind") == "stalled").sum(),
         n_diverged=(pl.col("_kind") == "diverged").sum(),
         n_unfinished=(pl.col("_kind") == "unfinished").sum(),
         n_failed=(pl.col("_kind") == "failed").sum(),
@@ -113,6 +120,7 @@ def stability_map(
     cells = cells.with_columns(
         base_lr=pl.col("lr") / pl.col("batch_size"),
         state=pl.when(pl.col("n_ok") > 0).then(pl.lit("ok"))
+        .when(pl.col("n_stalled") > 0).then(pl.lit("stalled"))
         .when(pl.col("n_diverged") > 0).then(pl.lit("diverged"))
         .when(pl.col("n_unfinished") > 0).then(pl.lit("unfinished"))
         .otherwise(pl.lit("failed")),
@@ -135,6 +143,6 @@ def stability_map(
         .with_columns(stable_decades=(pl.col("lr_stable_max") / pl.col("lr_stable_min")).log10())
         .sort("batch_size")
     )
-    cols = ["batch_size", "lr", "base_lr", "n_runs", "n_ok", "n_diverged", "n_unfinished", "n_failed",
+    cols = ["batch_size", "lr", "base_lr", "n_runs", "n_ok", "n_stalled", "n_diverged", "n_unfinished", "n_failed",
             "value", "state", "is_best"]
     return StabilityMap(cells.select(cols), by_batch, metric, not higher)

@@ -83,6 +83,39 @@ def _no_fit(reason: str, b: np.ndarray | None = None, s: np.ndarray | None = Non
     return TradeoffFit(reason=reason, batch_sizes=b, steps=s, n_points=len(b), **kw)
 
 
+def _list(values: np.ndarray) -> str:
+    return ", ".join(f"{x:g}" for x in sorted(values))
+
+
+def _points(f: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(batch sizes, steps, rows to fit, warnings): the fit's inputs by the rules of critical_batch_of.
+
+    A row is fitted when it reached the target with a measured crossing (censored rows, already below the
+    target at their first point, are left out with a warning), at its effective batch E/S (the batch size
+    itself unless the runs followed a batch-size schedule, which gets a warning).
+    """
+    nominal = column(f, "batch_size")
+    eff = column(f, "effective_batch")
+    b = np.where(np.isfinite(eff), eff, nominal)
+    s = column(f, "steps")
+    reached = flag(f, "reached", default=True)
+    cens = flag(f, "censored")
+    sched = flag(f, "scheduled")
+    warnings: list[str] = []
+    edge = reached & flag(f, "lr_at_edge") & (column(f, "n_lrs") > 1 if "n_lrs" in f.columns else True)
+    if edge.any():
+        warnings.append(f"best LR at the edge of the LR grid for B = {_list(nominal[edge])}: "
+                        "steps there may be overestimated")
+    if cens.any():
+        warnings.append(f"B = {_list(nominal[cens])}: already at or below the target at the first point, so steps "
+                        "to target are not measured: left out of the fit")
+    keep = reached & ~cens & np.isfinite(s) & (s > 0) & np.isfinite(b) & (b > 0)
+    if (keep & sched).any():
+        warnings.append(f"B = {_list(nominal[keep & sched])}: the batch size changes during these runs: "
+                        "fitted at the effective batch E/S")
+    return b, s, keep, warnings
+
+
 def fit_tradeoff(
     best: Any,
     *,
@@ -104,14 +137,7 @@ def fit_tradeoff(
     require(f, ["batch_size", "steps"], "best")
     if "target" in f.columns and f["target"].n_unique() > 1:
         raise ValueError("best has several targets: filter to one, or use tradeoff_vs_target")
-    warnings: list[str] = []
-    b, s = column(f, "batch_size"), column(f, "steps")
-    keep = flag(f, "reached", default=True)
-    edge = keep & flag(f, "lr_at_edge") & (column(f, "n_lrs") > 1 if "n_lrs" in f.columns else True)
-    if edge.any():
-        bs = ", ".join(f"{x:g}" for x in sorted(b[edge]))
-        warnings.append(f"best LR at the edge of the LR grid for B = {bs}: steps there may be overestimated")
-    keep &= np.isfinite(s) & (s > 0) & np.isfinite(b) & (b > 0)
+    b, s, keep, warnings = _points(f)
     b, s = by_batch(b[keep], s[keep], "min")
     if len(b) == 0:
         return _no_fit("no batch size reached the target", ci_level=ci, warnings=tuple(warnings))
@@ -141,8 +167,8 @@ def fit_tradeoff(
     if not (b.min() <= p.c <= b.max()):
         warnings.append(f"B_crit = {p.c:.3g} lies outside the batch sizes measured ({b.min():g}..{b.max():g}): "
                         "extrapolated")
-    if np.isinf(b_ci[1]) or b_ci[0] == 0:
-        warnings.append("the data do not bound B_crit on one side (bootstrap resamples ran off the grid)")
+    if p.unbounded:
+        warnings.append("the data do not bound B_crit on one side (90 % profile interval reaches the grid end)")
     if len(b) == min_batches == 3:
         warnings.append("only 3 batch sizes: one degree of freedom, treat the interval with care")
     common["warnings"] = tuple(warnings)
@@ -172,7 +198,7 @@ def tradeoff_vs_target(
     McCandlish et al. expect B_crit ~ B_noise >= B_simple and both to grow as the loss falls.
 
     Columns: target, b_crit, b_crit_lo, b_crit_hi, s_min, e_min, r2, n_batches, b_simple,
-    b_simple_median, b_simple_q25, b_simple_q75, n_noise_runs, reason.
+    b_simple_median, b_simple_q25, b_simple_q75, n_noise_runs, reason, warnings.
     """
     best = best_per_batch(hits, runs, rtol=rtol)
     if "target" not in best.columns:
@@ -183,7 +209,7 @@ def tradeoff_vs_target(
     for t in wanted:
         sub = parts.get(t, best.clear())
         fit = fit_tradeoff(sub, ci=ci, n_boot=n_boot, seed=seed, min_batches=min_batches)
-        ok = flag(sub, "reached") & (column(sub, "n_noise") > 0)
+        ok = flag(sub, "reached") & ~flag(sub, "censored") & (column(sub, "n_noise") > 0)
         per_run = column(sub, "b_simple")[ok]
         per_run = per_run[np.isfinite(per_run)]
         q = np.quantile(per_run, [0.25, 0.5, 0.75]) if per_run.size else np.full(3, _NAN)
@@ -194,10 +220,11 @@ def tradeoff_vs_target(
             "s_min": fit.s_min, "e_min": fit.e_min, "r2": fit.r2, "n_batches": fit.n_points,
             "b_simple": tr / g if ok.any() and g != 0 else _NAN,
             "b_simple_median": float(q[1]), "b_simple_q25": float(q[0]), "b_simple_q75": float(q[2]),
-            "n_noise_runs": int(ok.sum()), "reason": fit.reason,
+            "n_noise_runs": int(ok.sum()), "reason": fit.reason, "warnings": list(fit.warnings),
         })
     schema = {"target": pl.Float64, "b_crit": pl.Float64, "b_crit_lo": pl.Float64, "b_crit_hi": pl.Float64,
               "s_min": pl.Float64, "e_min": pl.Float64, "r2": pl.Float64, "n_batches": pl.Int64,
               "b_simple": pl.Float64, "b_simple_median": pl.Float64, "b_simple_q25": pl.Float64,
-              "b_simple_q75": pl.Float64, "n_noise_runs": pl.Int64, "reason": pl.String}
+              "b_simple_q75": pl.Float64, "n_noise_runs": pl.Int64, "reason": pl.String,
+              "warnings": pl.List(pl.String)}
     return pl.DataFrame(rows, schema=schema)

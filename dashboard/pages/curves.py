@@ -29,8 +29,10 @@ METRICS = {
     "train_accuracy": ("train accuracy (eval)", "eval"),
     "lr": ("learning rate", "step"),
     "batch_size": ("batch size", "step"),
-    "b_simple": ("B_simple (trainer's running estimate)", "step"),
+    "b_simple": ("B_simple (centred window, as on Noise scale)", "noise"),
+    "b_simple_online": ("B_simple (trainer's online estimate)", "step"),
 }
+STEP_COLUMN = {"b_simple_online": "b_simple"}  # curve name -> steps column
 X_LABELS = {"step": "step", "examples": "examples seen", "wall_time": "wall time (s)"}
 MAX_RUNS = 60
 POINT_BUDGET = 12_000  # points per figure (before the faint raw copy)
@@ -84,12 +86,29 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
     traces: list[dict] = []
     seen_batches: set = set()
     order = sorted(ids, key=lambda i: (info.get(i, {}).get("batch_size") or 0, info.get(i, {}).get("lr") or 0))
-    if source == "step":
+    if source == "noise":
+        # the one offline definition (SQL noise_scale), exactly as the Noise scale page draws it: no re-smoothing
         per_run = max(100, POINT_BUDGET // max(1, len(ids)))
-        data = queries.step_curves(db, ids, metric, x, per_run)
+        ns = queries.noise_scale(db, ids, max_rows=per_run)
+        xcol = x if x in ns.columns else "step"
+        if xcol != x:
+            notes.append("B_simple is drawn against step (no wall time per measured step)")
+        notes.append("B_simple: ratio of the sums of tr(Σ) and |G|² over measured steps within ×1.1 of each step")
+        data = ns.select("run_id", pl.col(xcol).cast(pl.Float64).alias("x"), pl.col("b_simple").alias("y"))
+        data = data.with_columns(pl.when(pl.col("y") > 0).then(pl.col("y")).alias("y"))  # clamp only for drawing
+        for part, row, color, legend in _per_run(data, order, info, color_by, seen_batches):
+            traces.append({
+                "type": "scatter", "x": arr(part["x"]), "y": arr(part["y"]), "mode": "lines",
+                "line": {"color": color, "width": 1.8}, "name": legend["name"],
+                "legendgroup": legend["legendgroup"], "showlegend": legend["showlegend"],
+                "hovertemplate": f"{run_hover(row)}<br>{X_LABELS[xcol]} %{{x:,.4~g}}<br>{label} %{{y:.4~g}}<extra></extra>",
+            })
+    elif source == "step":
+        per_run = max(100, POINT_BUDGET // max(1, len(ids)))
+        data = queries.step_curves(db, ids, STEP_COLUMN.get(metric, metric), x, per_run)
         if data.height and int(data["n"].max()) > 1:
             notes.append(f"long runs averaged into ≤{per_run:,} points each (in DuckDB)")
-        smooth = smoothing if metric in ("loss", "b_simple") else 0.0
+        smooth = smoothing if metric in ("loss", "b_simple_online") else 0.0
         for part, row, color, legend in _per_run(data, order, info, color_by, seen_batches):
             xs = part["x"].to_numpy()
             ys = part["y"].to_numpy()

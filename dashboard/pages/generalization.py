@@ -26,8 +26,9 @@ GAPS = {"gap_loss": "test − train loss", "gap_accuracy": "train − test accur
 
 
 @queries.cached_by_runs
-def gen_result(db: Path, run_ids: tuple[str, ...], at: str = "matched"):
-    runs = queries.runs_frame(db, list(run_ids))
+def gen_result(db: Path, run_ids: tuple[str, ...], at: str = "train_loss"):
+    runs = queries.runs_frame(db, list(run_ids)).join(
+        queries.run_outcomes(db, list(run_ids)).select("run_id", "outcome"), on="run_id", how="left")
     evals = queries.evals_frame(db, list(run_ids))
     if evals.is_empty():
         return None
@@ -35,7 +36,7 @@ def gen_result(db: Path, run_ids: tuple[str, ...], at: str = "matched"):
 
 
 @queries.in_session
-def generalization_view(db: Path, run_ids: list[str], at: str = "matched", gap: str = "gap_loss") -> dict:
+def generalization_view(db: Path, run_ids: list[str], at: str = "train_loss", gap: str = "gap_loss") -> dict:
     blank = empty_figure("")
     if not run_ids:
         return {"batch": empty_figure("No runs."), "noise": blank, "stats": [], "notes": []}
@@ -56,11 +57,14 @@ def generalization_view(db: Path, run_ids: list[str], at: str = "matched", gap: 
                  per["run_id"].to_list(), strict=True)]
     rng = np.random.default_rng(0)
     jitter = np.exp(rng.uniform(-0.08, 0.08, per.height))
+    rho, p = res.rho_batch, res.p_batch
+    grows = bool(np.isfinite(rho) and rho > 0 and p < 0.1)
     batch_traces = [
         {"type": "scatter", "x": arr(per["batch_size"].to_numpy() * jitter), "y": arr(per[gap]), "mode": "markers",
          "marker": {"color": colors, "size": 8, "opacity": 0.7, "line": {"color": "white", "width": 0.5}},
          "text": hover, "hoverinfo": "text", "name": "runs"},
-        {"type": "scatter", "x": arr(by["batch_size"]), "y": arr(by[gap]), "mode": "lines+markers", "name": "median",
+        {"type": "scatter", "x": arr(by["batch_size"]), "y": arr(by[gap]), "mode": "lines+markers" if grows else "markers",
+         "name": "median",
          "line": {"color": ACCENT, "width": 2.4}, "marker": {"size": 9, "symbol": "diamond"},
          "hovertemplate": "B=%{x:g}<br>median %{y:.3~g}<extra></extra>"},
     ]
@@ -91,6 +95,10 @@ def generalization_view(db: Path, run_ids: list[str], at: str = "matched", gap: 
         stats.append(stat(f"Median gap B={lo['batch_size']:g} → {hi['batch_size']:g}",
                           f"{fmt(lo[gap])} → {fmt(hi[gap])}", label))
     notes = [note(w, "warn") for w in res.warnings]
+    if not grows:
+        notes.append(note("On these runs the gap does not grow with batch size"
+                          + (f" (Spearman ρ = {fmt(rho, 2)}, p = {fmt(p, 2)})" if np.isfinite(rho) else "")
+                          + ", unlike Keskar et al.: the medians are drawn without a trend line.", "info"))
     return {"batch": batch_fig, "noise": noise_fig, "stats": stats, "notes": notes}
 
 
@@ -100,16 +108,19 @@ def layout(**_kwargs):
             page_header(
                 "Generalization",
                 "Do large batches generalize worse (Keskar et al. 2016), and is it the batch size or the SGD noise "
-                "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)? Gaps are read at matched training "
-                "progress, so batch size is not confused with training length.",
+                "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)? By default every run is read where its training "
+                "loss (train-split evaluation) first reaches the same level, as Keskar et al. compare minima of similar "
+                "training loss: at matched examples a large batch has taken few steps and barely trained, so its small "
+                "gap would mean under-fitted, not better generalization.",
                 [scope_dropdown("gen-scope"),
                  html.Div([html.Label("Gap", className="control-label"),
                            dcc.RadioItems(id="gen-gap", value="gap_loss", inline=True, className="radio",
                                           options=[{"label": "loss", "value": "gap_loss"},
                                                    {"label": "accuracy", "value": "gap_accuracy"}])], className="control"),
                  html.Div([html.Label("Read at", className="control-label"),
-                           dcc.RadioItems(id="gen-at", value="matched", inline=True, className="radio",
-                                          options=[{"label": "matched examples", "value": "matched"},
+                           dcc.RadioItems(id="gen-at", value="train_loss", inline=True, className="radio",
+                                          options=[{"label": "matched training loss", "value": "train_loss"},
+                                                   {"label": "matched examples", "value": "matched"},
                                                    {"label": "end of training", "value": "end"}])], className="control")],
             ),
             html.Div(id="gen-problem"),
@@ -146,5 +157,5 @@ def update_generalization(scope, gap, at, _version, selected):
         blank = empty_figure("")
         return blank, blank, [], [], problem
     runs, _ = resolve_scope(db, scope, selected)
-    view = generalization_view(db, runs["run_id"].to_list(), at or "matched", gap or "gap_loss")
+    view = generalization_view(db, runs["run_id"].to_list(), at or "train_loss", gap or "gap_loss")
     return view["batch"], view["noise"], view["stats"], view["notes"], None

@@ -61,7 +61,8 @@ def heatmap_figure(smap, axis: str = "lr") -> dict:
         "colorbar": {"title": {"text": ("log₁₀ " if zlog else "") + label, "side": "right"}, "thickness": 12},
         "hoverongaps": False,
     }]
-    marks = {"diverged": ("x", DANGER, "diverged"), "unfinished": ("circle-open", MUTED, "running / stale"),
+    marks = {"diverged": ("x", DANGER, "diverged"), "stalled": ("line-ew-open", DANGER, "stalled (never left its initial loss)"),
+             "unfinished": ("circle-open", MUTED, "running / stale"),
              "failed": ("square-open", "#c92a2a", "failed")}
     for kind, (symbol, color, name) in marks.items():
         idx = np.argwhere(state == kind)
@@ -113,6 +114,8 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
     if metric not in summary.columns or summary[metric].drop_nulls().is_empty():
         return {"heatmap": empty_figure(f"No {METRICS.get(metric, metric)} in these runs."), "lrfit": blank,
                 "stats": [], "notes": []}
+    # who stalled (never left the initial loss) is decided once, in SQL run_outcomes
+    summary = summary.join(queries.run_outcomes(db, run_ids).select("run_id", "outcome"), on="run_id", how="left")
     smap = analysis.stability_map(summary, metric=metric)
     if not smap.ok:
         return {"heatmap": empty_figure(smap.reason), "lrfit": blank, "stats": [], "notes": []}
@@ -123,9 +126,11 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
         widest = by.sort("stable_decades", descending=True, nulls_last=True).row(0, named=True)
         if widest["stable_decades"] is not None:
             stats.append(stat("Widest stable LR range", f"B = {widest['batch_size']:g}",
-                              f"{widest['stable_decades']:.2g} decades of LR trained without diverging"))
+                              f"{widest['stable_decades']:.2g} decades of LR that trained (no divergence, no stall)"))
     n_div = int(smap.cells["n_diverged"].sum())
-    stats.append(stat("Cells", f"{smap.cells.height}", f"{n_div} diverged run(s)"))
+    n_stall = int(smap.cells["n_stalled"].sum())
+    stats.append(stat("Cells", f"{smap.cells.height}", f"{n_div} diverged run(s) · {n_stall} stalled run(s)",
+                      id="lrb-cells"))
     # best LR per batch size at the default target (every batch size reached it) -> lr_scaling
     tr = sweeps.target_range(db, run_ids, "train_loss")
     lrfit = blank
@@ -147,8 +152,8 @@ def layout(**_kwargs):
         [
             page_header(
                 "LR × batch",
-                "Every (batch size, learning rate) cell of a sweep: which trained, which diverged, which are still "
-                "running. Masters & Luschi (2018) report the best results at small batches (2–32), with a wider "
+                "Every (batch size, learning rate) cell of a sweep: which trained, which diverged, which stalled (their "
+                "loss never left its starting value, e.g. chance: a failure, not a stable LR), which are still running. Masters & Luschi (2018) report the best results at small batches (2–32), with a wider "
                 "range of stable learning rates there.",
                 [scope_dropdown("lrb-scope"),
                  html.Div([html.Label("Metric", className="control-label"),

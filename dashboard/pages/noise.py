@@ -1,6 +1,7 @@
 """Noise scale: B_simple = tr(Σ)/|G|² over training and against the loss, per run and per batch size,
-from the raw per-step ingredients (dashboard.analysis.noise_scale: a ratio of EMAs, never a mean of
-per-step ratios), with the estimator's caveats stated."""
+from the SQL macro noise_scale (its one definition: ratio of the window sums of the unbiased estimates
+over measured steps within a factor 1 + w of each step, never a mean of per-step ratios), with the
+estimator's caveats stated."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import polars as pl
 from dash import Input, Output, State, callback, dcc, html
 
-from dashboard import analysis, queries
+from dashboard import queries, sweeps
 from dashboard.components import (
     page_header,
     register_page,
@@ -30,8 +31,10 @@ POINTS_PER_RUN = 300
 CAVEATS = [
     html.B("Reading B_simple. "),
     "Each step's |G|² and tr(Σ) estimates are unbiased but very noisy (single-step |G|² is often negative), so "
-    "B_simple is a ratio of their exponential moving averages (decaying per example seen, debiased at the start); "
-    "values are clamped to be positive only for drawing. ",
+    "B_simple at step s is the ratio of their sums over the measured steps between s/(1+w) and s·(1+w), a window "
+    "centred on s that follows a falling loss (a long moving average lags it); hover shows how many measurements "
+    "stand behind each value, and few measurements mean a noisy value. Values are clamped to be positive only "
+    "for drawing. ",
     html.B("Batch norm"),
     " (and any layer that mixes examples within a batch) makes each micro-batch's gradient differ from a slice of "
     "the big batch's, which biases the estimate — treat B_simple of batch-norm models as indicative. "
@@ -55,15 +58,6 @@ def pick_runs(runs: pl.DataFrame, limit: int = MAX_RUNS) -> tuple[list[str], str
     return ids, f"showing {len(ids)} of {runs.height} runs ({what})"
 
 
-@queries.cached_by_runs
-def noise_frame(db: Path, run_ids: tuple[str, ...]) -> pl.DataFrame:
-    """analysis.noise_scale over the runs' measured steps (read, and averaged if very many, in DuckDB)."""
-    steps = queries.noise_steps(db, list(run_ids), per_run_rows=POINTS_PER_RUN * 10)
-    if steps.is_empty():
-        return steps
-    return analysis.noise_scale(steps)
-
-
 def _positive(x) -> str:
     """B_simple for people: a non-positive ratio of averages means |G|^2 is not resolved above the noise yet."""
     if x is None or not np.isfinite(x):
@@ -78,13 +72,16 @@ def _thin(part: pl.DataFrame, n: int) -> pl.DataFrame:
     return part[idx]
 
 
+WINDOWS = (0.05, 0.1, 0.25, 0.5)
+
+
 @queries.in_session
-def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
+def noise_view(db: Path, run_ids: list[str], x: str = "examples", window: float = 0.1) -> dict:
     """Figures and headline numbers for the noise-scale page."""
     if not run_ids:
         return {"over": empty_figure("No runs."), "vs_loss": empty_figure(""), "stats": [], "note": ""}
     ids, why = pick_runs(queries.runs_frame(db, run_ids))
-    ns = noise_frame(db, tuple(sorted(ids)))
+    ns = queries.noise_scale(db, sorted(ids), window, max_rows=POINTS_PER_RUN)
     if ns.is_empty() or ns["b_simple"].drop_nulls().is_empty():
         msg = "These runs logged no gradient-noise ingredients (g_small_sq, g_big_sq); train with the trainer's GNS measurement on."
         return {"over": empty_figure(msg), "vs_loss": empty_figure(""), "stats": [], "note": why}
@@ -92,14 +89,13 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
     over, vs_loss = [], []
     seen: set = set()
     order = sorted(ns["run_id"].unique().to_list(), key=lambda r: (info.get(r, {}).get("batch_size") or 0, info.get(r, {}).get("lr") or 0))
-    if "loss" in ns.columns:
-        # the loss at each measured step, smoothed by the analysis library's bucket means (all runs at once)
-        width = max(1, int(ns.group_by("run_id").len()["len"].median() or 1) // 60)
-        sm = analysis.smooth_steps(ns.select("run_id", "step", "loss"), width, value="loss")
-        ns = ns.with_columns(pl.col("step").cast(pl.Float64).alias("_s")).sort("_s").join_asof(
-            sm.select("run_id", pl.col("step").cast(pl.Float64).alias("_s"), pl.col("loss").alias("smooth_loss"))
-            .sort("_s"), on="_s", by="run_id", strategy="nearest", check_sortedness=False,
-        ).drop("_s").sort("run_id", "step")
+    # the loss at each measured step: the smoothed training loss of the Tradeoff page (SQL smoothed_loss)
+    width = sweeps.default_smoothing(db, ids)
+    sm = queries.smoothed_loss(db, sorted(ids), width)
+    ns = ns.with_columns(pl.col("step").cast(pl.Float64).alias("_s")).sort("_s").join_asof(
+        sm.select("run_id", pl.col("step").cast(pl.Float64).alias("_s"), pl.col("value").alias("smooth_loss"))
+        .sort("_s"), on="_s", by="run_id", strategy="nearest", check_sortedness=False,
+    ).drop("_s").sort("run_id", "step")
     parts = {k[0]: v for k, v in ns.partition_by("run_id", as_dict=True).items()}
     for rid in order:
         part = _thin(parts[rid].filter(pl.col("b_simple").is_not_null()), POINTS_PER_RUN)
@@ -114,19 +110,22 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples") -> dict:
         y = np.where(y > 0, y, np.nan)  # clamp only for drawing (log axis)
         common = {"type": "scatter", "mode": "lines", "line": {"color": color, "width": 1.6},
                   "name": f"B={b}", "legendgroup": f"B{b}"}
-        over.append({**common, "x": arr(part[x]), "y": arr(y), "showlegend": first,
-                     "hovertemplate": f"{run_hover(row)}<br>{x} %{{x:,.4~g}}<br>B_simple %{{y:.3~g}}<extra></extra>"})
+        over.append({**common, "x": arr(part[x]), "y": arr(y), "showlegend": first, "customdata": arr(part["n_noise"]),
+                     "hovertemplate": f"{run_hover(row)}<br>{x} %{{x:,.4~g}}<br>B_simple %{{y:.3~g}}"
+                                      "<br>from %{customdata} measured steps<extra></extra>"})
         if "smooth_loss" in part.columns:
             loss_at = part["smooth_loss"]
             vs_loss.append({**common, "mode": "markers", "marker": {"color": color, "size": 4, "opacity": 0.6},
                             "x": arr(loss_at), "y": arr(y), "showlegend": first,
                             "hovertemplate": f"{run_hover(row)}<br>loss %{{x:.3~g}}<br>B_simple %{{y:.3~g}}<extra></extra>"})
-    last = ns.sort("step").group_by("run_id").agg(pl.col("b_simple").drop_nulls().last(), pl.col("loss").last())
+    last = ns.sort("step").group_by("run_id").agg(pl.col("b_simple").drop_nulls().last(), pl.col("loss").last(),
+                                                   pl.col("n_noise").last())
     last = last.join(queries.runs_frame(db, ids).select("run_id", "batch_size"), on="run_id")
     by_b = last.group_by("batch_size").agg(pl.col("b_simple").median()).sort("batch_size")
     stats = [stat("Runs measured", f"{len(parts)}", why or "all runs in scope")]
     if last.height:
-        stats.append(stat("B_simple at the end", _positive(last["b_simple"].median()), "median over runs"))
+        stats.append(stat("B_simple at the end", _positive(last["b_simple"].median()),
+                          f"median over runs, last measured step ±{window:g}×", id="noise-bsimple-end"))
         early = ns.sort("step").group_by("run_id").agg(pl.col("b_simple").drop_nulls().head(10).median())
         stats.append(stat("… near the start", _positive(early["b_simple"].median()), "median of the first estimates"))
     over_fig = figure(over, "B_simple over training", height=440,
@@ -157,7 +156,11 @@ def layout(**_kwargs):
                  html.Div([html.Label("x axis", className="control-label"),
                            dcc.RadioItems(id="noise-x", value="examples", inline=True, className="radio",
                                           options=[{"label": "examples", "value": "examples"},
-                                                   {"label": "step", "value": "step"}])], className="control")],
+                                                   {"label": "step", "value": "step"}])], className="control"),
+                 html.Div([html.Label("window ± (× step)", className="control-label"),
+                           dcc.RadioItems(id="noise-window", value=0.1, inline=True, className="radio",
+                                          options=[{"label": f"{w:g}", "value": w} for w in WINDOWS])],
+                          className="control")],
             ),
             html.Div(id="noise-problem"),
             note(CAVEATS, "info"),
@@ -184,15 +187,16 @@ scope_callback("noise-scope")
     Output("noise-problem", "children"),
     Input("noise-scope", "value"),
     Input("noise-x", "value"),
+    Input("noise-window", "value"),
     Input("store-version", "data"),
     State("selected-runs", "data"),
 )
-def update_noise(scope, x, _version, selected):
+def update_noise(scope, x, window, _version, selected):
     db = queries.current_db()
     problem = store_problem(db)
     if problem is not None:
         blank = empty_figure("")
         return blank, blank, [], None, problem
     runs, _label = resolve_scope(db, scope, selected)
-    view = noise_view(db, runs["run_id"].to_list(), x or "examples")
+    view = noise_view(db, runs["run_id"].to_list(), x or "examples", float(window or 0.1))
     return view["over"], view["vs_loss"], view["stats"], view.get("table"), None

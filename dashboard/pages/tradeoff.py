@@ -43,9 +43,19 @@ def _ci(lo: float, hi: float) -> str:
     return f"90% CI {fmt(lo)} – {fmt(hi)}"
 
 
+def extrapolated(fit) -> bool:
+    """B_crit outside the batch sizes measured: a number to sweep towards, not a batch size to run."""
+    return fit.ok and not (fit.batch_sizes.min() <= fit.b_crit <= fit.batch_sizes.max())
+
+
 def next_run_sentence(fit, target: float, metric_label: str) -> str:
-    """What B_crit means for the next run, in one sentence."""
+    """What B_crit means for the next run, in one sentence (no batch size when B_crit is extrapolated)."""
     b = fit.b_crit
+    if extrapolated(fit):
+        side = "above the largest" if b > fit.batch_sizes.max() else "below the smallest"
+        return (f"B_crit ≈ {fmt(b)} for {metric_label} {fmt(target)} lies {side} batch size measured "
+                f"({fmt(fit.batch_sizes.min())}–{fmt(fit.batch_sizes.max())}), so it is extrapolated: before choosing "
+                "a batch size from it, sweep batch sizes on both sides of it.")
     lo = 2 ** math.floor(math.log2(b)) if b >= 1 else b
     hi = 2 ** math.ceil(math.log2(b)) if b >= 1 else b
     pick = f"B = {lo:g}–{hi:g}" if lo != hi else f"B = {lo:g}"
@@ -55,14 +65,30 @@ def next_run_sentence(fit, target: float, metric_label: str) -> str:
             f"2 × E_min ≈ {fmt(2 * fit.e_min)} examples — go larger only if wall-clock time matters more than compute.")
 
 
+def smoothing_text(width: float, metric: str) -> str:
+    """How the loss behind the crossings was smoothed, in words."""
+    if metric != "train_loss":
+        return "Evaluation losses (fixed data) are used as logged, not smoothed."
+    if width <= 0:
+        return "The training loss is used raw, step by step (no smoothing)."
+    return (f"The training loss is averaged over buckets of {fmt(width)} examples, whatever the batch size, so every "
+            "batch size's crossing is read through the same amount of gradient noise (buckets of a fixed number of "
+            "steps would smooth small batches far less than large ones).")
+
+
 @queries.in_session
-def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, metric: str = "train_loss") -> dict:
-    """Everything the page shows for a set of runs and a target (None: the default target)."""
+def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, metric: str = "train_loss",
+                  smooth: float = 1) -> dict:
+    """Everything the page shows for a set of runs, a target (None: the default target) and a loss smoothing
+    of `smooth` times the largest batch size, in examples."""
     out: dict = {"target": None, "range": None, "fit": None, "frontier": empty_figure("No runs."),
-                 "vs_batch": empty_figure(""), "vs_target": empty_figure(""), "notes": [], "missed": None}
+                 "vs_batch": empty_figure(""), "vs_target": empty_figure(""), "notes": [], "missed": None,
+                 "width": 0.0, "trend": None}
     if not run_ids:
         return out
-    tr = sweeps.target_range(db, run_ids, metric)
+    width = sweeps.default_smoothing(db, run_ids, metric, smooth)
+    out["width"] = width
+    tr = sweeps.target_range(db, run_ids, metric, width)
     if tr is None:
         out["frontier"] = empty_figure(f"No finite {sweeps.TARGET_METRICS[metric]} logged in these runs.")
         return out
@@ -70,22 +96,28 @@ def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, met
     t = sweeps.snap(tr.default if target is None else target)
     out["target"] = t
     label = sweeps.TARGET_METRICS[metric]
-    hits = sweeps.hits_for(db, run_ids, (t,), metric)
+    hits = sweeps.hits_for(db, run_ids, (t,), metric, width)
     best = analysis.best_per_batch(hits)
     fit = analysis.fit_tradeoff(best)
     out["fit"] = fit
     out["hits"] = hits
     out["best"] = best
+    out["b_simple"] = analysis.pooled_b_simple(best.filter(pl.col("reached") & ~pl.col("censored")))
     missed = hits.filter(~pl.col("reached"))
     if missed.height:
-        reasons = missed.with_columns(pl.col("reason").str.replace(r" \(.*", "")).group_by("reason").len()
-        out["missed"] = f"{missed.height} of {hits.height} runs did not reach {fmt(t)}: " + "; ".join(
+        reasons = missed.with_columns(pl.col("reason").str.replace(r" \(.*", "").str.replace(r":.*", "")).group_by(
+            "reason").len()
+        out["missed"] = f"{missed.height} of {hits.height} runs have no measured crossing of {fmt(t)}: " + "; ".join(
             f"{r['len']} {r['reason']}" for r in reasons.sort("len", descending=True).to_dicts())
     out["frontier"] = frontier_figure(hits, best, fit, t, label)
     out["vs_batch"] = steps_vs_batch_figure(hits, best, fit, t)
     grid = tuple(sweeps.snap(x) for x in sweeps.target_grid(tr))
-    vs = sweeps.vs_target(db, run_ids, grid, metric)
-    out["vs_target"] = vs_target_figure(vs, label, tr.higher_is_better)
+    vs = sweeps.vs_target(db, run_ids, grid, metric, width)
+    ok = vs.filter(pl.col("reason").is_null())
+    rho, p = sweeps.trend(ok["target"].to_list(), ok["b_crit"].to_list())
+    grows = bool(np.isfinite(rho) and rho < 0 and p < 0.1)
+    out["trend"] = (rho, p, grows)
+    out["vs_target"] = vs_target_figure(vs, label, tr.higher_is_better, grows)
     out["vs_table"] = vs
     return out
 
@@ -166,14 +198,16 @@ def steps_vs_batch_figure(hits: pl.DataFrame, best: pl.DataFrame, fit, target: f
                   shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.2})
 
 
-def vs_target_figure(vs: pl.DataFrame, label: str, higher: bool) -> dict:
+def vs_target_figure(vs: pl.DataFrame, label: str, higher: bool, grows: bool = True) -> dict:
+    """B_crit and B_simple against the target: a line only when B_crit does grow as the target falls."""
     ok = vs.filter(pl.col("reason").is_null() & pl.col("b_crit").is_finite())
     traces = []
     if ok.height:
         bc, blo, bhi = (ok[c].to_numpy().astype(float) for c in ("b_crit", "b_crit_lo", "b_crit_hi"))
         lo = np.where(np.isfinite(blo), bc - blo, np.nan)
         hi = np.where(np.isfinite(bhi), bhi - bc, np.nan)
-        traces.append(_scatter(ok["target"], ok["b_crit"], mode="lines+markers", name="B_crit (fit, 90% CI)",
+        traces.append(_scatter(ok["target"], ok["b_crit"], mode="lines+markers" if grows else "markers",
+                               name="B_crit (fit, 90% CI)",
                                line={"color": ACCENT, "width": 2.2}, marker={"size": 8},
                                error_y={"type": "data", "symmetric": False, "array": arr(hi), "arrayminus": arr(lo),
                                         "color": ACCENT, "thickness": 1.2},
@@ -193,7 +227,9 @@ def vs_target_figure(vs: pl.DataFrame, label: str, higher: bool) -> dict:
     if not traces:
         reasons = vs["reason"].drop_nulls().unique().to_list()
         return empty_figure("No target has a fit" + (f": {reasons[0]}" if reasons else "."))
-    return figure(traces, f"B_crit and B_simple as the {label} target falls", height=430,
+    title = (f"B_crit and B_simple as the {label} target falls" if grows
+             else f"B_crit per {label} target (no trend with the target on these runs)")
+    return figure(traces, title, height=430,
                   xaxis={"title": {"text": f"target {label}"}, "type": "linear" if higher else "log",
                          "autorange": True if higher else "reversed"},
                   yaxis={"title": {"text": "batch size"}, "type": "log"},
@@ -212,6 +248,11 @@ def layout(**_kwargs):
                  html.Div([html.Label("Metric", className="control-label"),
                            dcc.RadioItems(id="tradeoff-metric", value="train_loss", inline=True, className="radio",
                                           options=[{"label": v, "value": k} for k, v in sweeps.TARGET_METRICS.items()])],
+                          className="control"),
+                 html.Div([html.Label("Smooth the loss over", className="control-label"),
+                           dcc.RadioItems(id="tradeoff-smooth", value=1, inline=True, className="radio",
+                                          options=[{"label": "raw" if f == 0 else f"{f}× the largest batch", "value": f}
+                                                   for f in sweeps.SMOOTHING_FACTORS])],
                           className="control")],
             ),
             html.Div(id="tradeoff-problem"),
@@ -252,15 +293,18 @@ scope_callback("tradeoff-scope")
     Output("tradeoff-target", "marks"),
     Input("tradeoff-scope", "value"),
     Input("tradeoff-metric", "value"),
+    Input("tradeoff-smooth", "value"),
     State("selected-runs", "data"),
 )
-def tradeoff_slider(scope, metric, selected):
+def tradeoff_slider(scope, metric, smooth, selected):
     """The slider works in log10(target) for losses; it resets to the default when the runs change."""
     db = queries.current_db()
     runs, _ = resolve_scope(db, scope, selected)
     if store_problem(db) is not None or runs.is_empty():
         return 0, 1, None, None
-    tr = sweeps.target_range(db, runs["run_id"].to_list(), metric or "train_loss")
+    ids = runs["run_id"].to_list()
+    metric = metric or "train_loss"
+    tr = sweeps.target_range(db, ids, metric, sweeps.default_smoothing(db, ids, metric, _factor(smooth)))
     if tr is None:
         return 0, 1, None, None
     f = (lambda x: x) if tr.higher_is_better else (lambda x: math.log10(x) if x > 0 else -12)
@@ -282,11 +326,12 @@ def tradeoff_slider(scope, metric, selected):
     Output("tradeoff-problem", "children"),
     Input("tradeoff-target", "value"),
     Input("store-version", "data"),
+    Input("tradeoff-smooth", "value"),
     State("tradeoff-scope", "value"),
     State("tradeoff-metric", "value"),
     State("selected-runs", "data"),
 )
-def update_tradeoff(slider, _version, scope, metric, selected):
+def update_tradeoff(slider, _version, smooth, scope, metric, selected):
     db = queries.current_db()
     problem = store_problem(db)
     blank = empty_figure("")
@@ -297,10 +342,13 @@ def update_tradeoff(slider, _version, scope, metric, selected):
     ids = runs["run_id"].to_list()
     target = None
     if slider is not None:
-        tr = sweeps.target_range(db, ids, metric) if ids else None
-        target = slider if (tr and tr.higher_is_better) else 10 ** slider
-    view = tradeoff_view(db, ids, target, metric)
+        target = 10 ** slider
+    view = tradeoff_view(db, ids, target, metric, _factor(smooth))
     return render(view, scope_label, metric)
+
+
+def _factor(smooth) -> float:
+    return float(smooth) if smooth is not None else 1.0
 
 
 def render(view: dict, scope_label: str, metric: str):
@@ -310,20 +358,33 @@ def render(view: dict, scope_label: str, metric: str):
     text = f"{label} ≤ {fmt(t)}" if t is not None else ""
     if fit is None:
         return [], None, None, view["frontier"], view["vs_batch"], view["vs_target"], text, None
+    bs = view.get("b_simple", float("nan"))
+    b_simple = stat("B_simple at the target", fmt(bs) if np.isfinite(bs) and bs > 0 else "—",
+                    "pooled over the best runs, ±10 % of their crossing step", id="tradeoff-bsimple")
     if fit.ok:
         stats = [
             stat("B_crit", fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit"),
             stat("S_min", fmt(fit.s_min), _ci(*fit.s_min_ci)),
             stat("E_min", fmt(fit.e_min), _ci(*fit.e_min_ci)),
             stat("Fit", f"R² {fit.r2:.3f}", f"{fit.n_points} batch sizes · rms log-residual {fit.rmse_log:.3f}"),
+            b_simple,
         ]
-        sentence = note(html.P(next_run_sentence(fit, t, label), className="takeaway"), "ok")
+        sentence = note(html.P(next_run_sentence(fit, t, label), className="takeaway"),
+                        "warn" if extrapolated(fit) else "ok")
     else:
-        stats = [stat("B_crit", "no fit", fit.reason, id="tradeoff-bcrit")]
+        stats = [stat("B_crit", "no fit", fit.reason, id="tradeoff-bcrit"), b_simple]
         sentence = note([html.B("No frontier for this target: "), fit.reason], "warn")
-    notes = [html.P(f"Runs: {scope_label}. Best learning rate per batch size (median over seeds).", className="muted small")]
+    notes = [html.P(f"Runs: {scope_label}. Best learning rate per batch size (median over seeds). "
+                    + smoothing_text(view.get("width", 0.0), metric), className="muted small", id="tradeoff-smoothing")]
     if view.get("missed"):
         notes.append(html.P(view["missed"], className="muted small"))
     for w in fit.warnings:
         notes.append(note(w, "warn"))
+    trend = view.get("trend")
+    if trend is not None and not trend[2]:
+        rho = trend[0]
+        notes.append(note(
+            "On these runs B_crit does not grow as the target loss falls"
+            + (f" (Spearman ρ = {fmt(rho, 2)} against the target)" if np.isfinite(rho) else "")
+            + ", unlike McCandlish et al.: the points are drawn without a trend line.", "info"))
     return stats, sentence, notes, view["frontier"], view["vs_batch"], view["vs_target"], text, None

@@ -27,6 +27,15 @@ WHERE run_id IN (
     WHERE r.n_steps IS DISTINCT FROM c.n_steps
 );
 
+-- Per-run step figures (run_stats_of's columns) for every run with steps: from the run_stats cache where
+-- it is current, else computed from the steps themselves (uncached_steps).
+CREATE OR REPLACE VIEW run_step_stats AS
+SELECT * FROM run_stats
+WHERE run_id NOT IN (SELECT DISTINCT run_id FROM uncached_steps)
+  AND run_id IN (SELECT DISTINCT run_id FROM steps)
+UNION ALL BY NAME
+SELECT * FROM run_stats_of('uncached_steps');
+
 -- The runs table with the effective status: a running run whose heartbeat is over 60 s old is 'stale'
 -- (its process died without a word). Cheap: no steps are read.
 CREATE OR REPLACE VIEW run_status AS
@@ -38,14 +47,7 @@ FROM runs;
 -- progress, final/best losses and accuracies, and the generalization gap (test - train) at the last eval.
 -- Step figures come from the run_stats cache where it is current, else from the steps themselves.
 CREATE OR REPLACE VIEW run_summary AS
-WITH step_stats AS (
-    SELECT * FROM run_stats
-    WHERE run_id NOT IN (SELECT DISTINCT run_id FROM uncached_steps)
-      AND run_id IN (SELECT DISTINCT run_id FROM steps)
-    UNION ALL BY NAME
-    SELECT * FROM run_stats_of('uncached_steps')
-),
-eval_stats AS (
+WITH eval_stats AS (
     SELECT run_id,
            arg_max(loss, step) FILTER (WHERE split = 'train') AS final_train_loss,
            arg_max(loss, step) FILTER (WHERE split = 'test') AS final_test_loss,
@@ -68,57 +70,5 @@ SELECT r.run_id, r.name, r.sweep, r.status,
        e.final_train_accuracy - e.final_test_accuracy AS gap_accuracy,
        (r.status = 'diverged' OR coalesce(s.has_nonfinite_loss, false)) AS diverged
 FROM run_status r
-LEFT JOIN step_stats s USING (run_id)
+LEFT JOIN run_step_stats s USING (run_id)
 LEFT JOIN eval_stats e USING (run_id);
-
--- Per run, the first step whose training loss, averaged over a trailing window of `smooth` logged
--- steps, is at or below `target`, linearly interpolated between that step and the one before it.
--- Runs that never reach the target are listed with reached = false and NULL step/examples.
--- Example: SELECT * FROM steps_to_target(0.3) JOIN runs USING (run_id);
-CREATE OR REPLACE MACRO steps_to_target(target, smooth := 1) AS TABLE
-WITH smoothed AS (
-    SELECT run_id, step, examples,
-           avg(loss) OVER (PARTITION BY run_id ORDER BY step ROWS BETWEEN smooth - 1 PRECEDING AND CURRENT ROW)
-               AS smooth_loss
-    FROM steps
-    WHERE isfinite(loss)
-),
-lagged AS (
-    SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples,
-           lag(smooth_loss) OVER w AS prev_loss
-    FROM smoothed
-    WINDOW w AS (PARTITION BY run_id ORDER BY step)
-),
-first_hit AS (
-    SELECT run_id,
-           arg_min(step, step) AS hit_step, arg_min(examples, step) AS hit_examples,
-           arg_min(smooth_loss, step) AS hit_loss, arg_min(prev_step, step) AS prev_step,
-           arg_min(prev_examples, step) AS prev_examples, arg_min(prev_loss, step) AS prev_loss
-    FROM lagged WHERE smooth_loss <= target GROUP BY run_id
-)
-SELECT r.run_id,
-       h.run_id IS NOT NULL AS reached,
-       CASE WHEN h.prev_step IS NULL OR h.prev_loss = h.hit_loss THEN h.hit_step
-            ELSE h.prev_step + (h.prev_loss - target) / (h.prev_loss - h.hit_loss) * (h.hit_step - h.prev_step)
-       END AS steps,
-       CASE WHEN h.prev_step IS NULL OR h.prev_loss = h.hit_loss THEN h.hit_examples
-            ELSE h.prev_examples + (h.prev_loss - target) / (h.prev_loss - h.hit_loss) * (h.hit_examples - h.prev_examples)
-       END AS examples
-FROM runs r LEFT JOIN first_hit h USING (run_id);
-
--- B_simple over training as a ratio of trailing-window sums of the unbiased |G|^2 and tr(Sigma)
--- estimates (McCandlish et al. 2018, App. A), over the last `window` measured steps.
--- Example: SELECT * FROM noise_scale(100) WHERE run_id = '...' ORDER BY step;
-CREATE OR REPLACE MACRO noise_scale(window_steps := 100) AS TABLE
-WITH est AS (
-    SELECT run_id, step, examples, loss,
-           (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small) AS g2,
-           (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big) AS trace_sigma
-    FROM steps
-    WHERE g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL AND b_big > b_small
-      AND isfinite(g_small_sq) AND isfinite(g_big_sq)
-)
-SELECT run_id, step, examples, loss, g2, trace_sigma,
-       sum(trace_sigma) OVER w / nullif(sum(g2) OVER w, 0) AS b_simple
-FROM est
-WINDOW w AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN window_steps - 1 PRECEDING AND CURRENT ROW);

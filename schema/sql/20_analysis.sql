@@ -1,142 +1,250 @@
--- Analysis macros: the fits of dashboard/analysis/ that SQL can express, over the store's tables.
+-- Analysis: every derived quantity batchscope shows, defined once. The dashboard's pages (through
+-- dashboard/queries.py), the Python API (dashboard/analysis runs these same macros over frames, see
+-- schema/frames.py) and SQL users all read these; nothing restates them. Examples: docs/sql-examples.md.
 -- Executed (CREATE OR REPLACE) after 10_core.sql whenever this file changes; see schema/migrations.py.
--- Each macro returns the same columns, with the same numbers, as its Python twin in dashboard/analysis/
--- (tests/test_analysis_sql.py checks it). Examples: docs/sql-examples.md.
 --
--- Smoothing is by buckets of `width` consecutive steps (1..w, w+1..2w, ...), each represented by its
--- centroid (mean step, mean examples, mean finite loss): one GROUP BY instead of a window sort, so it
--- stays fast on millions of steps, and the centroid does not lag like a trailing average.
+-- The rules, in one sentence each:
+-- * A step is measured when its four noise ingredients are finite and b_big > b_small (noise_estimates).
+-- * B_simple at step s is the ratio of the sums of the unbiased tr(Sigma) and |G|^2 estimates over the
+--   measured steps m with s/(1+w) <= m <= s(1+w): a window centred on s (in log step), w = noise_window
+--   (default 0.1); n_noise counts the measurements behind it, so a noisy value can look noisy.
+-- * The smoothed loss is the mean over buckets of a fixed number of EXAMPLES, width_examples (bucket =
+--   floor((examples - 1) / width)), at the bucket's centroid; 0 keeps the raw points. Every batch size then
+--   averages the same number of examples, hence about the same gradient noise.
+-- * A crossing is the first bucket at or below the target, interpolated (steps, examples) from the bucket
+--   before it; a run already at or below the target at its first point has no measured crossing (censored).
+-- * A run stalled when its mean training loss over the last 5 % of its steps is above 90 % of the mean over
+--   the first 5 %: it never left its initial loss (e.g. chance, ln 10 on digits).
 
--- The training curve downsampled to one point per bucket of `width` steps (width 1: the raw finite losses).
--- Example: SELECT * FROM smoothed_steps(50) WHERE run_id = '...' ORDER BY bucket;
-CREATE OR REPLACE MACRO smoothed_steps(width := 1) AS TABLE
-SELECT run_id, (step - 1) // width AS bucket, avg(step) AS step, avg(examples) AS examples,
-       avg(loss) AS loss, count(*) AS n
+-- Measured steps with the unbiased per-step estimates g2 = |G|^2 and trace_sigma = tr(Sigma)
+-- (McCandlish et al. 2018, App. A). Raw, unclamped: single-step g2 is often negative.
+-- Example: SELECT run_id, avg(g2), avg(trace_sigma) FROM noise_estimates GROUP BY run_id;
+CREATE OR REPLACE VIEW noise_estimates AS
+SELECT run_id, step, examples, loss, batch_size, g_small_sq, b_small, g_big_sq, b_big,
+       (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small) AS g2,
+       (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big) AS trace_sigma
 FROM steps
-WHERE isfinite(loss)
-GROUP BY run_id, (step - 1) // width;
+WHERE isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfinite(b_big) AND b_big > b_small;
 
--- Per run and target: the first bucket whose mean training loss is at or below the target, interpolated
--- (steps, examples) between its centroid and the previous bucket's. Every run in `runs` or `steps` appears
--- once per target; reached = false when it never got there. hit_value / best_value / final_value are
--- smoothed losses (at the hit, lowest, last); diverged: a non-finite loss was logged or status says so.
--- b_simple: tr(Sigma)/|G|^2 as a ratio of the sums of the unbiased per-step estimates over measured steps
--- within [steps/(1+noise_window), steps*(1+noise_window)]; g2, trace_sigma: their means; n_noise: count.
--- Example: SELECT r.batch_size, r.lr, c.* FROM crossings([0.5, 0.3], width := 20) c JOIN runs r USING (run_id);
-CREATE OR REPLACE MACRO crossings(targets, width := 1, noise_window := 0.25) AS TABLE
-WITH b0 AS (  -- one pass over steps: bucket centroids of the finite losses, and what per-run stats need
-    SELECT run_id, (step - 1) // width AS bucket,
-           avg(CASE WHEN isfinite(loss) THEN step END) AS step,
-           avg(CASE WHEN isfinite(loss) THEN examples END) AS examples,
-           avg(CASE WHEN isfinite(loss) THEN loss END) AS loss,
-           max(step) AS last_step, bool_or(NOT isfinite(loss)) AS nonfinite
-    FROM steps
-    GROUP BY run_id, (step - 1) // width
+-- Running sums of the estimates per run (cum_g2, cum_trace, cum_n at each measured step): any window's sum
+-- is a difference of two of them. run_ids := NULL means every run.
+CREATE OR REPLACE MACRO noise_cumulative(run_ids := NULL) AS TABLE
+SELECT run_id, step, sum(g2) OVER w AS cum_g2, sum(trace_sigma) OVER w AS cum_trace, count(*) OVER w AS cum_n
+FROM noise_estimates
+WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+WINDOW w AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW);
+
+-- B_simple around the points of a table or CTE named `pts` (columns run_id, at_step): the one window
+-- rule above. Columns: run_id, at_step, n_noise, g2, trace_sigma (window means), b_simple (NULL without
+-- measurements). Example: WITH p AS (SELECT run_id, 400.0 AS at_step FROM runs) SELECT * FROM noise_at_points('p');
+CREATE OR REPLACE MACRO noise_at_points(pts, noise_window := 0.1, run_ids := NULL) AS TABLE
+WITH p AS (
+    SELECT DISTINCT run_id, at_step::DOUBLE AS at_step, at_step * (1 + noise_window) AS hi,
+           at_step / (1 + noise_window) AS lo
+    FROM query_table(pts) WHERE isfinite(at_step)
 ),
-b AS (SELECT run_id, bucket, step, examples, loss FROM b0 WHERE loss IS NOT NULL),
-per_run AS (
-    SELECT run_id, max(last_step) AS last_step, coalesce(bool_or(nonfinite), false) AS nonfinite
-    FROM b0 GROUP BY run_id
+c AS (SELECT run_id, step::DOUBLE AS step, cum_g2, cum_trace, cum_n FROM noise_cumulative(run_ids := run_ids)),
+h AS (SELECT p.run_id, p.at_step, c.cum_g2, c.cum_trace, c.cum_n FROM p ASOF LEFT JOIN c ON p.run_id = c.run_id AND p.hi >= c.step),
+l AS (SELECT p.run_id, p.at_step, c.cum_g2, c.cum_trace, c.cum_n FROM p ASOF LEFT JOIN c ON p.run_id = c.run_id AND p.lo > c.step),
+s AS (
+    SELECT h.run_id, h.at_step, coalesce(h.cum_n, 0) - coalesce(l.cum_n, 0) AS n_noise,
+           coalesce(h.cum_g2, 0) - coalesce(l.cum_g2, 0) AS sg, coalesce(h.cum_trace, 0) - coalesce(l.cum_trace, 0) AS st
+    FROM h JOIN l USING (run_id, at_step)
+)
+SELECT run_id, at_step, n_noise,
+       CASE WHEN n_noise > 0 THEN sg / n_noise END AS g2,
+       CASE WHEN n_noise > 0 THEN st / n_noise END AS trace_sigma,
+       CASE WHEN n_noise > 0 THEN st / nullif(sg, 0) END AS b_simple
+FROM s;
+
+-- B_simple over training: one row per measured step with the raw estimates (g2, trace_sigma), their
+-- window means (g2_avg, trace_sigma_avg), b_simple and n_noise, by the centred window rule above.
+-- Example: SELECT step, b_simple, n_noise FROM noise_scale(run_ids := ['...']) ORDER BY step;
+CREATE OR REPLACE MACRO noise_scale(noise_window := 0.1, run_ids := NULL) AS TABLE
+WITH m AS (
+    SELECT run_id, step, examples, loss, batch_size, g2, trace_sigma, step AS at_step FROM noise_estimates
+    WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+)
+SELECT m.run_id, m.step, m.examples, m.loss, m.batch_size, m.g2, m.trace_sigma, w.g2 AS g2_avg,
+       w.trace_sigma AS trace_sigma_avg, w.b_simple, w.n_noise
+FROM m JOIN noise_at_points('m', noise_window := noise_window, run_ids := run_ids) w
+    ON w.run_id = m.run_id AND w.at_step = m.step;
+
+-- B_simple around given steps of given runs (two lists of equal length), by the same rule.
+-- Example: SELECT * FROM noise_around(['a1b2c3d4e5f6'], [412.5]);
+CREATE OR REPLACE MACRO noise_around(run_ids, at_steps, noise_window := 0.1) AS TABLE
+WITH p AS (SELECT unnest(run_ids)::VARCHAR AS run_id, unnest(at_steps)::DOUBLE AS at_step)
+SELECT run_id, at_step AS steps, n_noise, g2, trace_sigma, b_simple
+FROM noise_at_points('p', noise_window := noise_window, run_ids := run_ids);
+
+-- The points of a metric, lower is better (accuracies negated): 'train_loss' is the per-step training loss
+-- from steps, '<split>_loss' / '<split>_accuracy' come from evals. Columns: run_id, step, examples, value.
+CREATE OR REPLACE MACRO metric_points(metric := 'train_loss', run_ids := NULL) AS TABLE
+SELECT run_id, step, examples, loss AS value FROM steps
+WHERE metric = 'train_loss' AND (run_ids IS NULL OR list_contains(run_ids, run_id))
+UNION ALL
+SELECT run_id, step, examples, CASE WHEN suffix(metric, '_accuracy') THEN -accuracy ELSE loss END AS value
+FROM evals
+WHERE metric <> 'train_loss' AND split = regexp_replace(metric, '_(loss|accuracy)$', '')
+  AND (run_ids IS NULL OR list_contains(run_ids, run_id));
+
+-- The smoothed metric: per run, bucket means over width_examples examples (0: the raw finite points),
+-- at the centroid (mean step, mean examples). value is the metric itself (accuracies not negated).
+-- Example: SELECT * FROM smoothed_loss(4096) WHERE run_id = '...' ORDER BY step;
+CREATE OR REPLACE MACRO smoothed_loss(width_examples := 0, metric := 'train_loss', run_ids := NULL) AS TABLE
+SELECT run_id, CASE WHEN width_examples > 0 THEN CAST(floor((examples - 1) / width_examples) AS BIGINT) ELSE step END
+           AS bucket,
+       avg(step) AS step, avg(examples) AS examples,
+       avg(value) * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value, count(*) AS n
+FROM metric_points(metric := metric, run_ids := run_ids)
+WHERE isfinite(value) AND (width_examples <= 0 OR examples IS NOT NULL)
+GROUP BY ALL;
+
+-- Per run: how it ended. initial_loss / end_loss: mean finite training loss over the first / last 5 % of
+-- its steps; scheduled: its batch size changed during training. outcome: 'diverged' (status, or a
+-- non-finite loss), 'unfinished' (running or stale), 'failed', 'stalled' (end_loss above 90 % of
+-- initial_loss), else 'trained'. Example: SELECT outcome, count(*) FROM run_outcomes() GROUP BY ALL;
+CREATE OR REPLACE MACRO run_outcomes(run_ids := NULL) AS TABLE
+WITH s AS (
+    SELECT st.run_id, st.step, st.loss, st.batch_size, k.steps AS last, greatest(1, k.steps // 20) AS tail
+    FROM steps st JOIN run_step_stats k USING (run_id)
+    WHERE run_ids IS NULL OR list_contains(run_ids, st.run_id)
+),
+a AS (
+    SELECT run_id, any_value(last) AS last_step,
+           avg(loss) FILTER (WHERE step <= tail AND isfinite(loss)) AS initial_loss,
+           avg(loss) FILTER (WHERE step > last - tail AND isfinite(loss)) AS end_loss,
+           min(batch_size) AS batch_min, max(batch_size) AS batch_max,
+           coalesce(bool_or(NOT isfinite(loss)), false) AS nonfinite
+    FROM s GROUP BY run_id
+)
+SELECT r.run_id, a.last_step, a.initial_loss, a.end_loss, a.batch_min, a.batch_max,
+       coalesce(a.batch_min <> a.batch_max, false) AS scheduled,
+       CASE WHEN r.status = 'diverged' OR coalesce(a.nonfinite, false) THEN 'diverged'
+            WHEN r.status IN ('running', 'stale') THEN 'unfinished'
+            WHEN r.status = 'failed' THEN 'failed'
+            WHEN a.end_loss > 0.9 * a.initial_loss THEN 'stalled'
+            ELSE 'trained' END AS outcome
+FROM run_status r LEFT JOIN a USING (run_id)
+WHERE run_ids IS NULL OR list_contains(run_ids, r.run_id);
+
+-- Per run and target: steps and examples to reach the target on the smoothed metric (rules above).
+-- reached: a measured crossing. censored: already at/below the target at the first point, so the
+-- crossing was not measured (bound_steps, bound_examples: that first point, an upper bound). hit_value,
+-- first_value, best_value, final_value: smoothed values. effective_batch: examples/steps at the crossing
+-- for runs whose batch size changed (else batch_size). b_simple, g2, trace_sigma, n_noise: B_simple at the
+-- crossing (noise_window := NULL skips it). outcome (see run_outcomes) and reason: why not reached (NULL
+-- when reached). Every run appears once per target.
+-- Example: SELECT batch_size, lr, steps, reason FROM crossings([0.5, 0.3], width_examples := 4096);
+CREATE OR REPLACE MACRO crossings(targets, width_examples := 0, metric := 'train_loss', noise_window := 0.1,
+                                  run_ids := NULL) AS TABLE
+WITH b AS (
+    SELECT run_id, bucket, step, examples,
+           value * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value
+    FROM smoothed_loss(width_examples := width_examples, metric := metric, run_ids := run_ids)
+),
+bad AS (
+    SELECT run_id, bool_or(NOT isfinite(value)) AS nonfinite, max(step) AS last_point
+    FROM metric_points(metric := metric, run_ids := run_ids) GROUP BY run_id
 ),
 bl AS (
-    SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(loss) OVER w AS prev_loss,
-           min(loss) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_min
+    SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(value) OVER w AS prev_value,
+           min(value) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_min
     FROM b
     WINDOW w AS (PARTITION BY run_id ORDER BY bucket)
 ),
 stats AS (
-    SELECT run_id, min(loss) AS best_value, arg_max(loss, bucket) AS final_value FROM b GROUP BY run_id
+    SELECT run_id, arg_min(value, bucket) AS first_value, min(value) AS best_value, arg_max(value, bucket) AS final_value
+    FROM b GROUP BY run_id
 ),
--- running-minimum records: the first bucket at/below a target is the record with the largest loss <= target
-rec AS (SELECT * FROM bl WHERE prev_min IS NULL OR loss < prev_min),
-ids AS (SELECT run_id FROM runs UNION SELECT run_id FROM per_run),
-grid AS (SELECT ids.run_id, t.target FROM ids CROSS JOIN (SELECT unnest(targets)::DOUBLE AS target) t),
+-- running-minimum records: the first bucket at/below a target is the record with the largest value <= target
+rec AS (SELECT * FROM bl WHERE prev_min IS NULL OR value < prev_min),
+ids AS (
+    SELECT run_id FROM runs WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+    UNION SELECT run_id FROM bad
+),
+tg AS (SELECT unnest(targets)::DOUBLE AS target),
+grid AS (
+    SELECT ids.run_id, tg.target, tg.target * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS t
+    FROM ids CROSS JOIN tg
+),
 hit AS (
-    SELECT g.run_id, g.target, r.step, r.examples, r.loss AS hit_value,
-           r.prev_step, r.prev_examples, r.prev_loss
-    FROM grid g ASOF LEFT JOIN rec r ON g.run_id = r.run_id AND g.target >= r.loss
+    SELECT g.run_id, g.target, g.t, r.step, r.examples, r.value AS hit_value, r.prev_step, r.prev_examples, r.prev_value
+    FROM grid g ASOF LEFT JOIN rec r ON g.run_id = r.run_id AND g.t >= r.value
 ),
 pts AS (
-    SELECT run_id, target, hit_value IS NOT NULL AS reached, hit_value,
-           CASE WHEN prev_step IS NULL THEN step
-                ELSE prev_step + (prev_loss - target) / (prev_loss - hit_value) * (step - prev_step) END AS steps,
-           CASE WHEN prev_step IS NULL THEN examples
-                ELSE prev_examples + (prev_loss - target) / (prev_loss - hit_value) * (examples - prev_examples)
-           END AS examples
+    SELECT run_id, target, hit_value IS NOT NULL AND prev_step IS NOT NULL AS reached,
+           hit_value IS NOT NULL AND prev_step IS NULL AS censored, hit_value,
+           CASE WHEN prev_step IS NOT NULL THEN prev_step + (prev_value - t) / (prev_value - hit_value) * (step - prev_step)
+           END AS steps,
+           CASE WHEN prev_step IS NOT NULL
+                THEN prev_examples + (prev_value - t) / (prev_value - hit_value) * (examples - prev_examples) END AS examples,
+           CASE WHEN prev_step IS NULL THEN step END AS bound_steps,
+           CASE WHEN prev_step IS NULL THEN examples END AS bound_examples
     FROM hit
 ),
-m AS (
-    SELECT run_id, step,
-           (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small) AS g2,
-           (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big) AS trace_sigma
-    FROM steps
-    WHERE noise_window IS NOT NULL  -- noise_window := NULL skips B_simple (then see noise_around)
-      AND isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfinite(b_big)
-      AND b_big > b_small
-),
-nz AS (
-    SELECT p.run_id, p.target, count(*) AS n_noise, avg(m.g2) AS g2, avg(m.trace_sigma) AS trace_sigma,
-           sum(m.trace_sigma) / nullif(sum(m.g2), 0) AS b_simple
-    FROM pts p JOIN m ON m.run_id = p.run_id
-        AND m.step BETWEEN ceil(p.steps / (1 + noise_window)) AND floor(p.steps * (1 + noise_window))
-    WHERE p.reached
-    GROUP BY p.run_id, p.target
-)
-SELECT p.run_id, p.target, p.reached, p.steps, p.examples, p.hit_value, s.best_value, s.final_value,
-       pr.last_step,
-       coalesce(pr.nonfinite, false) OR coalesce(r.status = 'diverged', false) AS diverged,
-       nz.b_simple, nz.g2, nz.trace_sigma, coalesce(nz.n_noise, 0) AS n_noise
+atp AS (SELECT DISTINCT run_id, steps AS at_step FROM pts WHERE reached AND noise_window IS NOT NULL),
+nz AS (SELECT * FROM noise_at_points('atp', noise_window := coalesce(noise_window, 0), run_ids := run_ids)),
+o AS (SELECT * FROM run_outcomes(run_ids := run_ids))
+SELECT p.run_id, p.target, p.reached, p.censored, p.steps, p.examples, p.bound_steps, p.bound_examples,
+       CASE WHEN o.scheduled AND p.reached AND p.steps > 0 THEN p.examples / p.steps ELSE r.batch_size END
+           AS effective_batch,
+       sg * p.hit_value AS hit_value, sg * s.first_value AS first_value, sg * s.best_value AS best_value,
+       sg * s.final_value AS final_value, bd.last_point AS last_step,
+       coalesce(bd.nonfinite, false) OR coalesce(o.outcome = 'diverged', false) AS diverged,
+       coalesce(o.outcome = 'stalled', false) AS stalled, coalesce(o.scheduled, false) AS scheduled,
+       coalesce(o.outcome, 'trained') AS outcome,
+       nz.b_simple, nz.g2, nz.trace_sigma, coalesce(nz.n_noise, 0) AS n_noise,
+       r.batch_size::DOUBLE AS batch_size, r.lr::DOUBLE AS lr, r.sweep, r.status,
+       CASE WHEN p.reached THEN NULL
+            WHEN bd.last_point IS NULL THEN 'no ' || metric || ' logged'
+            WHEN s.best_value IS NULL THEN 'no finite ' || metric
+            WHEN p.censored THEN printf('already at or below the target at its first point (step %g): not measured',
+                                        p.bound_steps)
+            WHEN coalesce(bd.nonfinite, false) OR o.outcome = 'diverged'
+                THEN printf('diverged before reaching the target (best %.4g)', sg * s.best_value)
+            WHEN o.outcome = 'stalled'
+                THEN printf('stalled: never left its initial loss (%.4g to %.4g)', o.initial_loss, o.end_loss)
+            WHEN o.outcome = 'unfinished' THEN printf('still running (best so far %.4g)', sg * s.best_value)
+            ELSE printf('never reached the target within its budget (best %.4g)', sg * s.best_value)
+       END AS reason
 FROM pts p
+CROSS JOIN (SELECT CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS sg) k(sg)
 LEFT JOIN stats s USING (run_id)
-LEFT JOIN per_run pr USING (run_id)
+LEFT JOIN bad bd USING (run_id)
+LEFT JOIN o USING (run_id)
 LEFT JOIN runs r USING (run_id)
-LEFT JOIN nz USING (run_id, target)
+LEFT JOIN nz ON nz.run_id = p.run_id AND nz.at_step = p.steps AND p.reached
 ORDER BY p.target DESC, p.run_id;
 
--- B_simple around given steps of given runs (two lists of equal length): the ratio of the sums of the
--- unbiased |G|^2 and tr(Sigma) estimates over measured steps in [s/(1+noise_window), s*(1+noise_window)]
--- (noise_at in Python). Cheaper than crossings' own noise columns when only a few runs matter, e.g. the
--- best-LR run of each batch size: SELECT * FROM noise_around(['a1b2c3d4e5f6'], [412.5]);
-CREATE OR REPLACE MACRO noise_around(run_ids, at_steps, noise_window := 0.25) AS TABLE
-WITH p AS (
-    SELECT unnest(run_ids)::VARCHAR AS run_id, unnest(at_steps)::DOUBLE AS steps
-),
-m AS (
-    SELECT run_id, step,
-           (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small) AS g2,
-           (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big) AS trace_sigma
-    FROM steps
-    WHERE list_contains(run_ids, run_id)
-      AND isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfinite(b_big)
-      AND b_big > b_small
-)
-SELECT p.run_id, p.steps, count(m.step) AS n_noise, avg(m.g2) AS g2, avg(m.trace_sigma) AS trace_sigma,
-       sum(m.trace_sigma) / nullif(sum(m.g2), 0) AS b_simple
-FROM p LEFT JOIN m ON m.run_id = p.run_id
-    AND m.step BETWEEN ceil(p.steps / (1 + noise_window)) AND floor(p.steps * (1 + noise_window))
-GROUP BY p.run_id, p.steps;
+-- Steps to one target per run (a thin view of crossings). Example:
+-- SELECT r.batch_size, t.steps FROM steps_to_target(0.3) t JOIN runs r USING (run_id) WHERE t.reached;
+CREATE OR REPLACE MACRO steps_to_target(target, width_examples := 0, metric := 'train_loss') AS TABLE
+SELECT run_id, reached, censored, steps, examples, reason
+FROM crossings([target], width_examples := width_examples, metric := metric, noise_window := NULL);
 
--- For each target and batch size, the learning rate with the fewest steps to target (best_per_batch in
--- Python). Seeds of one (batch_size, lr) cell are combined by the median, a seed that never reached the
--- target counting as infinitely slow (so a cell counts only if more than half its seeds reached it). Cells
--- within `rtol` of the fewest steps tie; the middle LR of the tie (lower of two middles) wins.
+-- For each target and batch size, the learning rate with the fewest steps to target, over the hits in a
+-- table or CTE named `hits` (crossings' columns). Seeds of one (batch_size, lr) cell are combined by the
+-- median, a seed that never reached the target counting as infinitely slow and a censored one at its
+-- bound (so a cell counts only if more than half its seeds got there). Cells within `rtol` of the fewest
+-- steps tie; the middle LR of the tie (lower of two middles) wins. censored: the best cell's crossing was
+-- not measured; scheduled: its runs changed batch size (effective_batch = median examples/steps).
 -- lr_at_edge: the best LR is the smallest or largest tried, so the optimum may lie outside the grid.
--- Example: SELECT * FROM best_lr_per_batch([0.3], width := 20, sweep_name := 'digits-sweep');
-CREATE OR REPLACE MACRO best_lr_per_batch(targets, width := 1, noise_window := 0.25, rtol := 0.0,
-                                          sweep_name := NULL) AS TABLE
+CREATE OR REPLACE MACRO best_lr_of(hits, rtol := 0.0, include_diverged := true) AS TABLE
 WITH h AS (
-    SELECT c.*, r.batch_size::DOUBLE AS batch_size, r.lr::DOUBLE AS lr,
-           c.reached AND isfinite(c.steps) AS ok
-    FROM crossings(targets, width := width, noise_window := noise_window) c JOIN runs r USING (run_id)
-    WHERE (sweep_name IS NULL OR r.sweep = sweep_name) AND isfinite(r.batch_size) AND isfinite(r.lr)
+    SELECT *, reached AND isfinite(steps) AND (include_diverged OR NOT diverged) AS ok,
+           censored AND (include_diverged OR NOT diverged) AS cens
+    FROM query_table(hits) WHERE isfinite(batch_size) AND isfinite(lr)
 ),
 cells AS (
     SELECT target, batch_size, lr, count(*) AS n_runs, count(*) FILTER (ok) AS n_reached,
-           count(*) FILTER (diverged) AS n_diverged,
-           CASE WHEN 2 * count(*) FILTER (ok) > count(*)
-                THEN quantile_cont(CASE WHEN ok THEN steps ELSE 'inf'::DOUBLE END, 0.5) END AS steps,
-           CASE WHEN 2 * count(*) FILTER (ok) > count(*)
-                THEN quantile_cont(CASE WHEN ok THEN examples ELSE 'inf'::DOUBLE END, 0.5) END AS examples,
+           count(*) FILTER (cens) AS n_censored, count(*) FILTER (diverged) AS n_diverged,
+           CASE WHEN 2 * count(*) FILTER (ok OR cens) > count(*) THEN quantile_cont(
+                CASE WHEN ok THEN steps WHEN cens THEN bound_steps ELSE 'inf'::DOUBLE END, 0.5) END AS steps,
+           CASE WHEN 2 * count(*) FILTER (ok OR cens) > count(*) THEN quantile_cont(
+                CASE WHEN ok THEN examples WHEN cens THEN bound_examples ELSE 'inf'::DOUBLE END, 0.5) END AS examples,
+           median(effective_batch) FILTER (ok) AS effective_batch,
+           coalesce(bool_or(scheduled) FILTER (ok OR cens), false) AS scheduled,
            arg_min(run_id, steps) FILTER (ok) AS run_id,
            arg_min(b_simple, steps) FILTER (ok) AS b_simple, arg_min(g2, steps) FILTER (ok) AS g2,
            arg_min(trace_sigma, steps) FILTER (ok) AS trace_sigma, arg_min(n_noise, steps) FILTER (ok) AS n_noise
@@ -150,31 +258,47 @@ tied AS (
 ),
 pick AS (SELECT * FROM tied WHERE rnk = (m - 1) // 2),
 summary AS (
-    SELECT target, batch_size, sum(n_runs) AS n_runs, sum(n_reached) AS n_reached,
+    SELECT target, batch_size, sum(n_runs) AS n_runs, sum(n_reached) AS n_reached, sum(n_censored) AS n_censored,
            sum(n_diverged) AS n_diverged, count(*) AS n_lrs, min(lr) AS lr_min, max(lr) AS lr_max,
            min(lr) FILTER (steps IS NOT NULL) AS lr_min_reached, max(lr) FILTER (steps IS NOT NULL) AS lr_max_reached
     FROM cells GROUP BY target, batch_size
 )
-SELECT s.target, s.batch_size, p.lr IS NOT NULL AS reached, p.lr, p.steps, p.examples, p.run_id,
-       s.n_runs, s.n_reached, s.n_diverged, s.n_lrs, s.lr_min, s.lr_max, s.lr_min_reached, s.lr_max_reached,
-       (p.lr = s.lr_min OR p.lr = s.lr_max) AS lr_at_edge,
+SELECT s.target, s.batch_size, p.lr IS NOT NULL AS reached, coalesce(p.n_censored > 0, false) AS censored,
+       coalesce(p.scheduled, false) AS scheduled, p.lr, p.steps, p.examples,
+       coalesce(p.effective_batch, CASE WHEN p.lr IS NOT NULL THEN s.batch_size END) AS effective_batch, p.run_id,
+       s.n_runs, s.n_reached, s.n_censored, s.n_diverged, s.n_lrs, s.lr_min, s.lr_max, s.lr_min_reached,
+       s.lr_max_reached, (p.lr = s.lr_min OR p.lr = s.lr_max) AS lr_at_edge,
        p.b_simple, p.g2, p.trace_sigma, p.n_noise
 FROM summary s LEFT JOIN pick p USING (target, batch_size)
 ORDER BY s.target DESC, s.batch_size;
 
--- The critical batch size per target: S(B) = S_min + E_min/B fitted on log S to the best-LR steps of each
--- batch size (fit_tradeoff in Python, same grid over ln B_crit in steps of 0.01 from 10^4 below the
--- smallest to 10^4 above the largest batch, refined by a parabola; no bootstrap interval here: use Python
--- for that). b_crit is NULL, with a reason, when fewer than 3 batch sizes reached the target or the optimum
--- runs off the grid (no benefit from larger batches, or perfect 1/B scaling throughout).
--- Example: SELECT target, b_crit, s_min, e_min, r2, reason FROM critical_batch([0.5, 0.4, 0.3], width := 20);
-CREATE OR REPLACE MACRO critical_batch(targets, width := 1, noise_window := 0.25, rtol := 0.0,
-                                       sweep_name := NULL) AS TABLE
-WITH pts AS (
-    SELECT target, batch_size AS b, ln(steps) AS y
-    FROM best_lr_per_batch(targets, width := width, noise_window := noise_window, rtol := rtol,
-                           sweep_name := sweep_name)
-    WHERE reached AND steps > 0
+-- best_lr_of over crossings, in one call. Example:
+-- SELECT * FROM best_lr_per_batch([0.3], width_examples := 4096, sweep_name := 'digits-sample');
+CREATE OR REPLACE MACRO best_lr_per_batch(targets, width_examples := 0, metric := 'train_loss', noise_window := 0.1,
+                                          rtol := 0.0, sweep_name := NULL, run_ids := NULL) AS TABLE
+WITH h AS (
+    SELECT * FROM crossings(targets, width_examples := width_examples, metric := metric, noise_window := noise_window,
+                            run_ids := run_ids)
+    WHERE sweep_name IS NULL OR sweep = sweep_name
+)
+SELECT * FROM best_lr_of('h', rtol := rtol);
+
+-- The critical batch size per target over best-LR rows in a table or CTE named `best` (best_lr_of's columns):
+-- S(B) = S_min + E_min/B fitted on log S at the effective batch size (fit_tradeoff in Python, same grid over
+-- ln B_crit in steps of 0.01 from 10^4 below the smallest to 10^4 above the largest batch, refined by a
+-- parabola; Python adds bootstrap intervals). b_crit is NULL, with a reason, when fewer than min_batches batch
+-- sizes have a measured crossing or the optimum runs off the grid. warnings: caveats that do not stop the
+-- fit, the same list as Python's TradeoffFit.warnings (LR grid edge, censored or scheduled batch sizes,
+-- B_crit extrapolated beyond the batches measured, B_crit not bounded on one side by the data: the profile
+-- SSE at a grid end is within n*ln(SSE/SSE_min) <= 2.706 of the optimum, 90 %). b_simple: pooled over the
+-- best runs (ratio of their summed tr(Sigma) and |G|^2 estimates at the crossing), n_noise_runs of them.
+CREATE OR REPLACE MACRO critical_batch_of(best, min_batches := 3) AS TABLE
+WITH bst AS (SELECT * FROM query_table(best)),
+tg AS (SELECT DISTINCT target FROM bst),
+pts AS (
+    SELECT target, coalesce(effective_batch, batch_size) AS b, min(ln(steps)) AS y
+    FROM bst WHERE reached AND NOT censored AND steps > 0 AND isfinite(steps) AND coalesce(effective_batch, batch_size) > 0
+    GROUP BY ALL
 ),
 st AS (
     SELECT target, count(*) AS n, min(b) AS bmin, max(b) AS bmax, var_pop(y) * count(*) AS sst
@@ -184,61 +308,108 @@ g AS (
     SELECT target, k, ln(bmin) - ln(1e4) + k * 0.01 AS lnc, kmax
     FROM (SELECT target, bmin, CAST(ceil(((ln(bmax) + ln(1e4)) - (ln(bmin) - ln(1e4))) / 0.01) AS BIGINT) AS kmax,
                  unnest(range(0, CAST(ceil(((ln(bmax) + ln(1e4)) - (ln(bmin) - ln(1e4))) / 0.01) AS BIGINT) + 1)) AS k
-          FROM st WHERE n >= 3)
+          FROM st WHERE n >= min_batches)
 ),
 sse AS (
     SELECT g.target, g.k, g.kmax, g.lnc, var_pop(p.y - ln(1 + exp(g.lnc) / p.b)) * count(*) AS sse
     FROM g JOIN pts p USING (target) GROUP BY g.target, g.k, g.kmax, g.lnc
 ),
-bestk AS (SELECT target, arg_min(k, sse) AS k, any_value(kmax) AS kmax FROM sse GROUP BY target),
+bestk AS (
+    SELECT target, arg_min(k, sse) AS k, any_value(kmax) AS kmax, min(sse) AS sse_min,
+           max(sse) FILTER (k = 0) AS sse_lo, max(sse) FILTER (k = kmax) AS sse_hi
+    FROM sse GROUP BY target
+),
 ref AS (
-    SELECT bk.target, bk.k, bk.kmax, s1.lnc, s0.sse AS s0, s1.sse AS s1, s2.sse AS s2
+    SELECT bk.*, s1.lnc, s0.sse AS s0, s1.sse AS s1, s2.sse AS s2
     FROM bestk bk
     JOIN sse s1 ON s1.target = bk.target AND s1.k = bk.k
     LEFT JOIN sse s0 ON s0.target = bk.target AND s0.k = bk.k - 1
     LEFT JOIN sse s2 ON s2.target = bk.target AND s2.k = bk.k + 1
 ),
 est AS (
-    SELECT target, k, kmax,
-           CASE WHEN k > 0 AND k < kmax THEN exp(lnc + 0.01 * greatest(-1.0, least(1.0,
+    SELECT *, CASE WHEN k > 0 AND k < kmax THEN exp(lnc + 0.01 * greatest(-1.0, least(1.0,
                 CASE WHEN s0 - 2 * s1 + s2 > 0 THEN 0.5 * (s0 - s2) / (s0 - 2 * s1 + s2) ELSE 0.0 END))) END AS c
     FROM ref
 ),
 fit AS (
-    SELECT e.target, e.k, e.kmax, e.c, avg(p.y - ln(1 + e.c / p.b)) AS a,
+    SELECT e.target, e.k, e.kmax, e.c, e.sse_min, e.sse_lo, e.sse_hi, avg(p.y - ln(1 + e.c / p.b)) AS a,
            var_pop(p.y - ln(1 + e.c / p.b)) * count(*) AS sse
-    FROM est e JOIN pts p USING (target) GROUP BY e.target, e.k, e.kmax, e.c
+    FROM est e JOIN pts p USING (target) GROUP BY ALL
+),
+lists AS (
+    SELECT target,
+           list(printf('%g', batch_size) ORDER BY batch_size) FILTER (reached AND lr_at_edge AND n_lrs > 1) AS edge,
+           list(printf('%g', batch_size) ORDER BY batch_size) FILTER (censored) AS cens,
+           list(printf('%g', batch_size) ORDER BY batch_size) FILTER (reached AND NOT censored AND scheduled) AS sched,
+           count(*) FILTER (reached AND NOT censored AND n_noise > 0) AS n_noise_runs,
+           sum(trace_sigma * n_noise) FILTER (reached AND NOT censored AND n_noise > 0)
+               / nullif(sum(g2 * n_noise) FILTER (reached AND NOT censored AND n_noise > 0), 0) AS b_simple
+    FROM bst GROUP BY target
+),
+out AS (
+    SELECT t.target, st.n, st.bmin, st.bmax, st.sst, f.*, l.edge, l.cens, l.sched, l.b_simple, l.n_noise_runs,
+           CASE WHEN coalesce(st.n, 0) = 0 THEN 'no batch size reached the target'
+                WHEN st.n < min_batches THEN printf('only %d batch size(s) reached the target; the frontier needs at least %d',
+                                                    st.n, min_batches)
+                WHEN f.k = 0 THEN printf('steps to target do not fall with batch size over B = %g..%g: B_crit is below '
+                                         'the smallest batch (or the spread is noise)', st.bmin, st.bmax)
+                WHEN f.k = f.kmax THEN printf('steps fall as 1/B over the whole range B = %g..%g (perfect scaling): '
+                                              'B_crit is above the largest batch; sweep larger batches', st.bmin, st.bmax)
+           END AS reason
+    FROM tg t LEFT JOIN st USING (target) LEFT JOIN fit f USING (target) LEFT JOIN lists l USING (target)
 )
-SELECT t.target, f.c AS b_crit, exp(f.a) AS s_min, exp(f.a) * f.c AS e_min,
-       CASE WHEN st.sst > 0 THEN 1 - f.sse / st.sst END AS r2, coalesce(st.n, 0) AS n_batches,
-       st.bmin AS batch_min, st.bmax AS batch_max,
-       CASE WHEN coalesce(st.n, 0) = 0 THEN 'no batch size reached the target'
-            WHEN st.n < 3 THEN 'only ' || st.n || ' batch size(s) reached the target; the frontier needs at least 3'
-            WHEN f.k = 0 THEN 'steps to target do not fall with batch size: B_crit is below the smallest batch'
-            WHEN f.k = f.kmax THEN 'steps fall as 1/B over the whole range (perfect scaling): B_crit is above the largest batch'
-       END AS reason
-FROM (SELECT unnest(targets)::DOUBLE AS target) t
-LEFT JOIN st USING (target)
-LEFT JOIN fit f USING (target)
-ORDER BY t.target DESC;
+SELECT target, CASE WHEN reason IS NULL THEN c END AS b_crit, CASE WHEN reason IS NULL THEN exp(a) END AS s_min,
+       CASE WHEN reason IS NULL THEN exp(a) * c END AS e_min,
+       CASE WHEN sst > 0 AND reason IS NULL THEN 1 - sse / sst END AS r2, coalesce(n, 0) AS n_batches,
+       bmin AS batch_min, bmax AS batch_max, reason,
+       list_concat(
+           CASE WHEN len(coalesce(edge, [])) > 0 THEN ['best LR at the edge of the LR grid for B = '
+                || array_to_string(edge, ', ') || ': steps there may be overestimated'] ELSE [] END,
+           CASE WHEN len(coalesce(cens, [])) > 0 THEN ['B = ' || array_to_string(cens, ', ')
+                || ': already at or below the target at the first point, so steps to target are not measured: '
+                || 'left out of the fit'] ELSE [] END,
+           CASE WHEN len(coalesce(sched, [])) > 0 THEN ['B = ' || array_to_string(sched, ', ')
+                || ': the batch size changes during these runs: fitted at the effective batch E/S'] ELSE [] END,
+           CASE WHEN reason IS NULL AND (c < bmin OR c > bmax) THEN [printf(
+                'B_crit = %.3g lies outside the batch sizes measured (%g..%g): extrapolated', c, bmin, bmax)] ELSE [] END,
+           CASE WHEN reason IS NULL AND (sse_lo <= sse_min * exp(2.706 / n) OR sse_hi <= sse_min * exp(2.706 / n))
+                THEN ['the data do not bound B_crit on one side (90 % profile interval reaches the grid end)'] ELSE [] END,
+           CASE WHEN reason IS NULL AND n = 3 AND min_batches = 3
+                THEN ['only 3 batch sizes: one degree of freedom, treat the interval with care'] ELSE [] END
+       ) AS warnings,
+       b_simple, coalesce(n_noise_runs, 0) AS n_noise_runs
+FROM out ORDER BY target DESC;
 
--- The LR x batch grid (Masters & Luschi 2018) from run_summary: per (batch_size, lr) cell the runs that
--- finished, diverged or are unfinished, and medians of the final metrics over the finished, finite runs.
--- base_lr = lr / batch_size is the alternative axis. Example:
--- SELECT batch_size, lr, state, final_loss FROM lr_batch_grid WHERE sweep = 'digits-sweep' ORDER BY ALL;
+-- critical_batch_of over best_lr_per_batch, in one call (the README's and the Tradeoff page's B_crit).
+-- Example: SELECT target, b_crit, reason, warnings FROM critical_batch([0.5, 0.3], width_examples := 4096);
+CREATE OR REPLACE MACRO critical_batch(targets, width_examples := 0, metric := 'train_loss', noise_window := 0.1,
+                                       rtol := 0.0, sweep_name := NULL, run_ids := NULL, min_batches := 3) AS TABLE
+WITH bb AS (
+    SELECT * FROM best_lr_per_batch(targets, width_examples := width_examples, metric := metric,
+                                    noise_window := noise_window, rtol := rtol, sweep_name := sweep_name,
+                                    run_ids := run_ids)
+)
+SELECT * FROM critical_batch_of('bb', min_batches := min_batches);
+
+-- The LR x batch grid (Masters & Luschi 2018): per (batch_size, lr) cell the runs that trained, stalled
+-- (never left their initial loss: a failure, not a stable LR), diverged, are unfinished or failed, and
+-- medians of the final metrics over the trained, finite runs. state: the best thing any run of the cell
+-- did, in the order ok, stalled, diverged, unfinished, failed. base_lr = lr / batch_size. Example:
+-- SELECT batch_size, lr, state, final_loss FROM lr_batch_grid WHERE sweep = 'digits-sample' ORDER BY ALL;
 CREATE OR REPLACE VIEW lr_batch_grid AS
 WITH k AS (
-    SELECT *, CASE WHEN diverged OR status = 'diverged' OR NOT isfinite(final_loss) THEN 'diverged'
-                   WHEN status IN ('running', 'stale') THEN 'unfinished'
-                   WHEN status = 'failed' THEN 'failed' ELSE 'ok' END AS kind
-    FROM run_summary
-    WHERE batch_size IS NOT NULL AND lr IS NOT NULL
+    SELECT s.*, CASE WHEN o.outcome = 'trained' AND isfinite(s.final_loss) THEN 'ok'
+                     WHEN o.outcome = 'trained' THEN 'diverged' ELSE o.outcome END AS kind
+    FROM run_summary s JOIN run_outcomes() o USING (run_id)
+    WHERE s.batch_size IS NOT NULL AND s.lr IS NOT NULL
 )
 SELECT sweep, batch_size, lr, lr / batch_size AS base_lr, count(*) AS n_runs,
-       count(*) FILTER (kind = 'ok') AS n_ok, count(*) FILTER (kind = 'diverged') AS n_diverged,
+       count(*) FILTER (kind = 'ok') AS n_ok, count(*) FILTER (kind = 'stalled') AS n_stalled,
+       count(*) FILTER (kind = 'diverged') AS n_diverged,
        count(*) FILTER (kind = 'unfinished') AS n_unfinished, count(*) FILTER (kind = 'failed') AS n_failed,
-       CASE WHEN count(*) FILTER (kind = 'ok') > 0 THEN 'ok' WHEN count(*) FILTER (kind = 'diverged') > 0
-            THEN 'diverged' WHEN count(*) FILTER (kind = 'unfinished') > 0 THEN 'unfinished' ELSE 'failed' END AS state,
+       CASE WHEN count(*) FILTER (kind = 'ok') > 0 THEN 'ok' WHEN count(*) FILTER (kind = 'stalled') > 0 THEN 'stalled'
+            WHEN count(*) FILTER (kind = 'diverged') > 0 THEN 'diverged'
+            WHEN count(*) FILTER (kind = 'unfinished') > 0 THEN 'unfinished' ELSE 'failed' END AS state,
        median(final_loss) FILTER (kind = 'ok') AS final_loss,
        median(final_test_loss) FILTER (kind = 'ok') AS final_test_loss,
        median(final_test_accuracy) FILTER (kind = 'ok') AS final_test_accuracy
@@ -246,7 +417,7 @@ FROM k GROUP BY sweep, batch_size, lr;
 
 -- Generalization gap per run at its last evaluation (from run_summary) with the SGD noise scale
 -- g = lr * N / (B * (1 - momentum)) of Smith et al. (2017); NULL for infinite streams (no train_size).
--- Matched-epoch comparisons: dashboard.analysis.generalization. Example:
+-- Matched training loss / examples: dashboard.analysis.generalization. Example:
 -- SELECT batch_size, median(gap_loss), median(noise_g) FROM generalization_runs WHERE NOT diverged GROUP BY 1;
 CREATE OR REPLACE VIEW generalization_runs AS
 SELECT run_id, name, sweep, status, diverged, batch_size, lr, momentum, train_size, epochs,
