@@ -256,3 +256,18 @@ def test_a_missing_engine_is_one_line_naming_the_extra(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "batchscope[ray]" in err
     assert not db.exists() and not (tmp_path / "runs.duckdb.sweeps").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--partition", "gpu"], "--partition is for --launcher slurm or submitit, not local"),
+    (["--launcher", "ray", "--jobs", "2"], "--jobs is for --launcher local, not ray"),
+    (["--launcher", "submitit", "--sbatch-arg=--qos=low"], "--sbatch-arg is for --launcher slurm, not submitit"),
+    (["--launcher", "slurm", "--sbatch", "/nonexistent/sbatch"], "'/nonexistent/sbatch' not found"),
+    (["--nproc-per-node", "0"], "--nproc-per-node must be positive"),
+])
+def test_launcher_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
+    db = tmp_path / "runs.duckdb"
+    code = main(["--batch", "16", "--lr", "0.1", "--db", str(db), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

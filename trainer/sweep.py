@@ -128,7 +128,7 @@ def add_launcher_options(p: argparse.ArgumentParser) -> None:
     res.add_argument("--sbatch", metavar="PATH", help="sbatch to call (default: $BATCHSCOPE_SBATCH, else sbatch)")
     res.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
                      help="extra sbatch option for the script, e.g. --sbatch-arg=--account=ml (repeatable)")
-    res.add_argument("--submitit-cluster", metavar="NAME",
+    res.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"),
                      help="submitit executor: slurm, local or debug (default: slurm when sbatch exists, else local)")
     res.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
 
@@ -154,18 +154,69 @@ def common_args(argv: list[str]) -> list[str]:
     return rest
 
 
+# Options that mean something only to some launchers: given to another, they are an error, not ignored.
+ONLY_FOR = {"jobs": ("local",), "partition": ("slurm", "submitit"), "time": ("slurm", "submitit"),
+            "mem": ("slurm", "submitit"), "max_parallel": ("slurm", "submitit"), "gpus": ("slurm", "submitit", "ray"),
+            "cpus": ("slurm", "submitit", "ray"), "sbatch": ("slurm",), "sbatch_arg": ("slurm",),
+            "submitit_cluster": ("submitit",), "ray_address": ("ray",)}
+
+
 def _error(message: str) -> int:
     print(f"python -m trainer sweep: error: {message}", file=sys.stderr)
     return 2
+
+
+def check_launcher_options(args: argparse.Namespace) -> None:
+    """Raise SweepError for an option the chosen launcher would ignore, or a value out of range."""
+    from trainer.launchers.manifest import SweepError
+
+    for opt, launchers in ONLY_FOR.items():
+        if getattr(args, opt) not in (None, []) and args.launcher not in launchers:
+            raise SweepError(f"--{opt.replace('_', '-')} is for --launcher {' or '.join(launchers)}, "
+                             f"not {args.launcher}")
+    for opt in ("jobs", "nproc_per_node", "cpus", "gpus", "max_parallel"):
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
+            raise SweepError(f"--{opt.replace('_', '-')} must be positive")
+    if args.retries < 0:
+        raise SweepError("--retries must be >= 0")
+    if args.launcher == "slurm":
+        from trainer.launchers.slurm import sbatch_command
+
+        sbatch_command(args.sbatch)  # no sbatch here: say so before anything is written
+
+
+def threads_per_rank(args: argparse.Namespace, jobs: int) -> int:
+    """--threads, else: locally the cores shared by the runs at once; elsewhere the cell's --cpus by its ranks."""
+    ranks = args.nproc_per_node
+    if args.threads:
+        return args.threads
+    if args.launcher == "local":
+        return max(1, cpu_count() // (jobs * ranks))
+    return max(1, (args.cpus or ranks) // ranks)
+
+
+def validate_cells(cells: list) -> dict:
+    """Check every cell's run options as the trainer will (exit 2 on the first bad one) and load the
+    data once; returns the options the cells share, which a resumed sweep must keep."""
+    from trainer.cli import build_parser as train_parser
+    from trainer.cli import config_from_args, prepare
+    from trainer.config import validate
+
+    options: dict = {}
+    for i, cell in enumerate(cells):
+        cfg = config_from_args(train_parser().parse_args(list(cell.argv)))
+        validate(cfg)
+        if i == 0:
+            prepare(cfg)  # loads the data once: a missing --data-dir file fails here, not 40 times
+            options = {k: v for k, v in cfg.to_json().items() if k not in GRID_KEYS}
+    return options
 
 
 def main(argv: list[str]) -> int:
     """Validate the whole grid first (exit 2 on bad input), skip what the store has, launch the rest."""
     import collector
     from trainer import launchers
-    from trainer.cli import build_parser as train_parser
-    from trainer.cli import config_from_args, prepare
-    from trainer.config import ConfigError, validate
+    from trainer.config import ConfigError
     from trainer.datasets import DataError
     from trainer.launchers.cell import cell_states
     from trainer.launchers.manifest import Manifest, SweepError, check_same_options, make_cells, sweep_dir
@@ -173,32 +224,20 @@ def main(argv: list[str]) -> int:
     from trainer.launchers.slurm import SlurmOptions
 
     args = build_parser().parse_args(argv)
-    for opt in ("jobs", "nproc_per_node", "cpus", "gpus", "max_parallel"):
-        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
-            return _error(f"--{opt.replace('_', '-')} must be positive")
-    if args.retries < 0:
-        return _error("--retries must be >= 0")
     try:
+        check_launcher_options(args)
         engine = launchers.load(args.launcher)
-    except launchers.LauncherUnavailable as exc:
+    except (SweepError, launchers.LauncherUnavailable) as exc:
         return _error(str(exc))
     ranks, local = args.nproc_per_node, args.launcher == "local"
     jobs = args.jobs or max(1, cpu_count() // ranks)
-    if local:  # share this machine's cores between the runs at once
-        threads = args.threads or max(1, cpu_count() // (jobs * ranks))
-    else:  # a cell's CPUs (--cpus), shared by its ranks
-        threads = args.threads or max(1, (args.cpus or ranks) // ranks)
+    threads = threads_per_rank(args, jobs)
     sweep = args.sweep or f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"
     db = str(collector.resolve_db(args.db).resolve())
     cells = make_cells(common_args(argv), args.batch, args.lr, args.seed, sweep=sweep, db=db, threads=threads)
+    folder = sweep_dir(db, sweep) if args.sweep_dir is None else Path(args.sweep_dir).resolve()
     try:
-        for i, cell in enumerate(cells):
-            cfg = config_from_args(train_parser().parse_args(list(cell.argv)))
-            validate(cfg)
-            if i == 0:
-                prepare(cfg)  # loads the data once: a missing --data-dir file fails here, not 40 times
-                options = {k: v for k, v in cfg.to_json().items() if k not in GRID_KEYS} | {"nproc_per_node": ranks}
-        folder = sweep_dir(db, sweep) if args.sweep_dir is None else Path(args.sweep_dir).resolve()
+        options = validate_cells(cells) | {"nproc_per_node": ranks}
         check_same_options(folder, options)
         states = cell_states(db, sweep)
     except (ConfigError, DataError, SweepError, ValueError, OSError) as exc:
