@@ -9,6 +9,7 @@ leaves that column NULL and never fails the run. Explicit `start_run(...)` argum
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def git_commit(folder: Path) -> str | None:
     return head + ("-dirty" if status else "")
 
 
+@functools.lru_cache(maxsize=8)
+def _git_commit_once(folder: Path) -> str | None:
+    """git_commit, asked once per process and folder: a process that starts many runs (a test suite, a
+    notebook) pays for the two git calls (5-25 ms) once."""
+    return git_commit(folder)
+
+
 def provenance(env: Mapping[str, str] | None = None, folder: Path | None = None) -> dict:
     """Provenance fields for a new run: the environment's, plus the git commit unless the env gave one.
 
@@ -87,7 +95,7 @@ def provenance(env: Mapping[str, str] | None = None, folder: Path | None = None)
 
     out = from_environ(os.environ if env is None else env)
     if "git_commit" not in out:
-        commit = git_commit(folder or code_dir())
+        commit = _git_commit_once(folder or code_dir())
         if commit:
             out["git_commit"] = commit
     out.setdefault("rank", 0)  # a run started without a distributed launcher is rank 0 of its world

@@ -204,6 +204,10 @@ def test_cell_states_say_what_is_done_running_or_to_retry(tmp_path):
         "e": CellState(attempts=1, done=False, running=False, run_id="r7"),
     }
     assert cell_states(tmp_path / "none.duckdb", "s") == {}
+    # one run stands for each cell: the attempt that settled it, else the latest
+    with duckdb.connect(str(db), read_only=True) as con:
+        superseded = con.execute("SELECT run_id FROM run_attempts WHERE superseded ORDER BY run_id").fetchall()
+    assert superseded == [("r1",), ("r4",)]
 
 
 def _fake_trainer(tmp_path: Path, fail_times: int, code: int = 1) -> Path:

@@ -20,3 +20,13 @@ SELECT sweep, cell_id,
 FROM run_status
 WHERE cell_id IS NOT NULL
 GROUP BY sweep, cell_id;
+
+-- One row per run that belongs to a sweep cell: its attempt, how many attempts its cell has, and whether
+-- it is superseded, i.e. not the run that stands for its cell (that is the attempt that settled the cell,
+-- else the latest one). Fits and the LR x batch map should use one run per cell: NOT superseded.
+-- Example: SELECT r.* FROM runs r JOIN run_attempts a USING (run_id) WHERE a.sweep = 'grid' AND NOT a.superseded;
+CREATE OR REPLACE VIEW run_attempts AS
+SELECT r.run_id, r.sweep, r.cell_id, r.attempt, c.attempts,
+       r.run_id <> coalesce(c.result_run_id, c.last_run_id) AS superseded
+FROM runs r
+JOIN sweep_cells c USING (sweep, cell_id);
