@@ -24,7 +24,7 @@ def _evals(run_id: str, steps: list[int], train: list[float], test: list[float],
 
 def test_gap_grows_with_batch_size_in_the_synthetic_sweep(sim) -> None:
     runs, _, evals = sim
-    gen = generalization(evals, runs)
+    gen = generalization(evals, runs, at="matched")
     assert gen.ok and gen.per_run.height == runs.filter(pl.col("status") == "finished").height
     gaps = gen.by_batch["gap_loss"].to_numpy()
     assert np.all(np.diff(gaps) > 0)  # the simulation makes the gap grow with B
@@ -42,7 +42,7 @@ def test_matched_progress_interpolates_and_leaves_out_short_runs() -> None:
         _evals("b", [5, 10], [0.9, 0.7], [1.0, 0.9], 20),  # reaches 200 examples
         _evals("c", [5], [1.0], [1.2], 10),  # still running, 50 examples
     ])
-    gen = generalization(ev, runs)
+    gen = generalization(ev, runs, at="matched")
     assert gen.per_run["run_id"].to_list() == ["a", "b"]
     a = gen.per_run.filter(pl.col("run_id") == "a").row(0, named=True)
     assert a["examples"] == 200 and a["epochs"] == pytest.approx(0.2)
@@ -57,6 +57,27 @@ def test_matched_progress_interpolates_and_leaves_out_short_runs() -> None:
     assert at_e.per_run["run_id"].to_list() == ["a"]
     assert at_e.per_run["train_loss"][0] == pytest.approx(0.7)  # halfway between 200 and 300 examples
     assert np.isfinite(end.rho_batch)
+
+
+def test_matched_training_loss_reads_each_run_where_its_train_loss_reaches_one_level() -> None:
+    """Keskar's reading: a large batch that has barely trained is compared where it reaches the same training
+    loss as the small one, not at the same examples; stalled runs are left out."""
+    runs = pl.DataFrame({"run_id": ["small", "big", "stuck"], "batch_size": [8, 512, 512], "lr": 0.1,
+                         "train_size": 1000, "status": "finished", "outcome": ["trained", "trained", "stalled"]})
+    ev = pl.concat([
+        _evals("small", [10, 20, 30], [1.0, 0.5, 0.2], [1.1, 0.62, 0.3], 8),  # gap 0.12 at train 0.5
+        _evals("big", [1, 2, 4, 8], [2.0, 1.0, 0.6, 0.4], [2.0, 1.1, 0.9, 0.8], 512),  # at 0.5: between 4 and 8
+        _evals("stuck", [1, 2], [2.3, 2.3], [2.3, 2.3], 512),
+    ])
+    gen = generalization(ev, runs, at="train_loss", loss_level=0.5)
+    assert gen.at == "training loss 0.5" and gen.per_run["run_id"].to_list() == ["small", "big"]
+    small, big = gen.per_run.row(0, named=True), gen.per_run.row(1, named=True)
+    assert small["train_loss"] == pytest.approx(0.5) and small["gap_loss"] == pytest.approx(0.12)
+    assert big["examples"] == pytest.approx(6 * 512) and big["train_loss"] == pytest.approx(0.5)
+    assert big["gap_loss"] == pytest.approx(0.85 - 0.5)
+    assert any("stalled" in w for w in gen.warnings)
+    default = generalization(ev, runs)  # default level: the lowest every batch size reached = 0.4 (big's best)
+    assert default.at == "training loss 0.4" and default.per_run["train_loss"].to_numpy() == pytest.approx(0.4)
 
 
 def test_generalization_degenerate() -> None:
