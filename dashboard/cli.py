@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token:SECRET or USER:PASSWORD (default: $BATCHSCOPE_AUTH; none)")
     p.add_argument("--debug", action="store_true", help="Dash's development server with the debug UI")
     p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
+    p.add_argument("--trusted-proxy", metavar="ADDR", default=None,
+                   help="address of a TLS reverse proxy in front (e.g. 127.0.0.1) whose X-Forwarded-Proto/-Host/-For "
+                        "headers are believed (session cookies become Secure); ignored from anyone else")
     return p
 
 
@@ -109,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     import waitress
 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    waitress.serve(app.server, host=args.host, port=args.port, threads=args.threads, ident="batchscope")
+    proxy = {}
+    if args.trusted_proxy:
+        proxy = {"trusted_proxy": args.trusted_proxy, "trusted_proxy_count": 1,
+                 "trusted_proxy_headers": {"x-forwarded-proto", "x-forwarded-host", "x-forwarded-for"}}
+    waitress.serve(app.server, host=args.host, port=args.port, threads=args.threads, ident="batchscope", **proxy)
 
 
 if __name__ == "__main__":
