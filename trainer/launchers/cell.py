@@ -51,15 +51,18 @@ class CellResult:
     error: str | None = None
 
 
-def cell_states(db: str | Path, sweep: str) -> dict[str, CellState]:
-    """Per cell_id, the store's view of this sweep's cells (the sweep_cells view); {} without a store."""
+def cell_states(db: str | Path, sweep: str, timeout: float = 60.0) -> dict[str, CellState]:
+    """Per cell_id, the store's view of this sweep's cells (the sweep_cells view); {} without a store.
+
+    Raises collector.StoreError when the store stays locked for `timeout` s: running a cell without
+    knowing whether it is done could run it twice, so the caller reports it instead."""
     import collector
 
     path = Path(db)
     if not path.exists():
         return {}
     collector.recover(path)  # dead tries become stale runs, and count as attempts
-    with collector.read_connection(path) as con:
+    with collector.read_connection(path, timeout=timeout) as con:
         rows = con.execute("SELECT cell_id, last_attempt, done, running, coalesce(result_run_id, last_run_id) "
                            "FROM sweep_cells WHERE sweep = ?", [sweep]).fetchall()
     return {r[0]: CellState(attempts=r[1] or 0, done=bool(r[2]), running=bool(r[3]), run_id=r[4]) for r in rows}
@@ -149,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     index = args.index if args.index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
     if index is None:
         p.error("give INDEX or run it as a SLURM array task")
-    result = run_cell(read_manifest(args.manifest), int(index))
+    import collector
+
+    try:
+        result = run_cell(read_manifest(args.manifest), int(index))
+    except collector.StoreError as exc:
+        print(f"cell {index} of {args.manifest}: cannot read which cells are done: {exc}", file=sys.stderr)
+        return 1
     if result.error:
         print(f"cell {result.cell_id} failed: {result.error}", file=sys.stderr)
     return 1 if result.status == "failed" else 0
