@@ -15,7 +15,7 @@ import pytest
 import collector
 from collector.provenance import from_environ, git_commit, provenance
 from trainer.launchers import LauncherUnavailable, load
-from trainer.launchers.cell import CellState, cell_states, run_cell
+from trainer.launchers.cell import CellState, cell_states, retryable, run_cell
 from trainer.launchers.manifest import (
     Manifest,
     SweepError,
@@ -248,6 +248,10 @@ def test_retries_run_out_and_bad_input_is_not_retried(tmp_path):
     result = run_cell(m, 0, echo=False, state=None)
     assert (result.status, result.attempt) == ("failed", 1)
     assert len((tmp_path / "calls").read_text().splitlines()) == 1
+
+
+def test_only_error_exits_are_retried_at_once():
+    assert [code for code in (0, 1, 2, 3, 130, 137, 143, -9, -15) if retryable(code)] == [1, 3]
 
 
 def test_a_missing_engine_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):

@@ -25,7 +25,13 @@ from pathlib import Path
 from trainer.launchers.manifest import Cell, Manifest, cell_command, cell_env, read_manifest
 
 DONE = ("finished", "diverged")  # a diverged cell is a point of the stability map, not a failure
-NO_RETRY = (2, 130)  # bad input, or interrupted by the user: trying again cannot help
+
+
+def retryable(returncode: int) -> bool:
+    """Whether a failed try is worth another at once: an error exit, not bad input (2), Ctrl-C (130) or a
+    signal (a negative code, or 128 + N from a shell): preempted, cancelled or killed means stop here
+    (the engine's own requeue, if any, brings the cell back as its next attempt)."""
+    return 0 < returncode < 128 and returncode != 2
 _RESULT = re.compile(r"^run (\w{12}) (finished|diverged)", re.M)
 
 
@@ -135,7 +141,7 @@ def run_cell(manifest: Manifest, index: int, *, job_id: str | None = None, echo:
                   + f": {' '.join(cmd)}", flush=True)
         code, out, err = run_process(cmd, cell_env(manifest, cell, attempt, job_id), manifest.cwd, echo)
         status, run_id = outcome(code, out)
-        if status != "failed" or code in NO_RETRY:
+        if status != "failed" or not retryable(code):
             break
     error = None
     if status == "failed":
