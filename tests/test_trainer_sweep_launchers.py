@@ -146,6 +146,33 @@ def test_slurm_array_resumes_a_preempted_cell_as_its_next_attempt_and_skips_done
 
 
 @pytest.mark.slow
+def test_sigterm_to_a_task_ends_its_run_with_the_reason_and_is_not_retried(tmp_path):
+    """What SLURM does at preemption or scancel: SIGTERM to the task; the cell passes it to the trainer."""
+    db = tmp_path / "runs.duckdb"
+    stub = make_stub(tmp_path)
+    env = env_without_cluster(STUB_LOG=str(tmp_path / "calls"), BATCHSCOPE_SBATCH=str(stub), STUB_MODE="record")
+    proc = sweep("--batch", "16", "--lr", "0.05", "--steps", "20000", "--gns-every", "0", "--sweep", "term",
+                 "--db", str(db), "--launcher", "slurm", "--retries", "2", env=env)
+    assert proc.returncode == 0, proc.stderr
+    [manifest] = (tmp_path / "runs.duckdb.sweeps" / "term").glob("launch-*.json")
+    task = subprocess.Popen([sys.executable, "-m", "trainer.launchers.cell", str(manifest), "0"], env=env, cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_steps_segment(Path(str(db) + ".spool"), task)
+        task.send_signal(signal.SIGTERM)  # to the task only: it must pass it on
+        out, _ = task.communicate(timeout=120)
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+    assert task.returncode == 1, out
+    assert out.count("attempt") == 1  # stopped by a signal: not retried
+    with duckdb.connect(str(db), read_only=True) as con:
+        [(status, reason, attempt, steps)] = con.execute(
+            "SELECT status, status_reason, attempt, (SELECT count(*) FROM steps) FROM runs").fetchall()
+    assert (status, attempt) == ("failed", 1) and "SIGTERM" in reason and 0 < steps < 20000
+
+
+@pytest.mark.slow
 def test_submitit_local_executor_runs_a_small_sweep(tmp_path):
     pytest.importorskip("submitit")
     db = tmp_path / "runs.duckdb"
