@@ -88,9 +88,9 @@ def test_linreg_b_simple_matches_closed_form(dim, sigma, batch, accum):
                                    gns_every=1)
     assert result.status == "finished"
     steps = run.steps()
-    assert np.all(np.isfinite(steps["g_small_sq"])), "every step is measured (K >= 2, or split at K = 1)"
+    assert np.all(np.isfinite(steps["g_small_sq"])), "every step is measured (micro-batches, or per-example at K = 1)"
     assert np.all(steps["b_big"] == batch)
-    assert np.all(steps["b_small"] == (batch // accum if accum > 1 else batch / 2))
+    assert np.all(steps["b_small"] == (batch // accum if accum > 1 else 1))
     delta_sq = run.scalar("delta_sq")
     assert delta_sq[0] == pytest.approx(delta_sq[-1], rel=1e-3)
     exact = linreg_b_simple(dim, sigma, delta_sq[-1])

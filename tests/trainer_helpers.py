@@ -46,13 +46,25 @@ class RecordingRun:
         return [v for _, k, v in self.scalars if k == name]
 
 
-def train_in_process(device: str = "cpu", **options) -> tuple[RecordingRun, TrainResult]:
-    """Run `train` on a RecordingRun with TrainConfig(**options)."""
+def train_in_process(device: str = "cpu", on_eval=None, **options) -> tuple[RecordingRun, TrainResult]:
+    """Run `train` on a RecordingRun with TrainConfig(**options).
+
+    on_eval(model): called with the model at every evaluation (the same parameters the step rows
+    after it were logged with), e.g. to compute exact per-example statistics there.
+    """
     import torch
 
     cfg = TrainConfig(device=device, **options)
     task = make_task(cfg.task, TaskOptions(dim=cfg.dim, noise=cfg.noise, data_dir=cfg.data_dir),
                      torch.device(device), cfg.seed)
+    if on_eval is not None:
+        evaluate = task.evaluate
+
+        def evaluate_and_call(model):
+            on_eval(model)
+            return evaluate(model)
+
+        task.evaluate = evaluate_and_call
     run = RecordingRun()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the CLI does for the small tasks: much faster on a busy 2-core machine
@@ -136,6 +148,14 @@ def small_models():
         "transformer": (Block, tokens, seq_loss),
         "mha": (lambda: Block(mha=True), tokens, seq_loss),
     }
+
+
+def exact_b_simple(model, loss_fn, x, y) -> tuple[float, float, float]:
+    """(B_simple, |G|^2, tr(Sigma)) over the whole set (x, y) at the model's parameters, from torch.func."""
+    g = per_example_grads(model, loss_fn, x, y)
+    mean = g.mean(0)
+    g_sq, tr = float(mean @ mean), float((g - mean).square().sum(1).mean())
+    return tr / g_sq, g_sq, tr
 
 
 def per_example_grads(model, loss_fn, x, y):

@@ -88,12 +88,16 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     rec = p.add_argument_group("measuring and recording")
     rec.add_argument("--eval-every", type=integer, metavar="STEPS",
                      help="evaluate train/test loss and accuracy every N steps (default: ~20 per run)")
-    rec.add_argument("--gns-every", type=int, default=10, metavar="N",
-                     help="at --accum 1, measure the gradient noise scale every N steps by running that batch as "
-                          "2 micro-batches (same FLOPs; default 10; 1 = every step; 0 = never). With --accum K>=2 "
-                          "it is measured on every step at no extra cost")
+    from trainer.config import TrainConfig
+
+    gns_default = TrainConfig.gns_every
+    rec.add_argument("--gns-every", type=int, default=gns_default, metavar="N",
+                     help="at --accum 1, measure the gradient noise scale every N steps from per-example gradient "
+                          f"norms taken in the same pass (default {gns_default}: every step; 0 = never). "
+                          "With --accum K>=2 it is measured on every step from the micro-batches")
     rec.add_argument("--gns-window", type=float, metavar="EXAMPLES",
-                     help="EMA window of the logged B_simple, in examples (default: 50 measurements' worth)")
+                     help="a fixed EMA window for the logged B_simple, in examples (default: none; the window "
+                          "adapts to hold ~30%% relative error, see steps.b_simple and the b_simple_n scalar)")
     if not sweep:
         rec.add_argument("--name", help="run name (default: TASK-bB-lrLR)")
         rec.add_argument("--sweep", help="sweep (group of runs) this run belongs to")

@@ -20,11 +20,12 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_BUDGET = {"digits": ("epochs", 30), "mnist": ("epochs", 2), "cifar10": ("epochs", 2),
                   "linreg": ("steps", 1000), "teacher": ("examples", 200_000), "charlm": ("steps", 1000)}
 TARGET_BUDGET_FACTOR = 10  # with --target-loss and no budget, allow this many times the default
-GNS_WINDOW_MEASUREMENTS = 50  # default B_simple EMA window, in measurements' worth of examples
-# GNS_EVERY_WHY: at K = 1 a measurement runs the batch as 2 micro-batches: the same FLOPs, but twice the
-# per-operation overhead, which is what a small model on a CPU pays for (about 2x that step; see
-# bench/trainer.md). Every 10th step keeps the average cost near 1.1x and still gives ~100 measurements
-# per 1,000 steps; with --accum K >= 2 every step is measured for free.
+GNS_WINDOW_MEASUREMENTS = 50  # window of a fixed-EMA consumer (Adam's log), in measurements' worth of examples
+# GNS_EVERY_WHY: every step by default. At K = 1 per-example gradient norms come from the layer inputs and
+# output gradients in the same single pass (trainer/noise.py), and with --accum K >= 2 each micro-batch's
+# norm is one dot product per parameter as autograd produces it, so measuring costs little (see
+# bench/trainer.md). Measuring less often starves the online B_simple: it needs many measurements while
+# the noise scale is large and must not reach far back while it grows (docs/DESIGN.md).
 
 
 class ConfigError(ValueError):
@@ -54,8 +55,8 @@ class TrainConfig:
     name: str | None = None
     sweep: str | None = None
     db: str | None = None
-    gns_every: int = 10  # measure B_simple every N steps when accum == 1 (0: never); see GNS_EVERY_WHY
-    gns_window: float | None = None  # examples; None: GNS_WINDOW_MEASUREMENTS measurements
+    gns_every: int = 1  # measure the noise scale every N steps when accum == 1 (0: never); see GNS_EVERY_WHY
+    gns_window: float | None = None  # examples: a fixed EMA for steps.b_simple; None: the tracking rule
     dim: int | None = None
     noise: float = 1.0
     data_dir: str | None = None
@@ -262,8 +263,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{opt.replace('_', '-')} must be positive, got {value}")
     if cfg.gns_every < 0:
         raise ConfigError(f"--gns-every must be >= 0 (0 turns measurement off at --accum 1), got {cfg.gns_every}")
-    if cfg.gns_every and cfg.accum == 1 and cfg.batch < 2:
-        raise ConfigError("--batch 1 cannot be split to measure the noise scale; use --gns-every 0")
     if not cfg.diverge_factor >= 0:
         raise ConfigError(f"--diverge-factor must be >= 0 (0 turns it off), got {cfg.diverge_factor}")
     if cfg.noise < 0:
@@ -345,7 +344,7 @@ def plan(cfg: TrainConfig, train_size: int | None) -> Plan:
     if batch_s.kind == "steps":
         for k in range(len(batch_s.milestones) + 1):
             b = cfg.batch * batch_s.factor**k
-            smallest = 2 if cfg.accum == 1 and cfg.gns_every else cfg.accum  # a measurement splits in 2
+            smallest = cfg.accum  # a step of 1 example is simply not measured
             if b < smallest or abs(b - round(b)) > 1e-9 or round(b) % cfg.accum:
                 raise ConfigError(f"--batch-schedule {cfg.batch_schedule!r} gives batch {b:g}, which is not a whole "
                                   f"multiple of --accum {cfg.accum} (and at least {smallest})")

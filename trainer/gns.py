@@ -6,7 +6,9 @@ b_small < b_big therefore give unbiased estimates of |G|^2 and tr(Sigma); B_simp
 Single-step estimates are very noisy (the |G|^2 estimate is often negative), so the trainer stores the
 raw ingredients (|g_small|^2, b_small, |g_big|^2, b_big) and forms B_simple as a *ratio of averages*:
 numerator and denominator are smoothed separately (windowed means or EMAs), never the per-step ratios.
-The EMA decays per example seen, so changing the batch size mid-run does not change its window.
+The trainer's online value (`TrackingBSimple`) follows the truth while the loss falls: it averages
+just enough recent measurements for a set relative standard error, chosen per step from the measured
+scatter. A fixed EMA (`BSimpleEMA`, decaying per example seen) remains for a user-set window.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.signal import lfilter
 
 __all__ = [
     "BSimpleEMA",
+    "TrackingBSimple",
     "ExampleEMA",
     "b_simple_window",
     "linreg_b_simple",
@@ -67,6 +71,7 @@ class ExampleEMA:
         self.window = float(window_examples)
         self._num = 0.0
         self._weight = 0.0
+        self._weight_sq = 0.0
         self._last_examples, self._keep = None, 0.0
 
     def update(self, value: float, examples: float) -> None:
@@ -75,10 +80,16 @@ class ExampleEMA:
         keep = self._keep
         self._num = keep * self._num + (1.0 - keep) * float(value)
         self._weight = keep * self._weight + (1.0 - keep)
+        self._weight_sq = keep * keep * self._weight_sq + (1.0 - keep) ** 2
 
     @property
     def value(self) -> float:
         return self._num / self._weight if self._weight > 0 else math.nan
+
+    @property
+    def n_eff(self) -> float:
+        """Effective number of values behind `value` (Kish: (sum w)^2 / sum w^2); 0 before the first."""
+        return self._weight**2 / self._weight_sq if self._weight_sq > 0 else 0.0
 
 
 class BSimpleEMA:
@@ -112,6 +123,89 @@ class BSimpleEMA:
     def value(self) -> float:
         g_sq = self.g_sq.value
         return self.tr_sigma.value / g_sq if g_sq > 0 else math.nan
+
+    @property
+    def n_eff(self) -> float:
+        """Effective number of measurements behind `value` (numerator and denominator share weights)."""
+        return self.g_sq.n_eff
+
+    def update_block(self, g_small_sq, b_small, g_big_sq, b_big, examples) -> tuple[np.ndarray, np.ndarray]:
+        """`update` row by row (examples: seen since the previous row); returns (b_simple, n_eff) per row."""
+        rows = zip(*(np.asarray(a, dtype=float).tolist() for a in (g_small_sq, b_small, g_big_sq, b_big, examples)),
+                   strict=True)
+        out = [(self.update(*r), self.n_eff) for r in rows]
+        return np.array([v for v, _ in out]), np.array([n for _, n in out])
+
+
+class TrackingBSimple:
+    """Online B_simple that tracks: the shortest recent average with a relative standard error ~`target_rse`.
+
+    A bank of EMAs (spans 2, 4, ..., 2048 measurements) keeps the unbiased |G|^2 and tr(Sigma)
+    estimates and their second moments; numerator and denominator of each span share its weights.
+    Per measurement, the relative variance of one tr(Sigma)/|G|^2 measurement,
+    r^2 = Var(tr - R |G|^2) / mean(tr)^2 (delta method), is read from the `scatter_span` EMA, and the
+    value is the ratio of the span whose effective number of measurements (about 2 x span) reaches
+    r^2 / target_rse^2. Why: the ingredients change several-fold while the loss falls, so a long
+    window lags (a 50-measurement EMA read 49-92 % low); noise, not drift, is what sets how many
+    measurements a value needs, and it grows with B_simple / B. `n_eff` says how many were used.
+    """
+
+    SPANS = 2.0 ** np.arange(1, 12)
+
+    def __init__(self, target_rse: float = 0.3, scatter_span: float = 64.0):
+        self.target = float(target_rse)
+        self._k = np.exp(-1.0 / self.SPANS)  # keep per measurement
+        self._jv = int(np.argmin(np.abs(self.SPANS - scatter_span)))
+        self._m = np.zeros((len(self.SPANS), 5))  # EMAs of g, t, g^2, t^2, g t (not bias-corrected)
+        self._count = 0
+        self.value, self.n_eff, self.span = math.nan, 0.0, math.nan
+
+    def update_block(self, g_small_sq, b_small, g_big_sq, b_big, examples=None) -> tuple[np.ndarray, np.ndarray]:
+        """Fold in a block of measurements (arrays) and return (b_simple, n_eff) per row (`examples` unused:
+        spans count measurements, and the scatter that sets them already reflects the batch size).
+
+        Rows with a non-finite ingredient, or b_big <= b_small, are skipped and repeat the last value.
+        """
+        arrs = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (g_small_sq, b_small, g_big_sq, b_big)))
+        n = arrs[0].shape[0]
+        ok = np.logical_and.reduce([np.isfinite(a) for a in arrs]) & (arrs[3] > arrs[1])
+        out_v, out_n = np.full(n, math.nan), np.full(n, math.nan)
+        if ok.any():
+            g, t = unbiased_estimates(*(a[ok] for a in arrs))
+            x = np.stack([g, t, g * g, t * t, g * t])  # (5, m)
+            ems = np.empty((len(self.SPANS), 5, x.shape[1]))
+            for j, k in enumerate(self._k):
+                ems[j], zf = lfilter([1.0 - k], [1.0, -k], x, axis=1, zi=(k * self._m[j])[:, None])
+                self._m[j] = zf[:, 0] / k
+            counts = self._count + np.arange(1, x.shape[1] + 1)
+            self._count = int(counts[-1])
+            kc = self._k[:, None] ** counts[None, :]  # (J, m)
+            w = 1.0 - kc  # bias correction of the zero start
+            w2 = (1.0 - self._k[:, None]) ** 2 * (1.0 - kc**2) / (1.0 - self._k[:, None] ** 2)
+            mean = ems / w[:, None, :]
+            n_eff = w**2 / w2
+            gm, tm = mean[:, 0], mean[:, 1]
+            v = self._jv
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = tm[v] / gm[v]
+                rel_var = (mean[v, 3] - tm[v] ** 2 - 2 * r * (mean[v, 4] - gm[v] * tm[v])
+                           + r * r * (mean[v, 2] - gm[v] ** 2)) / tm[v] ** 2
+                need = np.where((gm[v] > 0) & np.isfinite(rel_var), np.maximum(rel_var, 0) / self.target**2, np.inf)
+                j = np.minimum(np.searchsorted(2.0 * self.SPANS, need), len(self.SPANS) - 1)
+                cols = np.arange(x.shape[1])
+                g_sel, t_sel = gm[j, cols], tm[j, cols]
+                vals = np.where(g_sel > 0, t_sel / g_sel, math.nan)
+            out_v[ok], out_n[ok] = vals, n_eff[j, cols]
+            self.span = float(self.SPANS[j[-1]])
+        # skipped rows repeat the value before them
+        last_v, last_n = self.value, self.n_eff
+        for i in range(n):
+            if ok[i]:
+                last_v, last_n = out_v[i], out_n[i]
+            else:
+                out_v[i], out_n[i] = last_v, last_n
+        self.value, self.n_eff = float(last_v), float(last_n)
+        return out_v, out_n
 
 
 def linreg_b_simple(dim: int, sigma: float, delta_sq: float) -> float:

@@ -89,6 +89,11 @@ class _Step:
     calls: dict[int, int] = field(default_factory=dict)  # covered module id -> calls in this forward
 
 
+def _recording() -> bool:
+    """Grad enabled and not inside a torch.func transform (whose forwards are someone else's)."""
+    return torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -134,11 +139,13 @@ class GradientNoise:
         for pid, (_, p) in params.items():
             self._handles.append(p.register_hook(self._param_hook(pid)))
         self._params = [p for _, p in params.values()]
+        covered = {i for own in self._module_params.values() for i in own}
+        self.fallback = tuple(self._names[i] for i in params if i not in covered)  # measured by micro-batches
 
     # --- hooks ---------------------------------------------------------------------------------
 
     def _root_hook(self, module, args, kwargs):
-        if not (self.active and torch.is_grad_enabled()):
+        if not (self.active and _recording()):
             return
         cur = self._cur
         cur.micro += 1
@@ -147,7 +154,7 @@ class GradientNoise:
 
     def _forward_hook(self, rule):
         def hook(module, inputs, output):
-            if not (self.active and torch.is_grad_enabled()) or not isinstance(output, torch.Tensor):
+            if not (self.active and _recording()) or not isinstance(output, torch.Tensor):
                 return
             if not output.requires_grad or not inputs or not isinstance(inputs[0], torch.Tensor):
                 return

@@ -14,17 +14,18 @@ import time
 import numpy as np
 import torch
 
-from trainer.gns import BSimpleEMA
+from trainer.gns import BSimpleEMA, TrackingBSimple
 from trainer.step import StepGrads
 
 HOST_COLUMNS = ("step", "examples", "batch_size", "lr", "wall_time", "b_small", "b_big")
-GNS_COLUMNS = ("g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
+GNS_COLUMNS = ("g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple", "b_simple_n")
+# b_simple_n is not a steps column: the collector stores it in `scalars` (name 'b_simple_n') per measured step
 
 
 class StepLog:
     """Buffers step rows; `sync()` returns the new rows as numpy columns (with b_simple filled in)."""
 
-    def __init__(self, run, device: torch.device, gns: BSimpleEMA, sync_every: int, emit_rows: int = 500,
+    def __init__(self, run, device: torch.device, gns: TrackingBSimple | BSimpleEMA, sync_every: int, emit_rows: int = 500,
                  emit_seconds: float = 0.5):
         self.run = run
         self.gns = gns
@@ -59,12 +60,15 @@ class StepLog:
         cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, zip(*self._host, strict=True), strict=True)}
         self._host, self._dev = [], []
         cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]
-        b_simple = np.full(len(vals), math.nan)
-        ex, gs, bs, gb, bb = (cols[k].tolist() for k in ("examples", "g_small_sq", "b_small", "g_big_sq", "b_big"))
-        for i in np.flatnonzero(~np.isnan(cols["b_small"])).tolist():
-            seen, self._last_examples = ex[i] - self._last_examples, ex[i]  # unmeasured steps age the EMA too
-            b_simple[i] = self.gns.update(gs[i], bs[i], gb[i], bb[i], seen)
-        cols["b_simple"] = b_simple
+        b_simple, b_simple_n = np.full(len(vals), math.nan), np.full(len(vals), math.nan)
+        idx = np.flatnonzero(~np.isnan(cols["b_small"]))
+        if idx.size:
+            ex = cols["examples"][idx].astype(float)
+            seen = np.diff(ex, prepend=float(self._last_examples))  # unmeasured steps age an example-EMA too
+            self._last_examples = ex[-1]
+            b_simple[idx], b_simple_n[idx] = self.gns.update_block(
+                *(cols[k][idx] for k in ("g_small_sq", "b_small", "g_big_sq", "b_big")), seen)
+        cols["b_simple"], cols["b_simple_n"] = b_simple, b_simple_n
         self._out.append(cols)
         self._out_rows += len(vals)
         now = time.monotonic()
@@ -83,17 +87,17 @@ class StepLog:
             if mask.any():
                 block = {k: v[mask] for k, v in cols.items() if keep_gns or k not in GNS_COLUMNS}
                 if keep_gns:  # no estimate yet (|G|^2 <= 0 so far) is NULL too, not NaN
-                    block = _split_nan(block, "b_simple", self.run)
+                    block = _split_nan(block, "b_simple", self.run, also=("b_simple_n",))
                     if block is None:
                         continue
                 self.run.log_steps(block)
 
 
-def _split_nan(block: dict[str, np.ndarray], col: str, run) -> dict[str, np.ndarray] | None:
-    """Log rows whose `col` is NaN without that column (NULL); return the rest."""
+def _split_nan(block: dict[str, np.ndarray], col: str, run, also: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
+    """Log rows whose `col` is NaN without that column (NULL) nor the `also` ones; return the rest."""
     nan = np.isnan(block[col])
     if nan.any():
-        run.log_steps({k: v[nan] for k, v in block.items() if k != col})
+        run.log_steps({k: v[nan] for k, v in block.items() if k != col and k not in also})
         if nan.all():
             return None
         block = {k: v[~nan] for k, v in block.items()}

@@ -21,14 +21,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from trainer.adam_noise import ADAM_SPLIT_EVERY, AdamNoise, AdamNoiseLog, split_sizes
 from trainer.config import Plan, TrainConfig, adam_betas, plan
-from trainer.gns import BSimpleEMA, ExampleEMA
+from trainer.curvature import CurvatureProbe
+from trainer.gns import BSimpleEMA, ExampleEMA, TrackingBSimple
+from trainer.noise import GradientNoise
 from trainer.step import compute_gradients
 from trainer.steplog import StepLog
 from trainer.tasks import Task
 
 LOSS_SMOOTHING_STEPS = 10  # --target-loss compares an EMA of the training loss over ~10 steps
-GNS_SPLIT = 2  # micro-batches a K = 1 measurement step is split into
+GNS_TARGET_RSE = 0.3  # steps.b_simple averages enough recent measurements for ~30 % relative standard error
+GNS_SPLIT = 2  # micro-batches a K = 1 measurement step is split into when a layer has no per-example rule
 
 
 @dataclass
@@ -94,8 +98,20 @@ def sync_every(device: torch.device) -> int:
     return 25 if device.type == "cpu" else 50
 
 
-def log_evals(run, task: Task, model: nn.Module, step: int, examples: int) -> dict[str, tuple[float, float | None]]:
-    """Evaluate on every split (one host sync per evaluation, not per step) and log it."""
+def log_evals(run, task: Task, model: nn.Module, step: int, examples: int, probe: CurvatureProbe | None = None,
+              noise: GradientNoise | None = None) -> dict[str, tuple[float, float | None]]:
+    """Evaluate on every split (one host sync per evaluation, not per step) and log it; with --curvature
+    also the sharpness and B_noise on the task's fixed sample (with `noise`'s hooks paused: the probe's
+    backward passes are not part of a training step)."""
+    if probe is not None:
+        was, noise_on = (noise.active, True) if noise is not None else (False, False)
+        if noise_on:
+            noise.active = False
+        try:
+            probe.log(run, model, task.loss_fn, step)
+        finally:
+            if noise_on:
+                noise.active = was
     results = {}
     for split, (loss, acc) in task.evaluate(model).items():
         results[split] = (float(loss), None if acc is None else float(acc))
@@ -116,7 +132,15 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     model = task.build_model().to(device)
     model.train()
     opt = make_optimizer(cfg, model)
-    gns = BSimpleEMA(p.gns_window)
+    # K = 1: per-example norms (B_small = 1) in one pass; layers without a rule need a 2-way split.
+    # K >= 2: each micro-batch's squared norm from parameter hooks, as the gradients accumulate.
+    noise = GradientNoise(model, per_example=cfg.accum == 1) if p.gns_every > 0 else None
+    split = GNS_SPLIT if noise is not None and cfg.accum == 1 and noise.fallback else 1
+    # Adam: the preconditioned ingredients too, on steps run as micro-batches (trainer/adam_noise.py)
+    adam = AdamNoise(model) if cfg.optimizer in ("adam", "adamw") and p.gns_every > 0 else None
+    adam_log = AdamNoiseLog(p.gns_window)
+    probe = CurvatureProbe(task.fixed_sample, task.curvature_examples) if cfg.curvature else None
+    gns = BSimpleEMA(p.gns_window) if cfg.gns_window else TrackingBSimple(GNS_TARGET_RSE)
     log = StepLog(run, device, gns, sync_every(device))
     watch = LossWatch(cfg.target_loss, cfg.diverge_factor)
     by_steps = p.max_steps is not None and (p.max_examples is None)
@@ -137,13 +161,23 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
                 for group in opt.param_groups:
                     group["lr"] = lr
                 change_at = p.next_change(examples)
-            measure = p.gns_every > 0 and (cfg.accum > 1 or (step + 1) % p.gns_every == 0)
-            n_micro = cfg.accum if cfg.accum > 1 else (GNS_SPLIT if measure else 1)
+            measure = noise is not None and batch >= 2 and (cfg.accum > 1 or (step + 1) % p.gns_every == 0)
+            n_micro = cfg.accum if cfg.accum > 1 else (split if measure else 1)
+
+            adam_step = (adam is not None and batch >= 2 and (cfg.accum > 1 or (step + 1) % ADAM_SPLIT_EVERY == 0)
+                         and adam.begin(opt))
+            n_micro = max(n_micro, 2) if adam_step else n_micro
 
             # forward/backward (as micro-batches when measuring or accumulating), then the update
             x, y = task.next_batch(batch)
             opt.zero_grad(set_to_none=True)
-            grads = compute_gradients(model, task.loss_fn, x, y, n_micro)
+            if noise is not None:
+                noise.active = measure
+            grads = compute_gradients(model, task.loss_fn, x, y, n_micro, noise)
+            if not grads.complete:  # a layer fell back at run time (e.g. an input without a batch dim)
+                split = GNS_SPLIT
+            if adam_step:
+                adam_log.add(step + 1, examples + batch, adam.step(split_sizes(batch, n_micro)))
             if cfg.clip_grad:  # after measuring: the noise scale is defined on the unclipped gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
@@ -154,6 +188,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
             # host side, every few steps: divergence, target loss, progress
             if log.due():
                 rows = log.sync()
+                adam_log.flush(run)
                 watch.feed(rows, run)
                 if not bar.disable:
                     bar.update((step if by_steps else examples) - bar_pos)
@@ -162,11 +197,12 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
                 if watch.diverged or watch.reached:
                     break
             if step % p.eval_every == 0:
-                evals, last_eval = log_evals(run, task, model, step, examples), step
+                evals, last_eval = log_evals(run, task, model, step, examples, probe, noise), step
     except BaseException:  # Ctrl-C or a crash: keep every step trained so far, then let the run fail
         with contextlib.suppress(Exception):
             log.sync()
             log.emit()
+            adam_log.flush(run)
         bar.close()
         raise
 
@@ -174,9 +210,10 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     if not (watch.diverged or watch.reached):
         watch.feed(rows, run)
     log.emit()
+    adam_log.flush(run)
     status = "diverged" if watch.diverged else "finished"
     if status != "diverged" and last_eval != step:
-        evals = log_evals(run, task, model, step, examples)
+        evals = log_evals(run, task, model, step, examples, probe, noise)
     bar.close()
     return TrainResult(status, step, examples, time.perf_counter() - t0, watch.ema.value, gns.value, watch.reached,
                        evals)
