@@ -61,6 +61,10 @@ def test_preconditioner_is_adams():
     for q in model.parameters():
         opt.state[q]["step"] = torch.tensor(float(adam_noise.ADAM_WARM_STEPS - 1))
     assert adam_weights(opt) is None and not AdamNoise(model).begin(opt)
+    for q in model.parameters():
+        opt.state[q]["step"] = torch.tensor(10.0)
+    opt.state[p]["exp_avg_sq"][0] = 0.0  # never had a gradient: no preconditioner there
+    assert (adam_weights(opt)[id(p)][0] == 0).all() and (adam_weights(opt)[id(p)][1:] > 0).all()
     assert adam_weights(torch.optim.AdamW(nn.Linear(2, 2).parameters())) is None  # no state yet
 
 

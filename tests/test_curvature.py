@@ -176,3 +176,28 @@ def test_probe_logs_scalars_on_a_transformer():
     assert c.sharpness.value > 0
     assert {"b_noise_ghg", "b_noise_tr_h_sigma", "b_noise_g_sq", "b_noise_tr_sigma"} <= set(logged)
     assert probe.v is not None and probe.v.shape[0] == sum(p.numel() for p in model.parameters())
+
+
+def test_trainer_logs_curvature_and_adam_noise(tmp_path):
+    """A real AdamW run with --curvature: every evaluation has a sharpness, measured Adam steps have
+    the preconditioned ingredients, and the plain ingredients are still on every step."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    db = tmp_path / "c.duckdb"
+    cmd = [sys.executable, "-m", "trainer", "--task", "digits", "--optimizer", "adamw", "--lr", "3e-3",
+           "--steps", "120", "--eval-every", "40", "--curvature", "--db", str(db)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        sharp = con.execute("SELECT step, value FROM scalars WHERE name = 'sharpness' ORDER BY step").fetchall()
+        adam = con.execute("SELECT count(*), min(step) FROM scalars WHERE name = 'g_big_sq_adam'").fetchone()
+        plain = con.execute("SELECT count(*) FROM steps WHERE g_small_sq IS NOT NULL").fetchone()[0]
+    finally:
+        con.close()
+    assert [s for s, _ in sharp] == [40, 80, 120] and all(v > 0 for _, v in sharp)
+    assert adam == (12, 10)  # every 10th step (Adam's state is warm from step 5 on)
+    assert plain == 120

@@ -5,7 +5,9 @@ P g, not g: directions with a small second moment are amplified, and B_simple me
 can differ from Adam's by a large factor. adaptdl's AdamGradientNoiseScale measures the same thing; as
 there, P comes from the optimizer's own state (the bias-corrected exp_avg_sq of the *previous* step,
 i.e. the one this step's update will start from), it is frozen for the step, and nothing is measured in
-the first ADAM_WARM_STEPS steps, whose v_hat rests on a handful of gradients.
+the first ADAM_WARM_STEPS steps, whose v_hat rests on a handful of gradients. Coordinates whose v_hat is
+still exactly 0 (never had a gradient) get weight 0; coordinates seen rarely keep their large weight,
+which is what Adam does to them.
 
 The ingredients are the plain estimator's (trainer.gns.unbiased_estimates) in the metric P^2:
 |P g_small|^2 averaged over micro-batches and |P g_big|^2 of the step's mean gradient. Per-example norms
@@ -46,7 +48,9 @@ def adam_weights(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor] | None:
             if t < ADAM_WARM_STEPS:
                 return None
             v_hat = state["exp_avg_sq"] / (1.0 - beta2**t)
-            out[id(p)] = (v_hat.sqrt() + eps).reciprocal().square()
+            # a coordinate that never had a gradient (an embedding row of a byte not seen yet) has no
+            # preconditioner: 1/eps^2 = 1e16 would let one first sighting swamp the whole sum
+            out[id(p)] = torch.where(v_hat > 0, (v_hat.sqrt() + eps).reciprocal().square(), 0.0)
     return out
 
 
