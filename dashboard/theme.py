@@ -125,9 +125,12 @@ def arr(x) -> list:
     return a.tolist()
 
 
-def stat(label: str, value: str, sub: str | None = None, id: str | None = None) -> html.Div:
-    """A headline number card."""
+def stat(label: str, value: str, sub: str | None = None, id: str | None = None,
+         exact: float | None = None) -> html.Div:
+    """A headline number card; `exact` (the unrounded number) goes into the value's tooltip."""
     kw = {"id": id} if id else {}
+    if exact is not None and math.isfinite(exact):
+        kw["title"] = repr(float(exact))
     return html.Div(
         [html.Div(label, className="stat-label"), html.Div(value, className="stat-value", **kw),
          html.Div(sub or "", className="stat-sub")],

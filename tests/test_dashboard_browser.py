@@ -266,3 +266,97 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
             writer.kill()
         driver.get("about:blank")
         srv.stop()
+
+
+# --- every page's B_crit and B_simple are the SQL macros' ---------------------------------------------
+
+def _sql_rows(store: Path, query: str) -> list[tuple]:
+    import duckdb
+
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        return con.sql(query).fetchall()
+    finally:
+        con.close()
+
+
+def _exact(driver, css: str) -> float:
+    """The unrounded number a stat card carries in its tooltip."""
+    return float(wait_for(lambda: driver.find_element("css selector", css).get_attribute("title"), 20,
+                          what=f"exact value of {css}"))
+
+
+def _examples_in_note(text: str) -> float:
+    import re
+
+    m = re.search(r"buckets of ([\d,.]+) examples", text)
+    return float(m.group(1).replace(",", "")) if m else 0.0
+
+
+def test_tradeoff_numbers_are_the_sql_macros(server, driver, store):
+    """B_crit and B_simple on the Tradeoff page equal SQL critical_batch's for the same runs, target and
+    loss smoothing, at the default smoothing and after the user switches it to the raw loss."""
+    _clear_selection(driver, server)  # scope: the whole (only) sweep
+    driver.find_element("css selector", "a.nav-link[href='/tradeoff']").click()
+    sweep = _sql_rows(store, "SELECT sweep FROM runs GROUP BY sweep ORDER BY max(started_at) DESC LIMIT 1")[0][0]
+    for choice in (None, "raw"):
+        if choice:
+            old = driver.find_element("css selector", "#tradeoff-smoothing").text
+            label = driver.find_element("xpath", f"//div[@id='tradeoff-smooth']//label[normalize-space()='{choice}']")
+            label.click()
+            wait_for(lambda old=old: driver.find_element("css selector", "#tradeoff-smoothing").text != old, 30,
+                     what="smoothing applied")
+        wait_for(lambda: dash_idle(driver), 30)
+        wait_for(lambda: driver.find_elements("css selector", "#tradeoff-bcrit[title]"), 30, what="a B_crit")
+        note = driver.find_element("css selector", "#tradeoff-smoothing").text
+        width = _examples_in_note(note)
+        assert (width == 0) == (choice == "raw"), note
+        target = float(driver.find_element("css selector", "#tradeoff-target-text").text.split("≤")[1].strip())
+        b_crit, b_simple, warnings = _sql_rows(store, f"""
+            SELECT b_crit, b_simple, warnings FROM critical_batch([{target}], width_examples := {width},
+                                                                 sweep_name := '{sweep}')""")[0]
+        assert _exact(driver, "#tradeoff-bcrit") == pytest.approx(b_crit, rel=1e-3)
+        assert _exact(driver, "#tradeoff-bsimple") == pytest.approx(b_simple, rel=1e-9)
+        page = driver.find_element("css selector", "main").text
+        for w in warnings:
+            assert w in page
+
+
+def test_noise_and_curves_b_simple_are_the_sql_macro(server, driver, store):
+    """The Noise page's headline and every B_simple point the Curves page draws come from SQL noise_scale."""
+    import duckdb
+    import polars as pl
+
+    from dashboard.pages.noise import pick_runs
+
+    _clear_selection(driver, server)
+    driver.find_element("css selector", "a.nav-link[href='/noise']").click()
+    wait_for(lambda: driver.find_elements("css selector", "#noise-bsimple-end[title]"), 30, what="noise headline")
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        sweep = con.sql("SELECT sweep FROM runs GROUP BY sweep ORDER BY max(started_at) DESC LIMIT 1").fetchall()[0][0]
+        summary = con.sql(f"SELECT * FROM run_summary WHERE sweep = '{sweep}'").pl()
+        ids, _ = pick_runs(summary)
+        last = con.sql(f"SELECT run_id, arg_max(b_simple, step) AS b FROM noise_scale(run_ids := {ids}) "
+                       "GROUP BY run_id").pl()
+        assert _exact(driver, "#noise-bsimple-end") == pytest.approx(float(last["b"].median()), rel=1e-9)
+
+        # Curves, metric B_simple: every drawn point is SQL's B_simple of one of the shown runs at that step
+        driver.get(server.url + "/curves?metric=b_simple")
+        wait_for(lambda: "centred window" in driver.find_element("css selector", "#curves-graph").text, 30,
+                 what="B_simple curves")
+        wait_for(lambda: dash_idle(driver), 30)
+        pts = driver.execute_script(
+            "var g = document.querySelector('#curves-graph .js-plotly-plot'); var out = [];"
+            "g._fullData.forEach(function (t) { (t.x || []).forEach(function (x, i) {"
+            " if (t.y[i] !== null && isFinite(t.y[i])) out.push([x, t.y[i]]); }); }); return out;")
+        assert len(pts) > 100
+        drawn = pl.DataFrame({"step": [int(p[0]) for p in pts], "y": [float(p[1]) for p in pts]})
+        truth = con.sql(f"SELECT step, b_simple FROM noise_scale() JOIN runs USING (run_id) WHERE sweep = '{sweep}'"
+                        " AND b_simple > 0").pl()
+    finally:
+        con.close()
+    j = drawn.join(truth, on="step", how="left").with_columns(
+        ok=((pl.col("b_simple") - pl.col("y")).abs() <= 1e-9 * pl.col("y").abs()))
+    matched = j.group_by("step", "y").agg(pl.col("ok").any())
+    assert matched["ok"].all(), matched.filter(~pl.col("ok")).head()

@@ -171,11 +171,12 @@ def _legend(row: dict, color_by: str, seen: set) -> dict:
     return {"name": run_label(row), "legendgroup": row["run_id"], "showlegend": True}
 
 
-def layout(**_kwargs):
+def layout(metric: str | None = None, **_kwargs):
+    """The page; `/curves?metric=b_simple` opens it on that metric (a link others can follow)."""
     controls = html.Div(
         [
             html.Div([html.Label("Metric", className="control-label"),
-                      dcc.Dropdown(id="curves-metric", value="loss", clearable=False,
+                      dcc.Dropdown(id="curves-metric", value=metric if metric in METRICS else "loss", clearable=False,
                                    options=[{"label": v[0], "value": k} for k, v in METRICS.items()])],
                      className="control control-wide"),
             html.Div([html.Label("x axis", className="control-label"),

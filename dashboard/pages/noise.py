@@ -124,8 +124,9 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples", window: float 
     by_b = last.group_by("batch_size").agg(pl.col("b_simple").median()).sort("batch_size")
     stats = [stat("Runs measured", f"{len(parts)}", why or "all runs in scope")]
     if last.height:
-        stats.append(stat("B_simple at the end", _positive(last["b_simple"].median()),
-                          f"median over runs, last measured step ±{window:g}×", id="noise-bsimple-end"))
+        end = last["b_simple"].median()
+        stats.append(stat("B_simple at the end", _positive(end), f"median over runs at their last measured step "
+                          f"(window ×{1 + window:g})", id="noise-bsimple-end", exact=end))
         early = ns.sort("step").group_by("run_id").agg(pl.col("b_simple").drop_nulls().head(10).median())
         stats.append(stat("… near the start", _positive(early["b_simple"].median()), "median of the first estimates"))
     over_fig = figure(over, "B_simple over training", height=440,

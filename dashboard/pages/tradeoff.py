@@ -360,10 +360,10 @@ def render(view: dict, scope_label: str, metric: str):
         return [], None, None, view["frontier"], view["vs_batch"], view["vs_target"], text, None
     bs = view.get("b_simple", float("nan"))
     b_simple = stat("B_simple at the target", fmt(bs) if np.isfinite(bs) and bs > 0 else "—",
-                    "pooled over the best runs, ±10 % of their crossing step", id="tradeoff-bsimple")
+                    "pooled over the best runs, within ×1.1 of their crossing step", id="tradeoff-bsimple", exact=bs)
     if fit.ok:
         stats = [
-            stat("B_crit", fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit"),
+            stat("B_crit", fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit", exact=fit.b_crit),
             stat("S_min", fmt(fit.s_min), _ci(*fit.s_min_ci)),
             stat("E_min", fmt(fit.e_min), _ci(*fit.e_min_ci)),
             stat("Fit", f"R² {fit.r2:.3f}", f"{fit.n_points} batch sizes · rms log-residual {fit.rmse_log:.3f}"),
