@@ -29,7 +29,7 @@ EXAMPLE_QUERIES = {
     ),
     "B_simple at the end of each run": (
         "SELECT r.name, r.batch_size, arg_max(n.b_simple, n.step) AS b_simple_last\n"
-        "FROM noise_scale(100) n JOIN runs r USING (run_id)\nGROUP BY ALL ORDER BY r.batch_size"
+        "FROM noise_scale() n JOIN runs r USING (run_id)\nGROUP BY ALL ORDER BY r.batch_size"
     ),
     "Generalization gap by batch size": (
         "SELECT batch_size, count(*) AS runs, avg(gap_loss) AS gap_loss, avg(gap_accuracy) AS gap_accuracy\n"

@@ -56,7 +56,7 @@ def layout(**_kwargs):
                       html.P(["Read-only queries against the store: tables ", html.Code("runs"), ", ",
                               html.Code("steps"), ", ", html.Code("evals"), ", ", html.Code("scalars"),
                               ", the view ", html.Code("run_summary"), " and the macros ",
-                              html.Code("steps_to_target(target)"), " and ", html.Code("noise_scale(window)"),
+                              html.Code("steps_to_target(target)"), " and ", html.Code("noise_scale(noise_window)"),
                               f". One SELECT at a time; no files, network or extensions; at most "
                               f"{TIME_LIMIT_S:g} s, {ROW_LIMIT:,} rows, {console.LIMITS.memory_mb:,} MB of memory "
                               f"and {console.LIMITS.max_response_mb:g} MB of results per query."],
