@@ -1,0 +1,151 @@
+"""The Lightning callback with the real library: a tiny MLP fitted by `lightning.Trainer` on generated data.
+
+Ground truth per step is taken inside the user's own module (its on_before_optimizer_step hook runs
+after the callback's and before Lightning clips): torch.func per-example gradients of the step's
+examples give mean_i |g_i|^2 (g_small_sq at b_small = 1), and the unclipped .grad gives |g_big|^2.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+L = pytest.importorskip("lightning.pytorch")
+
+from collector.store import read_connection  # noqa: E402
+from trainer.integrations.lightning import BatchscopeCallback  # noqa: E402
+
+BATCH, ACCUM, STEPS = 16, 2, 8
+
+
+class MLP(L.LightningModule):
+    """The user's module: training_step calls self.net (not self), validation logs val_loss/val_acc."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.fail_at = fail_at
+        self.truth: dict[int, dict] = {}
+        self._step_batches: list = []
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step + 1 == self.fail_at:
+            raise RuntimeError(f"boom at step {self.fail_at}")
+        x, y = batch
+        self._step_batches.append((x, y))
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        self.log("val_loss", nn.functional.cross_entropy(out, y))
+        self.log("val_acc", (out.argmax(1) == y).float().mean())
+
+    def on_before_optimizer_step(self, optimizer):
+        x = torch.cat([b[0] for b in self._step_batches])
+        y = torch.cat([b[1] for b in self._step_batches])
+        self._step_batches = []
+        params = {k: v.detach() for k, v in self.net.named_parameters()}
+
+        def loss_one(p, xi, yi):
+            out = torch.func.functional_call(self.net, p, (xi[None],))
+            return nn.functional.cross_entropy(out, yi[None])
+
+        per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+        sq = sum(g.reshape(len(x), -1).square().sum(1) for g in per.values())
+        self.truth[self.global_step + 1] = {
+            "g_small_sq": float(sq.mean()), "n": len(x), "lr": optimizer.param_groups[0]["lr"],
+            "g_big_sq": float(sum(p.grad.square().sum() for p in self.parameters()))}
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+                                                 "interval": "step"}}
+
+
+def loaders(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 6, generator=g)
+    y = (x[:, :3].argmax(1) + (torch.rand(512, generator=g) < 0.2).long()) % 3
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:448], y[:448]), batch_size=BATCH,
+                                        shuffle=True, generator=g)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[448:], y[448:]), batch_size=64)
+    return train, val
+
+
+def fit(module, callback, **kw):
+    trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=ACCUM, gradient_clip_val=0.05,
+                        val_check_interval=ACCUM * 4, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    train, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on num_workers etc.
+        trainer.fit(module, train, val)
+    return trainer
+
+
+def stored(db):
+    with read_connection(db) as con:
+        run = con.sql("SELECT * FROM runs").pl().to_dicts()
+        steps = con.sql("SELECT * FROM steps ORDER BY step").pl().to_dicts()
+        evals = con.sql("SELECT * FROM evals ORDER BY step").pl().to_dicts()
+    assert len(run) == 1
+    return run[0], steps, evals
+
+
+def test_finished_run_with_noise_on_every_step_matching_per_example_truth(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    L.seed_everything(7, verbose=False)
+    module = MLP()
+    trainer = fit(module, None, callbacks=[BatchscopeCallback(db=db, name="mlp", sweep="s", task="blobs")])
+    assert trainer.global_step == STEPS
+    run, steps, evals = stored(db)
+
+    assert run["status"] == "finished" and run["name"] == "mlp" and run["sweep"] == "s" and run["task"] == "blobs"
+    assert (run["batch_size"], run["micro_batch_size"], run["accum_steps"], run["world_size"]) == (32, 16, 2, 1)
+    assert (run["optimizer"], run["lr"], run["momentum"], run["seed"], run["train_size"]) == ("sgd", 0.2, 0.5, 7, 448)
+    assert run["model"] == "MLP" and run["device"] == "cpu"
+
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for s in steps:
+        truth = module.truth[s["step"]]
+        assert truth["n"] == BATCH * ACCUM
+        assert s["examples"] == s["step"] * BATCH * ACCUM and s["batch_size"] == BATCH * ACCUM
+        assert s["b_small"] == 1.0 and s["b_big"] == BATCH * ACCUM  # every layer is Linear: per-example norms
+        assert s["g_small_sq"] == pytest.approx(truth["g_small_sq"], rel=1e-4)
+        assert s["g_big_sq"] == pytest.approx(truth["g_big_sq"], rel=1e-4)  # unclipped (clip 0.05 bites)
+        assert s["lr"] == pytest.approx(truth["lr"]) and s["lr"] == pytest.approx(0.2 * 0.5 ** ((s["step"] - 1) // 3))
+        assert s["loss"] is not None and 0 < s["loss"] < 3
+    assert max(s["g_big_sq"] for s in steps) > 0.05**2  # so the clipping did change .grad after measuring
+
+    assert [(e["step"], e["split"], e["examples"]) for e in evals] == [(4, "test", 128), (8, "test", 256)]
+    assert all(0 < e["loss"] < 3 and 0 <= e["accuracy"] <= 1 for e in evals)
+    assert evals[-1]["loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+
+
+def test_a_raising_module_leaves_a_failed_run_with_its_steps(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    with pytest.raises(RuntimeError, match="boom at step 5"):
+        fit(MLP(fail_at=5), None, callbacks=[BatchscopeCallback(db=db, name="fails")])
+    run, steps, _ = stored(db)
+    assert run["status"] == "failed" and "RuntimeError: boom at step 5" in run["status_reason"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["g_small_sq"] is not None and s["g_big_sq"] is not None for s in steps)
+
+
+def test_tokens_as_the_x_axis(tmp_path):
+    """unit='tokens': examples and batch_size count tokens, b_small / b_big too (B_simple in tokens)."""
+    db = tmp_path / "runs.duckdb"
+    cb = BatchscopeCallback(db=db, name="tok", unit="tokens", tokens=lambda batch: 10 * len(batch[0]), noise=True)
+    fit(MLP(), None, callbacks=[cb])
+    _, steps, _ = stored(db)
+    assert [s["examples"] for s in steps] == [320 * k for k in range(1, STEPS + 1)]
+    assert all(s["batch_size"] == 320 and s["b_big"] == 320 and s["b_small"] == 10 for s in steps)
+
+
+def test_unknown_unit_is_refused_at_construction():
+    with pytest.raises(ValueError, match="unit must be one of"):
+        BatchscopeCallback(name="x", unit="sequences")

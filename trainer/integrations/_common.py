@@ -1,0 +1,187 @@
+"""What the Lightning and Hugging Face callbacks share: one optimizer step's `steps` row, the run's fields
+inferred from the optimizer, evaluations picked out of a metrics dict, and ending the run right.
+
+Framework-free (torch and the collector only), so it is tested with either framework.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import collector
+from trainer.config import GNS_WINDOW_MEASUREMENTS
+from trainer.gns import BSimpleEMA
+from trainer.noise import NoiseStats
+
+UNITS = ("examples", "tokens")
+EvalKeys = Mapping[str, tuple[str | tuple[str, ...] | None, str | tuple[str, ...] | None]]
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def batch_examples(batch: Any) -> int | None:
+    """Examples in a batch: dim 0 of its first tensor (a tensor, a tuple/list such as (x, y), or a dict)."""
+    t = _first_tensor(batch)
+    return int(t.shape[0]) if t is not None and t.dim() > 0 else None
+
+
+def batch_tokens(batch: Any) -> int | None:
+    """Tokens in a batch: `attention_mask.sum()` when it has one (padding not counted, as the HF Trainer's
+    "non_padding"), else the element count of `input_ids` or of the first tensor (N x T token ids)."""
+    if isinstance(batch, Mapping):
+        for key in ("attention_mask", "input_ids"):
+            t = batch.get(key)
+            if isinstance(t, torch.Tensor):
+                return int(t.sum()) if key == "attention_mask" else t.numel()
+    t = _first_tensor(batch)
+    return None if t is None else t.numel()
+
+
+def optimizer_fields(opt: torch.optim.Optimizer | None) -> dict:
+    """lr, optimizer, momentum (beta1 for Adam-style) and weight_decay of the first parameter group."""
+    if opt is None or not getattr(opt, "param_groups", None):
+        return {}
+    g = opt.param_groups[0]
+    momentum = g.get("momentum", g["betas"][0] if "betas" in g else None)
+    out = {"optimizer": type(opt).__name__.lower(), "lr": g.get("lr"), "momentum": momentum,
+           "weight_decay": g.get("weight_decay")}
+    return {k: float(v) if isinstance(v, (int, float, torch.Tensor)) and k != "optimizer" else v
+            for k, v in out.items() if v is not None}
+
+
+def pick_evals(metrics: Mapping[str, Any], evals: EvalKeys) -> dict[str, tuple[float | None, float | None]]:
+    """{split: (loss, accuracy)} from a metrics dict by the configured keys (the first key present wins)."""
+    def first(keys) -> float | None:
+        for k in (keys,) if isinstance(keys, str) else keys or ():
+            v = metrics.get(k)
+            if v is not None:
+                return float(v)
+        return None
+
+    out = {}
+    for split, (loss_keys, acc_keys) in evals.items():
+        loss, acc = first(loss_keys), first(acc_keys)
+        if loss is not None or acc is not None:
+            out[split] = (loss, acc)
+    return out
+
+
+class StepRecorder:
+    """Collects one optimizer step's micro-batches (examples, tokens, losses) and logs its `steps` row.
+
+    unit "tokens" makes tokens the x-axis: `examples` and `batch_size` count tokens, and b_small / b_big
+    are scaled by this step's tokens per example, so B_simple is in tokens as well (exact for sequences
+    of equal length; with padding, the mean length). world: data-parallel ranks (counts are per rank);
+    run None: count and compute, log nothing (the ranks that do not write).
+    """
+
+    def __init__(self, run, unit: str = "examples", world: int = 1, gns_window: float | None = None):
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        self.run, self.unit, self.world, self.window = run, unit, world, gns_window
+        self.seen = 0  # cumulative examples (or tokens) over all ranks
+        self.ema: BSimpleEMA | None = None
+        self._since = 0.0  # examples since the last measured step
+        self._losses: list = []
+        self._examples = self._tokens = 0
+        self.skipped = 0  # steps whose noise ingredients were not logged (incomplete or unmeasured)
+
+    def micro_batch(self, examples: int | None, tokens: int | None = None) -> None:
+        self._examples += examples or 0
+        self._tokens += tokens or 0
+
+    def loss(self, value: torch.Tensor | float | None) -> None:
+        if value is not None:
+            self._losses.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
+
+    def step(self, step: int, lr: float | None, stats: NoiseStats | None, loss_is_sum: bool = False) -> dict:
+        """Log the step (losses: mean over micro-batches, or their sum when each was already scaled by its
+        share of the step, as the HF Trainer's token-normalised losses are) and start the next one."""
+        examples, tokens = self._examples * self.world, self._tokens * self.world
+        losses, self._losses, self._examples, self._tokens = self._losses, [], 0, 0
+        if self.unit == "tokens" and not tokens:
+            raise ValueError("unit='tokens' but no tokens were counted this step (pass a tokens= counter)")
+        size = tokens if self.unit == "tokens" else examples
+        self.seen += size
+        row: dict = {"examples": self.seen, "batch_size": size or None, "lr": lr}
+        if losses:
+            total = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).sum()
+            row["loss"] = float(total if loss_is_sum else total / len(losses))
+        self._since += size
+        if stats is not None and stats.measured and stats.complete:
+            per = tokens / examples if self.unit == "tokens" and examples else 1.0
+            noise = stats.as_dict()
+            noise["b_small"] *= per
+            noise["b_big"] *= per
+            if self.ema is None:
+                self.ema = BSimpleEMA(self.window or GNS_WINDOW_MEASUREMENTS * size)
+            b_simple = self.ema.update(**noise, examples=self._since)
+            self._since = 0.0
+            row |= noise | {"b_simple": b_simple if math.isfinite(b_simple) else None}
+        else:
+            self.skipped += 1
+        if self.run is not None:  # None on the ranks that do not write
+            self.run.log_step(step, **row)
+        return row
+
+
+class RunOwner:
+    """Starts and ends one collector run for a callback; the callback is also a context manager
+    (`with cb: trainer.fit(...)`) so that an exception the framework does not report still fails the run,
+    and a run left open at interpreter exit ends failed with the uncaught exception (or "did not end")."""
+
+    def __init__(self, db, name: str | None, sweep: str | None, config: Mapping | None, fields: Mapping):
+        self.db, self.name, self.sweep = db, name, sweep
+        self.user_config = dict(config or {})
+        self.user_fields = dict(fields)
+        self.run = None
+
+    def start(self, inferred: Mapping, config: Mapping, name: str | None = None) -> collector.Run:
+        self.end_failed("a new training run started on the same callback before this one ended")
+        fields = {k: v for k, v in inferred.items() if v is not None} | self.user_fields
+        self.run = collector.start_run(self.db, name=self.name or name or "run", sweep=self.sweep,
+                                       config=dict(config) | self.user_config, **fields)
+        atexit.register(self._atexit)  # after the run's own handler, so it runs first
+        return self.run
+
+    def end(self, status: str | None = None, reason: str | None = None) -> None:
+        run, self.run = self.run, None
+        if run is not None:
+            atexit.unregister(self._atexit)
+            run.finish(status, reason=reason)
+
+    def end_failed(self, reason: str) -> None:
+        self.end("failed", reason[:500])
+
+    def _atexit(self) -> None:
+        exc = getattr(sys, "last_value", None)
+        self.end_failed(f"{type(exc).__name__}: {exc}" if exc is not None else "the process exited during training")
+
+
+def warn_once(seen: set, key: str, message: str) -> None:
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def device_of(module: torch.nn.Module) -> str:
+    from trainer.cli import device_label
+
+    p = next(iter(module.parameters()), None)
+    return device_label(p.device) if p is not None else "cpu"
