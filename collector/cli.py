@@ -89,13 +89,14 @@ def _limits(args) -> Limits:
 
 def run_user_sql(db, query: str, limits: Limits) -> pl.DataFrame:
     """The user's query through the bounded engine; a refusal or SQL error raises UsageError (exit 2),
-    a query stopped by its time or memory limit raises StoreError (exit 1); a cut result says so on stderr."""
+    a query stopped by its time or memory limit, or a busy or unreadable store, raises StoreError (exit 1);
+    a cut result says so on stderr."""
     path = resolve_db(db)
     if not path.exists():
         raise StoreError(f"no store at {path}: train a run first (python -m trainer) or pass --db")
     res = run_sql(path, query, limits)
     if not res.ok or res.table is None:
-        if res.rule in ("time-limit", "memory-limit"):
+        if res.rule in ("time-limit", "memory-limit", "store"):
             raise StoreError(res.message)
         raise UsageError(res.message)
     if res.truncated:

@@ -140,11 +140,11 @@ def check_sql(sql: str) -> SqlResult | None:
     if len(statements) != 1:
         return refusal("one-statement", f"run one statement at a time ({len(statements)} given).")
     stmt = statements[0]
-    kind = stmt.type.name
+    kind = _kind(stmt)
     if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: check that one too
         try:
             inner = duckdb.connect(":memory:").extract_statements(_EXPLAIN_PREFIX.sub("", stmt.query, count=1))
-            kind = inner[0].type.name if len(inner) == 1 else "EXPLAIN"
+            kind = _kind(inner[0]) if len(inner) == 1 else "EXPLAIN"
         except duckdb.Error:
             kind = "EXPLAIN"
     if kind in READ_STATEMENTS:
@@ -152,6 +152,14 @@ def check_sql(sql: str) -> SqlResult | None:
     rule = RULE_FOR_STATEMENT.get(kind, "read-only")
     name = "INSTALL/LOAD" if rule == "no-extensions" else kind
     return refusal(rule, f"{name} statements are not allowed: {RULES[rule]}.")
+
+
+def _kind(stmt) -> str:
+    """The statement's type name; one this duckdb module cannot name (e.g. UPDATE EXTENSIONS) is refused."""
+    try:
+        return stmt.type.name
+    except ValueError:
+        return "UNKNOWN"
 
 
 def clean_error(exc: BaseException) -> str:

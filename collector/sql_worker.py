@@ -247,8 +247,8 @@ def _answer(req: dict) -> SqlResult:
     try:
         with read_connection(req["db"], timeout=CONNECT_WAIT_S, config=duckdb_config(limits)) as con:
             return execute(con, req["sql"], limits)
-    except StoreError as exc:
-        return SqlResult(False, str(exc))
+    except StoreError as exc:  # busy (locked past the wait) or not a readable store
+        return SqlResult(False, str(exc), rule="store")
     except Exception as exc:  # noqa: BLE001 - the caller shows a message, never a traceback
         return SqlResult(False, f"{type(exc).__name__}: {exc}")
 
