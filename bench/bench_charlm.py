@@ -1,0 +1,158 @@
+"""charlm with AdamW: trainer overhead vs a bare PyTorch AdamW loop, and the cost of --curvature.
+
+    python bench/bench_charlm.py                          # defaults: context 64, 2 layers, width 128, B 32
+    python bench/bench_charlm.py --device cuda --batch 256 --steps 200
+
+Variants, each as time per step relative to the bare loop of the same repeat (median over repeats;
+interleaved, so a busy machine skews both sides alike):
+  logging     the trainer, nothing measured (--gns-every 0), every step logged through the real collector
+  noise       the trainer's defaults: plain ingredients on every step (per-example norms) and the
+              Adam-preconditioned ones on every 10th step (run as 2 micro-batches)
+  noise-plain as `noise` without the Adam-preconditioned measurement
+Curvature: one CurvatureProbe measurement (sharpness + B_noise on the fixed sample) after 30 training
+steps, cold (random start vector) and warm (started from the previous eigenvector), as a ratio to one
+bare training step. Wall-clock and process CPU time are both reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import collector  # noqa: E402
+import trainer.train as train_module  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.curvature import CurvatureProbe  # noqa: E402
+from trainer.tasks import TaskOptions, make_task  # noqa: E402
+from trainer.train import make_optimizer, train  # noqa: E402
+
+LR = 1e-3
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def config(batch: int, steps: int, device: str, **kw) -> TrainConfig:
+    return TrainConfig(task="charlm", batch=batch, lr=LR, optimizer="adamw", weight_decay=0.1, steps=steps,
+                       eval_every=10**9, device=device, **kw)
+
+
+def bare(task, batch: int, steps: int, device: str) -> tuple[float, float]:
+    """The loop a user would write with the same model and AdamW: sample, forward, backward, step, and
+    one evaluation at the end, as the trainer's run has."""
+    torch.manual_seed(0)
+    model = task.build_model().to(task.device)
+    opt = make_optimizer(config(batch, steps, device), model)
+    sync(task.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        x, y = task.next_batch(batch)
+        opt.zero_grad(set_to_none=True)
+        task.loss_fn(model(x), y).backward()
+        opt.step()
+    _ = {k: float(v[0]) for k, v in task.evaluate(model).items()}
+    sync(task.device)
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def trainer_run(task, batch: int, steps: int, device: str, db: Path, gns_every: int,
+                adam: bool = True) -> tuple[float, float]:
+    """`trainer.train` with the real collector (its clock covers the loop and the final evaluation)."""
+    cfg = config(batch, steps, device, gns_every=gns_every)
+    saved = train_module.ADAM_SPLIT_EVERY
+    train_module.ADAM_SPLIT_EVERY = saved if adam else 10**12  # bench-only switch: no Adam measurement
+    try:
+        with collector.start_run(db=db, name=f"bench-charlm-b{batch}", config=cfg.to_json()) as run:
+            c0 = time.process_time()
+            result = train(cfg, task, run, progress=False)
+            cpu = time.process_time() - c0
+    finally:
+        train_module.ADAM_SPLIT_EVERY = saved
+    return result.seconds / result.steps, cpu / result.steps
+
+
+def curvature_cost(task, batch: int, device: str) -> tuple[float, float, int, int]:
+    """Seconds of a cold and a warm curvature measurement after 30 AdamW steps, and their HVP counts."""
+    torch.manual_seed(0)
+    model = task.build_model().to(task.device)
+    opt = make_optimizer(config(batch, 30, device), model)
+    for _ in range(30):
+        x, y = task.next_batch(batch)
+        opt.zero_grad(set_to_none=True)
+        task.loss_fn(model(x), y).backward()
+        opt.step()
+
+    class Quiet:
+        def log(self, *a, **k) -> None:
+            pass
+
+    probe = CurvatureProbe(task.fixed_sample, task.curvature_examples)
+    out = []
+    for _ in range(2):
+        sync(task.device)
+        t0 = time.perf_counter()
+        c = probe.log(Quiet(), model, task.loss_fn, 0)
+        sync(task.device)
+        out.append((time.perf_counter() - t0, c.sharpness.iterations))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=60, help="steps per timed run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    task = make_task("charlm", TaskOptions(), device, seed=0)
+    dev = str(device)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(f"# {label}, torch {torch.__version__}, {args.threads} thread(s), {task.model_name}, B={args.batch}, "
+          f"{args.steps} steps x {args.repeats} repeats", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "bench.duckdb"
+        variants = {
+            "bare": lambda: bare(task, args.batch, args.steps, dev),
+            "logging": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=0),
+            "noise": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=1),
+            "noise-plain": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=1, adam=False),
+        }
+        for fn in variants.values():  # warm-up
+            fn()
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                times[name].append(fn())
+        cold, warm, n_cold, n_warm = curvature_cost(task, args.batch, dev)
+
+    def ratio(name: str, clock: int) -> float:
+        return statistics.median(a[clock] / b[clock] for a, b in zip(times[name], times["bare"], strict=True))
+
+    step_s = statistics.median(t[0] for t in times["bare"])  # includes 1/steps of an evaluation
+    print(f"bare AdamW step: {step_s * 1e3:.1f} ms ({args.batch * task.tokens_per_example / step_s:,.0f} tokens/s)")
+    print("| clock | logging only | noise every step (+ Adam every 10th) | noise every step, plain only |")
+    print("|---|---|---|---|")
+    for clock, label in ((0, "wall"), (1, "cpu")):
+        print(f"| {label} | {ratio('logging', clock):.3f} | {ratio('noise', clock):.3f} | "
+              f"{ratio('noise-plain', clock):.3f} |")
+    print(f"curvature per evaluation ({task.curvature_examples} windows, HVPs on half): cold {cold:.2f} s = "
+          f"{cold / step_s:.0f} steps ({n_cold} power iterations), warm {warm:.2f} s = {warm / step_s:.0f} steps "
+          f"({n_warm} power iterations)")
+
+
+if __name__ == "__main__":
+    main()
