@@ -55,6 +55,8 @@ def batch_tokens(batch: Any) -> int | None:
 
 def optimizer_fields(opt: torch.optim.Optimizer | None) -> dict:
     """lr, optimizer, momentum (beta1 for Adam-style) and weight_decay of the first parameter group."""
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
+        opt = opt.optimizer
     if opt is None or not getattr(opt, "param_groups", None):
         return {}
     g = opt.param_groups[0]
