@@ -9,6 +9,8 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -206,13 +208,29 @@ HOSTILE = [
 ]
 
 
-def test_console_hostile_sql_over_http_keeps_the_server_bounded(store, tmp_path):
-    server = start_server(store, tmp_path)
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    srv = start_server(store, tmp_path_factory.mktemp("console"))
+    yield srv
+    srv.stop()
+
+
+def test_console_hostile_sql_over_http_keeps_the_server_bounded(server):
+    ok = server.callback("sql-grid.rowData", {"sql-run.n_clicks": 1}, {"sql-text.value": "SELECT 1 AS one"})
+    assert ok.status == 200
+    baseline_kb = server.rss_kb()
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:  # the server's RSS every 10 ms while the queries run
+        while not done.is_set():
+            samples.append(server.rss_kb())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    sizes = {}
     try:
-        ok = server.callback("sql-grid.rowData", {"sql-run.n_clicks": 1}, {"sql-text.value": "SELECT 1 AS one"})
-        baseline_kb = server.rss_kb()
-        peak_kb, sizes = baseline_kb, {}
-        assert ok.status == 200
         for sql, rule in HOSTILE:
             r = server.callback("sql-grid.rowData", {"sql-run.n_clicks": 2}, {"sql-text.value": sql})
             assert r.status == 200, (sql, r.status)
@@ -220,15 +238,41 @@ def test_console_hostile_sql_over_http_keeps_the_server_bounded(store, tmp_path)
             assert f"rule {rule}" in out["sql-message"]["children"], (sql, out["sql-message"]["children"])
             assert "root:" not in r.body.decode()
             sizes[sql] = len(r.body)
-            peak_kb = max(peak_kb, server.rss_kb())
-        assert not Path("/tmp/batchscope-leak.csv").exists() and not Path("/tmp/batchscope-other.duckdb").exists()
-        # responses are bounded (16 MB of Arrow, as JSON) and the server itself never held a huge result
-        assert max(sizes.values()) < 40 * 1024 * 1024, sizes
-        assert peak_kb - baseline_kb < 400 * 1024, (baseline_kb, peak_kb)
-        (tmp_path / "rss.json").write_text(json.dumps({"baseline_kb": baseline_kb, "peak_kb": peak_kb,
-                                                       "sizes": sizes}))
-        after = server.callback("sql-grid.rowData", {"sql-run.n_clicks": 3},
-                                {"sql-text.value": "SELECT count(*) AS n FROM runs"})
-        assert after.json()["response"]["sql-grid"]["rowData"] == [{"n": N_RUNS}]  # still serving
     finally:
-        server.stop()
+        done.set()
+        sampler.join()
+    assert not Path("/tmp/batchscope-leak.csv").exists() and not Path("/tmp/batchscope-other.duckdb").exists()
+    # responses are bounded (16 MB of Arrow, as JSON) and the server itself never held a huge result
+    assert max(sizes.values()) < 40 * 1024 * 1024, sizes
+    assert len(samples) > 100 and max(samples) - baseline_kb < 400 * 1024, (baseline_kb, max(samples))
+    after = server.callback("sql-grid.rowData", {"sql-run.n_clicks": 3},
+                            {"sql-text.value": "SELECT count(*) AS n FROM runs"})
+    assert after.json()["response"]["sql-grid"]["rowData"] == [{"n": N_RUNS}]  # still serving
+
+
+def test_console_csv_export_and_examples_over_http(server):
+    sql = "SELECT 1 AS i, 2.5 AS x, 'a,b' AS s, NULL::DOUBLE AS n FROM range(3)"
+    shown = server.callback("sql-grid.rowData", {"sql-run.n_clicks": 1}, {"sql-text.value": sql})
+    out = shown.json()["response"]
+    assert out["sql-export"]["disabled"] is False and out["sql-last"]["data"] == sql
+    export = server.callback("sql-download.data", {"sql-export.n_clicks": 1}, {"sql-last.data": sql})
+    download = export.json()["response"]["sql-download"]["data"]
+    assert download["filename"].endswith(".csv")
+    assert download["content"] == 'i,x,s,n\n' + '1,2.5,"a,b",\n' * 3  # no BOM, numbers unquoted
+    # choosing an example replaces the text and clears the previous result and its timing
+    deps = server.request("/_dash-dependencies").json()
+    dep = next(d for d in deps if d["output"].startswith("..sql-text.value"))
+    example = {"id": {"type": "sql-example", "index": 1}, "property": "n_clicks", "value": 1}
+    payload = {"output": dep["output"],
+               "outputs": [dict(zip(("id", "property"), o.rsplit(".", 1), strict=True))
+                           for o in dep["output"].strip(".").split("...")],
+               "inputs": [[{**example, "id": {"type": "sql-example", "index": i}, "value": int(i == 1)}
+                           for i in range(5)]],
+               "state": [], "changedPropIds": ['{"index":1,"type":"sql-example"}.n_clicks']}
+    r = server.request("/_dash-update-component", "POST", json.dumps(payload).encode(),
+                       {"Content-Type": "application/json", "Origin": server.url})
+    assert r.status == 200, r.body[:500]
+    cleared = r.json()["response"]
+    assert cleared["sql-text"]["value"].startswith("SELECT r.name")
+    assert cleared["sql-grid"]["rowData"] == [] and cleared["sql-message"]["children"] == ""
+    assert cleared["sql-export"]["disabled"] is True and cleared["sql-last"]["data"] is None
