@@ -1,15 +1,19 @@
-"""Trainer overhead: steps/s of `trainer.train` vs a bare PyTorch loop, same task, model, batch, process.
+"""Trainer and GradientNoise overhead: time per step vs a bare PyTorch loop, same task, model, batch, process.
 
-    python bench/bench_trainer.py                    # digits b32 and b512, teacher b256; CPU, 1 thread
-    python bench/bench_trainer.py --device cuda --configs teacher:1024,cifar10:256 --data-dir DIR
+    python bench/bench_trainer.py                    # digits b32 and b512, charlm b32; CPU, 1 thread
+    python bench/bench_trainer.py --device cuda --configs teacher:1024,charlm:64
 
 Variants (time per step relative to the bare loop at the same batch size; lower is better):
   loop         trainer, nothing measured, log calls dropped: the training loop's own bookkeeping
   logging      trainer, nothing measured (--gns-every 0), every step logged through the real collector
-  default      trainer with its defaults: B_simple measured every 10th step (--gns-every 10)
-  gns-k1       trainer, B_simple measured every step at K=1 (the batch run as 2 micro-batches)
-  accum-k2/k4  trainer with --accum K (measured every step); vs the bare full-batch loop, and vs a bare
-               K-micro-batch accumulation loop (what a user who must accumulate runs anyway)
+  default      trainer with its defaults: noise scale on every step (per-example norms at K=1)
+  every-10     trainer with --gns-every 10
+  accum-k4     trainer with --accum 4 (micro-batch hooks, every step); vs the bare full-batch loop, and
+               vs a bare 4-micro-batch accumulation loop (what a user who must accumulate runs anyway)
+  api-pe       the bare loop plus trainer.noise.GradientNoise(model) and its step(): per-example norms
+  api-k4       the bare 4-micro-batch loop plus GradientNoise(model, per_example=False)
+  split-k1     the bare loop run as 2 micro-batches plus GradientNoise(per_example=False): the former
+               K=1 method (same FLOPs, twice the launches)
   per-example  reference: bare loop computing exact per-example gradients with torch.func (vmap(grad))
 The variants are interleaved and repeated; each ratio is the median over repeats of (variant time /
 bare time from the same repeat), so a busy machine skews both sides alike. Both wall-clock and process
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import collector  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.noise import GradientNoise  # noqa: E402
 from trainer.tasks import TaskOptions, make_task  # noqa: E402
 from trainer.train import train  # noqa: E402
 
@@ -43,11 +48,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare(task, batch: int, steps: int, accum: int = 1) -> float:
-    """The loop a user would write: sample, forward, backward (K micro-batches), step. Seconds per step."""
+def bare(task, batch: int, steps: int, accum: int = 1, noise: dict | None = None) -> tuple[float, float]:
+    """The loop a user would write: sample, forward, backward (K micro-batches), step. Seconds per step.
+
+    noise: GradientNoise options; then its step() runs after each backward and the ingredients are kept
+    on the device (as a user's loop would hand them to run.log_step in blocks).
+    """
     torch.manual_seed(0)
     model = task.build_model().to(task.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gns = GradientNoise(model, warn=False, **noise) if noise is not None else None
+    kept = []
     sync(task.device)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -58,9 +69,15 @@ def bare(task, batch: int, steps: int, accum: int = 1) -> float:
         else:
             for xk, yk in zip(x.chunk(accum), y.chunk(accum), strict=True):
                 (task.loss_fn(model(xk), yk) / accum).backward()
+        if gns is not None:
+            s = gns.step()
+            kept.append((s.g_small_sq, s.g_big_sq))
         opt.step()
     sync(task.device)
-    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    out = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    if gns is not None:
+        gns.close()
+    return out
 
 
 def per_example(task, batch: int, steps: int) -> float:
@@ -131,12 +148,13 @@ def bench_config(task_name: str, batch: int, steps: int, repeats: int, device: t
         "bare": lambda: bare(task, batch, steps),
         "loop": lambda: trainer_run(task_name, task, batch, steps, None, dev, gns_every=0),
         "logging": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=0),
-        "default": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=10),
-        "gns-k1": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=1),
-        "accum-k2": lambda: trainer_run(task_name, task, batch, steps, db, dev, accum=2),
-        "bare-k2": lambda: bare(task, batch, steps, accum=2),
+        "default": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=1),
+        "every-10": lambda: trainer_run(task_name, task, batch, steps, db, dev, gns_every=10),
         "accum-k4": lambda: trainer_run(task_name, task, batch, steps, db, dev, accum=4),
         "bare-k4": lambda: bare(task, batch, steps, accum=4),
+        "api-pe": lambda: bare(task, batch, steps, noise={}),
+        "api-k4": lambda: bare(task, batch, steps, accum=4, noise={"per_example": False}),
+        "split-k1": lambda: bare(task, batch, steps, accum=2, noise={"per_example": False}),
         "per-example": lambda: per_example(task, batch, max(steps // 4, 10)),
     }
     for fn in variants.values():  # warm-up: allocator, lazy imports, dynamo's first-call import
@@ -152,19 +170,15 @@ def bench_config(task_name: str, batch: int, steps: int, repeats: int, device: t
     out = {"task": task_name, "batch": batch, "steps": steps, "repeats": repeats,
            "bare_steps_per_s": 1.0 / statistics.median(t[0] for t in times["bare"])}
     for clock, suffix in ((0, "wall"), (1, "cpu")):
-        out[suffix] = {
-            "loop": ratio("loop", "bare", clock), "logging": ratio("logging", "bare", clock), "default": ratio("default", "bare", clock),
-            "gns_k1": ratio("gns-k1", "bare", clock),
-            "k2": ratio("accum-k2", "bare", clock), "k2_vs_bare_k2": ratio("accum-k2", "bare-k2", clock),
-            "k4": ratio("accum-k4", "bare", clock), "k4_vs_bare_k4": ratio("accum-k4", "bare-k4", clock),
-            "per_example": ratio("per-example", "bare", clock),
-        }
+        out[suffix] = {name.replace("-", "_"): ratio(name, "bare", clock) for name in variants if name != "bare"}
+        out[suffix]["k4_vs_bare_k4"] = ratio("accum-k4", "bare-k4", clock)
+        out[suffix]["api_k4_vs_bare_k4"] = ratio("api-k4", "bare-k4", clock)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="digits:32,digits:512,teacher:256", help="task:batch,...")
+    ap.add_argument("--configs", default="digits:32,digits:512,charlm:32", help="task:batch,...")
     ap.add_argument("--steps", type=int, default=600, help="steps per timed run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
@@ -177,9 +191,9 @@ def main() -> None:
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
     print(f"# {label}, torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x {args.repeats} repeats",
           flush=True)
-    print("| task | B | bare steps/s | clock | loop, no store | logging only | default (GNS every 10th) | GNS every step, K=1 "
-          "| K=2 (vs bare K=2) | K=4 (vs bare K=4) | per-example (torch.func) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| task | B | bare steps/s | clock | loop, no store | logging only | default (every step) | every 10th "
+          "| K=4 (vs bare K=4) | API per-example | API K=4 (vs bare K=4) | 2-way split | torch.func |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.configs.split(","):
@@ -190,9 +204,10 @@ def main() -> None:
             for clock in ("wall", "cpu"):
                 c = r[clock]
                 print(f"| {r['task']} | {r['batch']} | {r['bare_steps_per_s']:.0f} | {clock} | {c['loop']:.3f} | "
-                      f"{c['logging']:.3f} | "
-                      f"{c['default']:.3f} | {c['gns_k1']:.3f} | {c['k2']:.3f} ({c['k2_vs_bare_k2']:.3f}) | "
-                      f"{c['k4']:.3f} ({c['k4_vs_bare_k4']:.3f}) | {c['per_example']:.2f} |", flush=True)
+                      f"{c['logging']:.3f} | {c['default']:.3f} | {c['every_10']:.3f} | "
+                      f"{c['accum_k4']:.3f} ({c['k4_vs_bare_k4']:.3f}) | {c['api_pe']:.3f} | "
+                      f"{c['api_k4']:.3f} ({c['api_k4_vs_bare_k4']:.3f}) | {c['split_k1']:.3f} | "
+                      f"{c['per_example']:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

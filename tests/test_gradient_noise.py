@@ -225,3 +225,40 @@ def test_ddp_two_gloo_processes(tmp_path, name, per_example, k):
         assert s["b_small"] == 8 / k
         want = np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(2 * k)])
         assert s["g_small_sq"] == pytest.approx(want, rel=RTOL)
+
+
+def test_a_layer_without_the_batch_dimension_falls_back():
+    """Positions embedded once as (T, d) and broadcast over the batch (charlm, nanoGPT): the embedding
+    sees no examples, so its gradient is measured by micro-batches, never mistaken for T examples."""
+    from torch import nn
+
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(13, 8), nn.Embedding(6, 8), nn.Linear(8, 13)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.tok(idx) + self.pos(torch.arange(idx.shape[1]))))
+
+    torch.manual_seed(0)
+    model = Broadcast()
+    x = torch.randint(0, 13, (6, 6), generator=torch.Generator().manual_seed(2))  # N == T on purpose
+    y = (x + 1) % 13
+    loss_fn = MODELS["transformer"][2]
+    g = per_example_grads(model, loss_fn, x, y)
+    gns = GradientNoise(model, warn=False)
+    loss_fn(model(x), y).backward()
+    s1 = gns.step()
+    assert not s1.complete and s1.missing == ("pos.weight",)
+    micro_steps(model, loss_fn, x, y, 2)
+    s2 = gns.step()
+    assert s2.complete and s2.micro_batch == ("pos.weight",)
+    pos = slice(13 * 8, 13 * 8 + 6 * 8)  # tok, then pos, then head in parameter order
+    g_pe = torch.cat([g[:, :pos.start], g[:, pos.stop:]], 1)
+    g_mb = g[:, pos]
+    n = len(x)
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
+    mb_big = float(g_mb.mean(0).square().sum())
+    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    assert float(s2.tr_sigma) == pytest.approx(want_tr, rel=1e-4)

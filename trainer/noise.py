@@ -54,8 +54,6 @@ class NoiseStats:
     b_small: float | None
     g_big_sq: torch.Tensor | None  # |g_big|^2 of the step's mean gradient over all ranks
     b_big: float | None
-    g_sq: torch.Tensor | None = None  # unbiased |G|^2 (one step: noisy, may be negative)
-    tr_sigma: torch.Tensor | None = None  # unbiased tr(Sigma)
     complete: bool = True  # every parameter with a gradient is in the estimate
     per_example: tuple[str, ...] = ()  # parameters measured by per-example norms this step
     micro_batch: tuple[str, ...] = ()  # parameters measured by micro-batch (or per-rank) norms
@@ -66,6 +64,20 @@ class NoiseStats:
     @property
     def measured(self) -> bool:
         return self.g_small_sq is not None
+
+    @property
+    def g_sq(self) -> torch.Tensor | None:
+        """Unbiased |G|^2 of this step (noisy, may be negative)."""
+        if not self.measured:
+            return None
+        return (self.b_big * self.g_big_sq - self.b_small * self.g_small_sq) / (self.b_big - self.b_small)
+
+    @property
+    def tr_sigma(self) -> torch.Tensor | None:
+        """Unbiased tr(Sigma) of this step."""
+        if not self.measured:
+            return None
+        return (self.g_small_sq - self.g_big_sq) / (1.0 / self.b_small - 1.0 / self.b_big)
 
     def as_dict(self) -> dict[str, float]:
         """The four `steps` columns as floats (one host sync); empty when nothing was measured."""
@@ -81,12 +93,18 @@ class _Step:
 
     micro: int = 0  # forward passes with grad enabled (= micro-batches)
     sizes: list[int] = field(default_factory=list)  # examples per micro-batch
-    pe: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (micro, N, sum |contrib_i|^2)
-    mb: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (micro, |h_k|^2 of one parameter)
+    pe: dict[int, torch.Tensor] = field(default_factory=dict)  # micro -> sum over layers, examples of |contrib_i|^2
+    mb: dict[int, torch.Tensor] = field(default_factory=dict)  # micro -> sum over parameters of |h_k|^2
     pe_params: set[int] = field(default_factory=set)
     pe_now: set[tuple[int, int]] = field(default_factory=set)  # (micro, parameter) done per example
     mb_params: set[int] = field(default_factory=set)
     calls: dict[int, int] = field(default_factory=dict)  # covered module id -> calls in this forward
+    shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
+
+
+def _add(acc: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
+    prev = acc.get(key)
+    acc[key] = value if prev is None else prev + value
 
 
 def _recording() -> bool:
@@ -94,21 +112,15 @@ def _recording() -> bool:
     return torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return None
-
-
 class GradientNoise:
     """Attach to a model; `step()` after the backward passes of each optimizer step returns NoiseStats.
 
     per_example: use per-example norms for the layers that have a rule (default). False measures every
     parameter by micro-batches / ranks (cheaper in Python hooks, noisier: b_small = B/K).
+    warn: say once (RuntimeWarning) when a step has parameters without a small batch.
     """
 
-    def __init__(self, model: nn.Module, per_example: bool = True, process_group=None):
+    def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True):
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
         self.group = process_group
@@ -116,7 +128,8 @@ class GradientNoise:
         self.active = True
         self._cur = _Step()
         self._handles: list = []
-        self._warned: set[str] = set()
+        self._warned: set[str] = set() if warn else {"missing"}
+        self._name_cache: dict = {}
         params = {id(p): (n, p) for n, p in self.module.named_parameters() if p.requires_grad}
         self._names = {pid: n for pid, (n, _) in params.items()}
         self.covered: dict[str, str] = {}  # module name -> layer type, for the docs and the user
@@ -150,7 +163,9 @@ class GradientNoise:
         cur = self._cur
         cur.micro += 1
         cur.calls = {}
-        cur.sizes.append(_batch_size(args, kwargs) or 0)
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        cur.sizes.append(0 if first is None else int(first.shape[0]))
+        cur.shape = None if first is None else tuple(first.shape)
 
     def _forward_hook(self, rule):
         def hook(module, inputs, output):
@@ -160,6 +175,8 @@ class GradientNoise:
                 return
             cur, mid = self._cur, id(module)
             cur.calls[mid] = cur.calls.get(mid, 0) + 1
+            if not self._has_batch_dim(module, inputs[0], cur):
+                return  # e.g. positions embedded once and broadcast over the batch: micro-batch fallback
             micro, calls, a = cur.micro, cur.calls, inputs[0].detach()
 
             def on_grad(d: torch.Tensor) -> None:
@@ -167,13 +184,27 @@ class GradientNoise:
                     return  # called twice in one forward: per-example terms would miss cross terms
                 sq = rule(module, a, d.detach())
                 if sq is not None:
-                    cur.pe.append((micro, int(a.shape[0]), sq))
+                    _add(cur.pe, micro, sq)
                     own = self._module_params[mid]
                     cur.pe_params.update(own)
                     cur.pe_now.update((micro, i) for i in own)
 
-            output.register_hook(on_grad)
+            node = output.grad_fn  # a pre-hook on the node that consumes d costs less than a tensor hook
+            if node is None:
+                output.register_hook(on_grad)
+            else:
+                node.register_prehook(lambda grads: on_grad(grads[0]) if grads[0] is not None else None)
         return hook
+
+    @staticmethod
+    def _has_batch_dim(module: nn.Module, a: torch.Tensor, cur: _Step) -> bool:
+        """dim 0 of the layer input is the batch. Embeddings must see the model input's own shape (token
+        ids (N, T) or class ids (N,)), so positions (T,) with T == N are not taken for T examples."""
+        if not cur.sizes or not cur.sizes[-1]:
+            return True
+        if isinstance(module, nn.Embedding) and cur.shape is not None:
+            return tuple(a.shape) == cur.shape
+        return a.dim() > 0 and a.shape[0] == cur.sizes[-1]
 
     def _param_hook(self, pid: int):
         def hook(g: torch.Tensor) -> None:
@@ -183,7 +214,7 @@ class GradientNoise:
             flat = g.detach().reshape(-1)
             if flat.dtype not in (torch.float32, torch.float64):
                 flat = flat.float()
-            cur.mb.append((cur.micro, torch.dot(flat, flat)))
+            _add(cur.mb, cur.micro, torch.dot(flat, flat))
             cur.mb_params.add(pid)
         return hook
 
@@ -231,44 +262,45 @@ class GradientNoise:
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients
         sums = []
         if pe_ids:
-            sums.append(_weighted(((sq, (n / scales[m - 1]) ** 2) for m, n, sq in cur.pe if 0 < m <= k)))
+            sums.append(_combine(cur.pe, [(sizes[m] / scales[m]) ** 2 for m in range(k)]))
         if mb_ids:
-            sums.append(_weighted(((sq, 1.0 / scales[m - 1] ** 2) for m, sq in cur.mb if 0 < m <= k)))
+            sums.append(_combine(cur.mb, [1.0 / scales[m] ** 2 for m in range(k)]))
         if self.world > 1 and sums:  # the one extra collective: a few scalars
             packed = torch.stack(sums)
             dist.all_reduce(packed, group=self.group)
             sums = list(packed.unbind())
-        blocks, b_smalls = [], []
-        if pe_ids:
-            gs = sums.pop(0) / b_big
-            blocks.append((gs, 1.0, _sq_norm([by_id[i].grad for i in pe_ids]) / total_scale**2))
-            b_smalls.append(1.0)
-        if mb_ids:
-            gs = sums.pop(0) / (k * self.world)
-            bs = k / sum(1.0 / s for s in sizes)  # harmonic mean: E mean_k |g_k|^2 = |G|^2 + tr * mean 1/b_k
-            blocks.append((gs, bs, _sq_norm([by_id[i].grad for i in mb_ids]) / total_scale**2))
-            b_smalls.append(bs)
-        names = lambda ids: tuple(self._names[i] for i in ids)  # noqa: E731
+        names = self._names_of(pe_ids, mb_ids, missing)
         if missing and "missing" not in self._warned:
             self._warned.add("missing")
-            warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({names(missing)[:3]}...): "
+            warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({names[2][:3]}...): "
                           "one micro-batch on one device and no per-example rule; run 2+ micro-batches",
                           RuntimeWarning, stacklevel=2)
+        big_scale = 1.0 / total_scale**2
+        blocks = []  # (|g_small|^2, b_small, |g_big|^2) per method
+        if pe_ids:
+            blocks.append((sums.pop(0) * (1.0 / b_big), 1.0, _sq_norm([by_id[i].grad for i in pe_ids], big_scale)))
+        if mb_ids:
+            bs = k / sum(1.0 / s for s in sizes)  # harmonic mean: E mean_k |g_k|^2 = |G|^2 + tr * mean 1/b_k
+            blocks.append((sums.pop(0) * (1.0 / (k * self.world)), bs,
+                           _sq_norm([by_id[i].grad for i in mb_ids], big_scale)))
         if not blocks:
-            return NoiseStats(None, None, None, None, complete=False, missing=names(missing), micro_batches=k,
-                              examples=int(b_big))
-        g_sq = tr = g_big = None
-        for gs, bs, gb in blocks:
-            g_b = (b_big * gb - bs * gs) / (b_big - bs)
-            tr_b = (gs - gb) / (1.0 / bs - 1.0 / b_big)
-            g_sq, tr, g_big = (g_b, tr_b, gb) if g_sq is None else (g_sq + g_b, tr + tr_b, g_big + gb)
+            return NoiseStats(None, None, None, None, False, *names, micro_batches=k, examples=int(b_big))
         if len(blocks) == 1:
-            g_small, b_small = blocks[0][0], blocks[0][1]
-        else:  # per-example-equivalent ingredients of the summed blocks
-            b_small = min(b_smalls)
-            g_small = g_sq + tr / b_small
-        return NoiseStats(g_small, float(b_small), g_big, b_big, g_sq, tr, not missing, names(pe_ids),
-                          names(mb_ids), names(missing), k, int(b_big))
+            g_small, b_small, g_big = blocks[0]
+        else:  # per-example-equivalent ingredients of the summed blocks: the unbiased |G|^2 and tr add up
+            g_sq = sum((b_big * gb - bs * gs) / (b_big - bs) for gs, bs, gb in blocks)
+            tr = sum((gs - gb) / (1.0 / bs - 1.0 / b_big) for gs, bs, gb in blocks)
+            b_small = min(bs for _, bs, _ in blocks)
+            g_small, g_big = g_sq + tr / b_small, sum(gb for _, _, gb in blocks)
+        return NoiseStats(g_small, float(b_small), g_big, b_big, not missing, *names, micro_batches=k,
+                          examples=int(b_big))
+
+    def _names_of(self, *groups: list[int]) -> tuple[tuple[str, ...], ...]:
+        key = tuple(tuple(g) for g in groups)
+        got = self._name_cache.get(key)
+        if got is None:
+            got = self._name_cache[key] = tuple(tuple(self._names[i] for i in g) for g in groups)
+        return got
 
     def close(self) -> None:
         """Remove every hook."""
@@ -283,17 +315,21 @@ class GradientNoise:
         self.close()
 
 
-def _weighted(terms) -> torch.Tensor:
-    """sum_j w_j x_j for (0-d tensor, float) pairs, with one stack when the weights are equal."""
-    terms = list(terms)
-    weights = {w for _, w in terms}
-    if len(weights) == 1:
-        return torch.stack([t for t, _ in terms]).sum() * weights.pop()
-    return torch.stack([t * w for t, w in terms]).sum()
+def _combine(acc: dict[int, torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_k w_k acc[k] over the micro-batches present (micro-batches are counted from 1)."""
+    items = [(acc[m + 1], w) for m, w in enumerate(weights) if m + 1 in acc]
+    if len({w for _, w in items}) == 1:
+        total = items[0][0]
+        for t, _ in items[1:]:
+            total = total + t
+        return total * items[0][1]
+    return sum(t * w for t, w in items)
 
 
-def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """|g|^2 over several tensors in one fused kernel where torch has it."""
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-    return torch.stack(norms).float().square().sum()
-
+def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """scale * |g|^2 over several tensors (torch's fused per-tensor norms, then one dot)."""
+    norms = torch.stack(torch._foreach_norm(grads))
+    if norms.dtype not in (torch.float32, torch.float64):
+        norms = norms.float()
+    sq = torch.dot(norms, norms)
+    return sq if scale == 1.0 else sq * scale

@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     opt = make_optimizer(cfg, model)
     # K = 1: per-example norms (B_small = 1) in one pass; layers without a rule need a 2-way split.
     # K >= 2: each micro-batch's squared norm from parameter hooks, as the gradients accumulate.
-    noise = GradientNoise(model, per_example=cfg.accum == 1) if p.gns_every > 0 else None
+    noise = GradientNoise(model, per_example=cfg.accum == 1, warn=False) if p.gns_every > 0 else None
     split = GNS_SPLIT if noise is not None and cfg.accum == 1 and noise.fallback else 1
     # Adam: the preconditioned ingredients too, on steps run as micro-batches (trainer/adam_noise.py)
     adam = AdamNoise(model) if cfg.optimizer in ("adam", "adamw") and p.gns_every > 0 else None
