@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -124,17 +125,23 @@ def _stored_in_range(con: duckdb.DuckDBPyConnection, table: str, run_id: str, da
                        [run_id, lo, hi]).fetchall()[0][0] > 0
 
 
-def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, pa.Table], alive: bool,
-                   careful: bool) -> None:
+def _write_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, pa.Table], alive: bool,
+                  careful: bool) -> None:
+    """The run row and its rows, inside the caller's transaction."""
+    upsert_run(con, run, alive=alive)
+    for table, data in tables.items():
+        # Fresh rows (the usual case) take the plain bulk INSERT; a possible replay takes INSERT OR IGNORE.
+        ignore = careful or _stored_in_range(con, table, run["run_id"], data)
+        insert_rows(con, table, data, run_id=run["run_id"], ignore_existing=ignore)
+        if table == "steps":
+            update_run_stats(con, run["run_id"], data, all_new=not ignore)
+
+
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection):
     con.execute("BEGIN TRANSACTION")
     try:
-        upsert_run(con, run, alive=alive)
-        for table, data in tables.items():
-            # Fresh rows (the usual case) take the plain bulk INSERT; a possible replay takes INSERT OR IGNORE.
-            ignore = careful or _stored_in_range(con, table, run["run_id"], data)
-            insert_rows(con, table, data, run_id=run["run_id"], ignore_existing=ignore)
-            if table == "steps":
-                update_run_stats(con, run["run_id"], data, all_new=not ignore)
+        yield
         con.execute("COMMIT")
     except BaseException:
         # After an I/O error (a full disk) DuckDB may have ended the transaction itself; its "cannot
@@ -142,6 +149,12 @@ def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, 
         with contextlib.suppress(duckdb.Error):
             con.execute("ROLLBACK")
         raise
+
+
+def _ingest_tables(con: duckdb.DuckDBPyConnection, run: dict, tables: dict[str, pa.Table], alive: bool,
+                   careful: bool) -> None:
+    with _transaction(con):
+        _write_tables(con, run, tables, alive, careful)
 
 
 def read_segment(seg: Segment, quarantined: list[str] | None = None) -> pa.Table | None:
@@ -183,6 +196,62 @@ def read_segments(segments: list[Segment]) -> dict[str, pa.Table]:
     return {t: pa.concat_tables(parts, promote_options="default") for t, parts in by_table.items()}
 
 
+@dataclass
+class Job:
+    """One spool to ingest, as prepared (its run row and readable segments) before the transaction."""
+
+    spool: Spool
+    run: dict
+    parts: list[tuple[Segment, pa.Table]]
+    alive: bool
+    careful: bool
+
+
+def prepare(spool: Spool, status_override: str | None = None, replay_ingested: bool = False,
+            alive: bool | None = None, quarantined: list[str] | None = None) -> Job | None:
+    """Read a spool's run row and segments (quarantining unreadable ones); None if it has no run.json.
+    Raises ValueError if run.json is garbled."""
+    run = spool.read_run()
+    if run is None:
+        return None
+    run = {**run, "run_id": spool.run_id}
+    if status_override:
+        run = {**run, "status": status_override}
+    segments = spool.segments()
+    if replay_ingested:
+        segments = spool.segments(ingested=True) + segments
+    parts = [(seg, read_segment(seg, quarantined)) for seg in segments]
+    return Job(spool, run, [(seg, data) for seg, data in parts if data is not None],
+               status_override != "stale" if alive is None else alive, replay_ingested)
+
+
+def ingest_jobs(con: duckdb.DuckDBPyConnection, jobs: list[Job], quarantined: list[str] | None = None) -> int:
+    """Several spools in ONE transaction (one commit for a whole ingest turn); if the store refuses
+    any row, each spool again on its own, where the refused segments are found and quarantined."""
+    try:
+        with _transaction(con):
+            for job in jobs:
+                _write_tables(con, job.run, _by_table(job.parts), job.alive, job.careful)
+    except (*DATA_ERRORS, duckdb.ConstraintException):
+        return sum(_ingest_job(con, job, quarantined) for job in jobs)
+    for job in jobs:
+        job.spool.mark_ingested([seg for seg, _ in job.parts])
+    return sum(data.num_rows for job in jobs for _, data in job.parts)
+
+
+def _ingest_job(con: duckdb.DuckDBPyConnection, job: Job, quarantined: list[str] | None) -> int:
+    tables, parts = _by_table(job.parts), job.parts
+    try:
+        try:
+            _ingest_tables(con, job.run, tables, job.alive, careful=job.careful)
+        except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
+            _ingest_tables(con, job.run, tables, job.alive, careful=True)
+    except DATA_ERRORS:
+        parts = _ingest_one_by_one(con, job.run, parts, job.alive, quarantined)
+    job.spool.mark_ingested([seg for seg, _ in parts])
+    return sum(data.num_rows for _, data in parts)
+
+
 def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: str | None = None,
                  replay_ingested: bool = False, alive: bool | None = None,
                  quarantined: list[str] | None = None) -> int:
@@ -192,29 +261,8 @@ def ingest_spool(con: duckdb.DuckDBPyConnection, spool: Spool, status_override: 
     puts back whatever the store lost of them. A segment whose rows the store refuses (a value out of
     range, written by an older release) is quarantined and the rest go in.
     """
-    run = spool.read_run()  # ValueError if garbled: the caller quarantines run.json
-    if run is None:
-        return 0
-    run = {**run, "run_id": spool.run_id}
-    if status_override:
-        run = {**run, "status": status_override}
-    if alive is None:
-        alive = status_override != "stale"
-    segments = spool.segments()
-    if replay_ingested:
-        segments = spool.segments(ingested=True) + segments
-    parts = [(seg, read_segment(seg, quarantined)) for seg in segments]
-    parts = [(seg, data) for seg, data in parts if data is not None]
-    tables = _by_table(parts)
-    try:
-        try:
-            _ingest_tables(con, run, tables, alive, careful=replay_ingested)
-        except duckdb.ConstraintException:  # the same step logged twice within the batch: keep the first
-            _ingest_tables(con, run, tables, alive, careful=True)
-    except DATA_ERRORS:
-        parts = _ingest_one_by_one(con, run, parts, alive, quarantined)
-    spool.mark_ingested([seg for seg, _ in parts])
-    return sum(data.num_rows for _, data in parts)
+    job = prepare(spool, status_override, replay_ingested, alive, quarantined)
+    return 0 if job is None else _ingest_job(con, job, quarantined)
 
 
 def _by_table(parts: list[tuple[Segment, pa.Table]]) -> dict[str, pa.Table]:

@@ -18,20 +18,22 @@ import contextlib
 import fcntl
 import os
 import random
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 
-from collector.ingest import ingest_spool
+from collector.ingest import Job, ingest_jobs, prepare
 from collector.spool import QUARANTINE, RUN_FILE, Spool, quarantine
 from collector.store import StoreError, spool_root, try_write_connection
 
 LEASE_FILE = "ingest.lock"
+_TRACE = bool(os.environ.get("BATCHSCOPE_TRACE_INGEST"))  # one stderr line per ingest turn (bench/stress_store.py)
 INGEST_EVERY = 1.0  # seconds between two ingests, whichever processes do them
-DUTY = 0.03  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
+DUTY = 0.02  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
 MAX_GAP = 30.0  # ... but never more than this between ingests
 HEARTBEAT_EVERY = 10.0  # live runs' heartbeat_at is refreshed at least this often, even with nothing new
 STORE_PATIENCE = 2.0  # seconds an ingest retries a store that a reader (or a DuckDB shell) holds
@@ -145,51 +147,80 @@ def ingest_all(db: Path, wait: float = 0.0, patience: float = STORE_PATIENCE) ->
         lease.release()
 
 
-def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE) -> Summary:
-    """One pass over every spool, by the lease holder, in one store connection; sets the schedule."""
+def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE,
+                  then: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+                  on_busy: Callable[[], None] | None = None) -> Summary:
+    """One pass over every spool, by the lease holder, in one store connection and one transaction;
+    sets the schedule. `then(con)` runs last in the same connection (a finishing run's final row);
+    `on_busy()` is called at each try that finds the store locked by another process."""
     summary = Summary()
     start = time.time()
     held = 0.0
+    owned: list[Spool] = []  # dead spools whose owner lock we took: released at the end
     try:
-        with contextlib.ExitStack() as stack:
-            con = None
-            for run_dir in _spool_dirs(spool_root(db)):
-                spool = Spool(run_dir.parent, run_dir.name, keep_ingested=True)
-                dead = spool.try_own()
-                try:
-                    run = _read_run(spool, summary, dead)
-                    if run is None:
-                        continue
-                    if con is None:
-                        con = stack.enter_context(_patient_connection(db, patience))
-                        if con is None:
-                            summary.busy = True
-                            return summary
-                        held_from = time.monotonic()
-                    if dead:
-                        override = "stale" if run.get("status") == "running" else None
-                        summary.rows += ingest_spool(con, spool, status_override=override, replay_ingested=True,
-                                                     alive=False, quarantined=summary.quarantined)
-                        spool.remove_temp_files()
-                        spool.remove()
-                        summary.recovered += 1
-                    else:
-                        summary.rows += ingest_spool(con, spool, alive=True, quarantined=summary.quarantined)
-                        summary.live += 1
-                except STORE_ERRORS:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one bad spool must not keep the others out
-                    summary.skipped.append(f"{spool.run_id}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
-                finally:
-                    if dead:
-                        spool.release()
-        if con is not None:
-            held = time.monotonic() - held_from  # includes the close (DuckDB's checkpoint)
+        jobs, dead = [], set()
+        for run_dir in _spool_dirs(spool_root(db)):
+            spool = Spool(run_dir.parent, run_dir.name, keep_ingested=True)
+            if spool.try_own():
+                owned.append(spool)
+                dead.add(spool.run_id)
+            try:
+                job = _prepare(spool, summary, spool.run_id in dead)
+            except Exception as exc:  # noqa: BLE001 - one bad spool must not keep the others out
+                summary.skipped.append(f"{spool.run_id}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+                continue
+            if job is not None:
+                jobs.append(job)
+        if not jobs and then is None:
+            return summary
+        with _patient_connection(db, patience, on_busy) as con:
+            if con is None:
+                summary.busy = True
+                return summary
+            held_from = time.monotonic()
+            try:
+                summary.rows += ingest_jobs(con, jobs, summary.quarantined)
+            except STORE_ERRORS:
+                raise
+            except Exception:  # noqa: BLE001 - not the store's fault: find the spool, skip it, go on
+                for job in jobs:
+                    try:
+                        summary.rows += ingest_jobs(con, [job], summary.quarantined)
+                    except STORE_ERRORS:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        summary.skipped.append(f"{job.spool.run_id}: {type(exc).__name__}: "
+                                               f"{' '.join(str(exc).split())[:200]}")
+                        jobs = [j for j in jobs if j is not job]
+            for job in jobs:
+                if job.spool.run_id in dead:
+                    job.spool.remove_temp_files()
+                    job.spool.remove()
+                    summary.recovered += 1
+                else:
+                    summary.live += 1
+            if then is not None:
+                then(con)
+        held = time.monotonic() - held_from  # includes the close (DuckDB's checkpoint)
     finally:
+        for spool in owned:
+            spool.release()
         now = time.time()
         gap = INGEST_EVERY if summary.busy else min(MAX_GAP, max(INGEST_EVERY, held / DUTY))
         lease.set_schedule(now + gap - (now - start if not summary.busy else 0.0), now)
+        if _TRACE:
+            print(f"ingest-trace pid={os.getpid()} t={now:.3f} held={held:.3f} gap={gap:.2f} rows={summary.rows} "
+                  f"live={summary.live} recovered={summary.recovered} busy={summary.busy}", file=sys.stderr, flush=True)
     return summary
+
+
+def _prepare(spool: Spool, summary: Summary, dead: bool) -> Job | None:
+    run = _read_run(spool, summary, dead)
+    if run is None:
+        return None
+    override = "stale" if dead and run.get("status") == "running" else None
+    return prepare(spool, status_override=override, replay_ingested=dead, alive=not dead,
+                   quarantined=summary.quarantined)
 
 
 def _read_run(spool: Spool, summary: Summary, dead: bool) -> dict | None:
@@ -221,7 +252,7 @@ def _read_run(spool: Spool, summary: Summary, dead: bool) -> dict | None:
 
 
 @contextlib.contextmanager
-def _patient_connection(db: Path, patience: float):
+def _patient_connection(db: Path, patience: float, on_busy: Callable[[], None] | None = None):
     """try_write_connection, retried with jitter for up to `patience` s; yields None if still busy."""
     deadline = time.monotonic() + patience
     while True:
@@ -229,6 +260,8 @@ def _patient_connection(db: Path, patience: float):
             if con is not None:
                 yield con
                 return
+        if on_busy is not None:
+            on_busy()
         if time.monotonic() >= deadline:
             yield None
             return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -123,6 +125,75 @@ def disk_full_writer(db: str, filler: str, free_at_end: bool) -> None:
         print(run.run_id, step, flush=True)
 
 
+def paced_writer(db: str, name: str, seconds: float, rate: float) -> None:
+    """A trainer-like writer: `rate` steps per second (the rest of each step is 'compute'), an eval and
+    a scalar every 500 steps, for `seconds`; prints its run id and the steps it logged."""
+    with collector.start_run(db, name=name, sweep="paced", batch_size=32, lr=0.1) as run:
+        t0 = time.monotonic()
+        step = 0
+        while time.monotonic() - t0 < seconds:
+            step += 1
+            run.log_step(step, examples=32 * step, loss=1.0 / step, lr=0.1, batch_size=32, g_small_sq=2.0,
+                         b_small=16.0, g_big_sq=1.5, b_big=32.0)
+            if step % 500 == 0:
+                run.log_eval(step, split="test", loss=1.0 / step, accuracy=0.5)
+                run.log(step, grad_norm=float(step))
+            lag = t0 + step / rate - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+    print(run.run_id, step, flush=True)
+
+
+def plain_reader(db: str, seconds: float) -> None:
+    """An analyst's plain DuckDB client: connect read-only, query, close, every 50 ms; prints the number
+    of tries and of successes (a try fails when a writer has the file open)."""
+    deadline = time.monotonic() + seconds
+    tries = ok = 0
+    while time.monotonic() < deadline:
+        tries += 1
+        try:
+            with duckdb.connect(db, read_only=True) as con:
+                con.execute("SELECT count(*) FROM steps").fetchall()
+            ok += 1
+        except duckdb.Error:
+            pass
+        time.sleep(0.05)
+    print(tries, ok, flush=True)
+
+
+PROGRESS = struct.Struct("qqd")  # last step logged, loop finished (0/1), steps per second so far
+
+
+def signal_writer(db: str, progress: str, n_steps: int) -> None:
+    """Log steps in a hot loop, publishing each accepted step in a shared memory map (it survives a
+    SIGKILL: the page cache keeps it), then wait to be signalled."""
+    with open(progress, "wb") as f:
+        f.write(b"\0" * PROGRESS.size)
+    with open(progress, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), PROGRESS.size)
+    with collector.start_run(db, name="signalled", batch_size=32, lr=0.1, finish_timeout=5) as run:
+        t0 = time.perf_counter()
+        for step in range(1, n_steps + 1):
+            run.log_step(step, examples=32 * step, loss=1.0 / step, lr=0.1, batch_size=32)
+            PROGRESS.pack_into(mm, 0, step, 0, 0.0)
+        PROGRESS.pack_into(mm, 0, n_steps, 1, n_steps / (time.perf_counter() - t0))
+        time.sleep(120)  # killed here in the "right after the loop" cases
+
+
+def read_progress(path: str) -> tuple[int, bool, float]:
+    with open(path, "rb") as f:
+        step, done, rate = PROGRESS.unpack(f.read(PROGRESS.size))
+    return step, bool(done), rate
+
+
+def hold_store(db: str, seconds: float) -> None:
+    """Hold the store open read-write with a plain DuckDB connection, as a forgotten shell would."""
+    con = duckdb.connect(db)
+    print("holding", flush=True)
+    time.sleep(seconds)
+    con.close()
+
+
 if __name__ == "__main__":
     role, *rest = sys.argv[1:]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -132,5 +203,13 @@ if __name__ == "__main__":
         reader(rest[0], float(rest[1]))
     elif role == "slow_writer":
         slow_writer(rest[0], rest[1])
+    elif role == "paced_writer":
+        paced_writer(rest[0], rest[1], float(rest[2]), float(rest[3]))
+    elif role == "plain_reader":
+        plain_reader(rest[0], float(rest[1]))
+    elif role == "signal_writer":
+        signal_writer(rest[0], rest[1], int(rest[2]))
+    elif role == "hold_store":
+        hold_store(rest[0], float(rest[1]))
     elif role == "disk_full_writer":
         disk_full_writer(rest[0], rest[1], rest[2] == "free")

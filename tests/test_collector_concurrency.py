@@ -164,3 +164,33 @@ print(run.run_id, loop)
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [run_id]).fetchall()[0][0] == 2000
         assert con.execute("SELECT status FROM runs").fetchall()[0][0] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_writers", [8])
+def test_a_plain_duckdb_reader_gets_in_while_eight_trainers_write(tmp_path, n_writers):
+    """One ingester at a time (collector/ingester.py): the store is closed most of the time, so an
+    analyst's plain `duckdb.connect(db, read_only=True)` succeeds in >= 95 % of tries, and nothing is lost."""
+    db = str(tmp_path / "runs.duckdb")
+    with duckdb.connect(db) as con:  # the store exists before the reader starts
+        from schema import ensure_schema
+
+        ensure_schema(con)
+    seconds = 25  # trainers that end together make a burst of final writes: a longer run dilutes it as real runs do
+    writers = [_spawn("paced_writer", db, f"w{i}", str(seconds), "1000") for i in range(n_writers)]
+    reader = _spawn("plain_reader", db, str(seconds))
+    outputs = [w.communicate(timeout=300) for w in writers]
+    tries, ok = map(int, reader.communicate(timeout=120)[0].split())
+    print(f"plain reader: {ok} of {tries} tries succeeded ({ok / tries:.1%}) with {n_writers} writers")
+    assert ok >= 0.95 * tries and tries > 50
+
+    logged = {}
+    for w, (out, err) in zip(writers, outputs, strict=True):
+        assert w.returncode == 0, err
+        run_id, n = out.split()
+        logged[run_id] = int(n)
+    with duckdb.connect(db, read_only=True) as con:
+        stored = dict(con.execute("SELECT run_id, count(DISTINCT step) FROM steps GROUP BY run_id").fetchall())
+        assert con.execute("SELECT DISTINCT status FROM runs").fetchall() == [("finished",)]
+        assert_run_stats_exact(con)
+    assert stored == logged
