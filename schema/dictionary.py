@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from schema.migrations import DIALECT, _sql_files
+from schema.scalars import TRAINER_SCALARS
 from schema.tables import DATA_TABLES, DERIVED_TABLES, schema_version
 
 
@@ -48,4 +49,15 @@ def render(fmt: str = "text") -> str:
         lines.append("views and table macros")
         for kind, name, doc in views_and_macros():
             lines.append(f"  {kind:<5} {name}\n        {doc}")
+    lines += _scalar_lines(md)
     return "\n".join(lines)
+
+
+def _scalar_lines(md: bool) -> list[str]:
+    """The scalars the built-in trainer logs (schema/scalars.py), after the tables and views."""
+    if md:
+        return ["", "## Scalars logged by the trainer (`scalars.name`)", "", "| name | meaning |", "|---|---|",
+                *(f"| `{n}` | {d} |" for n, d in TRAINER_SCALARS.items())]
+    width = max(len(n) for n in TRAINER_SCALARS)
+    return ["", "scalars logged by the trainer (scalars.name)",
+            *(f"  {n:<{width}}  {d}" for n, d in TRAINER_SCALARS.items())]

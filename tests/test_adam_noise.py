@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from schema.scalars import TRAINER_SCALARS
 from tests.trainer_helpers import one_torch_thread
 from trainer import adam_noise
 from trainer.adam_noise import AdamNoise, AdamNoiseLog, adam_weights, split_sizes
@@ -126,6 +127,7 @@ def test_log_hands_scalars_over_at_sync():
     log.flush(Run())
     assert [s for s, _ in logged] == [1, 2, 3]
     assert set(logged[0][1]) >= set(adam_noise.COLUMNS)
+    assert set().union(*(v for _, v in logged)) <= set(TRAINER_SCALARS)  # all in the data dictionary
     assert all(v["b_big_adam"] == 16 and v["b_small_adam"] == 8 for _, v in logged)
     an.close()
     assert not an._handles

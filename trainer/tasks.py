@@ -31,7 +31,7 @@ CURVATURE_EXAMPLES = 512  # fixed examples behind --curvature: half for the Hess
 # subsets (a full pass over 25k windows would cost more than the training between two evaluations)
 CHARLM_DEFAULTS = {"context": 64, "layers": 2, "width": 128}
 CHARLM_EVAL_WINDOWS = 512
-CHARLM_CURVATURE_WINDOWS = 64
+CHARLM_CURVATURE_WINDOWS = 32  # an HVP costs ~2.5 forward+backward passes of its 16 windows (bench/charlm.md)
 
 
 @dataclass
