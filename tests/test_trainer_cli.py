@@ -29,6 +29,7 @@ def query(db: Path, sql: str) -> list[tuple]:
 
 def test_cli_trains_digits_and_writes_one_run(tmp_path):
     db = tmp_path / "store" / "runs.duckdb"
+    db.parent.mkdir()  # a missing folder is refused (test_bad_db_path_...)
     proc = trainer("--batch", "32", "--lr", "0.1", "--epochs", "3", "--eval-every", "40", "--gns-every", "2",
                    env={"BATCHSCOPE_DB": str(db)})  # the default store comes from $BATCHSCOPE_DB
     assert proc.returncode == 0, proc.stderr
@@ -45,7 +46,7 @@ def test_cli_trains_digits_and_writes_one_run(tmp_path):
     assert (n, first, last, examples) == (135, 1, 135, 135 * 32)
     assert measured == 67 and 0 < with_b <= 67  # every 2nd step; b_simple NULL until |G|^2 > 0
     rows = query(db, "SELECT b_small, b_big FROM steps WHERE g_small_sq IS NOT NULL GROUP BY ALL")
-    assert rows == [(16.0, 32.0)]
+    assert rows == [(1.0, 32.0)]  # per-example norms (b_small = 1) against the whole batch
     evals = query(db, "SELECT split, count(*), max(step), min(accuracy) FROM evals GROUP BY split ORDER BY split")
     assert evals == [("test", 4, 135, pytest.approx(evals[0][3])), ("train", 4, 135, pytest.approx(evals[1][3]))]
     assert query(db, "SELECT max(accuracy) FROM evals WHERE split = 'test' AND step = 135")[0][0] > 0.8
