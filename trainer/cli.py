@@ -22,6 +22,8 @@ examples:
   python -m trainer --batch 256 --accum 4 --lr 0.3       4 micro-batches of 64 per step
   python -m trainer --task linreg --dim 20 --noise 0.5   calibration task: B_simple known exactly
   python -m trainer --task teacher --optimizer adam --lr 1e-3 --examples 500000
+  python -m trainer --task charlm --optimizer adamw --lr 3e-3 --weight-decay 0.1 --lr-schedule warmup-cosine
+                                                         a byte-level GPT on Python's own sources (minutes on a CPU)
   python -m trainer --batch 64 --batch-schedule x5@10,20 increase the batch instead of decaying the LR
   python -m trainer sweep --batch 8,16,32,64,128,256,512,1024 --lr 0.003:1:8 --jobs 2
                                                          a batch x LR grid (see: python -m trainer sweep -h)
