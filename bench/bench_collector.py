@@ -1,6 +1,8 @@
-"""Collector benchmarks: ingest throughput vs DuckDB's own bulk Arrow insert, and the cost of log_step.
+"""Collector benchmarks: ingest throughput vs DuckDB's own bulk Arrow insert, the cost of log_step, and
+how often a plain DuckDB reader gets in while trainers write.
 
     python bench/bench_collector.py [--rows 1000000] [--calls 1000000]
+    python bench/bench_collector.py --readers 8,16 [--seconds 30] [--code /path/to/other/checkout]
 
 Ratios are against baselines measured in the same process, so machine noise mostly cancels.
 """
@@ -8,7 +10,10 @@ Ratios are against baselines measured in the same process, so machine noise most
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +24,9 @@ import pyarrow as pa
 
 import collector
 from schema import ensure_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = ROOT / "tests" / "collector_workers.py"
 
 
 def _steps_table(run_id: str, n: int) -> pa.Table:
@@ -141,13 +149,52 @@ def bench_log_step(calls: int, folder: Path) -> dict:
             "log_step_with_gns_us": (full - empty) / calls * 1e6}
 
 
+def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROOT, rate: float = 1000) -> dict:
+    """n trainer-like writers (tests/collector_workers.py paced_writer: `rate` steps/s, evals and scalars)
+    on one store, beside an analyst's plain `duckdb.connect(db, read_only=True)` loop (every 50 ms): the
+    share of the reader's tries that got in, and whether every logged step was stored. `code` is the
+    checkout whose collector the writers use (the same workload on older code)."""
+    db = folder / f"readers{n_writers}.duckdb"
+    with duckdb.connect(str(db)) as con:
+        ensure_schema(con)
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    spawn = [sys.executable, str(WORKERS)]
+    writers = [subprocess.Popen([*spawn, "paced_writer", str(db), f"w{i}", str(seconds), str(rate)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n_writers)]
+    reader = subprocess.Popen([*spawn, "plain_reader", str(db), str(seconds + 3)], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    logged = {}
+    for w in writers:
+        out, err = w.communicate(timeout=seconds * 10 + 120)
+        if w.returncode != 0:
+            raise RuntimeError(f"writer failed: {err}")
+        run_id, n = out.split()
+        logged[run_id] = int(n)
+    tries, ok = map(int, reader.communicate(timeout=120)[0].split())
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = dict(con.execute("SELECT run_id, count(DISTINCT step) FROM steps GROUP BY run_id").fetchall())
+    return {"writers": n_writers, "tries": tries, "ok": ok, "share": ok / tries, "logged": sum(logged.values()),
+            "stored": sum(stored.get(r, 0) for r in logged), "all_stored": stored == logged}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--calls", type=int, default=1_000_000)
+    p.add_argument("--readers", metavar="N,M", help="only the plain-reader test, with N (then M, ...) writers")
+    p.add_argument("--seconds", type=float, default=30.0, help="how long the writers log (--readers)")
+    p.add_argument("--code", type=Path, default=ROOT, help="checkout whose collector the writers use (--readers)")
     args = p.parse_args()
     print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()} "
-          f"duckdb {duckdb.__version__}")
+          f"duckdb {duckdb.__version__}, load average {os.getloadavg()[0]:.1f}")
+    if args.readers:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in map(int, args.readers.split(",")):
+                r = bench_readers(n, args.seconds, Path(tmp), args.code.resolve())
+                print(f"plain duckdb reader beside {n} writers (1,000 steps/s each, {args.seconds:g} s, code "
+                      f"{args.code}): {r['share']:.1%} of {r['tries']} tries got in; "
+                      f"{r['stored']:,} of {r['logged']:,} logged steps stored")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         ing = bench_ingest(args.rows, Path(tmp))
         calls = bench_log_step(args.calls, Path(tmp))
