@@ -35,8 +35,9 @@ class MLP(L.LightningModule):
         if self.fail_at is not None and self.global_step + 1 == self.fail_at:
             raise RuntimeError(f"boom at step {self.fail_at}")
         x, y = batch
-        self._step_batches.append((x, y))
-        return nn.functional.cross_entropy(self.net(x), y)
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self._step_batches.append((x, y, loss.item()))
+        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -47,7 +48,6 @@ class MLP(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         x = torch.cat([b[0] for b in self._step_batches])
         y = torch.cat([b[1] for b in self._step_batches])
-        self._step_batches = []
         params = {k: v.detach() for k, v in self.net.named_parameters()}
 
         def loss_one(p, xi, yi):
@@ -58,7 +58,9 @@ class MLP(L.LightningModule):
         sq = sum(g.reshape(len(x), -1).square().sum(1) for g in per.values())
         self.truth[self.global_step + 1] = {
             "g_small_sq": float(sq.mean()), "n": len(x), "lr": optimizer.param_groups[0]["lr"],
+            "loss": sum(b[2] for b in self._step_batches) / len(self._step_batches),
             "g_big_sq": float(sum(p.grad.square().sum() for p in self.parameters()))}
+        self._step_batches = []
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.5)
@@ -118,7 +120,7 @@ def test_finished_run_with_noise_on_every_step_matching_per_example_truth(tmp_pa
         assert s["g_small_sq"] == pytest.approx(truth["g_small_sq"], rel=1e-4)
         assert s["g_big_sq"] == pytest.approx(truth["g_big_sq"], rel=1e-4)  # unclipped (clip 0.05 bites)
         assert s["lr"] == pytest.approx(truth["lr"]) and s["lr"] == pytest.approx(0.2 * 0.5 ** ((s["step"] - 1) // 3))
-        assert s["loss"] is not None and 0 < s["loss"] < 3
+        assert s["loss"] == pytest.approx(truth["loss"], rel=1e-5)  # mean over the micro-batches
     assert max(s["g_big_sq"] for s in steps) > 0.05**2  # so the clipping did change .grad after measuring
 
     assert [(e["step"], e["split"], e["examples"]) for e in evals] == [(4, "test", 128), (8, "test", 256)]

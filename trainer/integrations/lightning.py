@@ -13,7 +13,8 @@ When, in Lightning's hook order (2.x, automatic optimization):
   may call `self.net(x)` instead of `self(x)`, and under DDP Lightning routes it through `forward` too);
 - on_before_optimizer_step: after the last micro-batch's backward, after AMP's unscale and *before*
   Lightning clips (`gradient_clip_val`), so the norms are of the unclipped gradient: `gns.step()`;
-- on_train_batch_end after the optimizer step: the step's row (mean of the micro-batches' losses);
+- on_train_batch_end after the optimizer step: the step's row (the mean of its micro-batches' losses,
+  which Lightning hands over divided by accumulate_grad_batches);
 - on_validation_end: evals from `trainer.callback_metrics` (sanity checks skipped);
 - on_train_end: finished; on_exception: failed, with the exception; steps logged so far are kept.
 """
@@ -152,7 +153,8 @@ class BatchscopeCallback(pl.Callback):
         if self.recorder is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        self.recorder.loss(loss if isinstance(loss, (torch.Tensor, float, int)) else None)
+        if isinstance(loss, (torch.Tensor, float, int)):  # Lightning hands the loss divided by accumulation
+            self.recorder.loss(loss * trainer.accumulate_grad_batches)
         if trainer.global_step > self._logged:  # this micro-batch ended an optimizer step
             self._logged = trainer.global_step
             stats, self._stats = self._stats, None
