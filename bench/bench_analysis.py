@@ -5,7 +5,7 @@
 
 Builds (once, then reuses) a synthetic store whose runs follow S(B) = S_min (1 + B_crit/B) with
 B_crit = 128, then times the whole analysis the way the dashboard runs it: the per-step reductions
-(bucket smoothing, first crossing of each target, B_simple around each crossing) in DuckDB through the
+(loss smoothing over examples, first crossing of each target, B_simple around each crossing) in DuckDB through the
 SQL macro `crossings` and B_simple around the best runs' crossings by `noise_around`
 (schema/sql/20_analysis.sql), and in Python only per-run rows: best LR per batch,
 the tradeoff fit with a 1,000-sample bootstrap, B_crit for 8 targets (200 samples each), the LR-scaling
@@ -46,7 +46,7 @@ LR_MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 TARGETS = [0.8, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2]
 MAIN_TARGET = 0.3
 TASK = "bench-v2"  # bump when the generator changes, so an old store is rebuilt
-WIDTH = 50  # bucket width in steps (0.5 % of a run, 10 % of the fastest steps-to-target)
+WIDTH = 1024  # loss smoothing, examples per bucket: the largest batch size (the pages' default)
 
 
 def build_store(db: Path, n_runs: int, n_steps: int, seed: int = 0) -> None:
@@ -132,7 +132,7 @@ def analyse(db: Path) -> dict[str, float]:
     try:
         # crossings without B_simple (noise_window := NULL), then B_simple only around the crossings of
         # the best-LR run of each (target, batch size): the runs the fits use, as the dashboard does
-        hits = con.sql(f"SELECT * FROM crossings({TARGETS}, width := {WIDTH}, noise_window := NULL)").pl()
+        hits = con.sql(f"SELECT * FROM crossings({TARGETS}, width_examples := {WIDTH}, noise_window := NULL)").pl()
         t1 = time.perf_counter()
         runs = con.sql("SELECT run_id, sweep, status, optimizer, lr, momentum, batch_size, train_size FROM runs").pl()
         evals = con.sql("SELECT run_id, step, split, examples, loss, accuracy FROM evals").pl()
@@ -172,14 +172,14 @@ def analyse(db: Path) -> dict[str, float]:
     return times
 
 
-def real_sweep(db: Path, sweep: str | None, targets: list[float], width: int, noise_window: float) -> None:
+def real_sweep(db: Path, sweep: str | None, targets: list[float], width: float, noise_window: float) -> None:
     """The figures for a real sweep: steps to target per batch size, B_crit per target, B_simple there."""
     where = f"WHERE r.sweep = '{sweep}'" if sweep else ""
     with duckdb.connect(str(db), read_only=True) as con:
         n = con.execute("SELECT count(*) FROM duckdb_functions() WHERE function_name = 'crossings'").fetchall()[0][0]
         if not n:
             raise SystemExit(f"{db} has no analysis macros: open it once read-write (python -m collector ingest)")
-        hits = con.sql(f"SELECT c.* FROM crossings({targets}, width := {width}, noise_window := {noise_window}) c "
+        hits = con.sql(f"SELECT c.* FROM crossings({targets}, width_examples := {width}, noise_window := {noise_window}) c "
                        f"JOIN runs r USING (run_id) {where}").pl()
         runs = con.sql(f"SELECT * FROM runs r {where}").pl()
     best = best_per_batch(hits, runs)
@@ -211,7 +211,7 @@ def main() -> None:
     p.add_argument("--real", metavar="DB", help="instead: report the figures of a real sweep in this store")
     p.add_argument("--sweep", help="with --real: the sweep name")
     p.add_argument("--targets", default="0.3,0.2,0.15,0.1,0.07,0.05", help="with --real: training-loss targets")
-    p.add_argument("--width", type=int, default=10, help="with --real: bucket width in steps")
+    p.add_argument("--width", type=float, default=1024, help="with --real: loss smoothing, examples per bucket")
     p.add_argument("--noise-window", type=float, default=1.0, help="with --real: B_simple over [S/(1+w), S(1+w)]")
     a = p.parse_args()
     if a.real:

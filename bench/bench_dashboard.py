@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         f"tradeoff: tradeoff_view (all {len(all_ids)} runs)": lambda i: tradeoff.render(
             tradeoff.tradeoff_view(db, all_ids, targets_all[i % len(targets_all)]), "all runs", "train_loss"),
         "generalization: generalization_view (sweep)": lambda i: generalization.generalization_view(
-            db, sweep_ids, ["matched", "end"][i % 2], ["gap_loss", "gap_accuracy"][(i // 2) % 2]),
+            db, sweep_ids, ["train_loss", "matched", "end"][i % 3], ["gap_loss", "gap_accuracy"][(i // 3) % 2]),
         "lr × batch: lr_batch_view (sweep)": lambda i: lr_batch.lr_batch_view(
             db, sweep_ids, metrics[i % len(metrics)], ["lr", "base_lr"][i % 2]),
         "sql: console_view (run_summary, catalog examples)": lambda i: sql.console_view(db, light[i % len(light)]),

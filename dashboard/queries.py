@@ -29,11 +29,12 @@ from dashboard.store_access import (  # re-exported: pages use queries.* as thei
     session,
     store_version,
 )
+from schema.frames import evaluate
 
 __all__ = [
     "StoreError", "Overview", "configure", "current_db", "store_version", "overview", "run_table",
     "step_curves", "eval_curves", "evals_frame", "runs_frame", "clear_cache", "connect", "crossings",
-    "run_outcomes", "noise_scale", "smoothed_loss",
+    "run_outcomes", "noise_scale", "smoothed_loss", "crossing_runs", "noise_cumulative",
     "session", "in_session", "cached",
 ]
 
@@ -353,13 +354,60 @@ def _macro(name: str, db: Path, run_ids: Sequence[str], sql: str, params: dict) 
 
 @cached()
 def crossings(db: Path, run_ids: Sequence[str], targets: Sequence[float], width_examples: float = 0,
-              metric: str = "train_loss", noise_window: float | None = 0.1) -> pl.DataFrame:
+              metric: str = "train_loss", noise_window: float | None = 0.1,
+              noise_for: Sequence[str] | None = None) -> pl.DataFrame:
     """SQL `crossings` for these runs: steps/examples to each target, censoring, outcome, reason and B_simple
-    at the crossing, plus batch_size, lr, sweep and status."""
-    return _macro("crossings", db, run_ids,
-                  "SELECT * FROM crossings($t, width_examples := $w, metric := $m, noise_window := $nw, run_ids := $ids)",
-                  {"t": sorted({float(t) for t in targets}, reverse=True), "w": float(width_examples), "m": metric,
-                   "nw": noise_window})
+    at the crossing, plus batch_size, lr, sweep and status.
+
+    Composed from the macro's own parts so that a new target costs milliseconds: the target-independent
+    per-run frames (smoothed points, crossing_runs, noise_cumulative) come from the store and are kept per
+    ended run; `crossings_of` and `noise_window_sums` then run over them in memory (schema.frames). The
+    result equals `SELECT * FROM crossings(...)` on the store (tests/test_dashboard_browser.py). B_simple is
+    filled for the runs in `noise_for` (None: every run), since reading every run's measured steps is what
+    costs on a large store.
+    """
+    ids = _ids(run_ids)
+    buckets = smoothed_loss(db, ids, width_examples, metric)
+    if metric.endswith("_accuracy"):
+        buckets = buckets.with_columns(-pl.col("value"))
+    info = crossing_runs(db, ids, metric)
+    tg = sorted({float(t) for t in targets}, reverse=True)
+    hits = evaluate("SELECT * FROM crossings_of('b', 'i', $t, metric := $m)", {"t": tg, "m": metric},
+                    b=buckets, i=info)
+    if noise_window is None:
+        return hits
+    return with_noise(db, hits, ids if noise_for is None else noise_for, noise_window)
+
+
+def with_noise(db: Path, hits: pl.DataFrame, run_ids: Sequence[str], noise_window: float = 0.1) -> pl.DataFrame:
+    """Fill B_simple at the crossing (SQL noise_window_sums over the runs' noise_cumulative) into crossings
+    rows of the given runs, as the macro crossings does."""
+    pts = hits.filter(pl.col("reached") & pl.col("run_id").is_in(_ids(run_ids))).select(
+        "run_id", pl.col("steps").alias("at_step")).unique()
+    if pts.is_empty():
+        return hits
+    cum = noise_cumulative(db, sorted(set(pts["run_id"].to_list())))
+    nz = evaluate("SELECT * FROM noise_window_sums('p', 'c', noise_window := $w)", {"w": float(noise_window)},
+                  p=pts, c=cum)
+    noise = ["b_simple", "g2", "trace_sigma", "n_noise"]
+    hits = hits.join(nz.rename({"at_step": "steps"}).rename({c: f"_{c}" for c in noise}), on=["run_id", "steps"],
+                     how="left")
+    return hits.with_columns(
+        *[pl.coalesce(f"_{c}", c).alias(c) for c in noise]).drop([f"_{c}" for c in noise])
+
+
+@cached()
+def crossing_runs(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> pl.DataFrame:
+    """SQL `crossing_runs` over the metric's raw points: per-run facts a crossing needs."""
+    return _macro("crossing_runs", db, run_ids,
+                  "WITH mp AS (SELECT * FROM metric_points(metric := $m, run_ids := $ids)) "
+                  "SELECT * FROM crossing_runs('mp', run_ids := $ids)", {"m": metric})
+
+
+@cached()
+def noise_cumulative(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
+    """SQL `noise_cumulative` (running sums of the noise estimates) for a few runs."""
+    return _macro("noise_cumulative", db, run_ids, "SELECT * FROM noise_cumulative(run_ids := $ids)", {})
 
 
 @cached()

@@ -75,9 +75,14 @@ def target_range(db: Path, run_ids: Sequence[str], metric: str = "train_loss",
 
 def hits_for(db: Path, run_ids: Sequence[str], targets: Sequence[float], metric: str = "train_loss",
              width: float | None = None) -> pl.DataFrame:
-    """SQL crossings for the runs and targets (smoothing over `width` examples; None: the default)."""
+    """SQL crossings for the runs and targets (smoothing over `width` examples; None: the default), with
+    B_simple at the crossing of the best run of each batch size (the runs the fits use)."""
     w = default_smoothing(db, run_ids, metric) if width is None else width
-    return queries.crossings(db, sorted(run_ids), tuple(targets), w, metric)
+    ids = sorted(run_ids)
+    hits = queries.crossings(db, ids, tuple(targets), w, metric, noise_window=None)
+    # B_simple matters for the fastest run of each batch size's best LR: read the measured steps of just those
+    best = analysis.best_per_batch(hits)
+    return queries.with_noise(db, hits, best["run_id"].drop_nulls().unique().to_list())
 
 
 @queries.cached_by_runs

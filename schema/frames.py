@@ -20,6 +20,7 @@ from schema.tables import DATA_TABLES, DERIVED_TABLES
 _LOCK = threading.Lock()
 _CON: duckdb.DuckDBPyConnection | None = None
 _TABLES = {t.name: [c.name for c in t.columns] for t in (*DATA_TABLES, *DERIVED_TABLES)}
+_FILLED: set[str] = set()  # tables of the in-memory store holding rows from the last call
 
 
 def _connection() -> duckdb.DuckDBPyConnection:
@@ -73,12 +74,14 @@ def evaluate(query: str, params: dict | list | None = None, **tables: Any) -> pl
     with _LOCK:
         con = _connection()
         try:
-            for name in _TABLES:
+            for name in sorted(_FILLED):
                 con.execute(f"DELETE FROM {name}")
+            _FILLED.clear()
             for name, frame in data.items():
                 cols = [c for c in frame.columns if c in _TABLES[name]]
                 if not cols or frame.height == 0:
                     continue
+                _FILLED.add(name)
                 con.register("_frame", frame.select(cols).to_arrow())
                 try:
                     con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _frame")

@@ -34,16 +34,16 @@ FROM noise_estimates
 WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
 WINDOW w AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW);
 
--- B_simple around the points of a table or CTE named `pts` (columns run_id, at_step): the one window
--- rule above. Columns: run_id, at_step, n_noise, g2, trace_sigma (window means), b_simple (NULL without
--- measurements). Example: WITH p AS (SELECT run_id, 400.0 AS at_step FROM runs) SELECT * FROM noise_at_points('p');
-CREATE OR REPLACE MACRO noise_at_points(pts, noise_window := 0.1, run_ids := NULL) AS TABLE
+-- B_simple around the points of a table or CTE named `pts` (columns run_id, at_step) from the running sums in
+-- a table or CTE named `cum` (noise_cumulative's columns): the one window rule above. Columns: run_id,
+-- at_step, n_noise, g2, trace_sigma (window means), b_simple (NULL without measurements).
+CREATE OR REPLACE MACRO noise_window_sums(pts, cum, noise_window := 0.1) AS TABLE
 WITH p AS (
     SELECT DISTINCT run_id, at_step::DOUBLE AS at_step, at_step * (1 + noise_window) AS hi,
            at_step / (1 + noise_window) AS lo
     FROM query_table(pts) WHERE isfinite(at_step)
 ),
-c AS (SELECT run_id, step::DOUBLE AS step, cum_g2, cum_trace, cum_n FROM noise_cumulative(run_ids := run_ids)),
+c AS (SELECT run_id, step::DOUBLE AS step, cum_g2, cum_trace, cum_n FROM query_table(cum)),
 h AS (SELECT p.run_id, p.at_step, c.cum_g2, c.cum_trace, c.cum_n FROM p ASOF LEFT JOIN c ON p.run_id = c.run_id AND p.hi >= c.step),
 l AS (SELECT p.run_id, p.at_step, c.cum_g2, c.cum_trace, c.cum_n FROM p ASOF LEFT JOIN c ON p.run_id = c.run_id AND p.lo > c.step),
 s AS (
@@ -57,17 +57,27 @@ SELECT run_id, at_step, n_noise,
        CASE WHEN n_noise > 0 THEN st / nullif(sg, 0) END AS b_simple
 FROM s;
 
+-- B_simple around the points of a table or CTE named `pts` (columns run_id, at_step), by the window rule.
+-- Example: WITH p AS (SELECT run_id, 400.0 AS at_step FROM runs) SELECT * FROM noise_at_points('p');
+CREATE OR REPLACE MACRO noise_at_points(pts, noise_window := 0.1, run_ids := NULL) AS TABLE
+WITH c AS (SELECT * FROM noise_cumulative(run_ids := run_ids))
+SELECT * FROM noise_window_sums(pts, 'c', noise_window := noise_window);
+
 -- B_simple over training: one row per measured step with the raw estimates (g2, trace_sigma), their
 -- window means (g2_avg, trace_sigma_avg), b_simple and n_noise, by the centred window rule above.
 -- Example: SELECT step, b_simple, n_noise FROM noise_scale(run_ids := ['...']) ORDER BY step;
 CREATE OR REPLACE MACRO noise_scale(noise_window := 0.1, run_ids := NULL) AS TABLE
-WITH m AS (
+WITH m AS MATERIALIZED (
     SELECT run_id, step, examples, loss, batch_size, g2, trace_sigma, step AS at_step FROM noise_estimates
     WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+),
+c AS (
+    SELECT run_id, step, sum(g2) OVER w AS cum_g2, sum(trace_sigma) OVER w AS cum_trace, count(*) OVER w AS cum_n
+    FROM m WINDOW w AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
 )
 SELECT m.run_id, m.step, m.examples, m.loss, m.batch_size, m.g2, m.trace_sigma, w.g2 AS g2_avg,
        w.trace_sigma AS trace_sigma_avg, w.b_simple, w.n_noise
-FROM m JOIN noise_at_points('m', noise_window := noise_window, run_ids := run_ids) w
+FROM m JOIN noise_window_sums('m', 'c', noise_window := noise_window) w
     ON w.run_id = m.run_id AND w.at_step = m.step;
 
 -- B_simple around given steps of given runs (two lists of equal length), by the same rule.
@@ -88,27 +98,36 @@ FROM evals
 WHERE metric <> 'train_loss' AND split = regexp_replace(metric, '_(loss|accuracy)$', '')
   AND (run_ids IS NULL OR list_contains(run_ids, run_id));
 
+-- Bucket means of the points in a table or CTE named `pts` (metric_points' columns) over width_examples
+-- examples (0: the raw finite points), at the centroid (mean step, mean examples); value stays lower-is-better.
+CREATE OR REPLACE MACRO smoothed_points(pts, width_examples := 0) AS TABLE
+SELECT run_id, CASE WHEN width_examples > 0 THEN CAST(floor((examples - 1) / width_examples) AS BIGINT) ELSE step END
+           AS bucket,
+       avg(step) AS step, avg(examples) AS examples, avg(value) AS value, count(*) AS n
+FROM query_table(pts)
+WHERE isfinite(value) AND (width_examples <= 0 OR examples IS NOT NULL)
+GROUP BY ALL;
+
 -- The smoothed metric: per run, bucket means over width_examples examples (0: the raw finite points),
 -- at the centroid (mean step, mean examples). value is the metric itself (accuracies not negated).
 -- Example: SELECT * FROM smoothed_loss(4096) WHERE run_id = '...' ORDER BY step;
 CREATE OR REPLACE MACRO smoothed_loss(width_examples := 0, metric := 'train_loss', run_ids := NULL) AS TABLE
-SELECT run_id, CASE WHEN width_examples > 0 THEN CAST(floor((examples - 1) / width_examples) AS BIGINT) ELSE step END
-           AS bucket,
-       avg(step) AS step, avg(examples) AS examples,
-       avg(value) * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value, count(*) AS n
-FROM metric_points(metric := metric, run_ids := run_ids)
-WHERE isfinite(value) AND (width_examples <= 0 OR examples IS NOT NULL)
-GROUP BY ALL;
+WITH mp AS (SELECT * FROM metric_points(metric := metric, run_ids := run_ids))
+SELECT run_id, bucket, step, examples, value * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value, n
+FROM smoothed_points('mp', width_examples := width_examples);
 
 -- Per run: how it ended. initial_loss / end_loss: mean finite training loss over the first / last 5 % of
 -- its steps; scheduled: its batch size changed during training. outcome: 'diverged' (status, or a
 -- non-finite loss), 'unfinished' (running or stale), 'failed', 'stalled' (end_loss above 90 % of
 -- initial_loss), else 'trained'. Example: SELECT outcome, count(*) FROM run_outcomes() GROUP BY ALL;
 CREATE OR REPLACE MACRO run_outcomes(run_ids := NULL) AS TABLE
-WITH s AS (
+WITH st AS MATERIALIZED (
+    SELECT run_id, step, loss, batch_size FROM steps WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+),
+k AS (SELECT run_id, max(step) AS steps FROM st GROUP BY run_id),
+s AS (
     SELECT st.run_id, st.step, st.loss, st.batch_size, k.steps AS last, greatest(1, k.steps // 20) AS tail
-    FROM steps st JOIN run_step_stats k USING (run_id)
-    WHERE run_ids IS NULL OR list_contains(run_ids, st.run_id)
+    FROM st JOIN k USING (run_id)
 ),
 a AS (
     SELECT run_id, any_value(last) AS last_step,
@@ -128,25 +147,26 @@ SELECT r.run_id, a.last_step, a.initial_loss, a.end_loss, a.batch_min, a.batch_m
 FROM run_status r LEFT JOIN a USING (run_id)
 WHERE run_ids IS NULL OR list_contains(run_ids, r.run_id);
 
--- Per run and target: steps and examples to reach the target on the smoothed metric (rules above).
--- reached: a measured crossing. censored: already at/below the target at the first point, so the
--- crossing was not measured (bound_steps, bound_examples: that first point, an upper bound). hit_value,
--- first_value, best_value, final_value: smoothed values. effective_batch: examples/steps at the crossing
--- for runs whose batch size changed (else batch_size). b_simple, g2, trace_sigma, n_noise: B_simple at the
--- crossing (noise_window := NULL skips it). outcome (see run_outcomes) and reason: why not reached (NULL
--- when reached). Every run appears once per target.
--- Example: SELECT batch_size, lr, steps, reason FROM crossings([0.5, 0.3], width_examples := 4096);
-CREATE OR REPLACE MACRO crossings(targets, width_examples := 0, metric := 'train_loss', noise_window := 0.1,
-                                  run_ids := NULL) AS TABLE
-WITH b AS (
-    SELECT run_id, bucket, step, examples,
-           value * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value
-    FROM smoothed_loss(width_examples := width_examples, metric := metric, run_ids := run_ids)
+-- Per run, what a crossing needs besides its smoothed points, from the raw metric points in a table or CTE named
+-- `pts` (metric_points' columns): nonfinite (any non-finite value), last_point (step of the last one), the
+-- run's outcome, scheduled, initial_loss, end_loss (run_outcomes) and batch_size, lr, sweep, status (runs).
+CREATE OR REPLACE MACRO crossing_runs(pts, run_ids := NULL) AS TABLE
+WITH bad AS (
+    SELECT run_id, bool_or(NOT isfinite(value)) AS nonfinite, max(step) AS last_point FROM query_table(pts) GROUP BY run_id
 ),
-bad AS (
-    SELECT run_id, bool_or(NOT isfinite(value)) AS nonfinite, max(step) AS last_point
-    FROM metric_points(metric := metric, run_ids := run_ids) GROUP BY run_id
-),
+ids AS (SELECT run_id FROM runs WHERE run_ids IS NULL OR list_contains(run_ids, run_id) UNION SELECT run_id FROM bad)
+SELECT ids.run_id, coalesce(bd.nonfinite, false) AS nonfinite, bd.last_point, o.outcome,
+       coalesce(o.scheduled, false) AS scheduled, o.initial_loss, o.end_loss,
+       r.batch_size::DOUBLE AS batch_size, r.lr::DOUBLE AS lr, r.sweep, r.status
+FROM ids LEFT JOIN bad bd USING (run_id) LEFT JOIN run_outcomes(run_ids := run_ids) o USING (run_id)
+LEFT JOIN runs r USING (run_id);
+
+-- The crossings of `targets` from smoothed points in a table or CTE named `buckets` (smoothed_points' columns,
+-- lower-is-better values) and per-run facts in one named `info` (crossing_runs' columns): crossings' columns,
+-- with the B_simple ones empty (crossings fills them). The dashboard runs it over cached frames.
+CREATE OR REPLACE MACRO crossings_of(buckets, info, targets, metric := 'train_loss') AS TABLE
+WITH b AS (SELECT run_id, bucket, step, examples, value FROM query_table(buckets)),
+i AS (SELECT * FROM query_table(info)),
 bl AS (
     SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(value) OVER w AS prev_value,
            min(value) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_min
@@ -159,14 +179,10 @@ stats AS (
 ),
 -- running-minimum records: the first bucket at/below a target is the record with the largest value <= target
 rec AS (SELECT * FROM bl WHERE prev_min IS NULL OR value < prev_min),
-ids AS (
-    SELECT run_id FROM runs WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
-    UNION SELECT run_id FROM bad
-),
 tg AS (SELECT unnest(targets)::DOUBLE AS target),
 grid AS (
-    SELECT ids.run_id, tg.target, tg.target * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS t
-    FROM ids CROSS JOIN tg
+    SELECT i.run_id, tg.target, tg.target * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS t
+    FROM i CROSS JOIN tg
 ),
 hit AS (
     SELECT g.run_id, g.target, g.t, r.step, r.examples, r.value AS hit_value, r.prev_step, r.prev_examples, r.prev_value
@@ -182,40 +198,54 @@ pts AS (
            CASE WHEN prev_step IS NULL THEN step END AS bound_steps,
            CASE WHEN prev_step IS NULL THEN examples END AS bound_examples
     FROM hit
-),
-atp AS (SELECT DISTINCT run_id, steps AS at_step FROM pts WHERE reached AND noise_window IS NOT NULL),
-nz AS (SELECT * FROM noise_at_points('atp', noise_window := coalesce(noise_window, 0), run_ids := run_ids)),
-o AS (SELECT * FROM run_outcomes(run_ids := run_ids))
+)
 SELECT p.run_id, p.target, p.reached, p.censored, p.steps, p.examples, p.bound_steps, p.bound_examples,
-       CASE WHEN o.scheduled AND p.reached AND p.steps > 0 THEN p.examples / p.steps ELSE r.batch_size END
+       CASE WHEN i.scheduled AND p.reached AND p.steps > 0 THEN p.examples / p.steps ELSE i.batch_size END
            AS effective_batch,
        sg * p.hit_value AS hit_value, sg * s.first_value AS first_value, sg * s.best_value AS best_value,
-       sg * s.final_value AS final_value, bd.last_point AS last_step,
-       coalesce(bd.nonfinite, false) OR coalesce(o.outcome = 'diverged', false) AS diverged,
-       coalesce(o.outcome = 'stalled', false) AS stalled, coalesce(o.scheduled, false) AS scheduled,
-       coalesce(o.outcome, 'trained') AS outcome,
-       nz.b_simple, nz.g2, nz.trace_sigma, coalesce(nz.n_noise, 0) AS n_noise,
-       r.batch_size::DOUBLE AS batch_size, r.lr::DOUBLE AS lr, r.sweep, r.status,
+       sg * s.final_value AS final_value, i.last_point AS last_step,
+       i.nonfinite OR coalesce(i.outcome = 'diverged', false) AS diverged,
+       coalesce(i.outcome = 'stalled', false) AS stalled, i.scheduled, coalesce(i.outcome, 'trained') AS outcome,
+       NULL::DOUBLE AS b_simple, NULL::DOUBLE AS g2, NULL::DOUBLE AS trace_sigma, 0::BIGINT AS n_noise,
+       i.batch_size, i.lr, i.sweep, i.status,
        CASE WHEN p.reached THEN NULL
-            WHEN bd.last_point IS NULL THEN 'no ' || metric || ' logged'
+            WHEN i.last_point IS NULL THEN 'no ' || metric || ' logged'
             WHEN s.best_value IS NULL THEN 'no finite ' || metric
             WHEN p.censored THEN printf('already at or below the target at its first point (step %g): not measured',
                                         p.bound_steps)
-            WHEN coalesce(bd.nonfinite, false) OR o.outcome = 'diverged'
+            WHEN i.nonfinite OR i.outcome = 'diverged'
                 THEN printf('diverged before reaching the target (best %.4g)', sg * s.best_value)
-            WHEN o.outcome = 'stalled'
-                THEN printf('stalled: never left its initial loss (%.4g to %.4g)', o.initial_loss, o.end_loss)
-            WHEN o.outcome = 'unfinished' THEN printf('still running (best so far %.4g)', sg * s.best_value)
+            WHEN i.outcome = 'stalled'
+                THEN printf('stalled: never left its initial loss (%.4g to %.4g)', i.initial_loss, i.end_loss)
+            WHEN i.outcome = 'unfinished' THEN printf('still running (best so far %.4g)', sg * s.best_value)
             ELSE printf('never reached the target within its budget (best %.4g)', sg * s.best_value)
        END AS reason
 FROM pts p
 CROSS JOIN (SELECT CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS sg) k(sg)
+JOIN i USING (run_id)
 LEFT JOIN stats s USING (run_id)
-LEFT JOIN bad bd USING (run_id)
-LEFT JOIN o USING (run_id)
-LEFT JOIN runs r USING (run_id)
-LEFT JOIN nz ON nz.run_id = p.run_id AND nz.at_step = p.steps AND p.reached
 ORDER BY p.target DESC, p.run_id;
+
+-- Per run and target: steps and examples to reach the target on the smoothed metric (rules above).
+-- reached: a measured crossing. censored: already at/below the target at the first point, so the
+-- crossing was not measured (bound_steps, bound_examples: that first point, an upper bound). hit_value,
+-- first_value, best_value, final_value: smoothed values. effective_batch: examples/steps at the crossing
+-- for runs whose batch size changed (else batch_size). b_simple, g2, trace_sigma, n_noise: B_simple at the
+-- crossing (noise_window := NULL skips it). outcome (see run_outcomes) and reason: why not reached (NULL
+-- when reached). Every run appears once per target.
+-- Example: SELECT batch_size, lr, steps, reason FROM crossings([0.5, 0.3], width_examples := 4096);
+CREATE OR REPLACE MACRO crossings(targets, width_examples := 0, metric := 'train_loss', noise_window := 0.1,
+                                  run_ids := NULL) AS TABLE
+WITH mp AS MATERIALIZED (SELECT * FROM metric_points(metric := metric, run_ids := run_ids)),
+b AS (SELECT * FROM smoothed_points('mp', width_examples := width_examples)),
+i AS (SELECT * FROM crossing_runs('mp', run_ids := run_ids)),
+h AS MATERIALIZED (SELECT * FROM crossings_of('b', 'i', targets, metric := metric)),
+atp AS (SELECT DISTINCT run_id, steps AS at_step FROM h WHERE reached AND noise_window IS NOT NULL),
+nz AS (SELECT * FROM noise_at_points('atp', noise_window := coalesce(noise_window, 0), run_ids := run_ids))
+SELECT h.* REPLACE (nz.b_simple AS b_simple, nz.g2 AS g2, nz.trace_sigma AS trace_sigma,
+                    coalesce(nz.n_noise, 0) AS n_noise)
+FROM h LEFT JOIN nz ON nz.run_id = h.run_id AND nz.at_step = h.steps AND h.reached
+ORDER BY h.target DESC, h.run_id;
 
 -- Steps to one target per run (a thin view of crossings). Example:
 -- SELECT r.batch_size, t.steps FROM steps_to_target(0.3) t JOIN runs r USING (run_id) WHERE t.reached;
