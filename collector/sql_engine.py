@@ -125,6 +125,20 @@ def refusal(rule: str, detail: str) -> SqlResult:
     return SqlResult(False, f"Refused (rule {rule}): {detail}", rule=rule)
 
 
+_PARSER: duckdb.DuckDBPyConnection | None = None
+_PARSER_LOCK = threading.Lock()
+
+
+def _statements(text: str) -> list:
+    """DuckDB's parse of `text` into statements (one shared in-memory connection: opening one costs
+    tens of ms, parsing a few µs)."""
+    global _PARSER
+    with _PARSER_LOCK:
+        if _PARSER is None:
+            _PARSER = duckdb.connect(":memory:")
+        return _PARSER.extract_statements(text)
+
+
 _EXPLAIN_PREFIX = re.compile(r"(?is)^\s*explain\s+(analy[sz]e\s+)?(\([^)]*\)\s*)?")
 
 
@@ -134,7 +148,7 @@ def check_sql(sql: str) -> SqlResult | None:
     if not text:
         return SqlResult(False, "Enter a query.", rule="read-only")
     try:
-        statements = duckdb.connect(":memory:").extract_statements(text)
+        statements = _statements(text)
     except duckdb.Error as exc:
         return SqlResult(False, clean_error(exc))
     if len(statements) != 1:
@@ -143,7 +157,7 @@ def check_sql(sql: str) -> SqlResult | None:
     kind = _kind(stmt)
     if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: check that one too
         try:
-            inner = duckdb.connect(":memory:").extract_statements(_EXPLAIN_PREFIX.sub("", stmt.query, count=1))
+            inner = _statements(_EXPLAIN_PREFIX.sub("", stmt.query, count=1))
             kind = _kind(inner[0]) if len(inner) == 1 else "EXPLAIN"
         except duckdb.Error:
             kind = "EXPLAIN"
