@@ -5,6 +5,7 @@
 
 Variants, each as time per step relative to the bare loop of the same repeat (median over repeats;
 interleaved, so a busy machine skews both sides alike):
+  loop        the trainer, nothing measured, its log calls dropped: the loop's own bookkeeping
   logging     the trainer, nothing measured (--gns-every 0), every step logged through the real collector
   noise       the trainer's defaults: plain ingredients on every step (per-example norms) and the
               Adam-preconditioned ones on every 10th step (run as 2 micro-batches)
@@ -17,6 +18,7 @@ bare training step. Wall-clock and process CPU time are both reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -66,14 +68,31 @@ def bare(task, batch: int, steps: int, device: str) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def trainer_run(task, batch: int, steps: int, device: str, db: Path, gns_every: int,
+class NullRun:
+    """Takes the trainer's log calls and drops them: the loop's own cost without the collector's."""
+
+    name = "bench"
+
+    def log_steps(self, columns) -> None:
+        pass
+
+    def log_eval(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+
+def trainer_run(task, batch: int, steps: int, device: str, db: Path | None, gns_every: int,
                 adam: bool = True) -> tuple[float, float]:
-    """`trainer.train` with the real collector (its clock covers the loop and the final evaluation)."""
+    """`trainer.train` with the real collector, or none when db is None (its clock covers the loop and
+    the final evaluation; process CPU time includes the collector's background thread)."""
     cfg = config(batch, steps, device, gns_every=gns_every)
     saved = train_module.ADAM_SPLIT_EVERY
     train_module.ADAM_SPLIT_EVERY = saved if adam else 10**12  # bench-only switch: no Adam measurement
     try:
-        with collector.start_run(db=db, name=f"bench-charlm-b{batch}", config=cfg.to_json()) as run:
+        with (collector.start_run(db=db, name=f"bench-charlm-b{batch}", config=cfg.to_json()) if db is not None
+              else contextlib.nullcontext(NullRun())) as run:
             c0 = time.process_time()
             result = train(cfg, task, run, progress=False)
             cpu = time.process_time() - c0
@@ -127,6 +146,7 @@ def main() -> None:
         db = Path(tmp) / "bench.duckdb"
         variants = {
             "bare": lambda: bare(task, args.batch, args.steps, dev),
+            "loop": lambda: trainer_run(task, args.batch, args.steps, dev, None, gns_every=0),
             "logging": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=0),
             "noise": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=1),
             "noise-plain": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=1, adam=False),
@@ -144,10 +164,10 @@ def main() -> None:
 
     step_s = statistics.median(t[0] for t in times["bare"])  # includes 1/steps of an evaluation
     print(f"bare AdamW step: {step_s * 1e3:.1f} ms ({args.batch * task.tokens_per_example / step_s:,.0f} tokens/s)")
-    print("| clock | logging only | noise every step (+ Adam every 10th) | noise every step, plain only |")
-    print("|---|---|---|---|")
+    print("| clock | loop, no store | logging only | noise every step (+ Adam every 10th) | noise, plain only |")
+    print("|---|---|---|---|---|")
     for clock, label in ((0, "wall"), (1, "cpu")):
-        print(f"| {label} | {ratio('logging', clock):.3f} | {ratio('noise', clock):.3f} | "
+        print(f"| {label} | {ratio('loop', clock):.3f} | {ratio('logging', clock):.3f} | {ratio('noise', clock):.3f} | "
               f"{ratio('noise-plain', clock):.3f} |")
     print(f"curvature per evaluation ({task.curvature_examples} windows, HVPs on half): cold {cold:.2f} s = "
           f"{cold / step_s:.0f} steps ({n_cold} power iterations), warm {warm:.2f} s = {warm / step_s:.0f} steps "
