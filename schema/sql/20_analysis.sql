@@ -13,8 +13,8 @@
 --   averages the same number of examples, hence about the same gradient noise.
 -- * A crossing is the first bucket at or below the target, interpolated (steps, examples) from the bucket
 --   before it; a run already at or below the target at its first point has no measured crossing (censored).
--- * A run stalled when its mean training loss over the last 5 % of its steps is above 90 % of the mean over
---   the first 5 %: it never left its initial loss (e.g. chance, ln 10 on digits).
+-- * A run stalled when its mean training loss over the last 5 % of its steps is above 90 % of its initial loss
+--   (the lesser of its first loss and the mean over its first 5 %): it never left it (e.g. chance, ln 10 on digits).
 
 -- Measured steps with the unbiased per-step estimates g2 = |G|^2 and trace_sigma = tr(Sigma)
 -- (McCandlish et al. 2018, App. A). Raw, unclamped: single-step g2 is often negative.
@@ -116,8 +116,9 @@ WITH mp AS (SELECT * FROM metric_points(metric := metric, run_ids := run_ids))
 SELECT run_id, bucket, step, examples, value * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value, n
 FROM smoothed_points('mp', width_examples := width_examples);
 
--- Per run: how it ended. initial_loss / end_loss: mean finite training loss over the first / last 5 % of
--- its steps; scheduled: its batch size changed during training. outcome: 'diverged' (status, or a
+-- Per run: how it ended. initial_loss: the lesser of the first finite training loss and the mean over the
+-- first 5 % of steps (a loss that rises at a too-high LR and settles back at chance is not progress);
+-- end_loss: the mean over the last 5 %; scheduled: its batch size changed during training. outcome: 'diverged' (status, or a
 -- non-finite loss), 'unfinished' (running or stale), 'failed', 'stalled' (end_loss above 90 % of
 -- initial_loss), else 'trained'. Example: SELECT outcome, count(*) FROM run_outcomes() GROUP BY ALL;
 CREATE OR REPLACE MACRO run_outcomes(run_ids := NULL) AS TABLE
@@ -131,7 +132,8 @@ s AS (
 ),
 a AS (
     SELECT run_id, any_value(last) AS last_step,
-           avg(loss) FILTER (WHERE step <= tail AND isfinite(loss)) AS initial_loss,
+           least(avg(loss) FILTER (WHERE step <= tail AND isfinite(loss)),
+                 arg_min(loss, step) FILTER (WHERE isfinite(loss))) AS initial_loss,
            avg(loss) FILTER (WHERE step > last - tail AND isfinite(loss)) AS end_loss,
            min(batch_size) AS batch_min, max(batch_size) AS batch_max,
            coalesce(bool_or(NOT isfinite(loss)), false) AS nonfinite
