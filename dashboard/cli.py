@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token:SECRET or USER:PASSWORD (default: $BATCHSCOPE_AUTH; none)")
     p.add_argument("--debug", action="store_true", help="Dash's development server with the debug UI")
     p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
+    from collector.sql_engine import CONSOLE_LIMITS as d
+
+    p.add_argument("--sql-max-rows", type=int, help=f"SQL console: rows per query (default {d.max_rows:,})")
+    p.add_argument("--sql-timeout", type=float, help=f"SQL console: seconds per query (default {d.timeout_s:g})")
+    p.add_argument("--sql-memory-mb", type=int,
+                   help=f"SQL console: memory of a query's process, MB (default {d.memory_mb:,})")
     p.add_argument("--trusted-proxy", metavar="ADDR", default=None,
                    help="address of a TLS reverse proxy in front (e.g. 127.0.0.1) whose X-Forwarded-Proto/-Host/-For "
                         "headers are believed (session cookies become Secure); ignored from anyone else")
@@ -92,9 +98,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: listening on {args.host} without --auth: anyone who can reach port {args.port} can read "
               "every run and query the store. Pass --auth token:SECRET (or USER:PASSWORD), and put TLS in "
               "front (docs/dashboard.md).", file=sys.stderr, flush=True)
-    app = create_app(db, auth=args.auth)
+    from collector.sql_engine import with_overrides
     from dashboard import console
 
+    for name in ("sql_max_rows", "sql_timeout", "sql_memory_mb"):
+        if (getattr(args, name) or 1) <= 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be positive")
+    console.LIMITS = with_overrides(console.LIMITS, max_rows=args.sql_max_rows, timeout_s=args.sql_timeout,
+                                    memory_mb=args.sql_memory_mb)
+    app = create_app(db, auth=args.auth)
     console.warm_up()  # a SQL worker process, started in the background
     if db.exists():  # summarize the store once in the background, so the first visit is quick
         import threading

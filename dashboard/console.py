@@ -71,12 +71,6 @@ def warm_up() -> None:
     pool().prestart()
 
 
-def check_console_sql(sql: str) -> str | None:
-    """Why `sql` may not run in the console (None if it may)."""
-    why = check_sql(sql)
-    return why.message if why is not None else None
-
-
 def run_console(db: Path, sql: str, row_limit: int | None = None, time_limit_s: float | None = None,
                 limits: Limits | None = None) -> ConsoleResult:
     """Run one read-only query under the console's limits (LIMITS, or `limits`, with the row and time

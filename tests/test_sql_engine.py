@@ -210,7 +210,7 @@ HOSTILE = [
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    srv = start_server(store, tmp_path_factory.mktemp("console"))
+    srv = start_server(store, tmp_path_factory.mktemp("console"), "--sql-timeout", "3")
     yield srv
     srv.stop()
 
@@ -236,6 +236,8 @@ def test_console_hostile_sql_over_http_keeps_the_server_bounded(server):
             assert r.status == 200, (sql, r.status)
             out = r.json()["response"]
             assert f"rule {rule}" in out["sql-message"]["children"], (sql, out["sql-message"]["children"])
+            if rule == "time-limit":
+                assert "3 s time limit" in out["sql-message"]["children"]  # --sql-timeout 3
             assert "root:" not in r.body.decode()
             sizes[sql] = len(r.body)
     finally:

@@ -16,8 +16,6 @@ from dashboard.components import register_page
 
 register_page(__name__, path="/sql", name="SQL", title="batchscope · SQL", order=7)
 
-ROW_LIMIT = console.LIMITS.max_rows
-TIME_LIMIT_S = console.LIMITS.timeout_s
 
 
 def _jsonable(v):
@@ -28,7 +26,7 @@ def _jsonable(v):
     return str(v)
 
 
-def console_view(db: Path, sql: str, row_limit: int = ROW_LIMIT, time_limit_s: float = TIME_LIMIT_S) -> dict:
+def console_view(db: Path, sql: str, row_limit: int | None = None, time_limit_s: float | None = None) -> dict:
     """Run a console query; a dict of what the page shows (ok, message, columnDefs, rowData)."""
     res = console.run_console(db, sql, row_limit=row_limit, time_limit_s=time_limit_s)
     if not res.ok or res.frame is None:
@@ -50,6 +48,7 @@ def console_view(db: Path, sql: str, row_limit: int = ROW_LIMIT, time_limit_s: f
 
 def layout(**_kwargs):
     first = next(iter(console.EXAMPLE_QUERIES.values()))
+    lim = console.LIMITS  # as configured at start (python -m dashboard --sql-max-rows ...)
     return html.Div(
         [
             html.Div([html.H1("SQL"),
@@ -58,8 +57,8 @@ def layout(**_kwargs):
                               ", the view ", html.Code("run_summary"), " and the macros ",
                               html.Code("steps_to_target(target)"), " and ", html.Code("noise_scale(noise_window)"),
                               f". One SELECT at a time; no files, network or extensions; at most "
-                              f"{TIME_LIMIT_S:g} s, {ROW_LIMIT:,} rows, {console.LIMITS.memory_mb:,} MB of memory "
-                              f"and {console.LIMITS.max_response_mb:g} MB of results per query."],
+                              f"{lim.timeout_s:g} s, {lim.max_rows:,} rows, {lim.memory_mb:,} MB of memory "
+                              f"and {lim.max_response_mb:g} MB of results per query."],
                              className="lede")], className="page-title"),
             html.Div(
                 [
