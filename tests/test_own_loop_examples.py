@@ -72,3 +72,18 @@ def test_ddp_example_under_torchrun(tmp_path):
                  "runs.duckdb", "--steps", "40"], tmp_path)
     run, _, _ = check(tmp_path / "runs.duckdb", 40, 32, b_small=1.0)
     assert (run["world_size"], run["batch_size"], run["micro_batch_size"], run["rank"]) == (2, 32, 16, 0)
+
+
+def test_every_excerpt_in_the_doc_is_in_its_script():
+    """docs/own-loop.md quotes the scripts: each excerpt's lines appear in its script, in order, verbatim."""
+    doc = (EXAMPLES.parent / "docs" / "own-loop.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    quoted = [b for b in blocks if b.startswith("# examples/")]
+    assert len(quoted) == 5
+    for block in quoted:
+        head, *lines = block.rstrip("\n").split("\n")
+        script = (EXAMPLES.parent / head[2:]).read_text().split("\n")
+        at = 0
+        for line in filter(str.strip, lines):
+            assert line in script[at:], f"{head[2:]}: not found (in order): {line!r}"
+            at = script.index(line, at) + 1
