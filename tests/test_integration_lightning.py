@@ -151,3 +151,36 @@ def test_tokens_as_the_x_axis(tmp_path):
 def test_unknown_unit_is_refused_at_construction():
     with pytest.raises(ValueError, match="unit must be one of"):
         BatchscopeCallback(name="x", unit="sequences")
+
+
+class Scaled(MLP):
+    """A parameter outside any covered layer: with one micro-batch on one device it has no small batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x) * self.gain, y)
+
+    def on_before_optimizer_step(self, optimizer):
+        pass
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_uncovered_parameters_leave_the_noise_empty_at_k1_and_filled_with_accumulation(tmp_path, accum):
+    db = tmp_path / "runs.duckdb"
+    trainer = L.Trainer(max_steps=4, accumulate_grad_batches=accum, accelerator="cpu", devices=1, logger=False,
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[BatchscopeCallback(db=db, name="gain")])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(Scaled(), loaders()[0])
+    run, steps, _ = stored(db)
+    assert run["status"] == "finished" and len(steps) == 4
+    if accum == 1:  # a partial estimate (the Linear layers only) would be biased: nothing is logged
+        assert all(s["g_small_sq"] is None and s["b_big"] is None and s["loss"] is not None for s in steps)
+        assert any("no small batch" in str(w.message) for w in seen)
+    else:  # the gain is measured by micro-batches, the Linear layers per example: b_small = 1 equivalent
+        assert all(s["g_small_sq"] > 0 and s["b_small"] == 1.0 and s["b_big"] == 2 * BATCH for s in steps)
