@@ -27,6 +27,7 @@ from dashboard.security import (  # noqa: F401 - parse_auth and install_auth are
     healthz_body,
     install_auth,
     install_browser_protections,
+    install_loopback_host_check,
     parse_auth,
 )
 
@@ -40,8 +41,10 @@ RETRY_INTERVAL_MS = 2000  # after a callback failed on the store: tick (and so r
 _APP: dash.Dash | None = None
 
 
-def create_app(db: str | os.PathLike | None = None, auth: str | None = None) -> dash.Dash:
-    """Build the app for the store at `db` (one app per process: Dash pages are process-global)."""
+def create_app(db: str | os.PathLike | None = None, auth: str | None = None,
+               loopback_only: bool = False) -> dash.Dash:
+    """Build the app for the store at `db` (one app per process: Dash pages are process-global);
+    `loopback_only`: refuse requests whose Host is not localhost (see security.install_loopback_host_check)."""
     global _APP
     queries.configure(db)
     if _APP is not None:
@@ -65,6 +68,8 @@ def create_app(db: str | os.PathLike | None = None, auth: str | None = None) -> 
     app.layout = _shell
     _register_shell_callbacks(app)
     install_browser_protections(app.server)
+    if loopback_only:
+        install_loopback_host_check(app.server)
     if auth:
         install_auth(app.server, auth)
     app.server.register_error_handler(StoreError, _store_error_page)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --{name.replace('_', '-')} must be positive")
     console.LIMITS = with_overrides(console.LIMITS, max_rows=args.sql_max_rows, timeout_s=args.sql_timeout,
                                     memory_mb=args.sql_memory_mb)
-    app = create_app(db, auth=args.auth)
+    app = create_app(db, auth=args.auth, loopback_only=is_local_only(args.host) and not args.trusted_proxy)
     console.warm_up()  # a SQL worker process, started in the background
     if db.exists():  # summarize the store once in the background, so the first visit is quick
         import threading

@@ -12,7 +12,8 @@
 - Always, with or without --auth: `X-Frame-Options: DENY` and CSP `frame-ancestors 'none'` (no framing,
   so no clickjacking), and state-changing requests (POST, PUT, PATCH, DELETE: every Dash callback) from
   another origin are refused with 403 — a page elsewhere cannot drive the console through a logged-in
-  browser.
+  browser. Listening on loopback only (the default) and not behind --trusted-proxy, a request whose
+  Host is not a loopback name is refused with 400 (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -153,6 +154,25 @@ def install_browser_protections(server) -> None:
         for name, value in SECURITY_HEADERS.items():
             resp.headers.setdefault(name, value)
         return resp
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "ip6-localhost")
+
+
+def install_loopback_host_check(server) -> None:
+    """For a dashboard listening on loopback only: refuse requests whose Host is not a loopback name.
+    This defeats DNS rebinding (a page on evil.example re-pointed at 127.0.0.1 would send `Host:
+    evil.example`, and its requests would be same-origin, so the Origin check alone does not stop it)."""
+    import flask
+
+    @server.before_request
+    def _host():
+        host = flask.request.host.lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in LOOPBACK_NAMES:
+            return flask.Response("Unexpected Host header: this dashboard serves localhost only "
+                                  "(use --host, or --trusted-proxy behind a proxy).\n", 400)
+        return None
 
 
 def healthz_body(authenticated: bool, store_state: str) -> dict:

@@ -64,6 +64,8 @@ def test_every_route_needs_credentials(token_server):
     post = token_server.request("/_dash-update-component", "POST", b"{}", {"Content-Type": "application/json"})
     assert post.status == 401
     assert "warning" not in token_server.stderr()  # --auth given: no warning about 0.0.0.0
+    # listening on all interfaces: any Host name is served (here: asked for credentials)
+    assert token_server.request("/", headers={"Host": "dashboard.example.org"}).status == 401
 
 
 def test_session_cookie_is_an_expiring_hmac(token_server):
@@ -128,6 +130,10 @@ def test_basic_auth_over_http(store, tmp_path):
         assert server.request("/", headers=bad).status == 401
         assert server.request("/", headers=good).status == 200
         assert server.request("/healthz").json() == {"ok": True}
+        # listening on localhost only: a rebinding page's Host is refused, localhost names pass
+        assert server.request("/", headers={**good, "Host": "evil.example:8050"}).status == 400
+        port = server.url.rsplit(":", 1)[1]
+        assert server.request("/", headers={**good, "Host": f"localhost:{port}"}).status == 200
     finally:
         server.stop()
 
