@@ -262,3 +262,34 @@ def test_a_layer_without_the_batch_dimension_falls_back():
     mb_big = float(g_mb.mean(0).square().sum())
     want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
     assert float(s2.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
+
+
+def test_a_plain_user_loop_logs_the_noise_columns_on_every_step(tmp_path):
+    """The module docstring's loop, with the real collector and a real DuckDB store."""
+    import duckdb
+
+    import collector
+    from trainer.gns import b_simple_window
+
+    make, data, loss_fn = MODELS["mlp"]
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gns = GradientNoise(model)
+    gen, k = torch.Generator().manual_seed(5), 2
+    db = tmp_path / "runs.duckdb"
+    with collector.start_run(db=db, name="user-loop") as run:
+        for step in range(1, 41):
+            x, y = data(gen, 32)
+            for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
+                loss = loss_fn(model(xk), yk) / k
+                loss.backward()
+            stats = gns.step()
+            opt.step()
+            opt.zero_grad()
+            run.log_step(step, examples=32 * step, loss=float(loss.detach()) * k, **stats.as_dict())
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT g_small_sq, b_small, g_big_sq, b_big FROM steps ORDER BY step").fetchall()
+    con.close()
+    assert len(rows) == 40 and all(r[1] == 1.0 and r[3] == 32.0 and r[0] > r[2] > 0 for r in rows)
+    assert b_simple_window(*map(np.array, zip(*rows, strict=True))) > 0

@@ -85,7 +85,7 @@ def test_linreg_b_simple_matches_closed_form(dim, sigma, batch, accum):
     """
     run, result = train_in_process(task="linreg", dim=dim, noise=sigma, batch=batch, accum=accum, lr=1e-7,
                                    steps=1200, seed=dim, gns_window=400.0 * batch, eval_every=600,
-                                   gns_every=1)
+                                   gns_every=1, gns_method="micro-batch" if accum > 1 else "per-example")
     assert result.status == "finished"
     steps = run.steps()
     assert np.all(np.isfinite(steps["g_small_sq"])), "every step is measured (micro-batches, or per-example at K = 1)"

@@ -150,16 +150,28 @@ def small_models():
     }
 
 
-def exact_b_simple(model, loss_fn, x, y) -> tuple[float, float, float]:
-    """(B_simple, |G|^2, tr(Sigma)) over the whole set (x, y) at the model's parameters, from torch.func."""
-    g = per_example_grads(model, loss_fn, x, y)
-    mean = g.mean(0)
-    g_sq, tr = float(mean @ mean), float((g - mean).square().sum(1).mean())
+def exact_b_simple(model, loss_fn, x, y, chunk: int = 512) -> tuple[float, float, float]:
+    """(B_simple, |G|^2, tr(Sigma)) over the whole set (x, y) at the model's parameters, from torch.func.
+
+    Per-example gradients in chunks (float32), their norms and sum accumulated in float64.
+    """
+    import torch
+
+    total, sq_sum = None, 0.0
+    for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
+        g = per_example_grads(model, loss_fn, xs, ys, dtype=None)
+        sq_sum += float(g.square().sum(dtype=torch.float64))
+        part = g.sum(0, dtype=torch.float64)
+        total = part if total is None else total + part
+    mean = total / len(x)
+    g_sq = float(mean @ mean)
+    tr = sq_sum / len(x) - g_sq
     return tr / g_sq, g_sq, tr
 
 
-def per_example_grads(model, loss_fn, x, y):
-    """(N, P) float64 matrix of exact per-example gradients (torch.func vmap(grad)), in parameter order."""
+def per_example_grads(model, loss_fn, x, y, dtype="float64"):
+    """(N, P) matrix of exact per-example gradients (torch.func vmap(grad)), in parameter order (float64,
+    or the parameters' dtype with dtype=None)."""
     import torch
     from torch.func import functional_call, grad, vmap
 
@@ -169,4 +181,5 @@ def per_example_grads(model, loss_fn, x, y):
         return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
 
     g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g[k].reshape(len(x), -1) for k in params], 1).double()
+    flat = torch.cat([g[k].reshape(len(x), -1) for k in params], 1)
+    return flat.double() if dtype == "float64" else flat

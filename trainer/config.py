@@ -16,6 +16,9 @@ import torch
 from trainer.tasks import TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# per-example: per-example gradient norms (B_small = 1) for the layers with a rule, micro-batches for the
+# rest; micro-batch: each micro-batch's norm (B_small = B/K; at K = 1 the batch is run as 2 micro-batches)
+GNS_METHODS = ("per-example", "micro-batch")
 # Budget when none is given: digits trains to a useful loss in a few seconds; the streams are cheap.
 DEFAULT_BUDGET = {"digits": ("epochs", 30), "mnist": ("epochs", 2), "cifar10": ("epochs", 2),
                   "linreg": ("steps", 1000), "teacher": ("examples", 200_000), "charlm": ("steps", 1000)}
@@ -57,6 +60,7 @@ class TrainConfig:
     db: str | None = None
     gns_every: int = 1  # measure the noise scale every N steps when accum == 1 (0: never); see GNS_EVERY_WHY
     gns_window: float | None = None  # examples: a fixed EMA for steps.b_simple; None: the tracking rule
+    gns_method: str = "per-example"  # or "micro-batch"; see GNS_METHODS
     dim: int | None = None
     noise: float = 1.0
     data_dir: str | None = None
@@ -261,6 +265,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, opt)
         if value is not None and not value > 0:
             raise ConfigError(f"--{opt.replace('_', '-')} must be positive, got {value}")
+    if cfg.gns_method not in GNS_METHODS:
+        raise ConfigError(f"unknown --gns-method {cfg.gns_method!r}; choose {' or '.join(GNS_METHODS)}")
     if cfg.gns_every < 0:
         raise ConfigError(f"--gns-every must be >= 0 (0 turns measurement off at --accum 1), got {cfg.gns_every}")
     if not cfg.diverge_factor >= 0:

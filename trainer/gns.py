@@ -152,7 +152,7 @@ class TrackingBSimple:
 
     SPANS = 2.0 ** np.arange(1, 12)
 
-    def __init__(self, target_rse: float = 0.3, scatter_span: float = 64.0):
+    def __init__(self, target_rse: float = 0.4, scatter_span: float = 64.0):
         self.target = float(target_rse)
         self._k = np.exp(-1.0 / self.SPANS)  # keep per measurement
         self._jv = int(np.argmin(np.abs(self.SPANS - scatter_span)))
