@@ -154,10 +154,10 @@ def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROO
     on one store, beside an analyst's plain `duckdb.connect(db, read_only=True)` loop (every 50 ms): the
     share of the reader's tries that got in, and whether every logged step was stored. `code` is the
     checkout whose collector the writers use (the same workload on older code)."""
-    db = folder / f"readers{n_writers}.duckdb"
-    with duckdb.connect(str(db)) as con:
-        ensure_schema(con)
+    db = folder / f"readers{n_writers}-{code.name}.duckdb"
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", "import sys; from collector.store import write_connection\n"
+                    "with write_connection(sys.argv[1]): pass", str(db)], env=env, check=True)  # its own schema
     spawn = [sys.executable, str(WORKERS)]
     writers = [subprocess.Popen([*spawn, "paced_writer", str(db), f"w{i}", str(seconds), str(rate)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n_writers)]

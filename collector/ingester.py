@@ -173,11 +173,12 @@ def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE,
                 jobs.append(job)
         if not jobs and then is None:
             return summary
-        with _patient_connection(db, patience, on_busy) as con:
+        opened: list[float] = []
+        with _patient_connection(db, patience, on_busy, opened) as con:
             if con is None:
                 summary.busy = True
                 return summary
-            held_from = time.monotonic()
+            held_from = opened[0]  # the store is held from the open that succeeded
             try:
                 summary.rows += ingest_jobs(con, jobs, summary.quarantined)
             except STORE_ERRORS:
@@ -252,10 +253,14 @@ def _read_run(spool: Spool, summary: Summary, dead: bool) -> dict | None:
 
 
 @contextlib.contextmanager
-def _patient_connection(db: Path, patience: float, on_busy: Callable[[], None] | None = None):
-    """try_write_connection, retried with jitter for up to `patience` s; yields None if still busy."""
+def _patient_connection(db: Path, patience: float, on_busy: Callable[[], None] | None = None,
+                        opened: list[float] | None = None):
+    """try_write_connection, retried with jitter for up to `patience` s; yields None if still busy.
+    `opened` gets the monotonic time at which the successful open began."""
     deadline = time.monotonic() + patience
     while True:
+        if opened is not None:
+            opened[:] = [time.monotonic()]
         with try_write_connection(db) as con:
             if con is not None:
                 yield con

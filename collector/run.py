@@ -126,7 +126,8 @@ class Run(RunStore):
         self._busy_since: float | None = None
         self.flush_every, self.finish_timeout, self.warn_after = flush_every, finish_timeout, warn_after
         self.keep_bytes, self.max_buffered_rows = keep_bytes, max_buffered_rows
-        self._spool_lock = threading.Lock()
+        self._spool_lock = threading.RLock()  # RLock: a signal handler may flush while the main thread spools
+        self._stopped_by: str | None = None  # a signal that stopped the program (collector/signals.py)
         _warm_up()
         self.spool = Spool(spool_root(self.db), self.run_id, keep_ingested=True)
         self.spool.create_and_own()
@@ -235,6 +236,8 @@ class Run(RunStore):
         stayed full), the run ends `failed` with the count and the cause in `status_reason`, and on stderr."""
         if self._status is not None:
             return
+        if self._stopped_by is not None:  # the loop was stopped by a signal, whatever ended the run after it
+            status, reason = "failed", self._stopped_by
         self._status = status or ("diverged" if self._diverged else "finished")
         signals.finishing(self, True)
         try:
@@ -268,6 +271,12 @@ class Run(RunStore):
             return
         self.spool.remove()
         self.spool.release()
+
+    def stopped_by(self, signal_name: str) -> None:
+        """A signal stopped the program (which goes on to its own handling): flush now, and end as
+        failed with the signal's name whenever the run ends."""
+        self._stopped_by = signal_name
+        self._spool_buffers()
 
     def _accepted(self) -> dict[str, int]:
         return {"steps": self._n_steps, "evals": self._n_evals, "scalars": self._n_scalars}

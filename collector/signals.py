@@ -2,10 +2,12 @@
 
 SLURM, Kubernetes and `timeout` stop a job with SIGTERM, whose default action kills the process at
 once: buffered steps were lost and the run stayed `running`. start_run, when called in the main thread
-(Python runs signal handlers only there), installs a handler for each signal that is not ignored: it
-flushes and finishes every live run as `failed` with the signal's name in `status_reason`, then chains
-to the handler found before it (SIGINT's default raises KeyboardInterrupt, as usual) or, for the default
-action, restores it and re-sends the signal, so the exit status is the usual one (143 for SIGTERM).
+(Python runs signal handlers only there), installs a handler for each signal that is not ignored. Where the
+signal's action was the default (SIGTERM), the handler finishes every live run as `failed` with the
+signal's name in `status_reason`, restores the default and re-sends the signal, so the process ends as
+it would have (exit status 143). Where a Python handler was there before (SIGINT's, which raises
+KeyboardInterrupt, or the program's own), the program goes on after it: the handler flushes every live
+run, marks it to end as `failed` with the signal's name whenever it ends, and calls the previous one.
 A signal that arrives while a run is finishing waits for that finish.
 """
 
@@ -60,13 +62,20 @@ def _on_signal(signum: int, frame) -> None:
         return
     name = signal.Signals(signum).name
     runs = [r for r in list(_live) if r._status is None]
-    for run in runs:
+    prev = _previous.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        # The program goes on: KeyboardInterrupt may be caught, a handler of the program's own may stop
+        # its loop gracefully and log a last evaluation. So flush now, and end the runs whenever they
+        # end (the with-block, finish(), exit) as failed with this signal's name.
+        for run in runs:
+            print(f"batchscope: {name}: run {run.run_id} flushed; it will end as failed ({name})",
+                  file=sys.stderr, flush=True)
+            run.stopped_by(name)
+        prev(signum, frame)  # e.g. signal.default_int_handler raises KeyboardInterrupt
+        return
+    for run in runs:  # the default action kills the process right after: end the runs now
         print(f"batchscope: {name}: ending run {run.run_id} as failed, with every step it logged",
               file=sys.stderr, flush=True)
         run.finish("failed", reason=name)
-    prev = _previous.get(signum, signal.SIG_DFL)
-    if callable(prev):
-        prev(signum, frame)  # e.g. signal.default_int_handler raises KeyboardInterrupt
-        return
     signal.signal(signum, signal.SIG_DFL)  # die of the signal, as we would have without the handler
     os.kill(os.getpid(), signum)

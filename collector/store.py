@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ from pathlib import Path
 import duckdb
 import tenacity
 
-from schema import ensure_schema
+from schema import SCHEMA_VERSION, ensure_schema, store_version
+from schema.migrations import sql_digest
 
 DEFAULT_DB = "runs.duckdb"
 LOCK_FILE = "store.lock"
@@ -193,9 +195,23 @@ def read_connection(
     path = resolve_db(db)
     if not path.exists():
         raise StoreError(f"no store at {path}: train a run first (python -m trainer) or pass --db")
-    _migrate_if_needed(path)
+    key = str(path.resolve())
+    if key not in _MIGRATED:
+        # Read-only first: a store already at this release's schema (the usual case) needs no write
+        # connection, which would shut plain DuckDB readers out while it is open.
+        with _waiting_connection(path, timeout, read_only=True, config=config) as con:
+            if store_version(con) == (SCHEMA_VERSION, _sql_digest()):
+                _MIGRATED.add(key)
+                yield con
+                return
+        _migrate_if_needed(path)
     with _waiting_connection(path, timeout, read_only=True, config=config) as con:
         yield con
+
+
+@functools.cache
+def _sql_digest() -> str:
+    return sql_digest()
 
 
 @contextmanager
