@@ -238,6 +238,8 @@ class WorkerPool:
             raise
 
     def _give_back(self, worker: QueryProcess) -> None:
+        """Keep a healthy worker; replace a killed or bloated one in the background, so the next query
+        does not wait for a new interpreter."""
         keep = worker.alive and worker.rss_bytes() <= self.retire_mb * MB
         if not keep:
             worker.close()
@@ -247,7 +249,10 @@ class WorkerPool:
                 self._idle.append(worker)
             elif keep:
                 worker.close()
+            replace = not keep and not self._closed and not self._idle
             self._cond.notify()
+        if replace:
+            self.prestart()
 
     def run(self, db: str | os.PathLike, sql: str, limits: Limits) -> SqlResult:
         """Check `sql`, then run it on a worker; a refusal never starts or wakes one."""
