@@ -159,7 +159,11 @@ class Shell:
             self.pool.close()
 
     def statement(self, sql: str) -> None:
-        res = self.pool.run(self.db, sql, self.limits)
+        try:
+            res = self.pool.run(self.db, sql, self.limits)
+        except KeyboardInterrupt:  # the worker was killed with the query; the next statement gets a new one
+            print("\nquery cancelled", file=sys.stderr)
+            return
         if not res.ok or res.table is None:
             print(res.message, file=sys.stderr)
             return

@@ -133,7 +133,15 @@ class QueryProcess:
                 pipe.close()
 
     def run(self, db: str | os.PathLike, sql: str, limits: Limits) -> SqlResult:
-        """Send one query and wait for its bounded answer, killing the worker past its memory or time."""
+        """Send one query and wait for its bounded answer, killing the worker past its memory or time
+        (or when the wait is interrupted, e.g. Ctrl-C: its answer must never be read as the next one's)."""
+        try:
+            return self._run(db, sql, limits)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, db: str | os.PathLike, sql: str, limits: Limits) -> SqlResult:
         t0 = time.perf_counter()
         request = json.dumps({"db": str(db), "sql": sql, "limits": limits.to_dict()}).encode() + b"\n"
         try:
@@ -336,6 +344,7 @@ def _exit_with_parent() -> None:
 def serve() -> None:
     """The worker's loop: a request per stdin line, an answer per request on the original stdout."""
     _exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the caller's terminal is the caller's to handle
     out = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # anything printed (DuckDB's progress bar) goes nowhere, never into the protocol

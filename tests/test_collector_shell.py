@@ -99,6 +99,16 @@ def test_shell_completion_and_history_in_a_terminal(store, tmp_path):
         tmux("send-keys", "-t", session, "Up")  # readline history recalls the statement
         wait_for("batchscope> SELECT batch_size FROM run_summary ORDER BY 1 LIMIT 2;", "history", times=2)
         tmux("send-keys", "-t", session, "C-u")
+        # Ctrl-C during a runaway query cancels it (its worker is killed) and the prompt carries on
+        tmux("send-keys", "-t", session, "-l", "SELECT sum(hash(a.range + b.range)) FROM range(1000000) a, range(1000000) b")
+        tmux("send-keys", "-t", session, "\\;", "Enter")
+        time.sleep(1.0)
+        tmux("send-keys", "-t", session, "C-c")
+        wait_for("query cancelled", "cancel")
+        tmux("send-keys", "-t", session, "-l", "SELECT 6 * 7 AS answer")
+        tmux("send-keys", "-t", session, "\\;", "Enter")
+        wait_for("│ 42     │", "a query after the cancel")
+        assert "Traceback" not in screen()
         tmux("send-keys", "-t", session, "-l", ".quit")
         tmux("send-keys", "-t", session, "Enter")
         end = time.monotonic() + 60
