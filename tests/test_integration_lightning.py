@@ -7,7 +7,11 @@ examples give mean_i |g_i|^2 (g_small_sq at b_small = 1), and the unclipped .gra
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +188,41 @@ def test_uncovered_parameters_leave_the_noise_empty_at_k1_and_filled_with_accumu
         assert any("no small batch" in str(w.message) for w in seen)
     else:  # the gain is measured by micro-batches, the Linear layers per example: b_small = 1 equivalent
         assert all(s["g_small_sq"] > 0 and s["b_small"] == 1.0 and s["b_big"] == 2 * BATCH for s in steps)
+
+
+DDP_SCRIPT = """
+import sys, warnings
+import torch
+import lightning.pytorch as L
+sys.path.insert(0, {tests!r})
+from test_integration_lightning import MLP, loaders
+from trainer.integrations.lightning import BatchscopeCallback
+
+class Plain(MLP):
+    def on_before_optimizer_step(self, optimizer):
+        self._step_batches = []
+
+L.seed_everything(3, verbose=False)
+warnings.simplefilter("ignore")
+trainer = L.Trainer(max_steps=4, accumulate_grad_batches=2, strategy="ddp", accelerator="cpu", devices=2,
+                    limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[BatchscopeCallback(db={db!r}, name="ddp")])
+trainer.fit(Plain(), loaders()[0])
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_write_one_run_with_the_global_batch(tmp_path):
+    """Lightning's own DDP launcher (it re-runs the script per rank); only rank 0 writes."""
+    db = tmp_path / "runs.duckdb"
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), db=str(db)))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, steps, _ = stored(db)
+    assert run["status"] == "finished" and (run["world_size"], run["batch_size"], run["accum_steps"]) == (2, 64, 2)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["examples"] == 64 * s["step"] and s["b_big"] == 64 and s["b_small"] == 1.0 for s in steps)
+    assert all(s["g_small_sq"] > s["g_big_sq"] > 0 for s in steps)

@@ -84,6 +84,12 @@ def pick_evals(metrics: Mapping[str, Any], evals: EvalKeys) -> dict[str, tuple[f
     return out
 
 
+def check_unit(unit: str) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    return unit
+
+
 class StepRecorder:
     """Collects one optimizer step's micro-batches (examples, tokens, losses) and logs its `steps` row.
 
@@ -94,9 +100,7 @@ class StepRecorder:
     """
 
     def __init__(self, run, unit: str = "examples", world: int = 1, gns_window: float | None = None):
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-        self.run, self.unit, self.world, self.window = run, unit, world, gns_window
+        self.run, self.unit, self.world, self.window = run, check_unit(unit), world, gns_window
         self.seen = 0  # cumulative examples (or tokens) over all ranks
         self.ema: BSimpleEMA | None = None
         self._since = 0.0  # examples since the last measured step

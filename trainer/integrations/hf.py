@@ -48,6 +48,7 @@ from trainer.integrations._common import (
     StepRecorder,
     batch_examples,
     batch_tokens,
+    check_unit,
     device_of,
     optimizer_fields,
     pick_evals,
@@ -84,7 +85,7 @@ class BatchscopeCallback(TrainerCallback):
                  evals: EvalKeys | None = None, per_example: bool = True, noise: bool = True,
                  gns_window: float | None = None, **run_fields):
         self.owner = RunOwner(db, name, sweep, config, run_fields)
-        self.unit, self.count_tokens = unit, tokens or batch_tokens
+        self.unit, self.count_tokens = check_unit(unit), tokens or batch_tokens
         self.evals, self.per_example, self.noise, self.gns_window = evals, per_example, noise, gns_window
         self.gns: GradientNoise | None = None
         self.recorder: StepRecorder | None = None
@@ -95,7 +96,6 @@ class BatchscopeCallback(TrainerCallback):
         self._hook = None
         self._loss_is_sum = False
         self._warned: set[str] = set()
-        StepRecorder(None, unit)  # checks unit now, not at the first step
 
     @property
     def run(self):

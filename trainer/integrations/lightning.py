@@ -41,6 +41,7 @@ from trainer.integrations._common import (
     StepRecorder,
     batch_examples,
     batch_tokens,
+    check_unit,
     device_of,
     optimizer_fields,
     pick_evals,
@@ -86,7 +87,7 @@ class BatchscopeCallback(pl.Callback):
                  unit: str = "examples", tokens: Callable[[Any], int] | None = None, evals: EvalKeys | None = None,
                  per_example: bool = True, noise: bool = True, gns_window: float | None = None, **run_fields):
         self.owner = RunOwner(db, name, sweep, config, run_fields)
-        self.unit, self.count_tokens = unit, tokens or batch_tokens
+        self.unit, self.count_tokens = check_unit(unit), tokens or batch_tokens
         self.evals = DEFAULT_EVALS if evals is None else evals
         self.per_example, self.noise, self.gns_window = per_example, noise, gns_window
         self.gns: _CountedNoise | None = None
@@ -95,7 +96,6 @@ class BatchscopeCallback(pl.Callback):
         self._lr: float | None = None
         self._logged = 0
         self._warned: set[str] = set()
-        StepRecorder(None, unit)  # checks unit now, not at the first step
 
     @property
     def run(self):
