@@ -3,6 +3,7 @@ in-process (the baseline, measured in the same run), and `collector sql` end to 
 
     python bench/bench_sql.py                 # synthetic store, 20 repeats
     python bench/bench_sql.py --runs 100 --steps 20000 --repeats 30
+    python bench/bench_sql.py --hostile       # the real dashboard over HTTP: its RSS under hostile SQL
 
 Prints one line per query: median and p95 in ms for in-process and worker, and their ratio.
 """
@@ -49,15 +50,50 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
+def hostile(db: Path, tmp: Path) -> None:
+    """tests/test_sql_engine.py's hostile queries through a real dashboard; its RSS every 10 ms."""
+    import threading
+
+    from tests.dashboard_server import start_server
+    from tests.test_sql_engine import HOSTILE
+
+    srv = start_server(db, tmp, "--sql-timeout", "3")
+    try:
+        srv.callback("sql-grid.rowData", {"sql-run.n_clicks": 1}, {"sql-text.value": "SELECT 1"})
+        base, samples, done = srv.rss_kb(), [], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append(srv.rss_kb())
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        for sql, _rule in HOSTILE:
+            t0 = time.perf_counter()
+            r = srv.callback("sql-grid.rowData", {"sql-run.n_clicks": 2}, {"sql-text.value": sql})
+            msg = r.json()["response"]["sql-message"]["children"].splitlines()[0][:80]
+            print(f"{time.perf_counter() - t0:6.2f} s {len(r.body) / 1e6:7.2f} MB  {sql[:50]:50s} {msg}")
+        done.set()
+        sampler.join()
+        print(f"server RSS: {base / 1024:.0f} MB before, peak {max(samples) / 1024:.0f} MB ({len(samples)} samples)")
+    finally:
+        srv.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--hostile", action="store_true", help="measure the dashboard's RSS under hostile SQL instead")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "runs.duckdb"
         make_store(db, n_runs=args.runs, steps=args.steps, seeds=1)
+        if args.hostile:
+            hostile(db, Path(tmp))
+            return
         pool = WorkerPool(size=1)
         print(f"store: {args.runs} runs x {args.steps} steps; {args.repeats} repeats; ms (median / p95)")
         for name, sql in QUERIES.items():
