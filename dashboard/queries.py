@@ -34,7 +34,7 @@ from schema.frames import evaluate
 __all__ = [
     "StoreError", "Overview", "configure", "current_db", "store_version", "overview", "run_table",
     "step_curves", "eval_curves", "evals_frame", "runs_frame", "clear_cache", "connect", "crossings",
-    "run_outcomes", "noise_scale", "smoothed_loss", "crossing_runs", "noise_cumulative",
+    "run_outcomes", "noise_scale", "smoothed_loss", "smoothed_buckets", "noise_cumulative", "with_noise",
     "session", "in_session", "cached",
 ]
 
@@ -367,10 +367,9 @@ def crossings(db: Path, run_ids: Sequence[str], targets: Sequence[float], width_
     costs on a large store.
     """
     ids = _ids(run_ids)
-    buckets = smoothed_loss(db, ids, width_examples, metric)
-    if metric.endswith("_accuracy"):
-        buckets = buckets.with_columns(-pl.col("value"))
-    info = crossing_runs(db, ids, metric)
+    buckets = smoothed_buckets(db, ids, width_examples, metric)
+    info = evaluate("SELECT * FROM crossing_runs('b', 'o', run_ids := $ids)", {"ids": ids or [""]},
+                    b=buckets, o=run_outcomes(db, ids), runs=runs_frame(db, ids))
     tg = sorted({float(t) for t in targets}, reverse=True)
     hits = evaluate("SELECT * FROM crossings_of('b', 'i', $t, metric := $m)", {"t": tg, "m": metric},
                     b=buckets, i=info)
@@ -394,14 +393,6 @@ def with_noise(db: Path, hits: pl.DataFrame, run_ids: Sequence[str], noise_windo
                      how="left")
     return hits.with_columns(
         *[pl.coalesce(f"_{c}", c).alias(c) for c in noise]).drop([f"_{c}" for c in noise])
-
-
-@cached()
-def crossing_runs(db: Path, run_ids: Sequence[str], metric: str = "train_loss") -> pl.DataFrame:
-    """SQL `crossing_runs` over the metric's raw points: per-run facts a crossing needs."""
-    return _macro("crossing_runs", db, run_ids,
-                  "WITH mp AS (SELECT * FROM metric_points(metric := $m, run_ids := $ids)) "
-                  "SELECT * FROM crossing_runs('mp', run_ids := $ids)", {"m": metric})
 
 
 @cached()
@@ -429,9 +420,20 @@ def noise_scale(db: Path, run_ids: Sequence[str], noise_window: float = 0.1, max
 
 
 @cached()
+def smoothed_buckets(db: Path, run_ids: Sequence[str], width_examples: float = 0,
+                     metric: str = "train_loss") -> pl.DataFrame:
+    """SQL `smoothed_points` over the metric's points of these runs (values lower-is-better, buckets with
+    only non-finite values kept): what crossings and the target range start from."""
+    return _macro("smoothed_buckets", db, run_ids,
+                  "WITH mp AS (SELECT * FROM metric_points(metric := $m, run_ids := $ids)) "
+                  "SELECT * FROM smoothed_points('mp', width_examples := $w) ORDER BY run_id, bucket",
+                  {"w": float(width_examples), "m": metric})
+
+
 def smoothed_loss(db: Path, run_ids: Sequence[str], width_examples: float = 0,
                   metric: str = "train_loss") -> pl.DataFrame:
-    """SQL `smoothed_loss` for these runs (bucket means over `width_examples` examples)."""
-    return _macro("smoothed_loss", db, run_ids,
-                  "SELECT * FROM smoothed_loss(width_examples := $w, metric := $m, run_ids := $ids) ORDER BY run_id, step",
-                  {"w": float(width_examples), "m": metric})
+    """SQL `smoothed_loss` for these runs (bucket means over `width_examples` examples), from the same
+    buckets as crossings: run_id, bucket, step, examples, value, n."""
+    b = smoothed_buckets(db, run_ids, width_examples, metric).filter(pl.col("n") > 0)
+    sign = -1.0 if metric.endswith("_accuracy") else 1.0  # smoothed_points keeps accuracies negated
+    return b.select("run_id", "bucket", "step", "examples", pl.col("value") * sign, "n")

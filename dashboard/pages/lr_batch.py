@@ -135,8 +135,13 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
     tr = sweeps.target_range(db, run_ids, "train_loss")
     lrfit = blank
     if tr is not None:
-        hits = sweeps.hits_for(db, run_ids, (sweeps.snap(tr.default),), "train_loss")
+        target = sweeps.snap(tr.default)
+        hits = sweeps.hits_for(db, run_ids, (target,), "train_loss")
         fit = analysis.lr_scaling(analysis.best_per_batch(hits))
+        width = sweeps.default_smoothing(db, run_ids)
+        notes.append(html.P(f"Best LR per batch size: fewest steps to train loss {fmt(target)} (the Tradeoff page's "
+                            f"default target), the loss averaged over buckets of {fmt(width)} examples.",
+                            className="muted small"))
         lrfit = lr_fit_figure(fit)
         if fit.ok:
             stats.append(stat("B_noise from the best LR", fmt(fit.b_noise),

@@ -31,7 +31,7 @@ WHERE isfinite(g_small_sq) AND isfinite(g_big_sq) AND isfinite(b_small) AND isfi
 CREATE OR REPLACE MACRO noise_cumulative(run_ids := NULL) AS TABLE
 SELECT run_id, step, sum(g2) OVER w AS cum_g2, sum(trace_sigma) OVER w AS cum_trace, count(*) OVER w AS cum_n
 FROM noise_estimates
-WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids))
 WINDOW w AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW);
 
 -- B_simple around the points of a table or CTE named `pts` (columns run_id, at_step) from the running sums in
@@ -69,7 +69,7 @@ SELECT * FROM noise_window_sums(pts, 'c', noise_window := noise_window);
 CREATE OR REPLACE MACRO noise_scale(noise_window := 0.1, run_ids := NULL) AS TABLE
 WITH m AS MATERIALIZED (
     SELECT run_id, step, examples, loss, batch_size, g2, trace_sigma, step AS at_step FROM noise_estimates
-    WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+    WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids))
 ),
 c AS (
     SELECT run_id, step, sum(g2) OVER w AS cum_g2, sum(trace_sigma) OVER w AS cum_trace, count(*) OVER w AS cum_n
@@ -91,21 +91,25 @@ FROM noise_at_points('p', noise_window := noise_window, run_ids := run_ids);
 -- from steps, '<split>_loss' / '<split>_accuracy' come from evals. Columns: run_id, step, examples, value.
 CREATE OR REPLACE MACRO metric_points(metric := 'train_loss', run_ids := NULL) AS TABLE
 SELECT run_id, step, examples, loss AS value FROM steps
-WHERE metric = 'train_loss' AND (run_ids IS NULL OR list_contains(run_ids, run_id))
+WHERE metric = 'train_loss' AND (run_ids IS NULL OR run_id IN (SELECT unnest(run_ids)))
 UNION ALL
 SELECT run_id, step, examples, CASE WHEN suffix(metric, '_accuracy') THEN -accuracy ELSE loss END AS value
 FROM evals
 WHERE metric <> 'train_loss' AND split = regexp_replace(metric, '_(loss|accuracy)$', '')
-  AND (run_ids IS NULL OR list_contains(run_ids, run_id));
+  AND (run_ids IS NULL OR run_id IN (SELECT unnest(run_ids)));
 
 -- Bucket means of the points in a table or CTE named `pts` (metric_points' columns) over width_examples
--- examples (0: the raw finite points), at the centroid (mean step, mean examples); value stays lower-is-better.
+-- examples (0: every point its own bucket), at the centroid of the finite values (mean step, mean examples,
+-- mean value, n of them; value stays lower-is-better); nonfinite / last_step: whether the bucket held a
+-- non-finite value, and its last step. Buckets with n = 0 are kept (they carry the non-finite values).
 CREATE OR REPLACE MACRO smoothed_points(pts, width_examples := 0) AS TABLE
 SELECT run_id, CASE WHEN width_examples > 0 THEN CAST(floor((examples - 1) / width_examples) AS BIGINT) ELSE step END
            AS bucket,
-       avg(step) AS step, avg(examples) AS examples, avg(value) AS value, count(*) AS n
+       avg(step) FILTER (WHERE isfinite(value)) AS step, avg(examples) FILTER (WHERE isfinite(value)) AS examples,
+       avg(value) FILTER (WHERE isfinite(value)) AS value, count(*) FILTER (WHERE isfinite(value)) AS n,
+       coalesce(bool_or(NOT isfinite(value)), false) AS nonfinite, max(step) AS last_step
 FROM query_table(pts)
-WHERE isfinite(value) AND (width_examples <= 0 OR examples IS NOT NULL)
+WHERE width_examples <= 0 OR examples IS NOT NULL
 GROUP BY ALL;
 
 -- The smoothed metric: per run, bucket means over width_examples examples (0: the raw finite points),
@@ -114,7 +118,7 @@ GROUP BY ALL;
 CREATE OR REPLACE MACRO smoothed_loss(width_examples := 0, metric := 'train_loss', run_ids := NULL) AS TABLE
 WITH mp AS (SELECT * FROM metric_points(metric := metric, run_ids := run_ids))
 SELECT run_id, bucket, step, examples, value * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS value, n
-FROM smoothed_points('mp', width_examples := width_examples);
+FROM smoothed_points('mp', width_examples := width_examples) WHERE n > 0;
 
 -- Per run: how it ended. initial_loss: the lesser of the first finite training loss and the mean over the
 -- first 5 % of steps (a loss that rises at a too-high LR and settles back at chance is not progress);
@@ -123,7 +127,7 @@ FROM smoothed_points('mp', width_examples := width_examples);
 -- initial_loss), else 'trained'. Example: SELECT outcome, count(*) FROM run_outcomes() GROUP BY ALL;
 CREATE OR REPLACE MACRO run_outcomes(run_ids := NULL) AS TABLE
 WITH st AS MATERIALIZED (
-    SELECT run_id, step, loss, batch_size FROM steps WHERE run_ids IS NULL OR list_contains(run_ids, run_id)
+    SELECT run_id, step, loss, batch_size FROM steps WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids))
 ),
 k AS (SELECT run_id, max(step) AS steps FROM st GROUP BY run_id),
 s AS (
@@ -147,27 +151,28 @@ SELECT r.run_id, a.last_step, a.initial_loss, a.end_loss, a.batch_min, a.batch_m
             WHEN a.end_loss > 0.9 * a.initial_loss THEN 'stalled'
             ELSE 'trained' END AS outcome
 FROM run_status r LEFT JOIN a USING (run_id)
-WHERE run_ids IS NULL OR list_contains(run_ids, r.run_id);
+WHERE run_ids IS NULL OR r.run_id IN (SELECT unnest(run_ids));
 
--- Per run, what a crossing needs besides its smoothed points, from the raw metric points in a table or CTE named
--- `pts` (metric_points' columns): nonfinite (any non-finite value), last_point (step of the last one), the
--- run's outcome, scheduled, initial_loss, end_loss (run_outcomes) and batch_size, lr, sweep, status (runs).
-CREATE OR REPLACE MACRO crossing_runs(pts, run_ids := NULL) AS TABLE
+-- Per run, what a crossing needs besides its smoothed points: from the buckets in a table or CTE named
+-- `buckets` (smoothed_points' columns) nonfinite (any non-finite value) and last_point (the last step); from
+-- the outcomes in one named `outcomes` (run_outcomes' columns) outcome, scheduled, initial_loss, end_loss;
+-- and batch_size, lr, sweep, status from runs.
+CREATE OR REPLACE MACRO crossing_runs(buckets, outcomes, run_ids := NULL) AS TABLE
 WITH bad AS (
-    SELECT run_id, bool_or(NOT isfinite(value)) AS nonfinite, max(step) AS last_point FROM query_table(pts) GROUP BY run_id
+    SELECT run_id, bool_or(nonfinite) AS nonfinite, max(last_step) AS last_point FROM query_table(buckets) GROUP BY run_id
 ),
-ids AS (SELECT run_id FROM runs WHERE run_ids IS NULL OR list_contains(run_ids, run_id) UNION SELECT run_id FROM bad)
+ids AS (SELECT run_id FROM runs WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids)) UNION SELECT run_id FROM bad)
 SELECT ids.run_id, coalesce(bd.nonfinite, false) AS nonfinite, bd.last_point, o.outcome,
        coalesce(o.scheduled, false) AS scheduled, o.initial_loss, o.end_loss,
        r.batch_size::DOUBLE AS batch_size, r.lr::DOUBLE AS lr, r.sweep, r.status
-FROM ids LEFT JOIN bad bd USING (run_id) LEFT JOIN run_outcomes(run_ids := run_ids) o USING (run_id)
+FROM ids LEFT JOIN bad bd USING (run_id) LEFT JOIN query_table(outcomes) o USING (run_id)
 LEFT JOIN runs r USING (run_id);
 
 -- The crossings of `targets` from smoothed points in a table or CTE named `buckets` (smoothed_points' columns,
 -- lower-is-better values) and per-run facts in one named `info` (crossing_runs' columns): crossings' columns,
 -- with the B_simple ones empty (crossings fills them). The dashboard runs it over cached frames.
 CREATE OR REPLACE MACRO crossings_of(buckets, info, targets, metric := 'train_loss') AS TABLE
-WITH b AS (SELECT run_id, bucket, step, examples, value FROM query_table(buckets)),
+WITH b AS (SELECT run_id, bucket, step, examples, value FROM query_table(buckets) WHERE n > 0),
 i AS (SELECT * FROM query_table(info)),
 bl AS (
     SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(value) OVER w AS prev_value,
@@ -238,9 +243,10 @@ ORDER BY p.target DESC, p.run_id;
 -- Example: SELECT batch_size, lr, steps, reason FROM crossings([0.5, 0.3], width_examples := 4096);
 CREATE OR REPLACE MACRO crossings(targets, width_examples := 0, metric := 'train_loss', noise_window := 0.1,
                                   run_ids := NULL) AS TABLE
-WITH mp AS MATERIALIZED (SELECT * FROM metric_points(metric := metric, run_ids := run_ids)),
-b AS (SELECT * FROM smoothed_points('mp', width_examples := width_examples)),
-i AS (SELECT * FROM crossing_runs('mp', run_ids := run_ids)),
+WITH mp AS (SELECT * FROM metric_points(metric := metric, run_ids := run_ids)),
+b AS MATERIALIZED (SELECT * FROM smoothed_points('mp', width_examples := width_examples)),
+o AS (SELECT * FROM run_outcomes(run_ids := run_ids)),
+i AS (SELECT * FROM crossing_runs('b', 'o', run_ids := run_ids)),
 h AS MATERIALIZED (SELECT * FROM crossings_of('b', 'i', targets, metric := metric)),
 atp AS (SELECT DISTINCT run_id, steps AS at_step FROM h WHERE reached AND noise_window IS NOT NULL),
 nz AS (SELECT * FROM noise_at_points('atp', noise_window := coalesce(noise_window, 0), run_ids := run_ids))
