@@ -27,8 +27,9 @@ from trainer.gns import linreg_b_simple, linreg_population_loss
 TASKS = ("digits", "linreg", "teacher", "mnist", "cifar10", "charlm")
 EVAL_CHUNK = 4096
 CURVATURE_EXAMPLES = 512  # fixed examples behind --curvature: half for the Hessian, half for gradients
-# charlm: defaults that train to ~1.6 nats/char in a few minutes on a 2-core CPU; evaluation on fixed
-# subsets (a full pass over 25k windows would cost more than the training between two evaluations)
+# charlm: defaults that reach a test loss of 1.57 nats/char (unigram entropy 3.12) in 1,000 AdamW steps of
+# B = 32 (lr 3e-3, warmup-cosine), 3.4 CPU-minutes on one core; evaluation on fixed subsets (a full pass
+# over 25k windows would cost more than the training between two evaluations)
 CHARLM_DEFAULTS = {"context": 64, "layers": 2, "width": 128}
 CHARLM_EVAL_WINDOWS = 512
 CHARLM_CURVATURE_WINDOWS = 32  # an HVP costs ~2.5 forward+backward passes of its 16 windows (bench/charlm.md)
