@@ -102,6 +102,7 @@ class BatchscopeCallback(TrainerCallback):
         return self.owner.run
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
+        self._release()  # a previous train() that raised outside `with callback:` left its hooks and clip
         world = int(args.world_size)
         measure = self.noise
         if measure and world > 1:
