@@ -226,3 +226,34 @@ def test_ddp_two_gloo_processes_write_one_run_with_the_global_batch(tmp_path):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(s["examples"] == 64 * s["step"] and s["b_big"] == 64 and s["b_small"] == 1.0 for s in steps)
     assert all(s["g_small_sq"] > s["g_big_sq"] > 0 for s in steps)
+
+
+class TinyLM(L.LightningModule):
+    """Embedding + Linear on token ids (N, T): every parameter has a per-example rule at K = 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+    def training_step(self, batch, batch_idx):
+        ids, = batch
+        logits = self.head(self.emb(ids))[:, :-1]  # embeds the model input itself (see the noise rules)
+        return nn.functional.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_token_model_at_k1_is_measured_per_example_on_every_step(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    ids = torch.randint(0, 11, (256, 9), generator=torch.Generator().manual_seed(0))
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=BATCH)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[BatchscopeCallback(db=db, name="lm", unit="tokens")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyLM(), train)
+    _, steps, _ = stored(db)
+    assert len(steps) == 5
+    assert all(s["b_small"] == 9 and s["b_big"] == BATCH * 9 and s["g_small_sq"] > s["g_big_sq"] for s in steps)

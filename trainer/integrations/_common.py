@@ -24,12 +24,13 @@ UNITS = ("examples", "tokens")
 EvalKeys = Mapping[str, tuple[str | tuple[str, ...] | None, str | tuple[str, ...] | None]]
 
 
-def _first_tensor(batch: Any) -> torch.Tensor | None:
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor of a batch (depth first): the model input for (x, y) tuples and HF-style dicts."""
     if isinstance(batch, torch.Tensor):
         return batch
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
     for v in values:
-        t = _first_tensor(v)
+        t = first_tensor(v)
         if t is not None:
             return t
     return None
@@ -37,7 +38,7 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
 
 def batch_examples(batch: Any) -> int | None:
     """Examples in a batch: dim 0 of its first tensor (a tensor, a tuple/list such as (x, y), or a dict)."""
-    t = _first_tensor(batch)
+    t = first_tensor(batch)
     return int(t.shape[0]) if t is not None and t.dim() > 0 else None
 
 
@@ -49,7 +50,7 @@ def batch_tokens(batch: Any) -> int | None:
             t = batch.get(key)
             if isinstance(t, torch.Tensor):
                 return int(t.sum()) if key == "attention_mask" else t.numel()
-    t = _first_tensor(batch)
+    t = first_tensor(batch)
     return None if t is None else t.numel()
 
 

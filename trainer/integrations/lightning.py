@@ -43,6 +43,7 @@ from trainer.integrations._common import (
     batch_tokens,
     check_unit,
     device_of,
+    first_tensor,
     optimizer_fields,
     pick_evals,
     warn_once,
@@ -63,11 +64,14 @@ class _CountedNoise(GradientNoise):
         if self._counting:
             super()._root_hook(module, args, kwargs)
 
-    def begin_micro_batch(self, examples: int | None) -> None:
+    def begin_micro_batch(self, batch: Any) -> None:
+        """Count one micro-batch; its first tensor stands for the model input (its shape tells the batch
+        dimension, e.g. token ids (N, T) for embeddings)."""
+        x = first_tensor(batch)
         self._counting = True
         try:
             with torch.enable_grad():
-                super()._root_hook(self.module, (torch.empty(examples or 0, device="meta"),), {})
+                super()._root_hook(self.module, () if x is None else (x,), {})
         finally:
             self._counting = False
 
@@ -140,7 +144,7 @@ class BatchscopeCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         n = batch_examples(batch)
         if self.gns is not None:
-            self.gns.begin_micro_batch(n)
+            self.gns.begin_micro_batch(batch)
         if self.recorder is not None:
             self.recorder.micro_batch(n, self.count_tokens(batch) if self.unit == "tokens" else None)
 
