@@ -157,12 +157,13 @@ def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROO
     db = folder / f"readers{n_writers}-{code.name}.duckdb"
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", "import sys; from collector.store import write_connection\n"
-                    "with write_connection(sys.argv[1]): pass", str(db)], env=env, check=True)  # its own schema
+                    "with write_connection(sys.argv[1]): pass", str(db)], env=env, cwd=code, check=True)  # its schema
     spawn = [sys.executable, str(WORKERS)]
     writers = [subprocess.Popen([*spawn, "paced_writer", str(db), f"w{i}", str(seconds), str(rate)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n_writers)]
-    reader = subprocess.Popen([*spawn, "plain_reader", str(db), str(seconds + 3)], env=env, stdout=subprocess.PIPE,
-                              text=True)
+                                cwd=code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(n_writers)]
+    reader = subprocess.Popen([*spawn, "plain_reader", str(db), str(seconds + 3)], env=env, cwd=code,
+                              stdout=subprocess.PIPE, text=True)
     logged = {}
     for w in writers:
         out, err = w.communicate(timeout=seconds * 10 + 120)

@@ -138,6 +138,8 @@ def due(db: Path) -> bool:
 def ingest_all(db: Path, wait: float = 0.0, patience: float = STORE_PATIENCE) -> Summary | None:
     """With the lease (waiting up to `wait` s), move every run's spool into the store; None if another
     process holds the lease. Raises StoreError (corrupt store, ...) and I/O errors (a full disk)."""
+    if not spool_root(db).is_dir():
+        return Summary()  # no writer ever spooled here: nothing to do, and nothing to create
     lease = Lease(db)
     if not lease.acquire(wait):
         return None
