@@ -1,9 +1,10 @@
 """End-to-end: the real dashboard server (`python -m dashboard`, waitress) driven by headless Chromium.
 
-Every page renders without browser console errors and is screenshotted into docs/screenshots/;
-selecting runs updates the curves; the tradeoff page shows B_crit; the SQL console refuses writes;
-an empty store opens the welcome page; a writer process logging while the page is open shows up
-within seconds and never blocks.
+Every page renders without browser console errors and is screenshotted (into docs/screenshots/ only
+with BATCHSCOPE_SCREENSHOTS=1); selecting runs updates the curves; the tradeoff page shows B_crit; each
+page's B_crit and B_simple equal the SQL macros' for the same runs, target and smoothing; the SQL
+console refuses writes; an empty store opens the welcome page; a writer process logging while the page
+is open shows up within seconds and never blocks.
 
 Runs on sample_runs/ when it exists (the shipped digits sweep), else on a synthetic store.
 Needs Debian's chromium + chromium-driver; skipped without them.
