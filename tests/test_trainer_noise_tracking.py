@@ -69,24 +69,27 @@ def test_linreg_b_simple_tracks_the_closed_form_while_the_loss_falls(accum, meth
     assert np.median(np.abs(old_rel)) > 1.5 * np.median(np.abs(rel))
 
 
-DIGITS_RUNS = {  # K = 1 at the default cadence (every step), and --accum 4
-    "k1": dict(batch=32, lr=0.1, epochs=30),
-    "accum4": dict(batch=64, accum=4, lr=0.1, epochs=50),
+DIGITS_RUNS = {
+    "k1": dict(batch=32, lr=0.1, epochs=30),  # the defaults: every step, per-example norms
+    "accum4": dict(batch=64, accum=4, lr=0.1, epochs=50, gns_method="micro-batch"),  # B_small = 16
 }
 
 
 @pytest.mark.parametrize("name", list(DIGITS_RUNS))
 def test_digits_b_simple_against_exact_per_example_gradients(name):
-    """Checkpoints every 25 steps; at each, exact |G|^2 and tr(Sigma) over all 1,438 training examples.
+    """Checkpoints every 40 steps; at each, exact |G|^2 and tr(Sigma) over all 1,438 training examples.
 
-    The exact value at one checkpoint moves by +-50 % between checkpoints 25 steps apart (the SGD
-    iterate itself is noisy), so the truth a running value can be held to is the ratio of the exact
-    tr(Sigma) and |G|^2 averaged over the 5 checkpoints centred on it (+-50 steps). Tolerance, once the
-    training loss is below 0.5 and down to ~0.1: median relative error < 40 % and 90 % within a factor
-    of 2.5. Why not tighter: B_simple here is 10-60x the batch, so one step's |G|^2 estimate has a
-    relative scatter of ~10-50; the tracking rule averages the ~100-500 measurements that gives ~30 %
-    while B_simple doubles over a few hundred steps, so lag and noise together leave ~25-35 %.
+    The exact value at one checkpoint moves by +-50 % between nearby checkpoints (the SGD iterate itself
+    is noisy), so the truth a running value can be held to is the ratio of the exact tr(Sigma) and
+    |G|^2 averaged over the 5 checkpoints centred on it (+-80 steps). Checked once the training loss is
+    below 0.5, down to ~0.1. Tolerance: median relative error < 40 % and 85 % of values within 2.5x
+    (measured on seeds 0 and 1: K = 1 median 23-30 %, 88-90 % within 2x; --accum 4 with micro-batch
+    norms median 24-26 %, 89-94 % within 2x). Why not tighter: B_simple here is 10-60x the batch, so
+    one step's |G|^2 estimate scatters by 10-50x its mean; ~40 % error needs hundreds of measurements
+    while B_simple doubles over a few hundred steps, so lag (values read 10-20 % low) adds to the noise.
+    The raw ingredients allow a centred window offline.
     """
+    options = DIGITS_RUNS[name]
     task = make_task("digits", TaskOptions(), torch.device("cpu"))
     x, y = task.eval_sets["train"]
     exact = []
@@ -97,7 +100,7 @@ def test_digits_b_simple_against_exact_per_example_gradients(name):
         exact.append(exact_b_simple(model, task.loss_fn, x, y)[1:])
         model.train(was)
 
-    run, result = train_in_process(on_eval=on_eval, eval_every=25, **DIGITS_RUNS[name])
+    run, result = train_in_process(on_eval=on_eval, eval_every=40, **options)
     s = run.steps()
     assert np.isfinite(s["g_small_sq"]).all(), "every step is measured"
     ck = np.array([e["step"] for e in run.evals if e["split"] == "train"])
@@ -105,10 +108,21 @@ def test_digits_b_simple_against_exact_per_example_gradients(name):
     g_sq, tr = (np.array(v)[:len(ck)] for v in zip(*exact, strict=True))
     window = np.ones(5)
     truth = np.convolve(tr, window, "same") / np.convolve(g_sq, window, "same")
-    region = (train_loss < 0.5) & (ck < ck[-1])
+    region = (train_loss < 0.5) & (np.arange(len(ck)) < len(ck) - 2)  # the centred window is whole
     assert train_loss[region].min() < 0.12, "down to a loss of about 0.1"
     assert truth[region].max() > 2 * truth[region].min(), "B_simple grows while the loss falls"
     stored = at_checkpoints(s, ck, "b_simple")[region]
     rel = stored / truth[region] - 1
     assert np.median(np.abs(rel)) < 0.40, np.round(rel, 2)
-    assert np.mean(np.abs(np.log(stored / truth[region])) < np.log(2.5)) >= 0.9, np.round(rel, 2)
+    assert np.mean(np.abs(np.log(stored / truth[region])) < np.log(2.5)) >= 0.85, np.round(rel, 2)
+
+
+def test_per_example_norms_under_accumulation_equal_those_of_one_pass():
+    """--accum 4 with per-example norms (the default) logs the same ingredients as K = 1: the norms
+    are per example, so how the batch is cut does not matter (and the trajectory is the same)."""
+    one, _ = train_in_process(batch=32, lr=0.1, steps=50, seed=2)
+    four, _ = train_in_process(batch=32, lr=0.1, steps=50, seed=2, accum=4)
+    a, b = one.steps(), four.steps()
+    assert np.all(b["b_small"] == 1) and np.all(b["b_big"] == 32)
+    for col in ("g_small_sq", "g_big_sq", "loss"):
+        np.testing.assert_allclose(b[col], a[col], rtol=2e-3)

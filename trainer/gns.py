@@ -144,16 +144,20 @@ class TrackingBSimple:
     estimates and their second moments; numerator and denominator of each span share its weights.
     Per measurement, the relative variance of one tr(Sigma)/|G|^2 measurement,
     r^2 = Var(tr - R |G|^2) / mean(tr)^2 (delta method), is read from the `scatter_span` EMA, and the
-    value is the ratio of the span whose effective number of measurements (about 2 x span) reaches
-    r^2 / target_rse^2. Why: the ingredients change several-fold while the loss falls, so a long
-    window lags (a 50-measurement EMA read 49-92 % low); noise, not drift, is what sets how many
-    measurements a value needs, and it grows with B_simple / B. `n_eff` says how many were used.
+    value is the ratio of the shortest span whose effective number of measurements (about 2 x span)
+    reaches r^2 / target_rse^2, but no span longer than `history` x the measurements so far. Why: the
+    ingredients change several-fold while the loss falls, so a long window lags (a 50-measurement EMA
+    read 49-92 % low); the noise, which grows with B_simple / B, sets how many measurements a value
+    needs, and training changes by similar factors over similar fractions of its elapsed length, so a
+    window reaching back a quarter of the run bounds the lag where the noise would ask for more.
+    `n_eff` says how many measurements were used (fewer than asked for when the cap binds: noisier).
     """
 
     SPANS = 2.0 ** np.arange(1, 12)
 
-    def __init__(self, target_rse: float = 0.4, scatter_span: float = 64.0):
+    def __init__(self, target_rse: float = 0.4, scatter_span: float = 64.0, history: float | None = 0.25):
         self.target = float(target_rse)
+        self.history = history  # cap: span <= history x measurements so far (None: no cap)
         self._k = np.exp(-1.0 / self.SPANS)  # keep per measurement
         self._jv = int(np.argmin(np.abs(self.SPANS - scatter_span)))
         self._m = np.zeros((len(self.SPANS), 5))  # EMAs of g, t, g^2, t^2, g t (not bias-corrected)
@@ -192,6 +196,8 @@ class TrackingBSimple:
                            + r * r * (mean[v, 2] - gm[v] ** 2)) / tm[v] ** 2
                 need = np.where((gm[v] > 0) & np.isfinite(rel_var), np.maximum(rel_var, 0) / self.target**2, np.inf)
                 j = np.minimum(np.searchsorted(2.0 * self.SPANS, need), len(self.SPANS) - 1)
+                if self.history is not None:
+                    j = np.minimum(j, np.maximum(np.searchsorted(self.SPANS, self.history * counts, "right") - 1, 0))
                 cols = np.arange(x.shape[1])
                 g_sel, t_sel = gm[j, cols], tm[j, cols]
                 vals = np.where(g_sel > 0, t_sel / g_sel, math.nan)
