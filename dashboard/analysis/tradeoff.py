@@ -88,19 +88,24 @@ def _list(values: np.ndarray) -> str:
 
 
 def _points(f: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(batch sizes, steps, rows to fit, warnings): the fit's inputs by the rules of critical_batch_of.
+    """(batch sizes, steps, rows to fit, warnings): the fit's inputs as best_lr_of marks them (in_fit,
+    fit_batch), with the warnings critical_batch_of gives, word for word.
 
     A row is fitted when it reached the target with a measured crossing (censored rows, already below the
     target at their first point, are left out with a warning), at its effective batch E/S (the batch size
     itself unless the runs followed a batch-size schedule, which gets a warning).
     """
     nominal = column(f, "batch_size")
-    eff = column(f, "effective_batch")
-    b = np.where(np.isfinite(eff), eff, nominal)
     s = column(f, "steps")
     reached = flag(f, "reached", default=True)
     cens = flag(f, "censored")
     sched = flag(f, "scheduled")
+    if "in_fit" in f.columns:  # best_lr_of's own choice of the fit's points (SQL: the one definition)
+        b, keep = column(f, "fit_batch"), flag(f, "in_fit")
+    else:  # a hand-built frame: reached rows with steps, at their batch size (or effective batch)
+        eff = column(f, "effective_batch")
+        b = np.where(np.isfinite(eff), eff, nominal)
+        keep = reached & ~cens & np.isfinite(s) & (s > 0) & np.isfinite(b) & (b > 0)
     warnings: list[str] = []
     edge = reached & flag(f, "lr_at_edge") & (column(f, "n_lrs") > 1 if "n_lrs" in f.columns else True)
     if edge.any():
@@ -109,7 +114,6 @@ def _points(f: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[s
     if cens.any():
         warnings.append(f"B = {_list(nominal[cens])}: already at or below the target at the first point, so steps "
                         "to target are not measured: left out of the fit")
-    keep = reached & ~cens & np.isfinite(s) & (s > 0) & np.isfinite(b) & (b > 0)
     if (keep & sched).any():
         warnings.append(f"B = {_list(nominal[keep & sched])}: the batch size changes during these runs: "
                         "fitted at the effective batch E/S")

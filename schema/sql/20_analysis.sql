@@ -268,6 +268,8 @@ FROM crossings([target], width_examples := width_examples, metric := metric, noi
 -- steps tie; the middle LR of the tie (lower of two middles) wins. censored: the best cell's crossing was
 -- not measured; scheduled: its runs changed batch size (effective_batch = median examples/steps).
 -- lr_at_edge: the best LR is the smallest or largest tried, so the optimum may lie outside the grid.
+-- in_fit, fit_batch: whether the row is a point of the B_crit fit (a measured crossing), and at which batch
+-- size (the effective one): the fit's inputs, read by critical_batch_of and by fit_tradeoff in Python.
 CREATE OR REPLACE MACRO best_lr_of(hits, rtol := 0.0, include_diverged := true) AS TABLE
 WITH h AS (
     SELECT *, reached AND isfinite(steps) AND (include_diverged OR NOT diverged) AS ok,
@@ -306,7 +308,10 @@ SELECT s.target, s.batch_size, p.lr IS NOT NULL AS reached, coalesce(p.n_censore
        coalesce(p.effective_batch, CASE WHEN p.lr IS NOT NULL THEN s.batch_size END) AS effective_batch, p.run_id,
        s.n_runs, s.n_reached, s.n_censored, s.n_diverged, s.n_lrs, s.lr_min, s.lr_max, s.lr_min_reached,
        s.lr_max_reached, (p.lr = s.lr_min OR p.lr = s.lr_max) AS lr_at_edge,
-       p.b_simple, p.g2, p.trace_sigma, p.n_noise
+       p.b_simple, p.g2, p.trace_sigma, p.n_noise,
+       coalesce(p.lr IS NOT NULL AND p.n_censored = 0 AND p.steps > 0 AND isfinite(p.steps)
+                AND coalesce(p.effective_batch, s.batch_size) > 0, false) AS in_fit,
+       coalesce(p.effective_batch, s.batch_size) AS fit_batch
 FROM summary s LEFT JOIN pick p USING (target, batch_size)
 ORDER BY s.target DESC, s.batch_size;
 
@@ -333,11 +338,7 @@ SELECT * FROM best_lr_of('h', rtol := rtol);
 CREATE OR REPLACE MACRO critical_batch_of(best, min_batches := 3) AS TABLE
 WITH bst AS (SELECT * FROM query_table(best)),
 tg AS (SELECT DISTINCT target FROM bst),
-pts AS (
-    SELECT target, coalesce(effective_batch, batch_size) AS b, min(ln(steps)) AS y
-    FROM bst WHERE reached AND NOT censored AND steps > 0 AND isfinite(steps) AND coalesce(effective_batch, batch_size) > 0
-    GROUP BY ALL
-),
+pts AS (SELECT target, fit_batch AS b, min(ln(steps)) AS y FROM bst WHERE in_fit GROUP BY ALL),
 st AS (
     SELECT target, count(*) AS n, min(b) AS bmin, max(b) AS bmax, var_pop(y) * count(*) AS sst
     FROM pts GROUP BY target
@@ -378,10 +379,10 @@ lists AS (
     SELECT target,
            list(printf('%g', batch_size) ORDER BY batch_size) FILTER (reached AND lr_at_edge AND n_lrs > 1) AS edge,
            list(printf('%g', batch_size) ORDER BY batch_size) FILTER (censored) AS cens,
-           list(printf('%g', batch_size) ORDER BY batch_size) FILTER (reached AND NOT censored AND scheduled) AS sched,
-           count(*) FILTER (reached AND NOT censored AND n_noise > 0) AS n_noise_runs,
-           sum(trace_sigma * n_noise) FILTER (reached AND NOT censored AND n_noise > 0)
-               / nullif(sum(g2 * n_noise) FILTER (reached AND NOT censored AND n_noise > 0), 0) AS b_simple
+           list(printf('%g', batch_size) ORDER BY batch_size) FILTER (in_fit AND scheduled) AS sched,
+           count(*) FILTER (in_fit AND n_noise > 0) AS n_noise_runs,
+           sum(trace_sigma * n_noise) FILTER (in_fit AND n_noise > 0)
+               / nullif(sum(g2 * n_noise) FILTER (in_fit AND n_noise > 0), 0) AS b_simple
     FROM bst GROUP BY target
 ),
 out AS (
