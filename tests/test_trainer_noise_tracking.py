@@ -71,7 +71,7 @@ def test_linreg_b_simple_tracks_the_closed_form_while_the_loss_falls(accum, meth
 
 DIGITS_RUNS = {
     "k1": dict(batch=32, lr=0.1, epochs=30),  # the defaults: every step, per-example norms
-    "accum4": dict(batch=64, accum=4, lr=0.1, epochs=50, gns_method="micro-batch"),  # B_small = 16
+    "accum4": dict(batch=64, accum=4, lr=0.1, epochs=50),  # the default at K >= 2: micro-batch norms, B_small = 16
 }
 
 
@@ -118,10 +118,10 @@ def test_digits_b_simple_against_exact_per_example_gradients(name):
 
 
 def test_per_example_norms_under_accumulation_equal_those_of_one_pass():
-    """--accum 4 with per-example norms (the default) logs the same ingredients as K = 1: the norms
+    """--accum 4 with per-example norms logs the same ingredients as K = 1: the norms
     are per example, so how the batch is cut does not matter (and the trajectory is the same)."""
     one, _ = train_in_process(batch=32, lr=0.1, steps=50, seed=2)
-    four, _ = train_in_process(batch=32, lr=0.1, steps=50, seed=2, accum=4)
+    four, _ = train_in_process(batch=32, lr=0.1, steps=50, seed=2, accum=4, gns_method="per-example")
     a, b = one.steps(), four.steps()
     assert np.all(b["b_small"] == 1) and np.all(b["b_big"] == 32)
     for col in ("g_small_sq", "g_big_sq", "loss"):

@@ -97,10 +97,10 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                      help="at --accum 1, measure the gradient noise scale every N steps from per-example gradient "
                           f"norms taken in the same pass (default {gns_default}: every step; 0 = never). "
                           "With --accum K>=2 it is measured on every step from the micro-batches")
-    rec.add_argument("--gns-method", default=TrainConfig.gns_method, metavar="per-example|micro-batch",
+    rec.add_argument("--gns-method", default=TrainConfig.gns_method, metavar="auto|per-example|micro-batch",
                      help="per-example gradient norms (B_small = 1; layers without a rule use micro-batches) or "
-                          f"each micro-batch's norm (B_small = B/K; at --accum 1 a 2-way split) (default "
-                          f"{TrainConfig.gns_method})")
+                          "each micro-batch's norm (B_small = B/K; at --accum 1 a 2-way split); auto (the "
+                          "default): per-example at --accum 1, micro-batch with --accum K>=2")
     rec.add_argument("--gns-window", type=float, metavar="EXAMPLES",
                      help="a fixed EMA window for the logged B_simple, in examples (default: none; the window "
                           "adapts to hold ~40%% relative error, see steps.b_simple and the b_simple_n scalar)")

@@ -17,8 +17,10 @@ from trainer.tasks import TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # per-example: per-example gradient norms (B_small = 1) for the layers with a rule, micro-batches for the
-# rest; micro-batch: each micro-batch's norm (B_small = B/K; at K = 1 the batch is run as 2 micro-batches)
-GNS_METHODS = ("per-example", "micro-batch")
+# rest; micro-batch: each micro-batch's norm (B_small = B/K; at K = 1 the batch is run as 2 micro-batches);
+# auto: per-example at K = 1, micro-batch with --accum K >= 2 (a dot product per parameter and micro-batch,
+# the cheapest; the online B_simple tracks as well with it on digits, tests/test_trainer_noise_tracking.py)
+GNS_METHODS = ("auto", "per-example", "micro-batch")
 # Budget when none is given: digits trains to a useful loss in a few seconds; the streams are cheap.
 DEFAULT_BUDGET = {"digits": ("epochs", 30), "mnist": ("epochs", 2), "cifar10": ("epochs", 2),
                   "linreg": ("steps", 1000), "teacher": ("examples", 200_000), "charlm": ("steps", 1000)}
@@ -60,7 +62,7 @@ class TrainConfig:
     db: str | None = None
     gns_every: int = 1  # measure the noise scale every N steps when accum == 1 (0: never); see GNS_EVERY_WHY
     gns_window: float | None = None  # examples: a fixed EMA for steps.b_simple; None: the tracking rule
-    gns_method: str = "per-example"  # or "micro-batch"; see GNS_METHODS
+    gns_method: str = "auto"  # or "per-example", "micro-batch"; see GNS_METHODS
     dim: int | None = None
     noise: float = 1.0
     data_dir: str | None = None

@@ -93,18 +93,13 @@ class _Step:
 
     micro: int = 0  # forward passes with grad enabled (= micro-batches)
     sizes: list[int] = field(default_factory=list)  # examples per micro-batch
-    pe: dict[int, torch.Tensor] = field(default_factory=dict)  # micro -> sum over layers, examples of |contrib_i|^2
-    mb: dict[int, torch.Tensor] = field(default_factory=dict)  # micro -> sum over parameters of |h_k|^2
+    pe: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (micro, sum_i |contrib_i|^2 of a layer)
+    mb: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (micro, |h_k|^2 of a parameter)
     pe_params: set[int] = field(default_factory=set)
     pe_now: set[tuple[int, int]] = field(default_factory=set)  # (micro, parameter) done per example
     mb_params: set[int] = field(default_factory=set)
     calls: dict[int, int] = field(default_factory=dict)  # covered module id -> calls in this forward
     shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
-
-
-def _add(acc: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
-    prev = acc.get(key)
-    acc[key] = value if prev is None else prev + value
 
 
 def _recording() -> bool:
@@ -123,8 +118,8 @@ class GradientNoise:
     def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True):
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
-        self.group = process_group
-        self.world = dist.get_world_size(process_group) if self.ddp else 1
+        self.group = process_group if process_group is not None else getattr(model, "process_group", None)
+        self.world = dist.get_world_size(self.group) if self.ddp else 1
         self.active = True
         self._cur = _Step()
         self._handles: list = []
@@ -184,7 +179,7 @@ class GradientNoise:
                     return  # called twice in one forward: per-example terms would miss cross terms
                 sq = rule(module, a, d.detach())
                 if sq is not None:
-                    _add(cur.pe, micro, sq)
+                    cur.pe.append((micro, sq))
                     own = self._module_params[mid]
                     cur.pe_params.update(own)
                     cur.pe_now.update((micro, i) for i in own)
@@ -214,7 +209,7 @@ class GradientNoise:
             flat = g.detach().reshape(-1)
             if flat.dtype not in (torch.float32, torch.float64):
                 flat = flat.float()
-            _add(cur.mb, cur.micro, torch.dot(flat, flat))
+            cur.mb.append((cur.micro, torch.dot(flat, flat)))
             cur.mb_params.add(pid)
         return hook
 
@@ -315,15 +310,12 @@ class GradientNoise:
         self.close()
 
 
-def _combine(acc: dict[int, torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_k w_k acc[k] over the micro-batches present (micro-batches are counted from 1)."""
-    items = [(acc[m + 1], w) for m, w in enumerate(weights) if m + 1 in acc]
-    if len({w for _, w in items}) == 1:
-        total = items[0][0]
-        for t, _ in items[1:]:
-            total = total + t
-        return total * items[0][1]
-    return sum(t * w for t, w in items)
+def _combine(terms: list[tuple[int, torch.Tensor]], weights: list[float]) -> torch.Tensor:
+    """sum_j w[micro_j] x_j (micro-batches counted from 1), with one stack when the weights are equal."""
+    terms = [(m, t) for m, t in terms if 0 < m <= len(weights)]
+    if len(set(weights)) == 1:
+        return torch.stack([t for _, t in terms]).sum() * weights[0]
+    return torch.stack([t * weights[m - 1] for m, t in terms]).sum()
 
 
 def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:

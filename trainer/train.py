@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     # per-example norms (B_small = 1) from layer hooks, in the same pass; parameters of layers without a
     # rule (and --gns-method micro-batch) use each micro-batch's norm from parameter hooks, which at K = 1
     # needs the batch run as 2 micro-batches
-    per_example = cfg.gns_method == "per-example"
+    per_example = cfg.gns_method == "per-example" or (cfg.gns_method == "auto" and cfg.accum == 1)
     noise = GradientNoise(model, per_example=per_example, warn=False) if p.gns_every > 0 else None
     split = GNS_SPLIT if noise is not None and (noise.fallback or not per_example) else 1
     # Adam: the preconditioned ingredients too, on steps run as micro-batches (trainer/adam_noise.py)
