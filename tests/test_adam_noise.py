@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,8 @@ def test_ingredients_are_exact_per_step(batch, n_micro):
 
 def test_preconditioned_b_simple_is_exact_in_expectation():
     """Micro-batches drawn with replacement from 200 examples: the ratio of the mean unbiased estimates
-    equals tr(P Sigma P)/|P G|^2 of the exact per-example gradients, and differs from plain B_simple."""
+    equals tr(P Sigma P)/|P G|^2 of the exact per-example gradients within 4 standard errors (delta
+    method; the draws make it under 3 %), and the preconditioner changes the answer."""
     model, opt, w = model_and_frozen_adam(seed=2)
     x, y = data(200, seed=5)
     g = per_example(model, x, y)
@@ -98,14 +100,18 @@ def test_preconditioned_b_simple_is_exact_in_expectation():
     exact_plain = float(d.square().sum(1).mean() / G.square().sum())
     an = AdamNoise(model)
     gen = torch.Generator().manual_seed(9)
-    g_sq = tr = 0.0
+    est = []
     with one_torch_thread():
-        for _ in range(1500):
-            idx = torch.randint(0, 200, (32,), generator=gen)
+        for _ in range(2000):
+            idx = torch.randint(0, 200, (128,), generator=gen)
             s = micro_step(model, an, opt, x[idx], y[idx], 2)
-            a, b = unbiased_estimates(s.g_small_sq.item(), s.b_small, s.g_big_sq.item(), s.b_big)
-            g_sq, tr = g_sq + a, tr + b
-    assert tr / g_sq == pytest.approx(exact_adam, rel=0.06)
+            est.append(unbiased_estimates(s.g_small_sq.item(), s.b_small, s.g_big_sq.item(), s.b_big))
+    g_sq, tr = np.array(est).T
+    ratio = tr.mean() / g_sq.mean()
+    cov = np.cov(np.vstack([tr, g_sq]))
+    se = np.sqrt((cov[0, 0] - 2 * ratio * cov[0, 1] + ratio**2 * cov[1, 1]) / len(tr)) / g_sq.mean()
+    assert se < 0.03 * ratio
+    assert abs(ratio - exact_adam) < 4 * se, (ratio, exact_adam, se)
     assert abs(exact_adam / exact_plain - 1) > 0.2  # the preconditioner changes the answer here
 
 
