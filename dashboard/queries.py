@@ -367,15 +367,26 @@ def crossings(db: Path, run_ids: Sequence[str], targets: Sequence[float], width_
     costs on a large store.
     """
     ids = _ids(run_ids)
-    buckets = smoothed_buckets(db, ids, width_examples, metric)
-    info = evaluate("SELECT * FROM crossing_runs('b', 'o', run_ids := $ids)", {"ids": ids or [""]},
-                    b=buckets, o=run_outcomes(db, ids), runs=runs_frame(db, ids))
+    records, info = crossing_parts(db, ids, width_examples, metric)
     tg = sorted({float(t) for t in targets}, reverse=True)
-    hits = evaluate("SELECT * FROM crossings_of('b', 'i', $t, metric := $m)", {"t": tg, "m": metric},
-                    b=buckets, i=info)
+    hits = evaluate("SELECT * FROM crossings_of('r', 'i', $t, metric := $m)", {"t": tg, "m": metric},
+                    r=records, i=info)
     if noise_window is None:
         return hits
     return with_noise(db, hits, ids if noise_for is None else noise_for, noise_window)
+
+
+@cached()
+def crossing_parts(db: Path, run_ids: Sequence[str], width_examples: float = 0,
+                   metric: str = "train_loss") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The target-independent parts of crossings (SQL crossing_records and crossing_runs over the runs'
+    smoothed_points and run_outcomes), computed once per store version and smoothing."""
+    ids = _ids(run_ids)
+    buckets = smoothed_buckets(db, ids, width_examples, metric)
+    records = evaluate("SELECT * FROM crossing_records('b')", b=buckets)
+    info = evaluate("SELECT * FROM crossing_runs('b', 'o', run_ids := $ids)", {"ids": ids or [""]},
+                    b=buckets, o=run_outcomes(db, ids), runs=runs_frame(db, ids))
+    return records, info
 
 
 def with_noise(db: Path, hits: pl.DataFrame, run_ids: Sequence[str], noise_window: float = 0.1) -> pl.DataFrame:

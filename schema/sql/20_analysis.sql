@@ -154,38 +154,44 @@ FROM run_status r LEFT JOIN a USING (run_id)
 WHERE run_ids IS NULL OR r.run_id IN (SELECT unnest(run_ids));
 
 -- Per run, what a crossing needs besides its smoothed points: from the buckets in a table or CTE named
--- `buckets` (smoothed_points' columns) nonfinite (any non-finite value) and last_point (the last step); from
--- the outcomes in one named `outcomes` (run_outcomes' columns) outcome, scheduled, initial_loss, end_loss;
--- and batch_size, lr, sweep, status from runs.
+-- `buckets` (smoothed_points' columns) nonfinite (any non-finite value), last_point (the last step) and the
+-- first, best and final smoothed values (lower-is-better); from the outcomes in one named `outcomes`
+-- (run_outcomes' columns) outcome, scheduled, initial_loss, end_loss; batch_size, lr, sweep, status from runs.
 CREATE OR REPLACE MACRO crossing_runs(buckets, outcomes, run_ids := NULL) AS TABLE
 WITH bad AS (
-    SELECT run_id, bool_or(nonfinite) AS nonfinite, max(last_step) AS last_point FROM query_table(buckets) GROUP BY run_id
+    SELECT run_id, bool_or(nonfinite) AS nonfinite, max(last_step) AS last_point,
+           arg_min(value, bucket) FILTER (WHERE n > 0) AS first_value, min(value) FILTER (WHERE n > 0) AS best_value,
+           arg_max(value, bucket) FILTER (WHERE n > 0) AS final_value
+    FROM query_table(buckets) GROUP BY run_id
 ),
 ids AS (SELECT run_id FROM runs WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids)) UNION SELECT run_id FROM bad)
-SELECT ids.run_id, coalesce(bd.nonfinite, false) AS nonfinite, bd.last_point, o.outcome,
-       coalesce(o.scheduled, false) AS scheduled, o.initial_loss, o.end_loss,
+SELECT ids.run_id, coalesce(bd.nonfinite, false) AS nonfinite, bd.last_point, bd.first_value, bd.best_value,
+       bd.final_value, o.outcome, coalesce(o.scheduled, false) AS scheduled, o.initial_loss, o.end_loss,
        r.batch_size::DOUBLE AS batch_size, r.lr::DOUBLE AS lr, r.sweep, r.status
 FROM ids LEFT JOIN bad bd USING (run_id) LEFT JOIN query_table(outcomes) o USING (run_id)
 LEFT JOIN runs r USING (run_id);
 
--- The crossings of `targets` from smoothed points in a table or CTE named `buckets` (smoothed_points' columns,
--- lower-is-better values) and per-run facts in one named `info` (crossing_runs' columns): crossings' columns,
--- with the B_simple ones empty (crossings fills them). The dashboard runs it over cached frames.
-CREATE OR REPLACE MACRO crossings_of(buckets, info, targets, metric := 'train_loss') AS TABLE
-WITH b AS (SELECT run_id, bucket, step, examples, value FROM query_table(buckets) WHERE n > 0),
-i AS (SELECT * FROM query_table(info)),
-bl AS (
-    SELECT *, lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(value) OVER w AS prev_value,
+-- The running-minimum records of the buckets in a table or CTE named `buckets` (smoothed_points' columns):
+-- each bucket whose value is below every earlier one, with the bucket before it. The first bucket at or
+-- below any target is the record with the largest value <= target, so crossings of any target need only
+-- these rows (the dashboard keeps them per run and moves the target over them).
+CREATE OR REPLACE MACRO crossing_records(buckets) AS TABLE
+WITH bl AS (
+    SELECT run_id, bucket, step, examples, value,
+           lag(step) OVER w AS prev_step, lag(examples) OVER w AS prev_examples, lag(value) OVER w AS prev_value,
            min(value) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_min
-    FROM b
+    FROM query_table(buckets) WHERE n > 0
     WINDOW w AS (PARTITION BY run_id ORDER BY bucket)
-),
-stats AS (
-    SELECT run_id, arg_min(value, bucket) AS first_value, min(value) AS best_value, arg_max(value, bucket) AS final_value
-    FROM b GROUP BY run_id
-),
--- running-minimum records: the first bucket at/below a target is the record with the largest value <= target
-rec AS (SELECT * FROM bl WHERE prev_min IS NULL OR value < prev_min),
+)
+SELECT run_id, bucket, step, examples, value, prev_step, prev_examples, prev_value FROM bl
+WHERE prev_min IS NULL OR value < prev_min;
+
+-- The crossings of `targets` from the records in a table or CTE named `records` (crossing_records' columns)
+-- and per-run facts in one named `info` (crossing_runs' columns): crossings' columns, with the B_simple ones
+-- empty (crossings fills them).
+CREATE OR REPLACE MACRO crossings_of(records, info, targets, metric := 'train_loss') AS TABLE
+WITH i AS (SELECT * FROM query_table(info)),
+rec AS (SELECT * FROM query_table(records)),
 tg AS (SELECT unnest(targets)::DOUBLE AS target),
 grid AS (
     SELECT i.run_id, tg.target, tg.target * CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS t
@@ -209,28 +215,27 @@ pts AS (
 SELECT p.run_id, p.target, p.reached, p.censored, p.steps, p.examples, p.bound_steps, p.bound_examples,
        CASE WHEN i.scheduled AND p.reached AND p.steps > 0 THEN p.examples / p.steps ELSE i.batch_size END
            AS effective_batch,
-       sg * p.hit_value AS hit_value, sg * s.first_value AS first_value, sg * s.best_value AS best_value,
-       sg * s.final_value AS final_value, i.last_point AS last_step,
+       sg * p.hit_value AS hit_value, sg * i.first_value AS first_value, sg * i.best_value AS best_value,
+       sg * i.final_value AS final_value, i.last_point AS last_step,
        i.nonfinite OR coalesce(i.outcome = 'diverged', false) AS diverged,
        coalesce(i.outcome = 'stalled', false) AS stalled, i.scheduled, coalesce(i.outcome, 'trained') AS outcome,
        NULL::DOUBLE AS b_simple, NULL::DOUBLE AS g2, NULL::DOUBLE AS trace_sigma, 0::BIGINT AS n_noise,
        i.batch_size, i.lr, i.sweep, i.status,
        CASE WHEN p.reached THEN NULL
             WHEN i.last_point IS NULL THEN 'no ' || metric || ' logged'
-            WHEN s.best_value IS NULL THEN 'no finite ' || metric
+            WHEN i.best_value IS NULL THEN 'no finite ' || metric
             WHEN p.censored THEN printf('already at or below the target at its first point (step %g): not measured',
                                         p.bound_steps)
             WHEN i.nonfinite OR i.outcome = 'diverged'
-                THEN printf('diverged before reaching the target (best %.4g)', sg * s.best_value)
+                THEN printf('diverged before reaching the target (best %.4g)', sg * i.best_value)
             WHEN i.outcome = 'stalled'
                 THEN printf('stalled: never left its initial loss (%.4g to %.4g)', i.initial_loss, i.end_loss)
-            WHEN i.outcome = 'unfinished' THEN printf('still running (best so far %.4g)', sg * s.best_value)
-            ELSE printf('never reached the target within its budget (best %.4g)', sg * s.best_value)
+            WHEN i.outcome = 'unfinished' THEN printf('still running (best so far %.4g)', sg * i.best_value)
+            ELSE printf('never reached the target within its budget (best %.4g)', sg * i.best_value)
        END AS reason
 FROM pts p
 CROSS JOIN (SELECT CASE WHEN suffix(metric, '_accuracy') THEN -1 ELSE 1 END AS sg) k(sg)
 JOIN i USING (run_id)
-LEFT JOIN stats s USING (run_id)
 ORDER BY p.target DESC, p.run_id;
 
 -- Per run and target: steps and examples to reach the target on the smoothed metric (rules above).
@@ -247,7 +252,8 @@ WITH mp AS (SELECT * FROM metric_points(metric := metric, run_ids := run_ids)),
 b AS MATERIALIZED (SELECT * FROM smoothed_points('mp', width_examples := width_examples)),
 o AS (SELECT * FROM run_outcomes(run_ids := run_ids)),
 i AS (SELECT * FROM crossing_runs('b', 'o', run_ids := run_ids)),
-h AS MATERIALIZED (SELECT * FROM crossings_of('b', 'i', targets, metric := metric)),
+rc AS (SELECT * FROM crossing_records('b')),
+h AS MATERIALIZED (SELECT * FROM crossings_of('rc', 'i', targets, metric := metric)),
 atp AS (SELECT DISTINCT run_id, steps AS at_step FROM h WHERE reached AND noise_window IS NOT NULL),
 nz AS (SELECT * FROM noise_at_points('atp', noise_window := coalesce(noise_window, 0), run_ids := run_ids))
 SELECT h.* REPLACE (nz.b_simple AS b_simple, nz.g2 AS g2, nz.trace_sigma AS trace_sigma,
