@@ -255,11 +255,11 @@ class GradientNoise:
             missing, mb_ids = missing + mb_ids, []
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients
-        sums = []
+        sums = []  # already divided by the global counts (examples, micro-batches x ranks): means
         if pe_ids:
-            sums.append(_combine(cur.pe, [(sizes[m] / scales[m]) ** 2 for m in range(k)]))
+            sums.append(_combine(cur.pe, [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)]))
         if mb_ids:
-            sums.append(_combine(cur.mb, [1.0 / scales[m] ** 2 for m in range(k)]))
+            sums.append(_combine(cur.mb, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)]))
         if self.world > 1 and sums:  # the one extra collective: a few scalars
             packed = torch.stack(sums)
             dist.all_reduce(packed, group=self.group)
@@ -273,10 +273,10 @@ class GradientNoise:
         big_scale = 1.0 / total_scale**2
         blocks = []  # (|g_small|^2, b_small, |g_big|^2) per method
         if pe_ids:
-            blocks.append((sums.pop(0) * (1.0 / b_big), 1.0, _sq_norm([by_id[i].grad for i in pe_ids], big_scale)))
+            blocks.append((sums.pop(0), 1.0, _sq_norm([by_id[i].grad for i in pe_ids], big_scale)))
         if mb_ids:
             bs = k / sum(1.0 / s for s in sizes)  # harmonic mean: E mean_k |g_k|^2 = |G|^2 + tr * mean 1/b_k
-            blocks.append((sums.pop(0) * (1.0 / (k * self.world)), bs,
+            blocks.append((sums.pop(0), bs,
                            _sq_norm([by_id[i].grad for i in mb_ids], big_scale)))
         if not blocks:
             return NoiseStats(None, None, None, None, False, *names, micro_batches=k, examples=int(b_big))
@@ -314,7 +314,11 @@ def _combine(terms: list[tuple[int, torch.Tensor]], weights: list[float]) -> tor
     """sum_j w[micro_j] x_j (micro-batches counted from 1), with one stack when the weights are equal."""
     terms = [(m, t) for m, t in terms if 0 < m <= len(weights)]
     if len(set(weights)) == 1:
-        return torch.stack([t for _, t in terms]).sum() * weights[0]
+        if len(terms) == 1:
+            return terms[0][1] * weights[0]
+        if len(terms) == 2:
+            return torch.add(terms[0][1], terms[1][1]).mul_(weights[0])
+        return torch.stack([t for _, t in terms]).sum().mul_(weights[0])
     return torch.stack([t * weights[m - 1] for m, t in terms]).sum()
 
 
