@@ -104,8 +104,9 @@ def trend(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 
 def target_grid(tr: TargetRange, n: int = 10) -> list[float]:
     """Targets from the default down to the lowest one every batch size reached (log-spaced for losses), so
-    the B_crit-vs-target trend is not drawn through targets some batch sizes never reached."""
-    lo = tr.every_batch
+    the B_crit-vs-target trend is not drawn through targets some batch sizes never reached (1 % above it, so
+    rounding the target to 3 figures never puts it out of reach)."""
+    lo = tr.every_batch * (0.99 if tr.higher_is_better else 1.01)
     if tr.higher_is_better or lo <= 0 or tr.default <= 0:
         return [float(x) for x in np.linspace(tr.default, lo, n)]
     if lo >= tr.default:

@@ -1,6 +1,6 @@
 """Regenerate sample_runs/: a real digits batch x LR sweep made by our trainer, stored as Parquet.
 
-    python sample_runs/make_sample_runs.py            # ~20 min of CPU on 2 cores (2 jobs)
+    python sample_runs/make_sample_runs.py            # ~20 min on 2 cores (2 jobs)
 
 Why this budget: every run trains *to a target* (--target-loss, the trainer stops once its smoothed
 training loss gets there) under one cap on *steps* for every batch size, not one on epochs. Large batches
@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import duckdb
+
 HERE = Path(__file__).resolve().parent
 SWEEP = "digits-sample"
 SEEDS = (0, 1)
@@ -37,9 +39,15 @@ def main() -> None:
         db = str(Path(tmp) / "sample.duckdb")
         for seed in SEEDS:
             for batch, every in EVAL_EVERY.items():
+                # a sweep keeps one set of options, so each (seed, batch) part is its own sweep until the rename
                 subprocess.run([sys.executable, "-m", "trainer", "sweep", "--batch", str(batch), "--lr", LRS, *BUDGET,
-                                "--eval-every", str(every), "--seed", str(seed), "--sweep", SWEEP, "--db", db,
-                                "--jobs", "2", "--threads", "1", "--no-progress"], check=True)
+                                "--eval-every", str(every), "--seed", str(seed), "--sweep", f"{SWEEP}-{seed}-{batch}",
+                                "--db", db, "--jobs", "2", "--threads", "1", "--no-progress"], check=True)
+        con = duckdb.connect(db)
+        try:
+            con.execute("UPDATE runs SET sweep = ? WHERE sweep LIKE ?", [SWEEP, f"{SWEEP}-%"])
+        finally:
+            con.close()
         out = Path(tmp) / "export"
         subprocess.run([sys.executable, "-m", "collector", "export", "--db", db, str(out)], check=True)
         for f in out.glob("*.parquet"):

@@ -81,3 +81,23 @@ def test_documented_queries_answer_on_the_sample(store: Path) -> None:
             assert _sql(store, body).height > 0, body
             queries_run += 1
     assert queries_run >= 8
+
+
+def test_readme_snippet_gives_what_the_readme_says(store: Path) -> None:
+    """The README's Python snippet, run on the sample sweep, prints the B_crit the README quotes, and the SQL
+    macro agrees with it (one definition: the snippet, the SQL and the Tradeoff page cannot drift apart)."""
+    from dashboard import analysis
+
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        runs = con.sql("SELECT * FROM runs").pl()
+        steps = con.sql("SELECT * FROM steps").pl()
+        sql = con.sql("SELECT b_crit FROM critical_batch([0.1], width_examples := 1024)").fetchall()[0][0]
+    finally:
+        con.close()
+    hits = analysis.steps_to_target(steps, 0.1, smoothing_examples=1024, runs=runs)
+    fit = analysis.fit_tradeoff(analysis.best_per_batch(hits))
+    assert fit.ok and fit.b_crit == pytest.approx(sql, rel=1e-3)
+    readme = (ROOT / "README.md").read_text()
+    quoted = f"B_crit {fit.b_crit:.1f}, 90 % CI {fit.b_crit_ci[0]:.1f}–{fit.b_crit_ci[1]:.1f}"
+    assert quoted in readme, quoted
