@@ -17,6 +17,7 @@ import torch
 from trainer.gns import BSimpleEMA, TrackingBSimple
 from trainer.step import StepGrads
 
+GNS_TARGET_RSE = 0.4  # steps.b_simple averages enough recent measurements for ~40 % relative standard error
 HOST_COLUMNS = ("step", "examples", "batch_size", "lr", "wall_time", "b_small", "b_big")
 GNS_COLUMNS = ("g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple", "b_simple_n")
 # b_simple_n is not a steps column: the collector stores it in `scalars` (name 'b_simple_n') per measured step

@@ -27,11 +27,10 @@ from trainer.curvature import CurvatureProbe
 from trainer.gns import BSimpleEMA, ExampleEMA, TrackingBSimple
 from trainer.noise import GradientNoise
 from trainer.step import compute_gradients
-from trainer.steplog import StepLog
+from trainer.steplog import GNS_TARGET_RSE, StepLog
 from trainer.tasks import Task
 
 LOSS_SMOOTHING_STEPS = 10  # --target-loss compares an EMA of the training loss over ~10 steps
-GNS_TARGET_RSE = 0.4  # steps.b_simple averages enough recent measurements for ~40 % relative standard error
 GNS_SPLIT = 2  # micro-batches a K = 1 measurement step is split into when a layer has no per-example rule
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 import collector
-from trainer.config import GNS_WINDOW_MEASUREMENTS
-from trainer.gns import BSimpleEMA
+from trainer.gns import BSimpleEMA, TrackingBSimple
 from trainer.noise import NoiseStats
+from trainer.steplog import GNS_TARGET_RSE
 
 UNITS = ("examples", "tokens")
 EvalKeys = Mapping[str, tuple[str | tuple[str, ...] | None, str | tuple[str, ...] | None]]
@@ -103,7 +103,8 @@ class StepRecorder:
     def __init__(self, run, unit: str = "examples", world: int = 1, gns_window: float | None = None):
         self.run, self.unit, self.world, self.window = run, check_unit(unit), world, gns_window
         self.seen = 0  # cumulative examples (or tokens) over all ranks
-        self.ema: BSimpleEMA | None = None
+        # the trainer's online B_simple (trainer/steplog.py): a tracking window, or a fixed EMA if asked
+        self.ema: TrackingBSimple | BSimpleEMA | None = None
         self._since = 0.0  # examples since the last measured step
         self._losses: list = []
         self._examples = self._tokens = 0
@@ -137,8 +138,9 @@ class StepRecorder:
             noise["b_small"] *= per
             noise["b_big"] *= per
             if self.ema is None:
-                self.ema = BSimpleEMA(self.window or GNS_WINDOW_MEASUREMENTS * size)
-            b_simple = self.ema.update(**noise, examples=self._since)
+                self.ema = BSimpleEMA(self.window) if self.window else TrackingBSimple(GNS_TARGET_RSE)
+            b_simple = float(self.ema.update_block(*([noise[k]] for k in ("g_small_sq", "b_small", "g_big_sq", "b_big")),
+                                                   [self._since])[0][0])
             self._since = 0.0
             row |= noise | {"b_simple": b_simple if math.isfinite(b_simple) else None}
         else:
