@@ -96,11 +96,12 @@ ON CONFLICT (run_id) DO UPDATE SET
 _STATS_COLUMNS = {"examples": pa.int64(), "wall_time": pa.float64(), "loss": pa.float64()}
 
 
-def update_run_stats(con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table, all_new: bool) -> None:
+def update_run_stats(con: duckdb.DuckDBPyConnection, run_id: str | None, data: pa.Table, all_new: bool) -> None:
     """Keep run_stats in step with the rows just inserted into `steps` (same transaction).
 
     `all_new`: every row of `data` was inserted (a plain INSERT); otherwise (a replay, some rows were
     already there) the run's figures are recomputed from `steps`, which is exact either way.
+    `run_id=None`: `data` has a run_id column (several runs at once; all_new only).
     """
     if not all_new:
         con.execute("DELETE FROM run_stats WHERE run_id = ?", [run_id])
@@ -109,7 +110,9 @@ def update_run_stats(con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table
     for name, type_ in _STATS_COLUMNS.items():  # a user's loop may not log every column
         if name not in data.column_names:
             data = data.append_column(name, pa.nulls(data.num_rows, type_))
-    batch = data.select(["step", *_STATS_COLUMNS]).append_column("run_id", pa.repeat(pa.scalar(run_id), data.num_rows))
+    batch = data.select(["step", *_STATS_COLUMNS])
+    batch = batch.append_column("run_id", data.column("run_id") if run_id is None
+                                else pa.repeat(pa.scalar(run_id), data.num_rows))
     con.register("_stats_batch", batch)
     try:
         con.execute(_MERGE_RUN_STATS)
@@ -230,13 +233,35 @@ def ingest_jobs(con: duckdb.DuckDBPyConnection, jobs: list[Job], quarantined: li
     any row, each spool again on its own, where the refused segments are found and quarantined."""
     try:
         with _transaction(con):
+            fresh = [job for job in jobs if not job.careful]
             for job in jobs:
-                _write_tables(con, job.run, _by_table(job.parts), job.alive, job.careful)
+                if job.careful:  # a replay (recovery): INSERT OR IGNORE, run by run
+                    _write_tables(con, job.run, _by_table(job.parts), job.alive, careful=True)
+                else:
+                    upsert_run(con, job.run, alive=job.alive)
+            _insert_fresh(con, fresh)
     except (*DATA_ERRORS, duckdb.ConstraintException):
         return sum(_ingest_job(con, job, quarantined) for job in jobs)
     for job in jobs:
         job.spool.mark_ingested([seg for seg, _ in job.parts])
     return sum(data.num_rows for job in jobs for _, data in job.parts)
+
+
+def _insert_fresh(con: duckdb.DuckDBPyConnection, jobs: list[Job]) -> None:
+    """Live runs' new segments: one plain INSERT per table for all runs, and one run_stats merge. They
+    were never ingested (segments leave the top level only after COMMIT); if some were after all (a
+    crash between COMMIT and the move), the primary key refuses the INSERT and the caller falls back
+    to the careful path, run by run."""
+    by_table: dict[str, list[pa.Table]] = {}
+    for job in jobs:
+        for table, data in _by_table(job.parts).items():
+            by_table.setdefault(table, []).append(
+                data.append_column("run_id", pa.repeat(pa.scalar(job.spool.run_id), data.num_rows)))
+    for table, parts in by_table.items():
+        data = pa.concat_tables(parts, promote_options="default")
+        insert_rows(con, table, data, ignore_existing=False)
+        if table == "steps":
+            update_run_stats(con, None, data, all_new=True)
 
 
 def _ingest_job(con: duckdb.DuckDBPyConnection, job: Job, quarantined: list[str] | None) -> int:

@@ -46,11 +46,15 @@ class Summary:
     """What one pass over the spools did."""
 
     recovered: int = 0  # spools of dead processes moved in and removed
-    live: int = 0  # spools of live runs moved in (they keep spooling)
+    live_ids: set[str] = field(default_factory=set)  # live runs whose spools were moved in (they keep spooling)
     rows: int = 0
     quarantined: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "<run_id>: why"
     busy: bool = False  # the store stayed locked by another process
+
+    @property
+    def live(self) -> int:
+        return len(self.live_ids)
 
     def line(self, db: Path) -> str:
         parts = [f"recovered {self.recovered} run spool(s) into {db}", f"moved {self.rows:,} rows",
@@ -152,27 +156,17 @@ def ingest_all(db: Path, wait: float = 0.0, patience: float = STORE_PATIENCE) ->
 def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE,
                   then: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
                   on_busy: Callable[[], None] | None = None) -> Summary:
-    """One pass over every spool, by the lease holder, in one store connection and one transaction;
-    sets the schedule. `then(con)` runs last in the same connection (a finishing run's final row);
-    `on_busy()` is called at each try that finds the store locked by another process."""
+    """One pass over every spool, by the lease holder, in one store connection (one transaction per
+    round); sets the schedule. Runs that ended while a round ran (their run.json was rewritten) get up
+    to two more rounds in the same connection, so runs ending together rarely need a turn each.
+    `then(con)` runs last in the same connection (a finishing run's final row); `on_busy()` is called at
+    each try that finds the store locked by another process."""
     summary = Summary()
     start = time.time()
     held = 0.0
     owned: list[Spool] = []  # dead spools whose owner lock we took: released at the end
     try:
-        jobs, dead = [], set()
-        for run_dir in _spool_dirs(spool_root(db)):
-            spool = Spool(run_dir.parent, run_dir.name, keep_ingested=True)
-            if spool.try_own():
-                owned.append(spool)
-                dead.add(spool.run_id)
-            try:
-                job = _prepare(spool, summary, spool.run_id in dead)
-            except Exception as exc:  # noqa: BLE001 - one bad spool must not keep the others out
-                summary.skipped.append(f"{spool.run_id}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
-                continue
-            if job is not None:
-                jobs.append(job)
+        jobs = _jobs(db, summary, owned, since=None)
         if not jobs and then is None:
             return summary
         opened: list[float] = []
@@ -181,27 +175,14 @@ def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE,
                 summary.busy = True
                 return summary
             held_from = opened[0]  # the store is held from the open that succeeded
-            try:
-                summary.rows += ingest_jobs(con, jobs, summary.quarantined)
-            except STORE_ERRORS:
-                raise
-            except Exception:  # noqa: BLE001 - not the store's fault: find the spool, skip it, go on
-                for job in jobs:
-                    try:
-                        summary.rows += ingest_jobs(con, [job], summary.quarantined)
-                    except STORE_ERRORS:
-                        raise
-                    except Exception as exc:  # noqa: BLE001
-                        summary.skipped.append(f"{job.spool.run_id}: {type(exc).__name__}: "
-                                               f"{' '.join(str(exc).split())[:200]}")
-                        jobs = [j for j in jobs if j is not job]
-            for job in jobs:
-                if job.spool.run_id in dead:
-                    job.spool.remove_temp_files()
-                    job.spool.remove()
-                    summary.recovered += 1
-                else:
-                    summary.live += 1
+            for round_ in range(3):
+                round_start = time.time()
+                _ingest_round(con, jobs, summary, {s.run_id for s in owned})
+                if round_ == 2:
+                    break
+                jobs = _jobs(db, summary, owned, since=round_start)
+                if not jobs:
+                    break
             if then is not None:
                 then(con)
         held = time.monotonic() - held_from  # includes the close (DuckDB's checkpoint)
@@ -215,6 +196,59 @@ def ingest_locked(db: Path, lease: Lease, patience: float = STORE_PATIENCE,
             print(f"ingest-trace pid={os.getpid()} t={now:.3f} held={held:.3f} gap={gap:.2f} rows={summary.rows} "
                   f"live={summary.live} recovered={summary.recovered} busy={summary.busy}", file=sys.stderr, flush=True)
     return summary
+
+
+def _jobs(db: Path, summary: Summary, owned: list[Spool], since: float | None) -> list[Job]:
+    """The spools to ingest: all of them (since=None), or the live ones whose run.json was rewritten after
+    `since` (their run ended). Dead spools are owned (appended to `owned`) until the turn ends."""
+    jobs = []
+    for run_dir in _spool_dirs(spool_root(db)):
+        if since is not None and _mtime(run_dir / RUN_FILE) <= since:
+            continue  # later rounds: only runs that ended (rewrote run.json) meanwhile; new rows can wait
+        spool = Spool(run_dir.parent, run_dir.name, keep_ingested=True)
+        dead = since is None and spool.try_own()
+        if dead:
+            owned.append(spool)
+        try:
+            job = _prepare(spool, summary, dead)
+        except Exception as exc:  # noqa: BLE001 - one bad spool must not keep the others out
+            summary.skipped.append(f"{spool.run_id}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            continue
+        if job is not None:
+            jobs.append(job)
+    return jobs
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _ingest_round(con: duckdb.DuckDBPyConnection, jobs: list[Job], summary: Summary, dead: set[str]) -> None:
+    """Move the jobs in (one transaction; one per spool if that fails for a reason not the store's)."""
+    try:
+        summary.rows += ingest_jobs(con, jobs, summary.quarantined)
+    except STORE_ERRORS:
+        raise
+    except Exception:  # noqa: BLE001 - not the store's fault: find the spool, skip it, go on
+        for job in list(jobs):
+            try:
+                summary.rows += ingest_jobs(con, [job], summary.quarantined)
+            except STORE_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                summary.skipped.append(f"{job.spool.run_id}: {type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())[:200]}")
+                jobs.remove(job)
+    for job in jobs:
+        if job.spool.run_id in dead:
+            job.spool.remove_temp_files()
+            job.spool.remove()
+            summary.recovered += 1
+        else:
+            summary.live_ids.add(job.spool.run_id)
 
 
 def _prepare(spool: Spool, summary: Summary, dead: bool) -> Job | None:
