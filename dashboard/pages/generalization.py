@@ -23,6 +23,10 @@ from dashboard.theme import ACCENT, arr, batch_color, empty_figure, figure, fmt,
 register_page(__name__, path="/generalization", name="Generalization", title="batchscope · generalization", order=4)
 
 GAPS = {"gap_loss": "test − train loss", "gap_accuracy": "train − test accuracy"}
+WHY_MATCHED_LOSS = ("Read at matched training loss: every run where its training loss (train-split evaluation) first "
+                    "reaches the same level, the lowest one every batch size reached. Keskar et al. compare minima of "
+                    "similar training loss; at matched examples a large batch has taken few steps and barely trained, "
+                    "so its small gap would mean under-fitted, not better generalization.")
 
 
 @queries.cached_by_runs
@@ -94,7 +98,8 @@ def generalization_view(db: Path, run_ids: list[str], at: str = "train_loss", ga
         lo, hi = have.row(0, named=True), have.row(have.height - 1, named=True)
         stats.append(stat(f"Median gap B={lo['batch_size']:g} → {hi['batch_size']:g}",
                           f"{fmt(lo[gap])} → {fmt(hi[gap])}", label))
-    notes = [note(w, "warn") for w in res.warnings]
+    notes = [note(WHY_MATCHED_LOSS, "info")] if at == "train_loss" else []
+    notes += [note(w, "warn") for w in res.warnings]
     if not grows:
         notes.append(note("On these runs the gap does not grow with batch size"
                           + (f" (Spearman ρ = {fmt(rho, 2)}, p = {fmt(p, 2)})" if np.isfinite(rho) else "")
@@ -108,10 +113,7 @@ def layout(**_kwargs):
             page_header(
                 "Generalization",
                 "Do large batches generalize worse (Keskar et al. 2016), and is it the batch size or the SGD noise "
-                "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)? By default every run is read where its training "
-                "loss (train-split evaluation) first reaches the same level, as Keskar et al. compare minima of similar "
-                "training loss: at matched examples a large batch has taken few steps and barely trained, so its small "
-                "gap would mean under-fitted, not better generalization.",
+                "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)?",
                 [scope_dropdown("gen-scope"),
                  html.Div([html.Label("Gap", className="control-label"),
                            dcc.RadioItems(id="gen-gap", value="gap_loss", inline=True, className="radio",
