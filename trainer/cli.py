@@ -25,6 +25,7 @@ examples:
   python -m trainer --task charlm --optimizer adamw --lr 3e-3 --weight-decay 0.1 --lr-schedule warmup-cosine
                                                          a byte-level GPT on Python's own sources (minutes on a CPU)
   python -m trainer --batch 64 --batch-schedule x5@10,20 increase the batch instead of decaying the LR
+  torchrun --nproc-per-node 2 -m trainer --batch 64     DDP: one run (rank 0 writes), 32 examples per rank
   python -m trainer sweep --batch 8,16,32,64,128,256,512,1024 --lr 0.003:1:8 --jobs 2
                                                          a batch x LR grid (see: python -m trainer sweep -h)
 """
@@ -150,23 +151,26 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def prepare(cfg):
-    """Validate everything and load the task's data; raises ConfigError/DataError/ValueError."""
+def prepare(cfg, env=None):
+    """Validate everything and load the task's data; raises ConfigError/DataError/ValueError.
+    Under torchrun (`env`, trainer/ddp.py) the device is this rank's (cuda:LOCAL_RANK on CUDA)."""
     import torch
 
+    from trainer import ddp
     from trainer.config import plan, resolve_device, validate
     from trainer.tasks import TaskOptions, make_task
 
-    validate(cfg)
+    env = env or ddp.DistEnv()
+    validate(cfg, env.world)
     check_store_path(cfg.db)
-    device = resolve_device(cfg.device)
+    device = resolve_device(ddp.device_for(env, cfg.device))
     threads = cfg.threads or (1 if cfg.task in SMALL_TASKS and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     opts = TaskOptions(dim=cfg.dim, noise=cfg.noise, data_dir=cfg.data_dir, context=cfg.context, layers=cfg.layers,
                        width=cfg.width)
-    task = make_task(cfg.task, opts, device, cfg.seed)
-    return task, plan(cfg, task.train_size)
+    task = make_task(cfg.task, opts, device, cfg.seed)  # the same seed on every rank: the same batches
+    return task, plan(cfg, task.train_size, env.world)
 
 
 def check_store_path(db: str | None) -> None:
@@ -203,23 +207,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from trainer import ddp
     from trainer.config import ConfigError
     from trainer.datasets import DataError
 
     cfg = config_from_args(args)
+    env = ddp.from_env()
     try:
-        task, plan = prepare(cfg)
+        task, plan = prepare(cfg, env)
     except (ConfigError, DataError, ValueError, OSError) as exc:
-        print(f"python -m trainer: error: {exc}", file=sys.stderr)
+        if env.writes:
+            print(f"python -m trainer: error: {exc}", file=sys.stderr)
         return 2
-    return run_training(cfg, task, plan, progress=args.progress)
+    if not env.active:
+        return run_training(cfg, task, plan, progress=args.progress)
+    ddp.init(env, task.device)
+    try:
+        return run_training(cfg, task, plan, progress=args.progress, env=env)
+    finally:
+        ddp.shutdown()
 
 
-def run_training(cfg, task, plan, progress: bool | None = None) -> int:
+def run_training(cfg, task, plan, progress: bool | None = None, env=None) -> int:
+    """Start the run (rank 0 only under DDP; the other ranks train into a NullRun) and train."""
     import torch
 
     import collector
+    from trainer import ddp
     from trainer.train import train
+
+    env = env or ddp.DistEnv()
 
     name = cfg.name or f"{cfg.task}-b{cfg.batch}-lr{cfg.lr:g}" + (f"-k{cfg.accum}" if cfg.accum > 1 else "")
     config = cfg.to_json() | {
@@ -231,15 +248,22 @@ def run_training(cfg, task, plan, progress: bool | None = None) -> int:
 
     momentum = adam_betas(cfg)[0] if cfg.optimizer.startswith("adam") else (cfg.momentum or 0.0)
     tokens = {} if task.tokens_per_example is None else {"tokens_per_step": cfg.batch * task.tokens_per_example}
+    if env.active:
+        name += f"-ddp{env.world}" if not cfg.name else ""
+        config |= {"world_size": env.world, "backend": "nccl" if task.device.type == "cuda" else "gloo"}
+    where = device_label(task.device) + (f" x {env.world} ranks" if env.active else "")
+    if not env.writes:
+        train(cfg, task, ddp.NullRun(), progress=False, env=env)
+        return 0
     try:
         with collector.start_run(
             db=cfg.db, name=name, sweep=cfg.sweep, config=config, task=cfg.task, model=task.model_name,
             optimizer=cfg.optimizer, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay,
-            batch_size=cfg.batch, micro_batch_size=cfg.batch // cfg.accum, accum_steps=cfg.accum, world_size=1,
-            train_size=task.train_size, seed=cfg.seed, device=device_label(task.device), **tokens,
+            batch_size=cfg.batch, micro_batch_size=cfg.batch // env.world // cfg.accum, accum_steps=cfg.accum,
+            world_size=env.world, train_size=task.train_size, seed=cfg.seed, device=where, **tokens,
         ) as run:
-            print(f"run {run.run_id} ({name}) on {device_label(task.device)} -> {run.db}", flush=True)
-            result = train(cfg, task, run, progress=progress)
+            print(f"run {run.run_id} ({name}) on {where} -> {run.db}", flush=True)
+            result = train(cfg, task, run, progress=progress, env=env)
             if result.status == "diverged":
                 run.finish("diverged")
     except KeyboardInterrupt:

@@ -242,8 +242,8 @@ def resolve_device(spec: str) -> torch.device:
     raise ConfigError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Check the options that need no data; raises ConfigError with a one-line message."""
+def validate(cfg: TrainConfig, world: int = 1) -> None:
+    """Check the options that need no data (world: DDP ranks); raises ConfigError with a one-line message."""
     if cfg.task not in TASKS:
         raise ConfigError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     if cfg.optimizer not in OPTIMIZERS:
@@ -257,6 +257,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.batch % cfg.accum:
         raise ConfigError(f"--batch {cfg.batch} is not divisible by --accum {cfg.accum} "
                           f"(each of the {cfg.accum} micro-batches must hold the same number of examples)")
+    if world > 1 and cfg.batch % (world * cfg.accum):
+        raise ConfigError(f"--batch {cfg.batch} (the global batch) is not divisible by {world} ranks x --accum "
+                          f"{cfg.accum}: every rank's micro-batches must hold the same number of examples")
     if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.weight_decay < 0:
@@ -334,8 +337,9 @@ class Plan:
         return min(self.lr.next_change(examples), self.batch.next_change(examples))
 
 
-def plan(cfg: TrainConfig, train_size: int | None) -> Plan:
-    """Resolve defaults that depend on the task (budget, eval cadence, GNS window) and check schedules."""
+def plan(cfg: TrainConfig, train_size: int | None, world: int = 1) -> Plan:
+    """Resolve defaults that depend on the task (budget, eval cadence, GNS window) and check schedules
+    (under DDP every batch must split into `world` ranks x --accum micro-batches)."""
     steps, examples = cfg.steps, cfg.examples
     if cfg.epochs is not None:
         examples = int(math.ceil(cfg.epochs * train_size))
@@ -352,10 +356,11 @@ def plan(cfg: TrainConfig, train_size: int | None) -> Plan:
     if batch_s.kind == "steps":
         for k in range(len(batch_s.milestones) + 1):
             b = cfg.batch * batch_s.factor**k
-            smallest = cfg.accum  # a step of 1 example is simply not measured
-            if b < smallest or abs(b - round(b)) > 1e-9 or round(b) % cfg.accum:
+            smallest = cfg.accum * world  # a step of 1 example is simply not measured
+            if b < smallest or abs(b - round(b)) > 1e-9 or round(b) % smallest:
+                what = f"--accum {cfg.accum}" + (f" x {world} ranks" if world > 1 else "")
                 raise ConfigError(f"--batch-schedule {cfg.batch_schedule!r} gives batch {b:g}, which is not a whole "
-                                  f"multiple of --accum {cfg.accum} (and at least {smallest})")
+                                  f"multiple of {what} (and at least {smallest})")
     approx_steps = steps if steps is not None else max(1, examples // cfg.batch)
     eval_every = cfg.eval_every or max(1, approx_steps // 20)
     gns_every = 1 if cfg.accum > 1 else cfg.gns_every

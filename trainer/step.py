@@ -9,6 +9,7 @@ the gradient, and everything stays on the device as 0-d tensors: no `.item()`, n
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,9 +62,12 @@ def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: tor
         if min(weights) == 0:
             raise ValueError(f"batch of {batch} cannot be split into {n_micro} non-empty micro-batches")
         loss = None
-        for xk, yk, wk in zip(xs, ys, weights, strict=True):
-            loss_k = loss_fn(model(xk), yk) * wk
-            loss_k.backward()
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        for i, (xk, yk, wk) in enumerate(zip(xs, ys, weights, strict=True)):
+            # DDP: all-reduce once, in the last micro-batch's backward (no_sync accumulates locally)
+            with model.no_sync() if ddp and i < n_micro - 1 else contextlib.nullcontext():
+                loss_k = loss_fn(model(xk), yk) * wk
+                loss_k.backward()
             loss = loss_k.detach() if loss is None else loss + loss_k.detach()
     if not measure:
         return StepGrads(loss, None, None, None, None)

@@ -2,7 +2,8 @@
 
 The training loop must not wait for the GPU on every step, so each step's loss and squared gradient
 norms stay 0-d device tensors in a list; every `sync_every` steps they are stacked and copied to the
-host in one transfer. The host then folds them into the running B_simple and hands whole columns to
+host in one transfer (under DDP, after one all-reduce of the block's losses: each rank's are local
+means of its shard; the noise ingredients are global already). The host then folds them into the running B_simple and hands whole columns to
 `run.log_steps` (one call per block, not one per step).
 """
 
@@ -14,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from trainer.ddp import reduce_losses
 from trainer.gns import BSimpleEMA, TrackingBSimple
 from trainer.step import StepGrads
 
@@ -27,8 +29,8 @@ class StepLog:
     """Buffers step rows; `sync()` returns the new rows as numpy columns (with b_simple filled in)."""
 
     def __init__(self, run, device: torch.device, gns: TrackingBSimple | BSimpleEMA, sync_every: int, emit_rows: int = 500,
-                 emit_seconds: float = 0.5):
-        self.run = run
+                 emit_seconds: float = 0.5, world: int = 1):
+        self.run, self.world = run, world
         self.gns = gns
         self.sync_every = max(1, sync_every)
         # hand rows over in big blocks (each log_steps call builds Arrow arrays), but at least twice a
@@ -53,11 +55,21 @@ class StepLog:
     def due(self) -> bool:
         return len(self._host) >= self.sync_every
 
-    def sync(self) -> dict[str, np.ndarray]:
-        """Copy the pending rows to the host (one transfer), compute b_simple, queue them for the collector."""
+    def sync(self, collective: bool = True) -> dict[str, np.ndarray]:
+        """Copy the pending rows to the host (one transfer), compute b_simple, queue them for the collector.
+
+        collective=False (after a crash): under DDP the pending rows are dropped, since their losses
+        cannot be reduced over the ranks any more; every block synced before is kept.
+        """
         if not self._host:
             return {}
-        vals = torch.stack(self._dev).reshape(-1, 3).cpu().numpy().astype(np.float64)  # MPS has no float64
+        if self.world > 1 and not collective:
+            self._host, self._dev = [], []
+            return {}
+        dev = torch.stack(self._dev).reshape(-1, 3)
+        if self.world > 1:
+            dev = torch.cat([reduce_losses(dev[:, 0], self.world)[:, None], dev[:, 1:]], dim=1)
+        vals = dev.cpu().numpy().astype(np.float64)  # MPS has no float64
         cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, zip(*self._host, strict=True), strict=True)}
         self._host, self._dev = [], []
         cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]

@@ -7,12 +7,17 @@ mean gradient (as K micro-batches with --accum K) while the hooks of a GradientN
 take the noise-scale ingredients, optionally clip, step the optimizer. Statistics stay on the device and
 reach the host every few steps (trainer/steplog.py), where the run is checked for divergence and for the
 target loss.
+
+Under torchrun (trainer/ddp.py) the model is wrapped in DistributedDataParallel, each rank trains on its
+shard of every global batch, the noise scale compares each rank's gradient with the all-reduced one,
+and only rank 0 evaluates and writes (the other ranks get a `NullRun`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from tqdm import tqdm
 from trainer.adam_noise import ADAM_SPLIT_EVERY, AdamNoise, AdamNoiseLog, split_sizes
 from trainer.config import Plan, TrainConfig, adam_betas, plan
 from trainer.curvature import CurvatureProbe
+from trainer.ddp import DistEnv, shard
 from trainer.gns import BSimpleEMA, ExampleEMA, TrackingBSimple
 from trainer.noise import GradientNoise
 from trainer.step import compute_gradients
@@ -123,30 +129,39 @@ def log_evals(run, task: Task, model: nn.Module, step: int, examples: int, probe
     return results
 
 
-def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> TrainResult:
-    """Train `task` as configured, logging every step and evaluation to `run` (a collector Run)."""
+def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: DistEnv | None = None) -> TrainResult:
+    """Train `task` as configured, logging every step and evaluation to `run` (a collector Run; under DDP
+    `env` is this rank's place, and `run` a NullRun on every rank but 0)."""
+    env = env or DistEnv()
     device = task.device
-    p: Plan = plan(cfg, task.train_size)
-    torch.manual_seed(cfg.seed)
+    p: Plan = plan(cfg, task.train_size, env.world)
+    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank (DDP broadcasts rank 0's anyway)
     model = task.build_model().to(device)
     model.train()
     opt = make_optimizer(cfg, model)
+    net: nn.Module = model  # what the training step calls: the DDP wrapper under torchrun
+    if env.active:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # a test hook: rank 1 dies (as if killed) at this step, to show that rank 0's run ends failed
+    die_at = int(os.environ.get("BATCHSCOPE_TEST_DIE_AT_STEP", "0") or 0) if env.rank == 1 else 0
     # per-example norms (B_small = 1) from layer hooks, in the same pass; parameters of layers without a
     # rule (and --gns-method micro-batch) use each micro-batch's norm from parameter hooks, which at K = 1
     # needs the batch run as 2 micro-batches
     per_example = cfg.gns_method == "per-example" or (cfg.gns_method == "auto" and cfg.accum == 1)
-    noise = GradientNoise(model, per_example=per_example, warn=False) if p.gns_every > 0 else None
-    split = GNS_SPLIT if noise is not None and (noise.fallback or not per_example) else 1
+    noise = GradientNoise(net, per_example=per_example, warn=False) if p.gns_every > 0 else None
+    # under DDP each rank's gradient is a small batch already: no split
+    split = GNS_SPLIT if noise is not None and (noise.fallback or not per_example) and not env.active else 1
     # Adam: the preconditioned ingredients too, on steps run as micro-batches (trainer/adam_noise.py)
-    adam = AdamNoise(model) if cfg.optimizer in ("adam", "adamw") and p.gns_every > 0 else None
+    # (not under DDP yet: its micro-batch hooks would see local gradients as if they were the batch's)
+    adam = AdamNoise(model) if cfg.optimizer in ("adam", "adamw") and p.gns_every > 0 and not env.active else None
     adam_log = AdamNoiseLog(p.gns_window)
-    probe = CurvatureProbe(task.fixed_sample, task.curvature_examples) if cfg.curvature else None
+    probe = CurvatureProbe(task.fixed_sample, task.curvature_examples) if cfg.curvature and env.writes else None
     gns = BSimpleEMA(p.gns_window) if cfg.gns_window else TrackingBSimple(GNS_TARGET_RSE)
-    log = StepLog(run, device, gns, sync_every(device))
+    log = StepLog(run, device, gns, sync_every(device), world=env.world)
     watch = LossWatch(cfg.target_loss, cfg.diverge_factor)
     by_steps = p.max_steps is not None and (p.max_examples is None)
     bar = tqdm(total=p.max_steps if by_steps else p.max_examples, unit="step" if by_steps else "ex",
-               disable=not sys.stderr.isatty() if progress is None else not progress,
+               disable=not env.writes or (not sys.stderr.isatty() if progress is None else not progress),
                desc=run.name if hasattr(run, "name") else None, leave=False, dynamic_ncols=True)
     evals: dict = {}
     step = examples = bar_pos = last_eval = 0
@@ -158,7 +173,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     try:
         while step < max_steps and examples < max_examples:
             if examples >= change_at:  # this step's hyperparameters, from the examples seen so far
-                batch, lr = p.batch_at(cfg.batch, examples, cfg.accum), cfg.lr * p.lr.multiplier(examples)
+                batch, lr = p.batch_at(cfg.batch, examples, cfg.accum * env.world), cfg.lr * p.lr.multiplier(examples)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 change_at = p.next_change(examples)
@@ -170,11 +185,13 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
             n_micro = max(n_micro, 2) if adam_step else n_micro
 
             # forward/backward (as micro-batches when measuring or accumulating), then the update
-            x, y = task.next_batch(batch)
+            x, y = shard(env, *task.next_batch(batch))  # every rank draws the global batch, keeps its slice
             opt.zero_grad(set_to_none=True)
             if noise is not None:
                 noise.active = measure
-            grads = compute_gradients(model, task.loss_fn, x, y, n_micro, noise)
+            if step + 1 == die_at:
+                os._exit(3)
+            grads = compute_gradients(net, task.loss_fn, x, y, n_micro, noise)
             if not grads.complete:  # a layer fell back at run time (e.g. an input without a batch dim)
                 split = GNS_SPLIT
             if adam_step:
@@ -197,11 +214,11 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
                     bar.set_postfix(loss=f"{watch.ema.value:.4g}", b_simple=f"{gns.value:.4g}", refresh=False)
                 if watch.diverged or watch.reached:
                     break
-            if step % p.eval_every == 0:
+            if step % p.eval_every == 0 and env.writes:
                 evals, last_eval = log_evals(run, task, model, step, examples, probe, noise), step
     except BaseException:  # Ctrl-C or a crash: keep every step trained so far, then let the run fail
         with contextlib.suppress(Exception):
-            log.sync()
+            log.sync(collective=False)  # under DDP the peers may be gone: no all-reduce now
             log.emit()
             adam_log.flush(run)
         bar.close()
@@ -213,7 +230,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None) -> Tr
     log.emit()
     adam_log.flush(run)
     status = "diverged" if watch.diverged else "finished"
-    if status != "diverged" and last_eval != step:
+    if status != "diverged" and last_eval != step and env.writes:
         evals = log_evals(run, task, model, step, examples, probe, noise)
     bar.close()
     return TrainResult(status, step, examples, time.perf_counter() - t0, watch.ema.value, gns.value, watch.reached,

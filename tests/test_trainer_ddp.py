@@ -1,0 +1,129 @@
+"""`torchrun --nproc-per-node 2 -m trainer` for real (gloo, 2 CPU processes, tiny digits runs): one run
+written by rank 0 that trains exactly like one process at the same global batch, the same noise scale,
+and a rank that dies leaves rank 0's run failed with every step synced before the death."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("--steps", "60", "--eval-every", "30", "--device", "cpu", "--seed", "3")
+GNS = ("g_small_sq", "b_small", "g_big_sq", "b_big", "b_simple")
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "BATCHSCOPE_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    return env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | extra
+
+
+def trainer(db: Path, *args: str, nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One process, or `nproc` ranks under torchrun (--standalone: a free rendezvous port of its own)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launch, "-m", "trainer", "--db", str(db), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env or clean_env(), timeout=300, stdin=subprocess.DEVNULL)
+
+
+def query(db: Path, sql: str) -> list[dict]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        cur = con.execute(sql)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+
+def steps_of(db: Path, name: str) -> dict[str, np.ndarray]:
+    rows = query(db, "SELECT s.step, s.examples, s.batch_size, s.loss, " + ", ".join(f"s.{c}" for c in GNS)
+                 + f" FROM steps s JOIN runs r USING (run_id) WHERE r.name = '{name}' ORDER BY s.step")
+    return {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0]} if rows else {}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The same configurations as 2 DDP ranks and as one process, in one store."""
+    db = tmp_path_factory.mktemp("ddp") / "runs.duckdb"
+    micro = ("--gns-method", "micro-batch")  # 2 ranks x --accum 2 run the micro-batches of 8 of one at --accum 4
+    configs = {"pe-2": ("--batch", "32"), "pe-1": ("--batch", "32"),
+               "accum-2": ("--batch", "32", "--accum", "2", *micro), "accum-1": ("--batch", "32", "--accum", "4", *micro)}
+    names = {}
+    for name, args in configs.items():
+        proc = trainer(db, *args, *STEPS, "--name", name, nproc=int(name[-1]))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        names[name] = proc.stdout
+    return db, names
+
+
+def test_a_ddp_run_is_one_run_of_the_global_batch_written_by_rank_0(pair):
+    db, out = pair
+    rows = query(db, "SELECT name, status, world_size, batch_size, micro_batch_size, accum_steps, rank "
+                     "FROM run_status ORDER BY name")
+    assert [(r["name"], r["status"], r["world_size"], r["batch_size"], r["micro_batch_size"], r["accum_steps"])
+            for r in rows] == [("accum-1", "finished", 1, 32, 8, 4), ("accum-2", "finished", 2, 32, 8, 2),
+                               ("pe-1", "finished", 1, 32, 32, 1), ("pe-2", "finished", 2, 32, 16, 1)]
+    assert {r["rank"] for r in rows} == {0}
+    s = steps_of(db, "pe-2")
+    assert s["step"].tolist() == list(range(1, 61)) and set(s["batch_size"]) == {32.0}
+    assert s["examples"][-1] == 60 * 32
+    assert not np.isnan(s["g_small_sq"]).any() and set(s["b_big"]) == {32.0}  # ingredients on every step
+    assert "2 ranks" in out["pe-2"]
+
+
+@pytest.mark.parametrize("key", ["pe", "accum"])
+def test_two_ranks_train_exactly_like_one_process_at_the_same_global_batch(pair, key):
+    """Same initial parameters, shards whose union is the single process's batch, DDP's averaged gradient:
+    the loss trajectory agrees to float rounding (all-reduce order), over 60 SGD steps."""
+    db, _ = pair
+    two, one = steps_of(db, f"{key}-2"), steps_of(db, f"{key}-1")
+    assert len(two["loss"]) == len(one["loss"]) == 60
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)
+    assert two["loss"][-1] < 0.8 * two["loss"][0]  # it trained
+    evals = query(db, "SELECT r.name, e.step, e.split, e.loss FROM evals e JOIN runs r USING (run_id) "
+                      f"WHERE r.name LIKE '{key}-%' ORDER BY e.split, e.step, r.name")
+    by_run = {(e["split"], e["step"]): [] for e in evals}
+    for e in evals:
+        by_run[(e["split"], e["step"])].append(e["loss"])
+    assert by_run and all(len(v) == 2 and abs(v[0] - v[1]) < 1e-5 for v in by_run.values())
+
+
+@pytest.mark.parametrize("key", ["pe", "accum"])
+def test_the_ddp_noise_scale_matches_the_single_process_estimate(pair, key):
+    """Per-example norms: the same per-example terms, summed over ranks; micro-batches: each rank's 2
+    micro-batches of 8 are the single process's 4. So the ingredients (and B_simple) agree far inside
+    their noise: to float rounding, not just statistically."""
+    db, _ = pair
+    two, one = steps_of(db, f"{key}-2"), steps_of(db, f"{key}-1")
+    assert set(two["b_small"]) == set(one["b_small"]) == ({1.0} if key == "pe" else {8.0})
+    for col in ("g_small_sq", "g_big_sq"):
+        np.testing.assert_allclose(two[col], one[col], rtol=1e-4)
+    ok = ~np.isnan(one["b_simple"])
+    assert ok.sum() > 40
+    np.testing.assert_allclose(two["b_simple"][ok], one["b_simple"][ok], rtol=1e-3)
+
+
+def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_synced_step(tmp_path):
+    """Rank 1 exits hard at step 60 (os._exit, as if killed); the digits CPU loop syncs every 25 steps, so
+    steps 1-50 were all-reduced and are kept, the unreduced rest is not written."""
+    db = tmp_path / "runs.duckdb"
+    proc = trainer(db, "--batch", "32", "--steps", "200", "--device", "cpu", "--name", "dies", nproc=2,
+                   env=clean_env(BATCHSCOPE_TEST_DIE_AT_STEP="60"))
+    assert proc.returncode != 0
+    (run,) = query(db, "SELECT status, status_reason, world_size FROM run_status")
+    assert run["status"] in ("failed", "stale") and run["world_size"] == 2, run
+    assert run["status"] == "stale" or run["status_reason"]
+    s = steps_of(db, "dies")
+    assert s["step"].tolist() == list(range(1, 51))
+    assert not np.isnan(s["loss"]).any()
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_one_line_and_no_run(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    proc = trainer(db, "--batch", "30", "--accum", "2", "--steps", "5", "--device", "cpu", nproc=2)
+    assert proc.returncode != 0
+    assert "not divisible by 2 ranks x --accum 2" in proc.stderr
+    assert not db.exists() or not query(db, "SELECT run_id FROM runs")
