@@ -142,3 +142,21 @@ def test_charlm_trains_well_below_the_unigram_entropy(tmp_path, corpus):
     # well below what character frequencies alone give: the model uses the context
     assert losses["test"] < 0.8 * h, (losses, h)
     assert losses["train"] < 0.8 * h
+
+
+def test_shipped_charlm_sample_sweep():
+    """sample_runs/charlm: every run reached the target; tokens, Adam noise and curvature are recorded."""
+    folder = Path(__file__).resolve().parents[1] / "sample_runs" / "charlm"
+    con = duckdb.connect()
+    try:
+        runs = con.execute(f"SELECT run_id, batch_size, tokens_per_step, optimizer, status FROM "
+                           f"'{folder}/runs.parquet'").fetchall()
+        reached = {r for (r,) in con.execute(f"SELECT DISTINCT run_id FROM '{folder}/scalars.parquet' "
+                                             "WHERE name = 'target_reached'").fetchall()}
+        names = {n for (n,) in con.execute(f"SELECT DISTINCT name FROM '{folder}/scalars.parquet'").fetchall()}
+    finally:
+        con.close()
+    assert len(runs) == 16 and {b for _, b, *_ in runs} == {16, 32, 64, 128}
+    assert all(t == 32 * b and o == "adamw" and s == "finished" for _, b, t, o, s in runs)
+    assert reached == {r for r, *_ in runs}
+    assert {"sharpness", "b_noise_ghg", "b_simple_adam", "g_big_sq_adam"} <= names
