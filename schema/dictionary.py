@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from schema.migrations import DIALECT, _sql_files
-from schema.scalars import TRAINER_SCALARS
+from schema.trainer_scalars import TRAINER_SCALARS
 from schema.tables import DATA_TABLES, DERIVED_TABLES, schema_version
 
 
@@ -54,7 +54,7 @@ def render(fmt: str = "text") -> str:
 
 
 def _scalar_lines(md: bool) -> list[str]:
-    """The scalars the built-in trainer logs (schema/scalars.py), after the tables and views."""
+    """The scalars the built-in trainer logs (schema/trainer_scalars.py), after the tables and views."""
     if md:
         return ["", "## Scalars logged by the trainer (`scalars.name`)", "", "| name | meaning |", "|---|---|",
                 *(f"| `{n}` | {d} |" for n, d in TRAINER_SCALARS.items())]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from schema.scalars import TRAINER_SCALARS
+from schema.trainer_scalars import TRAINER_SCALARS
 from tests.trainer_helpers import one_torch_thread
 from trainer import adam_noise
 from trainer.adam_noise import AdamNoise, AdamNoiseLog, adam_weights, split_sizes

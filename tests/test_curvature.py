@@ -176,7 +176,7 @@ def test_probe_logs_scalars_on_a_transformer():
     assert c.sharpness.value > 0
     assert {"b_noise_ghg", "b_noise_tr_h_sigma", "b_noise_g_sq", "b_noise_tr_sigma"} <= set(logged)
     assert probe.v is not None and probe.v.shape[0] == sum(p.numel() for p in model.parameters())
-    from schema.scalars import TRAINER_SCALARS
+    from schema.trainer_scalars import TRAINER_SCALARS
 
     assert set(logged) - {"step"} <= set(TRAINER_SCALARS)  # every name is in the data dictionary
 
