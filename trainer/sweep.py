@@ -195,9 +195,9 @@ def threads_per_rank(args: argparse.Namespace, jobs: int) -> int:
     return max(1, (args.cpus or ranks) // ranks)
 
 
-def validate_cells(cells: list) -> dict:
-    """Check every cell's run options as the trainer will (exit 2 on the first bad one) and load the
-    data once; returns the options the cells share, which a resumed sweep must keep."""
+def validate_cells(cells: list, world: int = 1) -> dict:
+    """Check every cell's run options as the trainer will (exit 2 on the first bad one; `world`: DDP ranks
+    per cell) and load the data once; returns the options the cells share, which a resumed sweep must keep."""
     from trainer.cli import build_parser as train_parser
     from trainer.cli import config_from_args, prepare
     from trainer.config import validate
@@ -205,7 +205,7 @@ def validate_cells(cells: list) -> dict:
     options: dict = {}
     for i, cell in enumerate(cells):
         cfg = config_from_args(train_parser().parse_args(list(cell.argv)))
-        validate(cfg)
+        validate(cfg, world)
         if i == 0:
             prepare(cfg)  # loads the data once: a missing --data-dir file fails here, not 40 times
             options = {k: v for k, v in cfg.to_json().items() if k not in GRID_KEYS}
@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
     cells = make_cells(common_args(argv), args.batch, args.lr, args.seed, sweep=sweep, db=db, threads=threads)
     folder = sweep_dir(db, sweep) if args.sweep_dir is None else Path(args.sweep_dir).resolve()
     try:
-        options = validate_cells(cells) | {"nproc_per_node": ranks}
+        options = validate_cells(cells, ranks) | {"nproc_per_node": ranks}
         check_same_options(folder, options)
         states = cell_states(db, sweep)
     except (ConfigError, DataError, SweepError, ValueError, OSError) as exc:
