@@ -12,6 +12,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import torch
+
+from trainer import ddp
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("--steps", "60", "--eval-every", "30", "--device", "cpu", "--seed", "3")
@@ -127,3 +130,18 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_one_line_and_no_ru
     assert proc.returncode != 0
     assert "not divisible by 2 ranks x --accum 2" in proc.stderr
     assert not db.exists() or not query(db, "SELECT run_id FROM runs")
+
+
+def test_the_torchrun_environment_and_the_shards():
+    """Without torchrun's variables a process is rank 0 of 1; each rank's shard is its contiguous slice,
+    and the shards of all ranks, in rank order, are the global batch."""
+    assert ddp.from_env({}) == ddp.DistEnv() and not ddp.from_env({"WORLD_SIZE": "1"}).active
+    env = ddp.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world, env.local_rank, env.writes) == (3, 4, 1, False)
+    assert ddp.device_for(env, "cuda") == "cuda:1" and ddp.device_for(env, "cpu") == "cpu"
+    assert ddp.device_for(ddp.DistEnv(), "cuda:0") == "cuda:0"
+    x, y = torch.arange(24.0).reshape(12, 2), torch.arange(12)
+    shards = [ddp.shard(ddp.DistEnv(r, 4, r), x, y) for r in range(4)]
+    assert torch.equal(torch.cat([sx for sx, _ in shards]), x) and torch.equal(torch.cat([sy for _, sy in shards]), y)
+    assert [len(sy) for _, sy in shards] == [3, 3, 3, 3]
+    assert ddp.NullRun().log_steps({"step": [1]}) is None
