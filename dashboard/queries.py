@@ -382,11 +382,18 @@ def crossing_parts(db: Path, run_ids: Sequence[str], width_examples: float = 0,
     """The target-independent parts of crossings (SQL crossing_records and crossing_runs over the runs'
     smoothed_points and run_outcomes), computed once per store version and smoothing."""
     ids = _ids(run_ids)
-    buckets = smoothed_buckets(db, ids, width_examples, metric)
-    records = evaluate("SELECT * FROM crossing_records('b')", b=buckets)
-    info = evaluate("SELECT * FROM crossing_runs('b', 'o', run_ids := $ids)", {"ids": ids or [""]},
-                    b=buckets, o=run_outcomes(db, ids), runs=runs_frame(db, ids))
-    return records, info
+    key = (float(width_examples), metric)
+
+    def records(some: list[str]) -> pl.DataFrame:
+        return evaluate("SELECT * FROM crossing_records('b')", b=smoothed_buckets(db, some, width_examples, metric))
+
+    def info(some: list[str]) -> pl.DataFrame:
+        return evaluate("SELECT * FROM crossing_runs('b', 'o', run_ids := $ids)", {"ids": some or [""]},
+                        b=smoothed_buckets(db, some, width_examples, metric), o=run_outcomes(db, some),
+                        runs=runs_frame(db, some))
+
+    # per run, so that a write to one run leaves the other runs' parts in memory
+    return per_run("crossing_records", db, ids, key, records), per_run("crossing_runs", db, ids, key, info)
 
 
 def with_noise(db: Path, hits: pl.DataFrame, run_ids: Sequence[str], noise_window: float = 0.1) -> pl.DataFrame:
