@@ -181,11 +181,16 @@ def test_cli_sql_formats_and_errors(tmp_path):
     before = cli("--db", str(db), "runs", "--format", "csv")  # --db before the command works too
     assert before.returncode == 0 and before.stdout.count("finished") == 1
 
-    for query, needle in [("DELETE FROM steps", "read-only"), ("SELEC 1", "SQL error"),
-                          ("CREATE TABLE x (a INT)", "read-only"), ("", "empty query")]:
+    for query, needle in [("DELETE FROM steps", "read-only"), ("CREATE TABLE x (a INT)", "read-only"),
+                          ("", "empty query")]:
         res = cli("sql", query, db=db)
         assert res.returncode == 2, (query, res.stderr)
         assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    # A syntax error keeps DuckDB's own message with its caret under the offending word (issue 15).
+    res = cli("sql", "SELEC 1", db=db)
+    lines = res.stderr.rstrip().splitlines()
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "Parser Error" in lines[0] and lines[1] == "LINE 1: SELEC 1" and lines[2].strip() == "^^^^^", lines
     assert _q(db, "SELECT count(*) FROM steps") == [(3,)]
 
     missing = cli("runs", db=tmp_path / "nope.duckdb")
