@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from schema.migrations import DIALECT, _sql_files
-from schema.trainer_scalars import TRAINER_SCALARS
 from schema.tables import DATA_TABLES, DERIVED_TABLES, schema_version
+from schema.trainer_scalars import TRAINER_SCALARS
 
 
 def _type(col) -> str:
