@@ -120,3 +120,13 @@ def store_problem(db: Path) -> html.Div | None:
             className="note note-info",
         )
     return None
+
+
+# --- pages-a ---
+
+
+def run_href(run_id: str) -> str:
+    """The run page's URL for a run (`/run/<run_id>`), quoted so any run id makes a valid link."""
+    from urllib.parse import quote
+
+    return f"/run/{quote(str(run_id), safe='')}"
