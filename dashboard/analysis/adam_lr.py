@@ -24,8 +24,8 @@ import polars as pl
 from scipy.optimize import minimize_scalar
 
 from dashboard.analysis._hyperbola import BOOT_GRID_STEP, _argmin_parabola, _sse_matrix, grid, interval
-from dashboard.analysis.frames import as_frame, by_batch, column, flag, require
-from dashboard.analysis.lr import LRScalingFit, lr_scaling
+from dashboard.analysis.frames import by_batch
+from dashboard.analysis.lr import LRScalingFit, best_lr_points, lr_scaling
 
 _NAN = float("nan")
 _NAN2 = (_NAN, _NAN)
@@ -144,21 +144,7 @@ def adam_lr_scaling(best: Any, *, ci: float = 0.90, n_boot: int = 1000, seed: in
     with a reason, for fewer than `min_batches` batch sizes or when the best LR moves monotonically as
     a square root over the whole range (the peak lies outside the batches measured).
     """
-    f = as_frame(best, "best")
-    require(f, ["batch_size", "lr"], "best")
-    if "target" in f.columns and f["target"].n_unique() > 1:
-        raise ValueError("best has several targets: filter to one")
-    warnings: list[str] = []
-    b, lr = column(f, "batch_size"), column(f, "lr")
-    keep = flag(f, "reached", default=True)
-    edge = keep & flag(f, "lr_at_edge")
-    if edge.any():
-        bs = ", ".join(f"{x:g}" for x in sorted(b[edge]))
-        if drop_edges:
-            keep &= ~edge
-            warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
-        else:
-            warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
+    _, b, lr, keep, warnings = best_lr_points(best, drop_edges)
     keep &= np.isfinite(lr) & (lr > 0) & np.isfinite(b) & (b > 0)
     bk, lk = by_batch(b[keep], lr[keep], "geomean")
     sgd = lr_scaling(pl.DataFrame({"batch_size": bk, "lr": lk}), ci=ci, n_boot=n_boot, seed=seed,

@@ -61,6 +61,32 @@ class LRScalingFit:
         return pl.DataFrame({"batch_size": b, "lr": self.predict(b)})
 
 
+def best_lr_points(
+    best: Any, drop_edges: bool
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The best-LR rows both LR laws fit: (frame, batch sizes, LRs, rows kept, warnings).
+
+    One target only; rows that did not reach it are left out, and a best LR at the edge of its grid is
+    a warning (or left out with `drop_edges`): the SGD and Adam fits then see the same points.
+    """
+    f = as_frame(best, "best")
+    require(f, ["batch_size", "lr"], "best")
+    if "target" in f.columns and f["target"].n_unique() > 1:
+        raise ValueError("best has several targets: filter to one")
+    warnings: list[str] = []
+    b, lr = column(f, "batch_size"), column(f, "lr")
+    keep = flag(f, "reached", default=True)
+    edge = keep & flag(f, "lr_at_edge")
+    if edge.any():
+        bs = ", ".join(f"{x:g}" for x in sorted(b[edge]))
+        if drop_edges:
+            keep &= ~edge
+            warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
+        else:
+            warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
+    return f, b, lr, keep, warnings
+
+
 def lr_scaling(
     best: Any,
     *,
@@ -80,21 +106,7 @@ def lr_scaling(
     largest batch). Pass optimizer="adam" (or keep an `optimizer` column) to be warned that the law is
     derived for SGD.
     """
-    f = as_frame(best, "best")
-    require(f, ["batch_size", "lr"], "best")
-    if "target" in f.columns and f["target"].n_unique() > 1:
-        raise ValueError("best has several targets: filter to one")
-    warnings: list[str] = []
-    b, lr = column(f, "batch_size"), column(f, "lr")
-    keep = flag(f, "reached", default=True)
-    edge = keep & flag(f, "lr_at_edge")
-    if edge.any():
-        bs = ", ".join(f"{x:g}" for x in sorted(b[edge]))
-        if drop_edges:
-            keep &= ~edge
-            warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
-        else:
-            warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
+    f, b, lr, keep, warnings = best_lr_points(best, drop_edges)
     opt = optimizer or (f["optimizer"].drop_nulls().first() if "optimizer" in f.columns else None)
     if opt and str(opt).lower().startswith("adam"):
         warnings.append("eps_opt(B) = eps_max/(1 + B_noise/B) is derived for SGD; Adam's best LR scales differently")
