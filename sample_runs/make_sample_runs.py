@@ -16,7 +16,6 @@ DuckDB file-format changes; `python -m collector import sample_runs/` loads them
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,10 +47,8 @@ def main() -> None:
             con.execute("UPDATE runs SET sweep = ? WHERE sweep LIKE ?", [SWEEP, f"{SWEEP}-%"])
         finally:
             con.close()
-        out = Path(tmp) / "export"
-        subprocess.run([sys.executable, "-m", "collector", "export", "--db", db, str(out)], check=True)
-        for f in out.glob("*.parquet"):
-            shutil.copy(f, HERE / f.name)
+        # export overwrites one <table>.parquet at a time, in place
+        subprocess.run([sys.executable, "-m", "collector", "export", "--db", db, str(HERE)], check=True)
     print(f"sample runs written to {HERE}")
 
 

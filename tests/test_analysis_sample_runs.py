@@ -13,6 +13,7 @@ import duckdb
 import polars as pl
 import pytest
 
+from collector.store import read_connection
 from dashboard import queries, sweeps
 from dashboard.analysis import stability_map
 
@@ -31,11 +32,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _sql(db: Path, query: str) -> pl.DataFrame:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_connection(db) as con:
         return con.sql(query).pl()
-    finally:
-        con.close()
 
 
 def test_every_batch_size_reaches_the_lowest_default_target(store: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from collector.store import read_connection
 from dashboard.analysis import (
     best_per_batch,
     fit_tradeoff,
@@ -68,11 +69,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFrame,
 
 
 def _sql(db: Path, query: str) -> pl.DataFrame:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_connection(db) as con:
         return con.sql(query).pl()
-    finally:
-        con.close()
 
 
 def _same(a: pl.DataFrame, b: pl.DataFrame, keys: list[str], cols: list[str], rtol: float = 1e-9) -> None:

@@ -12,7 +12,6 @@ batches reach it. Load it like the digits sample: `python -m collector import sa
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "trainer", "sweep", "--batch", "16,32,64,128", "--lr", "0.001:0.01:4",
                         *MODEL, *OPTIM, *BUDGET, "--sweep", SWEEP, "--db", db, "--jobs", "2", "--threads", "1",
                         "--no-progress"], check=True)
-        out = Path(tmp) / "export"
-        subprocess.run([sys.executable, "-m", "collector", "export", "--db", db, str(out)], check=True)
-        for f in out.glob("*.parquet"):
-            shutil.copy(f, HERE / f.name)
+        # export overwrites one <table>.parquet at a time, in place
+        subprocess.run([sys.executable, "-m", "collector", "export", "--db", db, str(HERE)], check=True)
     print(f"sample runs written to {HERE}")
 
 
