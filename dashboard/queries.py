@@ -455,3 +455,100 @@ def smoothed_loss(db: Path, run_ids: Sequence[str], width_examples: float = 0,
     b = smoothed_buckets(db, run_ids, width_examples, metric).filter(pl.col("n") > 0)
     sign = -1.0 if metric.endswith("_accuracy") else 1.0  # smoothed_points keeps accuracies negated
     return b.select("run_id", "bucket", "step", "examples", pl.col("value") * sign, "n")
+
+
+# --- pages-a ---
+# The Curves, Noise scale and run pages (issue 15: grouping, run page, export at full resolution;
+# issue 13: tokens, the preconditioned B_simple and B_noise): thin SELECTs over schema/sql/40_pages_a.sql.
+
+STEP_COLUMNS = ("step", "examples", "wall_time", "batch_size", "lr", "loss", "g_small_sq", "b_small", "g_big_sq",
+                "b_big", "b_simple")
+
+
+def full_steps(db: Path, run_ids: Sequence[str], columns: Sequence[str] = ("loss",)) -> pl.DataFrame:
+    """Every stored `steps` row of these runs (no downsampling): run_id, step, examples, tokens (NULL
+    without tokens), wall_time and the requested step columns."""
+    cols = [c for c in dict.fromkeys(columns) if c in STEP_COLUMNS and c not in ("step", "examples", "wall_time")]
+    extra = "".join(f", s.{c}" for c in cols)
+    sql = f"""SELECT s.run_id, s.step, s.examples, s.examples * t.tokens_per_example AS tokens, s.wall_time{extra}
+              FROM steps s LEFT JOIN run_tokens t USING (run_id)
+              WHERE s.run_id IN (SELECT unnest($ids)) ORDER BY s.run_id, s.step"""
+    with connect(db) as con:
+        return read_frame(con, sql, {"ids": _ids(run_ids) or [""]})
+
+
+def noise_scale_full(db: Path, run_ids: Sequence[str], noise_window: float = 0.1) -> pl.DataFrame:
+    """SQL `noise_scale` for these runs, every measured step (what noise_scale thins for drawing)."""
+    with connect(db) as con:
+        return read_frame(con, "SELECT * FROM noise_scale(noise_window := $nw, run_ids := $ids) ORDER BY run_id, step",
+                          {"nw": float(noise_window), "ids": _ids(run_ids) or [""]})
+
+
+def full_scalars(db: Path, run_ids: Sequence[str], names: Sequence[str] = ()) -> pl.DataFrame:
+    """Stored `scalars` rows of these runs (all names, or only `names`)."""
+    sql = """SELECT run_id, step, name, value FROM scalars WHERE run_id IN (SELECT unnest($ids))
+             AND (len($names) = 0 OR name IN (SELECT unnest($names))) ORDER BY run_id, name, step"""
+    with connect(db) as con:
+        return read_frame(con, sql, {"ids": _ids(run_ids) or [""], "names": [str(n) for n in names]})
+
+
+@cached()
+def tokens_per_example(db: Path, run_ids: Sequence[str]) -> dict[str, float]:
+    """SQL `run_tokens`: tokens per training example of the runs that count tokens (others left out)."""
+    with connect(db) as con:
+        df = read_frame(con, "SELECT run_id, tokens_per_example FROM run_tokens WHERE run_id IN (SELECT unnest($ids))"
+                        " AND tokens_per_example IS NOT NULL", {"ids": _ids(run_ids) or [""]})
+    return dict(zip(df["run_id"].to_list(), df["tokens_per_example"].to_list(), strict=True))
+
+
+@cached()
+def noise_scale_adam(db: Path, run_ids: Sequence[str], noise_window: float = 0.1, max_rows: int = 2_000) -> pl.DataFrame:
+    """SQL `noise_scale_adam` (the preconditioned B_simple) for these runs, thinned as noise_scale is."""
+    sql = """SELECT * FROM noise_scale_adam(noise_window := $nw, run_ids := $ids)
+             WINDOW r AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+             QUALIFY (row_number() OVER r - 1) % greatest(1, ceil(count(*) OVER r / $rows)) = 0
+                  OR row_number() OVER r = count(*) OVER r
+             ORDER BY run_id, step"""
+    return _macro("noise_scale_adam", db, run_ids, sql, {"nw": float(noise_window), "rows": max(1, int(max_rows))})
+
+
+@cached()
+def b_noise_summary(db: Path, run_ids: Sequence[str], tail: float = 0.2) -> pl.DataFrame:
+    """SQL `b_noise_summary`: B_noise and B_simple from the same evaluations, per run with curvature."""
+    return _macro("b_noise_summary", db, run_ids, "SELECT * FROM b_noise_summary(tail := $tail, run_ids := $ids)",
+                  {"tail": float(tail)})
+
+
+@cached(ttl_bucket=10)
+def run_record(db: Path, run_id: str) -> dict | None:
+    """Everything `runs` holds about one run (config, provenance, status) merged with its run_summary row."""
+    with connect(db) as con:
+        rows = read_frame(con, "SELECT * FROM runs WHERE run_id = $id", {"id": str(run_id)}).to_dicts()
+    if not rows:
+        return None
+    summary = run_table(db).filter(pl.col("run_id") == str(run_id)).to_dicts()
+    return {**(summary[0] if summary else {}), **rows[0]}
+
+
+@cached(ttl_bucket=10)
+def run_history(db: Path, run_id: str) -> pl.DataFrame:
+    """Every attempt of the run's sweep cell (the run itself when it has no cell), oldest first: run_id,
+    attempt, status (run_status: stale included), status_reason, started_at, ended_at, heartbeat_at."""
+    sql = """WITH me AS (SELECT sweep, cell_id FROM runs WHERE run_id = $id)
+             SELECT r.run_id, r.name, r.attempt, s.status, r.status_reason, r.started_at, r.ended_at, r.heartbeat_at
+             FROM runs r JOIN run_status s USING (run_id), me
+             WHERE r.run_id = $id OR (me.cell_id IS NOT NULL AND r.cell_id = me.cell_id
+                                      AND r.sweep IS NOT DISTINCT FROM me.sweep)
+             ORDER BY r.attempt NULLS FIRST, r.started_at"""
+    with connect(db) as con:
+        return read_frame(con, sql, {"id": str(run_id)})
+
+
+@cached(ttl_bucket=10)
+def run_scalars(db: Path, run_id: str) -> pl.DataFrame:
+    """One row per scalar name the run logged: how many values, first/last step, last, min and max."""
+    sql = """SELECT name, count(*) AS n, min(step) AS first_step, max(step) AS last_step,
+                    arg_max(value, step) AS last, min(value) AS min, max(value) AS max
+             FROM scalars WHERE run_id = $id GROUP BY name ORDER BY name"""
+    with connect(db) as con:
+        return read_frame(con, sql, {"id": str(run_id)})
