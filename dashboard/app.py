@@ -31,7 +31,7 @@ from dashboard.security import (  # noqa: F401 - parse_auth and install_auth are
     parse_auth,
 )
 
-PAGE_MODULES = ("welcome", "runs", "curves", "noise", "tradeoff", "generalization", "lr_batch", "sql")
+PAGE_MODULES = ("welcome", "runs", "curves", "noise", "tradeoff", "generalization", "lr_batch", "sql", "run")
 
 LIVE_INTERVAL_MS = 2000  # while a run is `running`
 IDLE_INTERVAL_MS = 10000  # otherwise: still notices new runs and stale heartbeats

@@ -130,3 +130,55 @@ def run_href(run_id: str) -> str:
     from urllib.parse import quote
 
     return f"/run/{quote(str(run_id), safe='')}"
+
+
+def group_controls(prefix: str) -> list[html.Div]:
+    """Group-by (config keys; seed replicas first), statistic and band controls for a page's plots: ids
+    `{prefix}-group` (options filled by the page), `{prefix}-stat`, `{prefix}-band`."""
+    from dashboard.grouping import REPLICAS
+
+    return [
+        html.Div([html.Label("Group by", htmlFor=f"{prefix}-group", className="control-label"),
+                  dcc.Dropdown(id=f"{prefix}-group", multi=True, value=[], placeholder="no grouping",
+                               options=[{"label": "seed replicas (all but seed)", "value": REPLICAS}],
+                               className="group-dropdown")],
+                 className="control control-wide"),
+        html.Div([html.Label("Group line", className="control-label"),
+                  dcc.RadioItems(id=f"{prefix}-stat", value="mean", inline=True, className="radio",
+                                 options=[{"label": "mean", "value": "mean"}, {"label": "median", "value": "median"}])],
+                 className="control"),
+        html.Div([html.Label("Band", className="control-label"),
+                  dcc.RadioItems(id=f"{prefix}-band", value="minmax", inline=True, className="radio",
+                                 options=[{"label": "min–max", "value": "minmax"}, {"label": "95 % CI", "value": "ci95"},
+                                          {"label": "±1 sd", "value": "std"}, {"label": "none", "value": "none"}])],
+                 className="control"),
+    ]
+
+
+def group_options(configs: dict[str, dict]) -> list[dict]:
+    """Group-by choices for these runs: seed replicas, then every config key whose value differs between them."""
+    from dashboard.grouping import REPLICAS, run_config, varying_keys
+
+    keys = varying_keys([run_config(c) for c in configs.values()])
+    return [{"label": "seed replicas (all but seed)", "value": REPLICAS}] + [{"label": k, "value": k} for k in keys]
+
+
+_RUN_CLICK_JS = """
+function(click) {
+    var p = click && click.points && click.points[0];
+    if (!p) { return window.dash_clientside.no_update; }
+    var gd = document.getElementById('%s');
+    gd = gd && (gd.classList.contains('js-plotly-plot') ? gd : gd.querySelector('.js-plotly-plot'));
+    var t = gd && gd.data && gd.data[p.curveNumber];
+    var rid = t && t.meta && t.meta.run_id;
+    if (rid) { window.location.assign('/run/' + encodeURIComponent(rid)); }
+    return window.dash_clientside.no_update;
+}
+"""
+
+
+def run_click(graph_id: str) -> None:
+    """Clicking a trace whose `meta` names a run (meta={"run_id": ...}) opens that run's page (run_href).
+    Call once at import, beside the page's callbacks."""
+    dash.clientside_callback(_RUN_CLICK_JS % graph_id, dash.Output(graph_id, "className"),
+                             dash.Input(graph_id, "clickData"), prevent_initial_call=True)

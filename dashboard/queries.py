@@ -552,3 +552,13 @@ def run_scalars(db: Path, run_id: str) -> pl.DataFrame:
              FROM scalars WHERE run_id = $id GROUP BY name ORDER BY name"""
     with connect(db) as con:
         return read_frame(con, sql, {"id": str(run_id)})
+
+
+@cached()
+def run_configs(db: Path, run_ids: Sequence[str]) -> dict[str, dict]:
+    """Per run: its config JSON (text) and the run columns grouping falls back on (dashboard.grouping)."""
+    sql = """SELECT run_id, config, task, model, optimizer, lr, momentum, weight_decay, batch_size, accum_steps,
+                    train_size, seed, sweep FROM runs WHERE run_id IN (SELECT unnest($ids))"""
+    with connect(db) as con:
+        rows = read_frame(con, sql, {"ids": _ids(run_ids) or [""]}).to_dicts()
+    return {r["run_id"]: r for r in rows}
