@@ -30,6 +30,7 @@ from dashboard.security import (  # noqa: F401 - parse_auth and install_auth are
     install_loopback_host_check,
     parse_auth,
 )
+from dashboard.theme import plural
 
 PAGE_MODULES = ("welcome", "runs", "curves", "noise", "tradeoff", "generalization", "lr_batch", "sql", "run")
 
@@ -160,7 +161,7 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         elif ov.running:
             badge, cls = f"● {ov.running} running · live", "badge badge-live"
         else:
-            badge, cls = f"{ov.runs:,} runs", "badge"
+            badge, cls = plural(ov.runs, "run"), "badge"
         interval = LIVE_INTERVAL_MS if ov.running else IDLE_INTERVAL_MS
         if ov.error:
             alert = f"The store is unavailable ({_first_line(ov.error)}); retrying every {RETRY_INTERVAL_MS // 1000} s."

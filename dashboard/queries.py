@@ -562,3 +562,31 @@ def run_configs(db: Path, run_ids: Sequence[str]) -> dict[str, dict]:
     with connect(db) as con:
         rows = read_frame(con, sql, {"ids": _ids(run_ids) or [""]}).to_dicts()
     return {r["run_id"]: r for r in rows}
+
+
+# --- pages-b ---
+
+
+@cached()
+def final_scalar(db: Path, run_ids: Sequence[str], name: str) -> pl.DataFrame:
+    """The last finite value of the scalar `name` per run (e.g. `sharpness` at the last evaluation):
+    run_id, step, value; runs that never logged it have no row."""
+    return _macro("final_scalar", db, run_ids,
+                  "SELECT run_id, max(step) AS step, arg_max(value, step) AS value FROM scalars "
+                  "WHERE name = $name AND isfinite(value) AND run_id IN (SELECT unnest($ids)) "
+                  "GROUP BY run_id ORDER BY run_id", {"name": str(name)})
+
+
+PROVENANCE_COLUMNS = ("host", "rank", "world_size", "launcher", "job_id", "array_job_id", "array_task_id",
+                      "attempt", "cell_id", "git_commit")
+
+
+@cached()
+def run_provenance(db: Path) -> pl.DataFrame:
+    """Where each run ran (collector/provenance.py): run_id and the PROVENANCE_COLUMNS the store has
+    (a store written before they existed simply lacks some)."""
+    with connect(db) as con:
+        have = {r[0] for r in con.sql(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'").fetchall()}
+        cols = ", ".join(["run_id", *(c for c in PROVENANCE_COLUMNS if c in have)])
+        return read_frame(con, f"SELECT {cols} FROM runs")

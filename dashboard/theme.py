@@ -1,7 +1,11 @@
 """Colours, figure template and small layout helpers shared by every page.
 
-One batch size has one colour on every page: the colour is a fixed function of log2(B) over
-B = 1 ... 8192 (a perceptually ordered scale, its light end trimmed so lines stay readable on white).
+One batch size has one colour on every page: a fixed function of log2(B) over B = 1 ... 8192. Each
+power of two has its own anchor colour, chosen so that neighbouring batch sizes differ clearly
+(CIELAB distance > 25 between consecutive powers of two; a sequential scale such as Viridis gives
+under 10 at its dark end, where 8, 16 and 32 looked alike) while the hue still walks in order from
+deep purple (small) through blue and green to orange, red and brown (large); batch sizes between two
+powers of two are interpolated. Every anchor is dark enough to read as a line on white.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import functools
 import math
 
 from dash import html
-from plotly.colors import sample_colorscale
 
 FONT = "Inter, system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 INK = "#1f2430"
@@ -23,8 +26,9 @@ WARN = "#e8590c"
 
 STATUS_COLORS = {"running": ACCENT, "finished": OK, "diverged": DANGER, "failed": "#c92a2a", "stale": WARN}
 
-_LOG2_MIN, _LOG2_MAX = 0.0, 13.0
-_SCALE = "Viridis"
+# B = 1, 2, 4, ..., 8192 (tests/test_dashboard_layout.py checks the distances)
+BATCH_ANCHORS = ("#2d0b59", "#8e44ad", "#5c5fe0", "#1c7ed6", "#15aabf", "#0ca678", "#37b24d", "#82a516",
+                 "#d4a000", "#f76707", "#e03131", "#a61e4d", "#862e9c", "#5c3a21")
 
 
 def batch_color(batch: float | None) -> str:
@@ -35,13 +39,20 @@ def batch_color(batch: float | None) -> str:
         return MUTED
 
 
+def _rgb(hex_color: str) -> tuple[int, int, int]:
+    h = hex_color.lstrip("#")
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+
 @functools.lru_cache(maxsize=4096)
 def _batch_color(batch: float | None) -> str:
     if batch is None or not (batch > 0) or math.isnan(batch):
         return MUTED
-    pos = (math.log2(batch) - _LOG2_MIN) / (_LOG2_MAX - _LOG2_MIN)
-    pos = min(max(pos, 0.0), 1.0) * 0.88  # drop the pale yellow end
-    return sample_colorscale(_SCALE, [pos])[0]
+    pos = min(max(math.log2(batch), 0.0), len(BATCH_ANCHORS) - 1.0)
+    i = min(int(pos), len(BATCH_ANCHORS) - 2)
+    f = pos - i
+    a, b = _rgb(BATCH_ANCHORS[i]), _rgb(BATCH_ANCHORS[i + 1])
+    return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b, strict=True))
 
 
 def batch_colorscale(batches) -> list[list]:
@@ -51,6 +62,9 @@ def batch_colorscale(batches) -> list[list]:
         c = batch_color(min(batches))
         return [[0, c], [1, c]]
     return [[i / 10, batch_color(2 ** (lo + (hi - lo) * i / 10))] for i in range(11)]
+
+
+TITLE_PAD = 32  # px from the figure's top to its title: below the modebar
 
 
 # Figures are plain dicts ({"data": [...], "layout": {...}}), which dcc.Graph takes as they are:
@@ -65,7 +79,7 @@ def figure(data: list[dict], title: str | None = None, height: int = 460, xaxis:
     lay = {
         "font": {"family": FONT, "size": 13, "color": INK},
         "height": height,
-        "margin": {"l": 64, "r": 24, "t": 48 if title else 24, "b": 56},
+        "margin": {"l": 64, "r": 24, "t": 24, "b": 56},
         "hoverlabel": {"font": {"family": FONT, "size": 12}},
         "legend": {"font": {"size": 12}, "bgcolor": "rgba(255,255,255,0.8)"},
         "plot_bgcolor": "white",
@@ -76,7 +90,10 @@ def figure(data: list[dict], title: str | None = None, height: int = 460, xaxis:
         "template": {},
     }
     if title:
-        lay["title"] = {"text": title, "x": 0.01, "font": {"size": 15}}
+        # on its own line under Plotly's toolbar (the modebar sits in the top ~30 px, right-aligned)
+        lay["title"] = {"text": title, "x": 0.01, "xanchor": "left", "xref": "paper", "y": 1, "yref": "container",
+                        "yanchor": "top", "pad": {"t": TITLE_PAD}, "font": {"size": 15}}
+        lay["margin"]["t"] = TITLE_PAD + 40
     if "legend" in layout:
         layout = {**layout, "legend": {**lay["legend"], **layout["legend"]}}
     lay.update(layout)
@@ -159,3 +176,8 @@ def fmt(x: float | None, digits: int = 3) -> str:
     if abs(xf) >= 1000:
         return f"{xf:,.0f}"
     return f"{xf:.{digits}g}"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 run', '2 runs', '1,000 batch sizes' (`many`: the plural when it is not word + 's')."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"

@@ -279,7 +279,10 @@ def test_noise_generalization_lr_batch_views(app, store):
     gv = generalization_view(store, ids, "end", "gap_loss")
     assert gv["batch"]["data"] and gv["noise"]["data"]
     lv = lr_batch_view(store, ids, "final_loss", "base_lr")
-    assert lv["heatmap"]["data"][0]["type"] == "heatmap"
+    assert lv["heatmap"]["layout"]["yaxis"]["type"] == "log"  # base LR η/B: every cell at its own η/B (pages-b)
+    cells = lv["heatmap"]["data"][0]
+    lr_of = {r["run_id"]: r for r in queries.run_table(store).to_dicts()}
+    assert min(cells["y"]) >= min(r["lr"] / r["batch_size"] for r in lr_of.values()) * (1 - 1e-9)
     assert any(t.get("name") == "diverged" for t in lv["heatmap"]["data"])  # diverged cells are marked
     for view in (noise_view(store, []), generalization_view(store, []), lr_batch_view(store, [])):
         assert all(not f["data"] for f in view.values() if isinstance(f, dict) and "data" in f)

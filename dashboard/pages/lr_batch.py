@@ -1,7 +1,8 @@
 """LR × batch: the final metric of every (batch size, learning rate) cell, diverged and unfinished cells
 marked, with the base LR η/B as an alternative axis (Masters & Luschi 2018); and the best LR against
 batch size with the fit ε_opt(B) = ε_max / (1 + B_noise/B), a second, independent B_noise
-(McCandlish et al. 2018). All numbers from dashboard.analysis."""
+(McCandlish et al. 2018); under Adam also Li et al. 2024's rise-and-fall law, and which of the two fits
+better. All numbers from dashboard.analysis."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 from dash import Input, Output, State, callback, dcc, html
+from plotly.colors import sample_colorscale
 
 from dashboard import analysis, queries, sweeps
+from dashboard.analysis.adam_lr import AdamLRFit, adam_lr_scaling
 from dashboard.components import (
     page_header,
     register_page,
@@ -29,6 +32,7 @@ from dashboard.theme import (
     figure,
     fmt,
     note,
+    plural,
     stat,
     vline,
 )
@@ -44,47 +48,127 @@ METRICS = {
 }
 
 
+MARKS = {"diverged": ("x", DANGER, "diverged"), "stalled": ("line-ew-open", DANGER, "stalled (never left its initial loss)"),
+         "unfinished": ("circle-open", MUTED, "running / stale"), "failed": ("square-open", "#c92a2a", "failed")}
+BEST_NAME = "best LR per batch size (outlined)"
+
+
+def _zscale(smap, val: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The values as coloured: log10 of a positive loss (its range spans decades), else as they are."""
+    z = np.where(np.isfinite(val), val, np.nan)
+    zlog = bool(smap.lower_is_better and np.isfinite(z).any() and np.nanmin(z) > 0)
+    return (np.log10(z) if zlog else z), zlog
+
+
+def _legend_only(name: str, symbol: str, color: str) -> dict:
+    return {"type": "scatter", "x": [None], "y": [None], "mode": "markers", "name": name, "hoverinfo": "skip",
+            "marker": {"symbol": symbol, "size": 14, "color": color, "line": {"width": 2, "color": color}}}
+
+
 def heatmap_figure(smap, axis: str = "lr") -> dict:
+    """LR axis η: a heatmap, values in the cells, the best LR of each batch size outlined (a marker on
+    top would hide the value). Base LR η/B: see base_lr_figure."""
+    if axis == "base_lr":
+        return base_lr_figure(smap)
     xs, ys, val, state = smap.grid(axis)
     xl = [f"{x:g}" for x in xs]
     yl = [f"{y:.3g}" for y in ys]
     label = METRICS.get(smap.metric, smap.metric)
-    higher = not smap.lower_is_better
-    z = np.where(np.isfinite(val), val, np.nan)
-    zlog = smap.lower_is_better and np.nanmin(z) > 0 if np.isfinite(z).any() else False
-    zshow = np.log10(z) if zlog else z
+    zshow, zlog = _zscale(smap, val)
     text = [[(fmt(val[i][j]) if state[i][j] == "ok" else "") for j in range(len(xs))] for i in range(len(ys))]
     traces = [{
         "type": "heatmap", "x": xl, "y": yl, "z": [arr(r) for r in zshow], "text": text, "texttemplate": "%{text}",
-        "textfont": {"size": 11}, "colorscale": "Viridis", "reversescale": not higher, "xgap": 2, "ygap": 2,
-        "hovertemplate": "B=%{x}, " + ("η/B" if axis == "base_lr" else "lr") + "=%{y}<br>" + label + " %{text}<extra></extra>",
+        "textfont": {"size": 11}, "colorscale": "Viridis", "reversescale": smap.lower_is_better, "xgap": 2, "ygap": 2,
+        "hovertemplate": "B=%{x}, lr=%{y}<br>" + label + " %{text}<extra></extra>",
         "colorbar": {"title": {"text": ("log₁₀ " if zlog else "") + label, "side": "right"}, "thickness": 12},
         "hoverongaps": False,
     }]
-    marks = {"diverged": ("x", DANGER, "diverged"), "stalled": ("line-ew-open", DANGER, "stalled (never left its initial loss)"),
-             "unfinished": ("circle-open", MUTED, "running / stale"),
-             "failed": ("square-open", "#c92a2a", "failed")}
-    for kind, (symbol, color, name) in marks.items():
+    for kind, (symbol, color, name) in MARKS.items():
         idx = np.argwhere(state == kind)
         if len(idx):
             traces.append({"type": "scatter", "x": [xl[j] for _, j in idx], "y": [yl[i] for i, _ in idx],
                            "mode": "markers", "name": name, "marker": {"symbol": symbol, "size": 16, "color": color,
                                                                          "line": {"width": 3, "color": color}},
                            "hovertemplate": f"{name}<extra></extra>"})
+    shapes = []
     best = smap.cells.filter(smap.cells["is_best"])
-    if best.height:
-        traces.append({"type": "scatter", "x": [f"{x:g}" for x in best["batch_size"]],
-                       "y": [f"{y:.3g}" for y in best[axis]], "mode": "markers", "name": "best per batch size",
-                       "marker": {"symbol": "star", "size": 11, "color": "white", "line": {"width": 1.5, "color": "#111"}},
-                       "hovertemplate": "best LR for this batch size<extra></extra>"})
-    ytitle = "base LR η/B (per example)" if axis == "base_lr" else "learning rate"
+    xi, yi = {x: j for j, x in enumerate(xs)}, {y: i for i, y in enumerate(ys)}
+    for b, y in zip(best["batch_size"].to_list(), best[axis].to_list(), strict=True):
+        j, i = xi[b], yi[y]  # category axes place shapes by a category's index
+        shapes.append({"type": "rect", "xref": "x", "yref": "y", "x0": j - 0.46, "x1": j + 0.46, "y0": i - 0.46,
+                       "y1": i + 0.46, "line": {"color": "#111", "width": 2.5}, "fillcolor": "rgba(0,0,0,0)"})
+    if shapes:
+        traces.append(_legend_only(BEST_NAME, "square-open", "#111"))
     return figure(traces, f"{label} per batch size and learning rate", height=560,
                   xaxis={"type": "category", "title": {"text": "batch size B"}, "showgrid": False},
-                  yaxis={"type": "category", "title": {"text": ytitle}, "showgrid": False},
+                  yaxis={"type": "category", "title": {"text": "learning rate"}, "showgrid": False},
+                  shapes=shapes, legend={"orientation": "h", "y": -0.16})
+
+
+def _text_colors(z: np.ndarray, reverse: bool) -> list[str]:
+    """Black or white text, whichever reads on each value's Viridis colour."""
+    lo, hi = np.nanmin(z), np.nanmax(z)
+    t = (z - lo) / (hi - lo) if hi > lo else np.full(z.shape, 0.5)
+    t = 1 - t if reverse else t
+    out = []
+    for c in sample_colorscale("Viridis", [float(min(max(v, 0), 1)) for v in t]):
+        r, g, b = (float(v) for v in c[c.index("(") + 1:-1].split(","))
+        out.append("#111" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "white")
+    return out
+
+
+def base_lr_figure(smap, height: int = 560) -> dict:
+    """Base LR η/B on a log axis against batch size: every cell at its own η/B, so each batch size's LRs
+    sit where they belong instead of on one category row per distinct η/B (thin stripes)."""
+    c = smap.cells.filter(smap.cells["base_lr"].is_finite() & (smap.cells["base_lr"] > 0))
+    if c.is_empty():
+        return empty_figure("No base LR η/B: the runs lack a batch size or an LR.")
+    label = METRICS.get(smap.metric, smap.metric)
+    xs = sorted(set(c["batch_size"].to_list()))
+    xl = {x: f"{x:g}" for x in xs}
+    logy = np.log10(c["base_lr"].to_numpy())
+    lrs = np.unique(np.log10(c["lr"].to_numpy()))
+    gap = float(np.min(np.diff(lrs))) if len(lrs) > 1 else 1.0  # decades between neighbouring LRs of a column
+    span = float(logy.max() - logy.min()) + 2 * max(gap, 0.3)
+    size = float(np.clip(0.8 * gap * (height - 190) / span, 10, 36))  # ~190 px of margins, title and legend
+    traces = []
+    ok = c.filter(c["state"] == "ok")
+    if ok.height:
+        z, zlog = _zscale(smap, ok["value"].to_numpy().astype(float))
+        traces.append({
+            "type": "scatter", "x": [xl[b] for b in ok["batch_size"]], "y": arr(ok["base_lr"]),
+            "mode": "markers+text" if size >= 28 else "markers", "name": "cells",
+            "text": [fmt(v) for v in ok["value"]], "textfont": {"size": 10, "color": _text_colors(z, smap.lower_is_better)},
+            "marker": {"symbol": "square", "size": size, "color": arr(z), "colorscale": "Viridis",
+                       "reversescale": smap.lower_is_better, "showscale": True,
+                       "colorbar": {"title": {"text": ("log₁₀ " if zlog else "") + label, "side": "right"}, "thickness": 12}},
+            "customdata": [[lr, fmt(v)] for lr, v in zip(ok["lr"].to_list(), ok["value"].to_list(), strict=True)],
+            "hovertemplate": "B=%{x}, η/B=%{y:.3g} (lr %{customdata[0]:.3g})<br>" + label + " %{customdata[1]}<extra></extra>",
+            "showlegend": False,
+        })
+    for kind, (symbol, color, name) in MARKS.items():
+        k = c.filter(c["state"] == kind)
+        if k.height:
+            traces.append({"type": "scatter", "x": [xl[b] for b in k["batch_size"]], "y": arr(k["base_lr"]),
+                           "mode": "markers", "name": name,
+                           "marker": {"symbol": symbol, "size": min(size, 16), "color": color, "line": {"width": 3, "color": color}},
+                           "hovertemplate": f"{name}<extra></extra>"})
+    best = c.filter(c["is_best"])
+    if best.height:
+        traces.append({"type": "scatter", "x": [xl[b] for b in best["batch_size"]], "y": arr(best["base_lr"]),
+                       "mode": "markers", "name": BEST_NAME, "hoverinfo": "skip",
+                       "marker": {"symbol": "square-open", "size": size + 6, "color": "#111", "line": {"width": 2.5}}})
+    pad = max(gap, 0.3)
+    return figure(traces, f"{label} per batch size and base LR η/B", height=height,
+                  xaxis={"type": "category", "title": {"text": "batch size B"}, "showgrid": False,
+                         "categoryorder": "array", "categoryarray": [xl[x] for x in xs]},
+                  yaxis={"type": "log", "title": {"text": "base LR η/B (per example)"},
+                         "range": [float(logy.min() - pad), float(logy.max() + pad)]},
                   legend={"orientation": "h", "y": -0.16})
 
 
-def lr_fit_figure(fit) -> dict:
+def lr_fit_figure(fit, surge: AdamLRFit | None = None) -> dict:
+    """The best LR per batch size with SGD's ε_opt(B) law, and under Adam also the surge law."""
     if fit.n_points == 0:
         return empty_figure(fit.reason or "No best learning rates.")
     traces = [{"type": "scatter", "x": arr(fit.batch_sizes), "y": arr(fit.lrs), "mode": "markers", "name": "best LR",
@@ -92,17 +176,63 @@ def lr_fit_figure(fit) -> dict:
                           "line": {"color": "white", "width": 1.5}},
                "hovertemplate": "B=%{x:g}<br>best lr %{y:.3g}<extra></extra>"}]
     shapes, anns = [], []
-    if fit.ok:
-        c = fit.curve(200)
+    if fit.ok or fit.residuals.size:  # at its grid's limit SGD's law is still its best curve: drawn, dashed
+        c = fit.curve(200) if fit.ok else None
+        if c is not None:
+            traces.append({"type": "scatter", "x": arr(c["batch_size"]), "y": arr(c["lr"]), "mode": "lines",
+                           "name": "SGD: ε_max / (1 + B_noise/B)", "line": {"color": ACCENT, "width": 2.4},
+                           "hoverinfo": "skip"})
+            shape, ann = vline(fit.b_noise, ACCENT, "B_noise (SGD law)", log=True)
+            shapes.append(shape)
+            anns.append(ann)
+    if surge is not None and surge.ok:
+        c = surge.curve(200)
         traces.append({"type": "scatter", "x": arr(c["batch_size"]), "y": arr(c["lr"]), "mode": "lines",
-                       "name": "ε_max / (1 + B_noise/B)", "line": {"color": ACCENT, "width": 2.4}, "hoverinfo": "skip"})
-        shape, ann = vline(fit.b_noise, DANGER, "B_noise", log=True)
+                       "name": "Adam (Li et al. 2024): peak at B_noise", "line": {"color": DANGER, "width": 2.4, "dash": "dash"},
+                       "hoverinfo": "skip"})
+        shape, ann = vline(surge.b_noise, DANGER, "B_noise (surge law)", log=True)
+        ann = {**ann, "yanchor": "top", "y": 0.94}  # below the SGD law's label
         shapes.append(shape)
         anns.append(ann)
     return figure(traces, "Best learning rate vs batch size", height=420,
                   xaxis={"type": "log", "title": {"text": "batch size B"}},
                   yaxis={"type": "log", "title": {"text": "best learning rate"}},
                   shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.22})
+
+
+def is_adam(summary) -> bool:
+    """Most of these runs used an Adam-family optimizer (adam, adamw)."""
+    opt = summary["optimizer"].drop_nulls().str.to_lowercase() if "optimizer" in summary.columns else None
+    return bool(opt is not None and opt.len() and opt.str.starts_with("adam").mean() > 0.5)
+
+
+def fit_cards(fit, surge: AdamLRFit | None) -> tuple[list, list]:
+    """Stat cards and notes for the LR fits: SGD's law always, and under Adam the surge law and which of the
+    two fits the best LRs better (or why one could not be fitted)."""
+    stats, notes = [], []
+    if fit.ok:
+        stats.append(stat("B_noise from the best LR" + (" (SGD law)" if surge else ""), fmt(fit.b_noise),
+                          f"90% CI {fmt(fit.b_noise_ci[0])} – {fmt(fit.b_noise_ci[1])}; ε_max {fmt(fit.eps_max)}",
+                          id="lrb-bnoise-sgd", exact=fit.b_noise))
+    else:
+        notes.append(note(["No ε_opt(B) = ε_max/(1 + B_noise/B) fit: ", fit.reason], "info"))
+    notes += [note(w, "warn") for w in fit.warnings]
+    if surge is None:
+        return stats, notes
+    if surge.ok:
+        stats.append(stat("B_noise, Adam surge law", fmt(surge.b_noise),
+                          f"peak LR {fmt(surge.eps_max)}; 90% CI {fmt(surge.b_noise_ci[0])} – {fmt(surge.b_noise_ci[1])}",
+                          id="lrb-bnoise-adam", exact=surge.b_noise))
+    else:
+        notes.append(note(["No rise-and-fall (Li et al. 2024) fit: ", surge.reason], "info"))
+    verdict = {"surge": "Adam's rise-and-fall law", "sgd": "SGD's law", "neither": "neither (a tie)"}.get(
+        surge.better or "", "no comparison")
+    stats.append(stat("Fits the best LRs better", verdict, f"on {plural(surge.n_points, 'batch size')}", id="lrb-better"))
+    notes.append(note(["Under Adam, Li et al. (2024) find that the best LR rises as √B, peaks near B_noise and "
+                       "then falls as 1/√B; SGD's law rises and saturates. Both are fitted to the same best LRs: ",
+                       html.B(surge.comparison + ".")], "info"))
+    notes += [note(w, "warn") for w in surge.warnings if w not in fit.warnings]
+    return stats, notes
 
 
 @queries.in_session
@@ -129,7 +259,7 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
                               f"{widest['stable_decades']:.2g} decades of LR that trained (no divergence, no stall)"))
     n_div = int(smap.cells["n_diverged"].sum())
     n_stall = int(smap.cells["n_stalled"].sum())
-    stats.append(stat("Cells", f"{smap.cells.height}", f"{n_div} diverged run(s) · {n_stall} stalled run(s)",
+    stats.append(stat("Cells", f"{smap.cells.height}", f"{plural(n_div, 'run')} diverged · {plural(n_stall, 'run')} stalled",
                       id="lrb-cells"))
     # best LR per batch size at the default target (every batch size reached it) -> lr_scaling
     tr = sweeps.target_range(db, run_ids, "train_loss")
@@ -137,18 +267,17 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
     if tr is not None:
         target = sweeps.snap(tr.default)
         hits = sweeps.hits_for(db, run_ids, (target,), "train_loss")
-        fit = analysis.lr_scaling(analysis.best_per_batch(hits))
+        best = analysis.best_per_batch(hits)
+        fit = analysis.lr_scaling(best)
+        surge = adam_lr_scaling(best) if is_adam(summary) else None
         width = sweeps.default_smoothing(db, run_ids)
         notes.append(html.P(f"Best LR per batch size: fewest steps to train loss {fmt(target)} (the Tradeoff page's "
                             f"default target), the loss averaged over buckets of {fmt(width)} examples.",
                             className="muted small"))
-        lrfit = lr_fit_figure(fit)
-        if fit.ok:
-            stats.append(stat("B_noise from the best LR", fmt(fit.b_noise),
-                              f"90% CI {fmt(fit.b_noise_ci[0])} – {fmt(fit.b_noise_ci[1])}; ε_max {fmt(fit.eps_max)}"))
-        else:
-            notes.append(note(["No ε_opt(B) fit: ", fit.reason], "info"))
-        notes += [note(w, "warn") for w in fit.warnings]
+        lrfit = lr_fit_figure(fit, surge)
+        more_stats, more_notes = fit_cards(fit, surge)
+        stats += more_stats
+        notes += more_notes
     return {"heatmap": heat, "lrfit": lrfit, "stats": stats, "notes": notes}
 
 

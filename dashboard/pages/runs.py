@@ -1,4 +1,6 @@
-"""Runs: every run in a sortable, filterable grid, grouped by sweep; the selection drives every other page."""
+"""Runs: every run in a sortable, filterable grid, grouped by sweep; the selection drives every other page.
+Each row links to its run page and says where the run ran (host, rank, launcher and job ids, attempt,
+git commit: collector/provenance.py). While the store lacks the shipped sample sweeps, one button loads them."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import polars as pl
 from dash import Input, Output, State, callback, ctx, html
 
 from dashboard import queries
-from dashboard.components import page_header, register_page
+from dashboard.components import page_header, register_page, run_href
 from dashboard.pages import welcome
-from dashboard.theme import STATUS_COLORS, batch_color, fmt
+from dashboard.theme import STATUS_COLORS, batch_color, fmt, plural
 
 register_page(__name__, path="/", name="Runs", title="batchscope · runs", order=0)
 
@@ -25,7 +27,8 @@ _FMT_S = {"function": "params.value == null ? '' : d3.format('.3~s')(params.valu
 COLUMN_DEFS = [
     {"field": "status", "width": 120, "pinned": "left",
      "cellClass": {"function": "'status-cell status-' + params.value"}},
-    {"field": "name", "minWidth": 170, "pinned": "left"},
+    {"field": "name", "minWidth": 170, "pinned": "left", "cellRenderer": "RunLink",
+     "headerTooltip": "the run's page: config, status history, evaluations, scalars and curves"},
     {"field": "sweep", "minWidth": 140},
     {"field": "task", "width": 110},
     {"field": "batch_size", "headerName": "batch", "width": 105, **_NUM,
@@ -48,6 +51,43 @@ COLUMN_DEFS = [
     {"field": "run_id", "width": 130},
 ]
 
+# Where the run ran (runs table; collector/provenance.py). A column the store has no value for is left out.
+PROVENANCE_DEFS = [
+    {"field": "host", "width": 110},
+    {"field": "rank", "width": 85, **_NUM, "headerTooltip": "global rank that wrote the run (torchrun RANK)"},
+    {"field": "world_size", "headerName": "ranks", "width": 90, **_NUM, "headerTooltip": "data-parallel world size"},
+    {"field": "launcher", "width": 110, "headerTooltip": "local, slurm, submitit or ray"},
+    {"field": "job", "width": 130, "headerTooltip": "the launcher's job id; SLURM arrays: ARRAY_JOB_ID_TASK_ID"},
+    {"field": "attempt", "width": 100, **_NUM, "headerTooltip": "which try of its sweep cell (retries after a failure or preemption)"},
+    {"field": "git_commit", "headerName": "git commit", "width": 130,
+     "headerTooltip": "HEAD of the training code's repository; -dirty: uncommitted changes"},
+]
+
+
+def provenance(db: Path) -> pl.DataFrame:
+    """run_id, host, rank, world_size, launcher, job, attempt, git_commit (short) for the grid."""
+    p = queries.run_provenance(db)
+    null = pl.lit(None, dtype=pl.String)
+    def col(c: str) -> pl.Expr:
+        return pl.col(c).cast(pl.String)
+
+    have = set(p.columns)
+    array = (pl.when(pl.col("array_job_id").is_not_null()).then(
+        pl.concat_str([col("array_job_id"), pl.lit("_"), pl.coalesce(col("array_task_id"), pl.lit("?"))]))
+        if "array_job_id" in have and "array_task_id" in have else null)
+    job = pl.coalesce(array, col("job_id") if "job_id" in have else null).alias("job")
+    commit = (pl.when(col("git_commit").str.ends_with("-dirty"))
+              .then(col("git_commit").str.slice(0, 10) + "-dirty").otherwise(col("git_commit").str.slice(0, 10))
+              if "git_commit" in have else null).alias("git_commit")
+    keep = [pl.col(c) for c in ("host", "rank", "world_size", "launcher", "attempt") if c in have]
+    return p.select("run_id", *keep, job, commit)
+
+
+def column_defs(rows: list[dict]) -> list[dict]:
+    """The grid's columns: the run columns, then the provenance columns some run has a value for."""
+    extra = [d for d in PROVENANCE_DEFS if any(r.get(d["field"]) is not None for r in rows)]
+    return COLUMN_DEFS[:-1] + extra + COLUMN_DEFS[-1:]
+
 
 @queries.in_session
 def runs_rows(db: Path) -> list[dict]:
@@ -58,9 +98,13 @@ def runs_rows(db: Path) -> list[dict]:
     table = table.with_columns(
         [pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S") for c, t in table.schema.items() if t.is_temporal()]
     )
+    prov = provenance(db)
+    table = table.drop([c for c in prov.columns if c != "run_id" and c in table.columns]).join(
+        prov, on="run_id", how="left")
     rows = table.to_dicts()
     for r in rows:
         r["batch_color"] = batch_color(r.get("batch_size"))
+        r["run_href"] = run_href(r["run_id"])
         for k, v in list(r.items()):
             if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
                 r[k] = None  # JSON has no NaN
@@ -86,7 +130,7 @@ def sweep_summary(db: Path) -> list[dict]:
 def _sweep_cards(db: Path) -> list:
     cards = []
     for s in sweep_summary(db):
-        bits = [f"{s['runs']} runs", f"{s['batches']} batch sizes × {s['lrs']} LRs"]
+        bits = [plural(s["runs"], "run"), f"{plural(s['batches'], 'batch size')} × {plural(s['lrs'], 'LR')}"]
         if s["running"]:
             bits.append(f"{s['running']} running")
         if s["diverged"]:
@@ -109,8 +153,10 @@ def layout(**_kwargs):
         return html.Div([html.H2("The store cannot be read"), html.Pre(ov.error)], className="note note-warn")
     if not ov.exists or ov.empty:
         return welcome.layout()
+    rows = runs_rows(db)
     return html.Div(
         [
+            welcome.sample_offer(db),
             page_header(
                 "Runs",
                 "Select runs (tick boxes, or a whole sweep) to look at them on every other page. "
@@ -120,8 +166,8 @@ def layout(**_kwargs):
             html.Div(_sweep_cards(db), id="sweep-cards", className="sweep-cards"),
             dag.AgGrid(
                 id="runs-grid",
-                columnDefs=COLUMN_DEFS,
-                rowData=runs_rows(db),
+                columnDefs=column_defs(rows),
+                rowData=rows,
                 getRowId="params.data.run_id",
                 defaultColDef={"sortable": True, "filter": True, "floatingFilter": True, "resizable": True},
                 dashGridOptions={

@@ -32,6 +32,7 @@ from dashboard.theme import (
     fmt,
     hline,
     note,
+    plural,
     stat,
     vline,
 )
@@ -107,7 +108,7 @@ def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, met
     if missed.height:
         reasons = missed.with_columns(pl.col("reason").str.replace(r" \(.*", "").str.replace(r":.*", "")).group_by(
             "reason").len()
-        out["missed"] = f"{missed.height} of {hits.height} runs have no measured crossing of {fmt(t)}: " + "; ".join(
+        out["missed"] = f"{missed.height} of {plural(hits.height, 'run')} have no measured crossing of {fmt(t)}: " + "; ".join(
             f"{r['len']} {r['reason']}" for r in reasons.sort("len", descending=True).to_dicts())
     out["frontier"] = frontier_figure(hits, best, fit, t, label)
     out["vs_batch"] = steps_vs_batch_figure(hits, best, fit, t)
@@ -258,7 +259,7 @@ def layout(**_kwargs):
             html.Div(id="tradeoff-problem"),
             html.Div(
                 [html.Label("Target", className="control-label"),
-                 html.Div([dcc.Slider(id="tradeoff-target", min=0, max=1, step=0.001, value=None, marks=None,
+                 html.Div([dcc.Slider(id="tradeoff-target", min=0, max=1, step=0.01, value=None, marks=None,
                                       updatemode="mouseup", className="target-slider", allow_direct_input=False),
                            html.Span(id="tradeoff-target-text", className="target-text")],
                           className="target-row")],
@@ -285,12 +286,43 @@ def layout(**_kwargs):
 
 scope_callback("tradeoff-scope")
 
+KEY_STEP = math.log10(1.05)  # one arrow key moves a loss target by 5 % (Page Up/Down: 10 steps)
+MAX_STEPS = 100  # wider ranges get coarser steps, so the ends stay a few key presses away
+MARK_GAP = 0.12  # a range mark this close (fraction of the slider) to the default's label is left out
+
+
+def slider_grid(lo: float, hi: float, default: float, key_step: float) -> tuple[float, float, float]:
+    """(min, max, step) of a slider over [lo, hi] whose step grid passes through `default` exactly (the
+    slider snaps to min + k·step), with steps of at least `key_step` and at most MAX_STEPS of them;
+    the ends move inwards to the grid, never past lo or hi."""
+    span = hi - lo
+    if not span > 0:
+        return lo, hi, key_step or 1.0
+    step = max(key_step, span / MAX_STEPS)
+    below = round((default - lo) / step)
+    if below > 0:
+        step = (default - lo) / below  # lo stays on the grid: every target down to the lowest is reachable
+    new_lo = default - below * step
+    new_hi = default + math.floor((hi - default) / step + 1e-9) * step
+    return new_lo, max(new_hi, default), step
+
+
+def slider_marks(lo: float, hi: float, default: float, inv) -> dict:
+    """Five evenly spaced value marks and 'all batch sizes' at the default; a value mark whose label
+    would run into the default's is left out."""
+    span = (hi - lo) or 1.0
+    marks = {round(v, 4): fmt(inv(v), 2) for v in np.linspace(lo, hi, 5) if abs(v - default) > MARK_GAP * span}
+    marks[round(default, 4)] = {"label": "all batch sizes", "style": {"color": ACCENT, "whiteSpace": "nowrap"}}
+    return marks
+
+
 
 @callback(
     Output("tradeoff-target", "min"),
     Output("tradeoff-target", "max"),
     Output("tradeoff-target", "value"),
     Output("tradeoff-target", "marks"),
+    Output("tradeoff-target", "step"),
     Input("tradeoff-scope", "value"),
     Input("tradeoff-metric", "value"),
     Input("tradeoff-smooth", "value"),
@@ -301,18 +333,17 @@ def tradeoff_slider(scope, metric, smooth, selected):
     db = queries.current_db()
     runs, _ = resolve_scope(db, scope, selected)
     if store_problem(db) is not None or runs.is_empty():
-        return 0, 1, None, None
+        return 0, 1, None, None, 0.01
     ids = runs["run_id"].to_list()
     metric = metric or "train_loss"
     tr = sweeps.target_range(db, ids, metric, sweeps.default_smoothing(db, ids, metric, _factor(smooth)))
     if tr is None:
-        return 0, 1, None, None
+        return 0, 1, None, None, 0.01
     f = (lambda x: x) if tr.higher_is_better else (lambda x: math.log10(x) if x > 0 else -12)
-    lo, hi, d = f(tr.lo), f(tr.hi), f(tr.default)
     inv = (lambda v: v) if tr.higher_is_better else (lambda v: 10 ** v)
-    marks = {round(v, 4): fmt(inv(v), 2) for v in np.linspace(lo, hi, 5)}
-    marks[round(d, 4)] = {"label": "all batch sizes", "style": {"color": ACCENT, "whiteSpace": "nowrap"}}
-    return lo, hi, d, marks
+    lo, hi, step = slider_grid(f(tr.lo), f(tr.hi), f(tr.default), KEY_STEP if not tr.higher_is_better else 0.0)
+    marks = slider_marks(lo, hi, f(tr.default), inv)
+    return lo, hi, f(tr.default), marks, step
 
 
 @callback(
@@ -366,7 +397,7 @@ def render(view: dict, scope_label: str, metric: str):
             stat("B_crit", fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit", exact=fit.b_crit),
             stat("S_min", fmt(fit.s_min), _ci(*fit.s_min_ci)),
             stat("E_min", fmt(fit.e_min), _ci(*fit.e_min_ci)),
-            stat("Fit", f"R² {fit.r2:.3f}", f"{fit.n_points} batch sizes · rms log-residual {fit.rmse_log:.3f}"),
+            stat("Fit", f"R² {fit.r2:.3f}", f"{plural(fit.n_points, 'batch size')} · rms log-residual {fit.rmse_log:.3f}"),
             b_simple,
         ]
         sentence = note(html.P(next_run_sentence(fit, t, label), className="takeaway"),
