@@ -182,3 +182,41 @@ def run_click(graph_id: str) -> None:
     Call once at import, beside the page's callbacks."""
     dash.clientside_callback(_RUN_CLICK_JS % graph_id, dash.Output(graph_id, "className"),
                              dash.Input(graph_id, "clickData"), prevent_initial_call=True)
+
+
+QUALITATIVE = ["#3b5bdb", "#e8590c", "#2f9e44", "#d6336c", "#7048e8", "#1098ad", "#f08c00", "#5c940d",
+               "#c2255c", "#4263eb", "#0ca678", "#ae3ec9"]
+CLICK = "<br><i>click: open the run page</i>"
+
+
+def grouped_traces(db: Path, curves: dict, info: dict, group_by: Sequence[str], stat: str, band_kind: str,
+                   color_by: str, xl: str, label: str, notes: list[str]) -> list[dict]:
+    """Grouped plot traces from per-run curves {run_id: (x, raw y, drawn y)}: members drawn faint (each
+    clickable: meta run_id), then each group's band and centre line (dashboard.grouping); notes say how."""
+    from dashboard import grouping
+    from dashboard.theme import arr, batch_color
+
+    configs = {rid: grouping.run_config(c) for rid, c in queries.run_configs(db, list(curves)).items()}
+    traces, bands = [], []
+    for k, (name, members) in enumerate(grouping.group_runs({r: configs.get(r, {}) for r in curves}, group_by)):
+        batches = {info.get(r, {}).get("batch_size") for r in members}
+        color = batch_color(next(iter(batches))) if color_by == "batch" and len(batches) == 1 \
+            else QUALITATIVE[k % len(QUALITATIVE)]
+        for rid in members:
+            row = info.get(rid, {"run_id": rid})
+            xs, _raw, ys = curves[rid]
+            traces.append({"type": "scatter", "x": arr(xs), "y": arr(ys), "mode": "lines",
+                           "name": f"{run_label(row)} (seed {row.get('seed')})",
+                           "line": {"color": color, "width": 0.8}, "opacity": 0.35, "showlegend": False,
+                           "legendgroup": f"g{k}", "meta": {"run_id": rid},
+                           "hovertemplate": f"{run_hover(row)}<br>{label} %{{y:.4~g}}{CLICK}<extra></extra>"})
+        b = grouping.aggregate([(curves[r][0], curves[r][2]) for r in members], stat, band_kind)
+        if b is None:
+            notes.append(f"group {name}: its runs do not overlap in {xl}, only its members are drawn")
+            continue
+        if b.note:
+            notes.append(f"group {name}: {b.note}")
+        bands.append(b)
+        traces += grouping.band_traces(b, name, color, members, stat, band_kind, xl, label, f"g{k}")
+    notes.insert(0, grouping.alignment_note(bands, xl, stat, band_kind))
+    return traces

@@ -17,10 +17,13 @@ import numpy as np
 import polars as pl
 from dash import Input, Output, callback, dcc, html
 
-from dashboard import export, grouping, queries
+from dashboard import export, queries
 from dashboard.components import (
+    CLICK,
+    QUALITATIVE,
     group_controls,
     group_options,
+    grouped_traces,
     register_page,
     run_click,
     run_hover,
@@ -46,9 +49,6 @@ STEP_COLUMN = {"b_simple_online": "b_simple"}  # curve name -> steps column
 X_LABELS = {"step": "step", "examples": "examples seen", "tokens": "tokens seen", "wall_time": "wall time (s)"}
 MAX_RUNS = 200  # the point budget is shared, so more runs only means coarser buckets
 POINT_BUDGET = 12_000  # points per figure (before the faint raw copy)
-QUALITATIVE = ["#3b5bdb", "#e8590c", "#2f9e44", "#d6336c", "#7048e8", "#1098ad", "#f08c00", "#5c940d",
-               "#c2255c", "#4263eb", "#0ca678", "#ae3ec9"]
-CLICK = "<br><i>click: open the run page</i>"
 
 
 def debiased_ema(y: np.ndarray, weight: float, n: np.ndarray | None = None) -> np.ndarray:
@@ -142,7 +142,7 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
     xl = X_LABELS[x]
     traces: list[dict] = []
     if group_by:
-        traces = _grouped(curves, info, db, group_by, stat, band, color_by, xl, label, notes)
+        traces = grouped_traces(db, curves, info, group_by, stat, band, color_by, xl, label, notes)
     else:
         seen: set = set()
         for k, rid in enumerate(curves):
@@ -172,35 +172,6 @@ def curves_figure(db: Path, run_ids: Sequence[str], metric: str = "loss", x: str
     )
     fig["layout"]["legend"]["title"] = {"text": "group" if group_by else "batch size" if color_by == "batch" else "run"}
     return fig, "; ".join(notes)
-
-
-def _grouped(curves: dict, info: dict, db: Path, group_by, stat: str, band_kind: str, color_by: str,
-             xl: str, label: str, notes: list[str]) -> list[dict]:
-    """Members drawn faint (each clickable), then each group's band and centre line."""
-    configs = {rid: grouping.run_config(c) for rid, c in queries.run_configs(db, list(curves)).items()}
-    traces, bands = [], []
-    for k, (name, members) in enumerate(grouping.group_runs({r: configs.get(r, {}) for r in curves}, group_by)):
-        batches = {info.get(r, {}).get("batch_size") for r in members}
-        color = batch_color(next(iter(batches))) if color_by == "batch" and len(batches) == 1 \
-            else QUALITATIVE[k % len(QUALITATIVE)]
-        for rid in members:
-            row = info.get(rid, {"run_id": rid})
-            xs, _raw, ys = curves[rid]
-            traces.append({"type": "scatter", "x": arr(xs), "y": arr(ys), "mode": "lines",
-                           "name": f"{run_label(row)} (seed {row.get('seed')})",
-                           "line": {"color": color, "width": 0.8}, "opacity": 0.35, "showlegend": False,
-                           "legendgroup": f"g{k}", "meta": {"run_id": rid},
-                           "hovertemplate": f"{run_hover(row)}<br>{label} %{{y:.4~g}}{CLICK}<extra></extra>"})
-        b = grouping.aggregate([(curves[r][0], curves[r][2]) for r in members], stat, band_kind)
-        if b is None:
-            notes.append(f"group {name}: its runs do not overlap in {xl}, only its members are drawn")
-            continue
-        if b.note:
-            notes.append(f"group {name}: {b.note}")
-        bands.append(b)
-        traces += grouping.band_traces(b, name, color, members, stat, band_kind, xl, label, f"g{k}")
-    notes.insert(0, grouping.alignment_note(bands, xl, stat, band_kind))
-    return traces
 
 
 def _legend(row: dict, color_by: str, seen: set) -> dict:
