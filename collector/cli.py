@@ -4,6 +4,8 @@
     python -m collector sql "SELECT ..."          # read-only, bounded SQL; --format csv|json, --output FILE
     python -m collector shell                     # interactive read-only SQL prompt (history, tab completion)
     python -m collector ingest                    # move dead runs' spools into the store
+    python -m collector ingest --to http://host:8050 [SPOOL_DIR]   # ship spools of ended runs to a server
+    python -m collector serve --port 8060         # receive remote runs over HTTP (docs/remote.md)
     python -m collector schema                    # the data dictionary
     python -m collector export DIR / import DIR   # Parquet, one file per table
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import polars as pl
 
 from collector.sql_engine import CLI_LIMITS, Limits, clean_error, csv_text, with_overrides
 from collector.sql_worker import run_sql
-from collector.store import StoreError, read_connection, resolve_db
+from collector.store import StoreError, read_connection, resolve_db, spool_root
 from collector.transfer import export_store, import_store
 
 RUNS_COLUMNS = ("run_id, name, sweep, status, task, batch_size, lr, optimizer, steps, examples, "
@@ -126,6 +129,8 @@ def cmd_ingest(args) -> None:
     """Take the ingest lease and move every spool in; one summary line, never a traceback."""
     from collector.ingester import ingest_all
 
+    if args.to or args.spool_dir:
+        return _ship(args)
     db = resolve_db(args.db)
     try:
         summary = ingest_all(db, wait=args.wait)
@@ -139,6 +144,34 @@ def cmd_ingest(args) -> None:
     print(summary.line(db))
     for why in summary.skipped:
         print(f"  skipped {why}")
+
+
+def _ship(args) -> None:
+    """`ingest --to URL [SPOOL_DIR]`: ship the spools of ended (or killed) remote runs to the server."""
+    from collector import remote
+
+    url = remote.remote_url(args.to) if args.to else None
+    if url is None:
+        raise UsageError("--to needs the server's http:// or https:// URL")
+    root = Path(args.spool_dir) if args.spool_dir else spool_root(remote.local_spool_db(url))
+    try:
+        out = remote.ship_dead_spools(url, root, wait=args.wait)
+    except remote.AuthError as exc:
+        raise StoreError(f"{url} refused the credentials ({exc}): set BATCHSCOPE_TOKEN to the server's "
+                         "--auth secret; nothing was sent") from None
+    except remote.Unreachable as exc:
+        raise StoreError(f"cannot reach {url} ({exc}) for {args.wait:g} s; the spools stay in {root}") from None
+    print(f"shipped {out['shipped']} run spool(s) from {root} to {url}: {out['rows']:,} rows in "
+          f"{out['segments']} segment(s); {out['live']} live run(s) left to their process; "
+          f"skipped {len(out['skipped'])}")
+    for why in out["skipped"]:
+        print(f"  skipped {why}")
+
+
+def cmd_serve(args) -> None:
+    from collector.serve import cli_serve
+
+    cli_serve(args)
 
 
 def cmd_schema(args) -> None:
@@ -192,8 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shell)
     s = sub.add_parser("ingest", parents=[common], help="move every run's spooled rows into the store (quarantining "
                        "unreadable files) and print a summary")
-    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the ingest lease (default 30)")
+    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the ingest lease, or with --to "
+                   "for the server (default 30)")
+    s.add_argument("--to", metavar="URL", help="ship the spools of ended remote runs to this server instead "
+                   "(token from $BATCHSCOPE_TOKEN)")
+    s.add_argument("spool_dir", nargs="?", help="with --to: the spool folder (default: where runs logging to URL "
+                   "spool, under $BATCHSCOPE_SPOOL or ~/.cache/batchscope/remote)")
     s.set_defaults(func=cmd_ingest)
+    s = sub.add_parser("serve", parents=[common], help="receive remote runs over HTTP and write them through the "
+                       "ingest lease (docs/remote.md)")
+    s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for other machines)")
+    s.add_argument("--port", type=int, default=8060, help="port (default 8060)")
+    s.add_argument("--auth", default=os.environ.get("BATCHSCOPE_AUTH"),
+                   help="token:SECRET or USER:PASSWORD, as the dashboard's (default: $BATCHSCOPE_AUTH; none)")
+    s.add_argument("--threads", type=int, default=16, help="waitress worker threads (default 16)")
+    s.set_defaults(func=cmd_serve)
     s = sub.add_parser("schema", parents=[common], help="print the data dictionary")
     s.add_argument("--format", choices=("text", "markdown"), default="text")
     s.set_defaults(func=cmd_schema)

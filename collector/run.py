@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc  # noqa: F401 - pa.ipc
 
-from collector import signals
+from collector import remote, signals
 from collector.ingest import RUN_COLUMNS
 from collector.provenance import provenance
 from collector.run_store import RunStore, _one_line
@@ -99,8 +99,10 @@ class Run(RunStore):
         fields = run_fields(meta) | {"name": to_text(name, "name"),
                                      "sweep": None if sweep is None else to_text(sweep, "sweep"),
                                      "config": to_json(config or {})}
-        self.db: Path = resolve_db(db)
-        self.db.parent.mkdir(parents=True, exist_ok=True)
+        url = remote.remote_url(db)  # http(s)://...: spool here, ship to that server (collector/remote.py)
+        self.db: Path | str = url or resolve_db(db)
+        spool_db = remote.local_spool_db(url) if url else self.db
+        spool_db.parent.mkdir(parents=True, exist_ok=True)
         self.run_id = uuid.uuid4().hex[:12]
         self.name, self.sweep = name, sweep
         self._row = {c: None for c in RUN_COLUMNS} | fields | {
@@ -129,12 +131,14 @@ class Run(RunStore):
         self._spool_lock = threading.RLock()  # RLock: a signal handler may flush while the main thread spools
         self._stopped_by: str | None = None  # a signal that stopped the program (collector/signals.py)
         _warm_up()
-        self.spool = Spool(spool_root(self.db), self.run_id, keep_ingested=True)
+        self.spool = Spool(spool_root(spool_db), self.run_id, keep_ingested=True)
         self.spool.create_and_own()
         self.spool.write_run(self._row)
         self._stop = threading.Event()
+        self._shipper = remote.Shipper(self, url) if url else None
+        second = ("ship", self._shipper.loop) if self._shipper else ("ingest", self._ingest_loop)
         self._threads = [threading.Thread(target=target, name=f"batchscope-{what}-{self.run_id}", daemon=True)
-                         for what, target in (("spool", self._spool_loop), ("ingest", self._ingest_loop))]
+                         for what, target in (("spool", self._spool_loop), second)]
         for t in self._threads:
             t.start()
         atexit.register(self._atexit)
@@ -263,8 +267,9 @@ class Run(RunStore):
                       "else it logged is stored or in its spool")
         self._row |= {"status": self._status, "ended_at": _utcnow(), "status_reason": reason}
         self._write_run()
-        if not self._store_final():
-            self._say("final", f"batchscope: run {self.run_id} is not (all) in {self.db} yet; its "
+        if not (self._shipper.finish() if self._shipper else self._store_final()):
+            self._say("final", self._shipper.not_stored_message() if self._shipper else
+                      f"batchscope: run {self.run_id} is not (all) in {self.db} yet; its "
                       f"{'other ' if lost else ''}rows are safe in {self.spool.dir} and will be moved by "
                       "`python -m collector ingest` (or the next run or dashboard)")
             self.spool.release()
