@@ -73,6 +73,12 @@ def create_app(db: str | os.PathLike | None = None, auth: str | None = None,
         install_loopback_host_check(app.server)
     if auth:
         install_auth(app.server, auth)
+    # --- remote logging (collector/serve.py, owned by the remote-logging work): runs sent over HTTP,
+    # behind the same --auth as every other route; written through the store's ingest lease.
+    from collector.serve import install_receiver
+
+    install_receiver(app.server, queries.current_db)
+    # --- end remote logging
     app.server.register_error_handler(StoreError, _store_error_page)
     app.server.register_error_handler(duckdb.Error, _store_error_page)
 
