@@ -108,7 +108,8 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if not sweep:
         rec.add_argument("--name", help="run name (default: TASK-bB-lrLR)")
         rec.add_argument("--sweep", help="sweep (group of runs) this run belongs to")
-    rec.add_argument("--db", metavar="PATH", help="store path (default: $BATCHSCOPE_DB or ./runs.duckdb)")
+    rec.add_argument("--db", metavar="PATH", help="store path, or a server URL http(s)://host:port (docs/remote.md) "
+                     "(default: $BATCHSCOPE_DB or ./runs.duckdb)")
     rec.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N, mps")
     rec.add_argument("--threads", type=integer, metavar="N", help="CPU threads for torch (default: 1 for digits/linreg/teacher, whose layers are too "
                           "small to split; torch's choice otherwise)")
