@@ -9,6 +9,8 @@ parameters: taking over the clipping changes nothing in the updates.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from collector.store import read_connection  # noqa: E402
+from tests.integration_helpers import stored  # noqa: E402
 from trainer.integrations.hf import BatchscopeCallback  # noqa: E402
 
 VOCAB, T, MICRO, ACCUM, STEPS = 24, 12, 8, 2, 8
@@ -40,27 +42,18 @@ def sequences(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def make_trainer(out: Path, callbacks: list, **kw) -> transformers.Trainer:
+def make_trainer(out: Path, callbacks: list, accum: int = ACCUM, **kw) -> transformers.Trainer:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=T))
     args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=MICRO, gradient_accumulation_steps=ACCUM,
+        output_dir=str(out), per_device_train_batch_size=MICRO, gradient_accumulation_steps=accum,
         max_steps=STEPS, learning_rate=3e-3, max_grad_norm=0.05, logging_steps=1, eval_strategy="steps",
         eval_steps=4, per_device_eval_batch_size=32, save_strategy="no", report_to="none", use_cpu=True,
         seed=0, disable_tqdm=True, lr_scheduler_type="linear", dataloader_num_workers=0, **kw)
     return transformers.Trainer(model=model, args=args, train_dataset=sequences(256, 1),
                                 eval_dataset=sequences(64, 2), callbacks=callbacks)
-
-
-def stored(db):
-    with read_connection(db) as con:
-        runs = con.sql("SELECT * FROM runs").pl().to_dicts()
-        steps = con.sql("SELECT * FROM steps ORDER BY step").pl().to_dicts()
-        evals = con.sql("SELECT * FROM evals ORDER BY step").pl().to_dicts()
-    assert len(runs) == 1
-    return runs[0], steps, evals
 
 
 def test_finished_run_with_unclipped_noise_on_every_step_and_unchanged_updates(tmp_path):
@@ -140,3 +133,122 @@ def test_a_model_that_raises_in_a_script_leaves_a_failed_run_with_its_steps(tmp_
     assert run["status"] == "failed" and run["status_reason"] == "FloatingPointError: model blew up"
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
     assert all(s["g_small_sq"] is not None and s["g_big_sq"] is not None for s in steps)
+
+
+DDP_SCRIPT = """
+import json, os, signal, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import transformers
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from test_integration_hf import make_trainer
+from trainer.integrations.hf import BatchscopeCallback
+
+out, db = Path({out!r}), {db!r}
+rank = int(os.environ["RANK"])
+
+
+class LocalNorms(transformers.TrainerCallback):
+    # the truth: each rank's local gradient, as DDP hands it to its all-reduce (a communication hook)
+    def __init__(self):
+        self.trainer, self.sq, self.steps = None, 0.0, []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainer.model_wrapped.register_comm_hook(None, self.hook)
+
+    def hook(self, state, bucket):
+        self.sq += float(bucket.buffer().double().square().sum())
+        return allreduce_hook(None, bucket)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.steps.append(self.sq)
+        self.sq = 0.0
+
+
+def train(name, accum, extra=(), **cb):
+    trainer = make_trainer(out / name, [BatchscopeCallback(db=db, name=name, **cb), *extra], accum=accum)
+    for c in extra:
+        c.trainer = trainer
+    trainer.train()
+    return trainer
+
+
+# 1. every parameter by ranks (K = 1): g_small = each rank's local gradient, exactly the comm hook's
+truth = LocalNorms()
+logs = train("ranks", 1, [truth], per_example=False).state.log_history
+(out / f"ranks-{{rank}}.json").write_text(json.dumps({{"local_sq": truth.steps, "logs": logs}}))
+# 2. the default: per example where a layer has a rule (Linear, Embedding), by ranks and micro-batches else
+logs = train("default", 2).state.log_history
+(out / f"default-{{rank}}.json").write_text(json.dumps({{"logs": logs}}))
+
+
+# 3. rank 1 is killed (SIGKILL) at the first forward of step 4: rank 0's run fails, steps 1-3 kept
+class Die(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        if rank == 1 and state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+train("dies", 1, [Die()])
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_store(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """One torchrun launch of 2 gloo ranks: two finished runs, then a third whose rank 1 is SIGKILLed."""
+    tmp = tmp_path_factory.mktemp("hf-ddp")
+    db, out = tmp / "runs.duckdb", tmp / "out"
+    script = tmp / "train_ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent), out=str(out), db=str(db)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], cwd=tmp, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=400, stdin=subprocess.DEVNULL)
+    return db, out, proc
+
+
+def grad_norms(logs: list[dict]) -> dict[int, dict]:
+    return {h["step"]: h for h in logs if "grad_norm" in h}
+
+
+@pytest.mark.slow
+def test_ddp_noise_is_every_ranks_local_gradient_against_the_all_reduced_one(ddp_store):
+    """Under torchrun the callback gets the bare model; its hooks must still see each rank's local gradient.
+    Truth from DDP itself: a communication hook's bucket norms (before the all-reduce) on every rank, and
+    the Trainer's pre-clip grad_norm of the all-reduced gradient."""
+    db, out, proc = ddp_store
+    assert (out / "ranks-1.json").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    run, steps, _ = stored(db, "ranks")
+    r0, r1 = (json.loads((out / f"ranks-{r}.json").read_text()) for r in (0, 1))
+    logs = grad_norms(r0["logs"])
+    assert run["status"] == "finished"
+    assert (run["world_size"], run["batch_size"], run["micro_batch_size"], run["accum_steps"]) == (2, 16, 8, 1)
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1)) == sorted(logs)
+    for s, sq0, sq1 in zip(steps, r0["local_sq"], r1["local_sq"], strict=True):
+        assert abs(sq0 - sq1) > 1e-3 * sq0  # the ranks' gradients differ: rank 0's alone would not do
+        assert (s["b_small"], s["b_big"], s["batch_size"], s["examples"]) == (MICRO, 2 * MICRO, 16, 16 * s["step"])
+        assert s["g_small_sq"] == pytest.approx((sq0 + sq1) / 2, rel=1e-4)
+        assert s["g_big_sq"] == pytest.approx(logs[s["step"]]["grad_norm"] ** 2, rel=1e-4)
+        assert s["loss"] == pytest.approx(logs[s["step"]]["loss"], rel=1e-4)  # the Trainer's: over both ranks
+
+
+@pytest.mark.slow
+def test_ddp_default_measures_per_example_on_every_step_and_a_killed_rank_fails_the_run(ddp_store):
+    db, out, proc = ddp_store
+    assert (out / "default-0.json").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    run, steps, _ = stored(db, "default")
+    logs = grad_norms(json.loads((out / "default-0.json").read_text())["logs"])
+    assert run["status"] == "finished" and (run["world_size"], run["batch_size"]) == (2, 2 * MICRO * ACCUM)
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for s in steps:  # Linear/Embedding per example, RMSNorm by micro-batches x ranks: b_small = 1 equivalent
+        assert (s["b_small"], s["b_big"]) == (1.0, 2 * MICRO * ACCUM) and s["g_small_sq"] > s["g_big_sq"] > 0
+        assert s["g_big_sq"] == pytest.approx(logs[s["step"]]["grad_norm"] ** 2, rel=1e-4)
+        assert s["loss"] == pytest.approx(logs[s["step"]]["loss"], rel=1e-4)
+
+    assert proc.returncode != 0  # the launch ends with the killed rank
+    run, steps, _ = stored(db, "dies")
+    assert run["status"] == "failed" and run["status_reason"], run  # rank 0: a broken collective, or SIGTERM
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["g_small_sq"] is not None and s["loss"] is not None for s in steps)

@@ -7,6 +7,7 @@ examples give mean_i |g_i|^2 (g_small_sq at b_small = 1), and the unclipped .gra
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
-from collector.store import read_connection  # noqa: E402
+from tests.integration_helpers import stored  # noqa: E402
 from trainer.integrations.lightning import BatchscopeCallback  # noqa: E402
 
 BATCH, ACCUM, STEPS = 16, 2, 8
@@ -91,15 +92,6 @@ def fit(module, callback, **kw):
         warnings.simplefilter("ignore")  # Lightning's advice on num_workers etc.
         trainer.fit(module, train, val)
     return trainer
-
-
-def stored(db):
-    with read_connection(db) as con:
-        run = con.sql("SELECT * FROM runs").pl().to_dicts()
-        steps = con.sql("SELECT * FROM steps ORDER BY step").pl().to_dicts()
-        evals = con.sql("SELECT * FROM evals ORDER BY step").pl().to_dicts()
-    assert len(run) == 1
-    return run[0], steps, evals
 
 
 def test_finished_run_with_noise_on_every_step_matching_per_example_truth(tmp_path):
@@ -191,41 +183,48 @@ def test_uncovered_parameters_leave_the_noise_empty_at_k1_and_filled_with_accumu
 
 
 DDP_SCRIPT = """
-import sys, warnings
-import torch
+import json, sys, warnings
 import lightning.pytorch as L
 sys.path.insert(0, {tests!r})
 from test_integration_lightning import MLP, loaders
 from trainer.integrations.lightning import BatchscopeCallback
-
-class Plain(MLP):
-    def on_before_optimizer_step(self, optimizer):
-        self._step_batches = []
 
 L.seed_everything(3, verbose=False)
 warnings.simplefilter("ignore")
 trainer = L.Trainer(max_steps=4, accumulate_grad_batches=2, strategy="ddp", accelerator="cpu", devices=2,
                     limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[BatchscopeCallback(db={db!r}, name="ddp")])
-trainer.fit(Plain(), loaders()[0])
+module = MLP()
+trainer.fit(module, loaders()[0])
+with open({truth!r}.format(trainer.global_rank), "w") as f:
+    json.dump(module.truth, f)  # this rank's per-example truth over its own shard
 """
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_write_one_run_with_the_global_batch(tmp_path):
-    """Lightning's own DDP launcher (it re-runs the script per rank); only rank 0 writes."""
+def test_ddp_two_gloo_processes_write_one_run_with_every_ranks_noise(tmp_path):
+    """Lightning's own DDP launcher (it re-runs the script per rank); only rank 0 writes, and each step's
+    ingredients and loss are the global batch's: the mean over both ranks of their own torch.func
+    per-example truths (their shards differ, so rank 0's alone would not match)."""
     db = tmp_path / "runs.duckdb"
     script = tmp_path / "fit_ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), db=str(db)))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    truth = str(tmp_path / "truth-{}.json")
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), db=str(db), truth=truth))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run, steps, _ = stored(db)
     assert run["status"] == "finished" and (run["world_size"], run["batch_size"], run["accum_steps"]) == (2, 64, 2)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
-    assert all(s["examples"] == 64 * s["step"] and s["b_big"] == 64 and s["b_small"] == 1.0 for s in steps)
-    assert all(s["g_small_sq"] > s["g_big_sq"] > 0 for s in steps)
+    t0, t1 = (json.loads(Path(truth.format(r)).read_text()) for r in (0, 1))
+    for s in steps:
+        a, b = t0[str(s["step"])], t1[str(s["step"])]
+        assert a["n"] == b["n"] == 32 and abs(a["g_small_sq"] - b["g_small_sq"]) > 1e-3 * a["g_small_sq"]
+        assert s["examples"] == 64 * s["step"] and s["b_big"] == 64 and s["b_small"] == 1.0
+        assert s["g_small_sq"] == pytest.approx((a["g_small_sq"] + b["g_small_sq"]) / 2, rel=1e-4)
+        assert s["g_big_sq"] == pytest.approx(a["g_big_sq"], rel=1e-4) == b["g_big_sq"]  # the all-reduced .grad
+        assert s["loss"] == pytest.approx((a["loss"] + b["loss"]) / 2, rel=1e-5)
 
 
 class TinyLM(L.LightningModule):

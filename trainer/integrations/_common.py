@@ -1,5 +1,6 @@
-"""What the Lightning and Hugging Face callbacks share: one optimizer step's `steps` row, the run's fields
-inferred from the optimizer, evaluations picked out of a metrics dict, and ending the run right.
+"""What the Lightning and Hugging Face callbacks share: one optimizer step's `steps` row (its loss and
+counts summed over the data-parallel ranks), the run's fields inferred from the optimizer and the loader,
+the noise measurement under DDP, evaluations picked out of a metrics dict, and ending the run right.
 
 Framework-free (torch and the collector only), so it is tested with either framework.
 """
@@ -14,10 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import collector
 from trainer.gns import BSimpleEMA, TrackingBSimple
-from trainer.noise import NoiseStats
+from trainer.noise import GradientNoise, NoiseStats
 from trainer.steplog import GNS_TARGET_RSE
 
 UNITS = ("examples", "tokens")
@@ -66,6 +68,37 @@ def optimizer_fields(opt: torch.optim.Optimizer | None) -> dict:
            "weight_decay": g.get("weight_decay")}
     return {k: float(v) if isinstance(v, (int, float, torch.Tensor)) and k != "optimizer" else v
             for k, v in out.items() if v is not None}
+
+
+def run_fields(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module, *, micro: int | None, accum: int,
+               world: int, loader: Any, seed: int | None) -> dict:
+    """The `runs` columns a framework's state tells: the optimizer's, the global batch (micro-batch x
+    accumulation x ranks), the training set's size (None for an iterable dataset) and the device."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        train_size = len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        train_size = None
+    return optimizer_fields(optimizer) | {
+        "model": type(model).__name__, "micro_batch_size": micro, "accum_steps": accum, "world_size": world,
+        "batch_size": micro * accum * world if micro else None, "train_size": train_size, "seed": seed,
+        "device": device_of(model)}
+
+
+class RankNoise(GradientNoise):
+    """GradientNoise on the bare module of a DistributedDataParallel job whose wrapper the framework keeps
+    to itself (the HF Trainer hands callbacks the unwrapped model). The hooks sit on the module's own
+    layers and parameters, so they see each rank's local gradient exactly as on the wrapper, and `.grad`
+    is the all-reduced one; only the number of ranks (the default process group) has to be given."""
+
+    def __init__(self, module: torch.nn.Module, per_example: bool = True):
+        super().__init__(module, per_example=per_example)
+        self.world = dist.get_world_size()
+
+
+def data_parallel() -> int:
+    """Ranks of the default process group (1 outside torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def pick_evals(metrics: Mapping[str, Any], evals: EvalKeys) -> dict[str, tuple[float | None, float | None]]:
@@ -118,19 +151,30 @@ class StepRecorder:
         if value is not None:
             self._losses.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
 
-    def step(self, step: int, lr: float | None, stats: NoiseStats | None, loss_is_sum: bool = False) -> dict:
+    def step(self, step: int, lr: float | None, stats: NoiseStats | None, loss_is_sum: bool = False,
+             shares_over_ranks: bool = False) -> dict:
         """Log the step (losses: mean over micro-batches, or their sum when each was already scaled by its
-        share of the step, as the HF Trainer's token-normalised losses are) and start the next one."""
-        examples, tokens = self._examples * self.world, self._tokens * self.world
-        losses, self._losses, self._examples, self._tokens = self._losses, [], 0, 0
+        share of the step, as the HF Trainer's token-normalised losses are) and start the next one.
+
+        Every rank must call it (world > 1): the step's loss, examples and tokens are summed over the ranks
+        in one all-reduce of 4 scalars, so the row is the global batch's, not rank 0's. The ranks' losses
+        are averaged, or added when each is its share of the whole step over all ranks
+        (`shares_over_ranks`: the HF Trainer's `average_tokens_across_devices`)."""
+        losses, self._losses = self._losses, []
+        loss = None
+        if losses:
+            total = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).sum()
+            loss = total if loss_is_sum else total / len(losses)
+        examples, tokens, self._examples, self._tokens = self._examples, self._tokens, 0, 0
+        if self.world > 1:
+            loss, examples, tokens = over_ranks(loss, examples, tokens, shares_over_ranks)
         if self.unit == "tokens" and not tokens:
             raise ValueError("unit='tokens' but no tokens were counted this step (pass a tokens= counter)")
         size = tokens if self.unit == "tokens" else examples
         self.seen += size
         row: dict = {"examples": self.seen, "batch_size": size or None, "lr": lr}
-        if losses:
-            total = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).sum()
-            row["loss"] = float(total if loss_is_sum else total / len(losses))
+        if loss is not None:
+            row["loss"] = float(loss)
         self._since += size
         if stats is not None and stats.measured and stats.complete:
             per = tokens / examples if self.unit == "tokens" and examples else 1.0
@@ -148,6 +192,24 @@ class StepRecorder:
         if self.run is not None:  # None on the ranks that do not write
             self.run.log_step(step, **row)
         return row
+
+
+def over_ranks(loss: torch.Tensor | None, examples: int, tokens: int, shares: bool) -> tuple[float | None, int, int]:
+    """(loss, examples, tokens) of the global batch from every rank's own: one all-reduce of 4 float64s
+    (on this rank's CUDA device under NCCL). The loss is the ranks' mean, or their sum for `shares`; a
+    rank without a loss makes it the others' mean (shares: unknown, None)."""
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    has = loss is not None
+    packed = torch.tensor([float(loss) if has else 0.0, float(has), float(examples), float(tokens)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    total, with_loss, examples_all, tokens_all = packed.tolist()
+    if with_loss == 0 or (shares and with_loss < dist.get_world_size()):
+        global_loss = None
+    else:
+        global_loss = total if shares else total / with_loss
+    return global_loss, int(examples_all), int(tokens_all)
 
 
 class RunOwner:
@@ -181,6 +243,30 @@ class RunOwner:
     def _atexit(self) -> None:
         exc = getattr(sys, "last_value", None)
         self.end_failed(f"{type(exc).__name__}: {exc}" if exc is not None else "the process exited during training")
+
+
+class EndsRun:
+    """The run-ending half of a callback: a context manager (`with callback: fit(...)`) that fails the run
+    with an exception the framework does not report, or ends it; `_release()` drops the callback's hooks."""
+
+    owner: RunOwner
+
+    def _release(self) -> None:
+        """Remove the callback's hooks (and undo what it changed in the framework)."""
+
+    def end_run(self, exc: BaseException | None = None) -> None:
+        """Release the hooks, then finish the run, or fail it with `exc` (every logged step is kept)."""
+        self._release()
+        if exc is not None:
+            self.owner.end_failed(f"{type(exc).__name__}: {exc}")
+        else:
+            self.owner.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end_run(exc)
 
 
 def warn_once(seen: set, key: str, message: str) -> None:

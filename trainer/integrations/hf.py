@@ -23,8 +23,12 @@ What the Trainer's events give (transformers 5.x `_inner_training_loop`, read fo
   (`with cb: trainer.train()`) to fail the run in-process; an uncaught exception that ends the process
   fails it at exit with the exception.
 
-Not covered: multi-process runs (DDP, FSDP, DeepSpeed) log steps from rank 0 without the noise scale
-(the callback does not see the DDP wrapper), and fp16 loss scaling (the hooks see scaled gradients);
+Under DDP (torchrun, accelerate launch) every rank measures: callbacks are handed the bare model, not
+the DDP wrapper, but the hooks sit on its layers and parameters, so they see each rank's local gradient
+(the small batch; per example where a layer has a rule) while `.grad` is the all-reduced one, and
+`step()` all-reduces a few scalars. Each step's loss and counts are all-reduced too (one more collective
+of 4 scalars), and rank 0 writes. Not covered: FSDP and DeepSpeed (sharded gradients) and fp16 loss
+scaling (the hooks see scaled gradients): steps and evals are logged without the noise scale there;
 bf16 and fp32 are measured.
 """
 
@@ -43,15 +47,17 @@ except ImportError as exc:
     raise ImportError("trainer.integrations.hf needs transformers: pip install 'batchscope[hf]'") from exc
 
 from trainer.integrations._common import (
+    EndsRun,
     EvalKeys,
+    RankNoise,
     RunOwner,
     StepRecorder,
     batch_examples,
     batch_tokens,
     check_unit,
-    device_of,
-    optimizer_fields,
+    data_parallel,
     pick_evals,
+    run_fields,
     warn_once,
 )
 from trainer.noise import GradientNoise, NoiseStats
@@ -71,7 +77,7 @@ def default_evals(metrics: Mapping[str, Any]) -> EvalKeys:
     return out
 
 
-class BatchscopeCallback(TrainerCallback):
+class BatchscopeCallback(EndsRun, TrainerCallback):
     """Log a `transformers.Trainer` run to a batchscope store.
 
     db, name, sweep, config: as `collector.start_run` (name defaults to args.run_name); unit: "examples"
@@ -105,32 +111,25 @@ class BatchscopeCallback(TrainerCallback):
         self._release()  # a previous train() that raised outside `with callback:` left its hooks and clip
         world = int(args.world_size)
         measure = self.noise
-        if measure and world > 1:
-            warn_once(self._warned, "ddp", "BatchscopeCallback (HF): no noise scale for multi-process training yet; "
-                      "steps and evals are logged from rank 0")
+        if measure and world > 1 and (args.fsdp or args.deepspeed or data_parallel() != world):
+            warn_once(self._warned, "ddp", "BatchscopeCallback (HF): no noise scale under FSDP or DeepSpeed "
+                      "(sharded gradients); steps and evals are logged from rank 0")
             measure = False
-        if measure and (args.fp16 or getattr(args, "deepspeed", None)):
-            warn_once(self._warned, "fp16", "BatchscopeCallback (HF): no noise scale under fp16 loss scaling or "
-                      "DeepSpeed; use bf16 or fp32 (steps and evals are logged)")
+        if measure and args.fp16:
+            warn_once(self._warned, "fp16", "BatchscopeCallback (HF): no noise scale under fp16 loss scaling; "
+                      "use bf16 or fp32 (steps and evals are logged)")
             measure = False
-        if measure:
-            self.gns = GradientNoise(model, per_example=self.per_example)
+        if measure:  # under DDP: the bare model's hooks see the local gradients (RankNoise)
+            self.gns = (RankNoise if world > 1 else GradientNoise)(model, per_example=self.per_example)
             if args.max_grad_norm and args.max_grad_norm > 0:
                 self._clip, self._args, args.max_grad_norm = args.max_grad_norm, args, 0.0
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self.recorder = StepRecorder(None, self.unit, world, self.gns_window)
         if not state.is_world_process_zero:
             return
-        micro, accum = int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
-        dataset = getattr(train_dataloader, "dataset", None)
-        try:
-            train_size = len(dataset) if dataset is not None else None
-        except TypeError:
-            train_size = None
-        inferred = optimizer_fields(optimizer) | {
-            "model": type(model).__name__, "micro_batch_size": micro, "accum_steps": accum, "world_size": world,
-            "batch_size": micro * accum * world, "train_size": train_size, "seed": int(args.seed),
-            "device": device_of(model), "lr": float(args.learning_rate)}
+        inferred = run_fields(optimizer, model, micro=int(args.per_device_train_batch_size),
+                              accum=int(args.gradient_accumulation_steps), world=world, loader=train_dataloader,
+                              seed=int(args.seed)) | {"lr": float(args.learning_rate)}
         config = {"framework": "transformers", "transformers_version": transformers.__version__, "unit": self.unit,
                   "training_args": json.loads(args.to_json_string()),
                   "model_config": getattr(getattr(model, "config", None), "to_diff_dict", dict)()}
@@ -156,7 +155,8 @@ class BatchscopeCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if self.recorder is not None:
             stats, self._stats = self._stats, None
-            self.recorder.step(state.global_step, self._lr, stats, loss_is_sum=self._loss_is_sum)
+            self.recorder.step(state.global_step, self._lr, stats, loss_is_sum=self._loss_is_sum,
+                               shares_over_ranks=self._loss_is_sum and args.average_tokens_across_devices)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         run = self.owner.run
@@ -167,8 +167,7 @@ class BatchscopeCallback(TrainerCallback):
             run.log_eval(state.global_step, split=split, loss=loss, accuracy=acc, examples=seen)
 
     def on_train_end(self, args, state, control, **kw):
-        self._release()
-        self.owner.end()
+        self.end_run()
 
     def _release(self) -> None:
         """Remove the hooks and give the user's max_grad_norm back."""
@@ -178,13 +177,3 @@ class BatchscopeCallback(TrainerCallback):
         self.gns = self._hook = None
         if self._args is not None:
             self._args.max_grad_norm, self._args, self._clip = self._clip, None, None
-
-    def __enter__(self) -> BatchscopeCallback:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._release()
-        if exc is not None:
-            self.owner.end_failed(f"{exc_type.__name__}: {exc}")
-        else:
-            self.owner.end()

@@ -14,7 +14,8 @@ When, in Lightning's hook order (2.x, automatic optimization):
 - on_before_optimizer_step: after the last micro-batch's backward, after AMP's unscale and *before*
   Lightning clips (`gradient_clip_val`), so the norms are of the unclipped gradient: `gns.step()`;
 - on_train_batch_end after the optimizer step: the step's row (the mean of its micro-batches' losses,
-  which Lightning hands over divided by accumulate_grad_batches);
+  which Lightning hands over divided by accumulate_grad_batches); under DDP every rank takes part in one
+  all-reduce of the step's loss and counts, so the row is the global batch's;
 - on_validation_end: evals from `trainer.callback_metrics` (sanity checks skipped);
 - on_train_end: finished; on_exception: failed, with the exception; steps logged so far are kept.
 """
@@ -36,16 +37,16 @@ except ImportError:  # the standalone package name
         raise ImportError("trainer.integrations.lightning needs Lightning: pip install 'batchscope[lightning]'") from exc
 
 from trainer.integrations._common import (
+    EndsRun,
     EvalKeys,
     RunOwner,
     StepRecorder,
     batch_examples,
     batch_tokens,
     check_unit,
-    device_of,
     first_tensor,
-    optimizer_fields,
     pick_evals,
+    run_fields,
     warn_once,
 )
 from trainer.noise import GradientNoise, NoiseStats
@@ -76,7 +77,7 @@ class _CountedNoise(GradientNoise):
             self._counting = False
 
 
-class BatchscopeCallback(pl.Callback):
+class BatchscopeCallback(EndsRun, pl.Callback):
     """Log a Lightning fit to a batchscope store.
 
     db, name, sweep, config: as `collector.start_run` (name defaults to the module's class name);
@@ -120,18 +121,10 @@ class BatchscopeCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         loader = trainer.train_dataloader
-        micro = getattr(loader, "batch_size", None)
-        dataset = getattr(loader, "dataset", None)
-        try:
-            train_size = len(dataset) if dataset is not None else None
-        except TypeError:  # an iterable dataset
-            train_size = None
-        opt = trainer.optimizers[0] if trainer.optimizers else None
         seed = os.environ.get("PL_GLOBAL_SEED")
-        inferred = optimizer_fields(opt) | {
-            "model": type(pl_module).__name__, "micro_batch_size": micro, "accum_steps": accum, "world_size": world,
-            "batch_size": micro * accum * world if micro else None, "train_size": train_size,
-            "seed": int(seed) if seed is not None else None, "device": device_of(pl_module)}
+        inferred = run_fields(trainer.optimizers[0] if trainer.optimizers else None, pl_module,
+                              micro=getattr(loader, "batch_size", None), accum=accum, world=world, loader=loader,
+                              seed=int(seed) if seed is not None else None)
         hparams = dict(getattr(pl_module, "hparams", {}) or {})
         config = {"framework": "lightning", "lightning_version": pl.__version__, "unit": self.unit,
                   "precision": str(trainer.precision), "gradient_clip_val": trainer.gradient_clip_val,
@@ -174,24 +167,12 @@ class BatchscopeCallback(pl.Callback):
             run.log_eval(trainer.global_step, split=split, loss=loss, accuracy=acc, examples=seen)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._close_noise()
-        self.owner.end()
+        self.end_run()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._close_noise()
-        self.owner.end_failed(f"{type(exception).__name__}: {exception}")
+        self.end_run(exception)
 
-    def _close_noise(self) -> None:
+    def _release(self) -> None:
         if self.gns is not None:
             self.gns.close()
             self.gns = None
-
-    def __enter__(self) -> BatchscopeCallback:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._close_noise()
-        if exc is not None:
-            self.owner.end_failed(f"{exc_type.__name__}: {exc}")
-        else:
-            self.owner.end()
