@@ -217,6 +217,9 @@ class Shipper:
     def ship_once(self) -> None:
         """Run row if new or a heartbeat is due, then every sealed segment."""
         row = self._row()
+        # An ended run's row goes after its last segments: a server that has it may store the run as ended.
+        if row["status"] != "running" and ship_segments(self.client, self.run.spool, self._row, self.heartbeat_s):
+            self._last_contact = time.monotonic()
         if row != self._sent_row or time.monotonic() - self._last_contact >= self.heartbeat_s:
             self.client.send_run(self.run.run_id, row, self.heartbeat_s)
             self._sent_row = row

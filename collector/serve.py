@@ -122,9 +122,16 @@ class Receiver:
             with self._lock:
                 silent = [r for r, (_, exp) in self._owned.items() if exp < now]
                 busy = bool(self._owned)
-            for run_id in silent:
-                self._release(run_id)
-                self._recover = True
+            for run_id in silent:  # under the run's lock: no segment is being written into it meanwhile
+                lock = self._run_lock(run_id)
+                if lock.acquire(blocking=False):
+                    try:
+                        _, exp = self._owned.get(run_id, (None, 0.0))
+                        if exp < time.monotonic():
+                            self._release(run_id)
+                            self._recover = True
+                    finally:
+                        lock.release()
             if not (busy or self._recover):
                 continue
             try:
