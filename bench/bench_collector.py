@@ -155,7 +155,7 @@ def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROO
     share of the reader's tries that got in, and whether every logged step was stored. `code` is the
     checkout whose collector the writers use (the same workload on older code)."""
     db = folder / f"readers{n_writers}-{code.name}.duckdb"
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "BATCHSCOPE_TRACE_INGEST": "1"}
     subprocess.run([sys.executable, "-c", "import sys; from collector.store import write_connection\n"
                     "with write_connection(sys.argv[1]): pass", str(db)], env=env, cwd=code, check=True)  # its schema
     spawn = [sys.executable, str(WORKERS)]
@@ -164,18 +164,43 @@ def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROO
                for i in range(n_writers)]
     reader = subprocess.Popen([*spawn, "plain_reader", str(db), str(seconds + 3)], env=env, cwd=code,
                               stdout=subprocess.PIPE, text=True)
-    logged = {}
+    logged, turns = {}, []
     for w in writers:
         out, err = w.communicate(timeout=seconds * 10 + 120)
         if w.returncode != 0:
             raise RuntimeError(f"writer failed: {err}")
         run_id, n = out.split()
         logged[run_id] = int(n)
+        turns += _trace(err)
     tries, ok = map(int, reader.communicate(timeout=120)[0].split())
     with duckdb.connect(str(db), read_only=True) as con:
         stored = dict(con.execute("SELECT run_id, count(DISTINCT step) FROM steps GROUP BY run_id").fetchall())
     return {"writers": n_writers, "tries": tries, "ok": ok, "share": ok / tries, "logged": sum(logged.values()),
-            "stored": sum(stored.get(r, 0) for r in logged), "all_stored": stored == logged}
+            "stored": sum(stored.get(r, 0) for r in logged), "all_stored": stored == logged, **_turns(turns)}
+
+
+def _trace(stderr: str) -> list[tuple[float, float]]:
+    """(end time, seconds held) of each ingest turn that wrote, from BATCHSCOPE_TRACE_INGEST lines."""
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("ingest-trace"):
+            f = dict(kv.split("=", 1) for kv in line.split()[1:])
+            if float(f["held"]) > 0:
+                out.append((float(f["t"]), float(f["held"])))
+    return out
+
+
+def _turns(turns: list[tuple[float, float]]) -> dict:
+    """Held time per turn (median, 90th percentile) and time between turns (median, max): how long a
+    plain reader may find the store taken, and how far the store lags the spools."""
+    if len(turns) < 2:
+        return {"turns": len(turns)}
+    turns.sort()
+    held = np.array([h for _, h in turns])
+    gaps = np.diff([t for t, _ in turns])
+    return {"turns": len(turns), "held_med": float(np.median(held)), "held_p90": float(np.percentile(held, 90)),
+            "gap_med": float(np.median(gaps)), "gap_max": float(gaps.max()),
+            "held_share": float(held.sum() / (turns[-1][0] - turns[0][0] + held[0]))}
 
 
 def main() -> None:
@@ -195,6 +220,10 @@ def main() -> None:
                 print(f"plain duckdb reader beside {n} writers (1,000 steps/s each, {args.seconds:g} s, code "
                       f"{args.code}): {r['share']:.1%} of {r['tries']} tries got in; "
                       f"{r['stored']:,} of {r['logged']:,} logged steps stored")
+                if r["turns"] >= 2:
+                    print(f"  {r['turns']} ingest turns: store held {r['held_med'] * 1000:.0f} ms per turn (median; "
+                          f"p90 {r['held_p90'] * 1000:.0f} ms), turns {r['gap_med']:.1f} s apart (median; max "
+                          f"{r['gap_max']:.1f} s), held {r['held_share']:.1%} of the time")
         return
     with tempfile.TemporaryDirectory() as tmp:
         ing = bench_ingest(args.rows, Path(tmp))

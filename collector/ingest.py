@@ -54,6 +54,39 @@ def upsert_run(con: duckdb.DuckDBPyConnection, row: dict, alive: bool = True) ->
     )
 
 
+# Which live runs' rows need writing: absent from the store or changed (status, reason, end), or with
+# a heartbeat older than HEARTBEAT_FRESH seconds. One query for all runs of a turn.
+_RUNS_TO_WRITE = """
+SELECT j.run_id,
+       r.run_id IS NULL OR r.status IS DISTINCT FROM j.status OR r.status_reason IS DISTINCT FROM j.status_reason
+           OR r.ended_at IS DISTINCT FROM j.ended_at AS changed,
+       r.heartbeat_at IS NULL OR r.heartbeat_at < now() - to_seconds(?) AS beat
+FROM (SELECT unnest(?::VARCHAR[]) AS run_id, unnest(?::VARCHAR[]) AS status, unnest(?::VARCHAR[]) AS status_reason,
+             unnest(?::VARCHAR[])::TIMESTAMPTZ AS ended_at) j
+LEFT JOIN runs r USING (run_id)
+"""
+HEARTBEAT_FRESH = 5.0  # seconds; a live run's heartbeat_at is rewritten only when older (60 s means stale)
+
+
+def sync_runs(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+    """The run rows of live runs, inside the caller's transaction, at the cost of one query when nothing
+    changed: rows new or changed go in through upsert_run, the others only get their heartbeat refreshed
+    (one UPDATE for all) when it is older than HEARTBEAT_FRESH s. Before, every turn upserted every live
+    run's row (~10 ms each with DuckDB's ON CONFLICT DO UPDATE: most of a turn of 8 runs)."""
+    if not rows:
+        return
+    by_id = {row["run_id"]: row for row in rows}
+    cols = [[r.get(c) for r in by_id.values()] for c in ("run_id", "status", "status_reason", "ended_at")]
+    beat = []
+    for run_id, changed, due in con.execute(_RUNS_TO_WRITE, [HEARTBEAT_FRESH, *cols]).fetchall():
+        if changed:
+            upsert_run(con, by_id[run_id], alive=True)
+        elif due:
+            beat.append(run_id)
+    if beat:
+        con.execute("UPDATE runs SET heartbeat_at = now() WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [beat])
+
+
 def _unregister(con: duckdb.DuckDBPyConnection, name: str) -> None:
     """Drop a registered Arrow view; inside a failed transaction DuckDB refuses, and the error that failed
     it is the one to report (the view dies with the short-lived connection or is replaced)."""
@@ -237,8 +270,7 @@ def ingest_jobs(con: duckdb.DuckDBPyConnection, jobs: list[Job], quarantined: li
             for job in jobs:
                 if job.careful:  # a replay (recovery): INSERT OR IGNORE, run by run
                     _write_tables(con, job.run, _by_table(job.parts), job.alive, careful=True)
-                else:
-                    upsert_run(con, job.run, alive=job.alive)
+            sync_runs(con, [job.run for job in fresh])
             _insert_fresh(con, fresh)
     except (*DATA_ERRORS, duckdb.ConstraintException):
         return sum(_ingest_job(con, job, quarantined) for job in jobs)

@@ -28,13 +28,13 @@ import duckdb
 
 from collector.ingest import Job, ingest_jobs, prepare
 from collector.spool import QUARANTINE, RUN_FILE, Spool, quarantine
-from collector.store import StoreError, spool_root, try_write_connection
+from collector.store import StoreError, spool_root, try_ingest_connection
 
 LEASE_FILE = "ingest.lock"
 _TRACE = bool(os.environ.get("BATCHSCOPE_TRACE_INGEST"))  # one stderr line per ingest turn (bench/stress_store.py)
 INGEST_EVERY = 1.0  # seconds between two ingests, whichever processes do them
-DUTY = 0.01  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
-MAX_GAP = 30.0  # ... but never more than this between ingests (so also how far a live page can lag the spools)
+DUTY = 0.02  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
+MAX_GAP = 5.0  # ... but never more than this between ingests (so also how far a live page can lag the spools)
 HEARTBEAT_EVERY = 10.0  # live runs' heartbeat_at is refreshed at least this often, even with nothing new
 STORE_PATIENCE = 2.0  # seconds an ingest retries a store that a reader (or a DuckDB shell) holds
 # Errors of the store or the disk, not of one spool: they end the pass (and are reported by the caller).
@@ -291,13 +291,13 @@ def _read_run(spool: Spool, summary: Summary, dead: bool) -> dict | None:
 @contextlib.contextmanager
 def _patient_connection(db: Path, patience: float, on_busy: Callable[[], None] | None = None,
                         opened: list[float] | None = None):
-    """try_write_connection, retried with jitter for up to `patience` s; yields None if still busy.
+    """try_ingest_connection, retried with jitter for up to `patience` s; yields None if still busy.
     `opened` gets the monotonic time at which the successful open began."""
     deadline = time.monotonic() + patience
     while True:
         if opened is not None:
             opened[:] = [time.monotonic()]
-        with try_write_connection(db) as con:
+        with try_ingest_connection(db) as con:
             if con is not None:
                 yield con
                 return
