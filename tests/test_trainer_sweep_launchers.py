@@ -146,13 +146,14 @@ def test_slurm_array_resumes_a_preempted_cell_as_its_next_attempt_and_skips_done
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_task_ends_its_run_with_the_reason_and_is_not_retried(tmp_path):
-    """What SLURM does at preemption or scancel: SIGTERM to the task; the cell passes it to the trainer."""
+def test_sigterm_to_a_ddp_task_ends_its_run_with_the_reason_and_is_not_retried(tmp_path):
+    """What SLURM does at preemption or scancel: SIGTERM to the task; the cell passes it to torchrun, which
+    passes it to the ranks; whatever code that ends with, a stopped task does not retry."""
     db = tmp_path / "runs.duckdb"
     stub = make_stub(tmp_path)
     env = env_without_cluster(STUB_LOG=str(tmp_path / "calls"), BATCHSCOPE_SBATCH=str(stub), STUB_MODE="record")
     proc = sweep("--batch", "16", "--lr", "0.05", "--steps", "20000", "--gns-every", "0", "--sweep", "term",
-                 "--db", str(db), "--launcher", "slurm", "--retries", "2", env=env)
+                 "--db", str(db), "--launcher", "slurm", "--retries", "2", "--nproc-per-node", "2", env=env)
     assert proc.returncode == 0, proc.stderr
     [manifest] = (tmp_path / "runs.duckdb.sweeps" / "term").glob("launch-*.json")
     task = subprocess.Popen([sys.executable, "-m", "trainer.launchers.cell", str(manifest), "0"], env=env, cwd=ROOT,
@@ -167,50 +168,59 @@ def test_sigterm_to_a_task_ends_its_run_with_the_reason_and_is_not_retried(tmp_p
     assert task.returncode == 1, out
     assert out.count("attempt") == 1  # stopped by a signal: not retried
     with duckdb.connect(str(db), read_only=True) as con:
-        [(status, reason, attempt, steps)] = con.execute(
-            "SELECT status, status_reason, attempt, (SELECT count(*) FROM steps) FROM runs").fetchall()
-    assert (status, attempt) == ("failed", 1) and "SIGTERM" in reason and 0 < steps < 20000
+        [(status, reason, attempt, world, steps)] = con.execute(
+            "SELECT status, status_reason, attempt, world_size, (SELECT count(*) FROM steps) FROM runs").fetchall()
+    assert (status, attempt, world) == ("failed", 1, 2) and "SIGTERM" in reason and 0 < steps < 20000
 
 
 @pytest.mark.slow
-def test_submitit_local_executor_runs_a_small_sweep(tmp_path):
+def test_submitit_local_executor_runs_a_small_sweep_of_ddp_cells(tmp_path):
+    """Two cells, each a 2-rank torchrun job inside its submitit job; rank 0 writes each one's run."""
     pytest.importorskip("submitit")
     db = tmp_path / "runs.duckdb"
     proc = sweep("--batch", "16,32", "--lr", "0.1", "--sweep", "sub", "--db", str(db), "--launcher", "submitit",
-                 "--submitit-cluster", "local", "--time", "10", *RUN)
+                 "--submitit-cluster", "local", "--time", "10", "--nproc-per-node", "2", *RUN)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 finished" in proc.stdout
+    assert "2 finished" in proc.stdout and "2 ranks per run (torchrun)" in proc.stdout
     rows = runs(db)
-    assert [(r["cell_id"], r["status"], r["attempt"], r["launcher"]) for r in rows] == [
-        ("b16-lr0.1-s0", "finished", 1, "submitit"), ("b32-lr0.1-s0", "finished", 1, "submitit")]
+    assert [(r["cell_id"], r["status"], r["attempt"], r["launcher"], r["rank"], r["world_size"]) for r in rows] == [
+        ("b16-lr0.1-s0", "finished", 1, "submitit", 0, 2), ("b32-lr0.1-s0", "finished", 1, "submitit", 0, 2)]
     assert all(r["job_id"] for r in rows) and len({r["job_id"] for r in rows}) == 2
     assert list((db.parent / "runs.duckdb.sweeps" / "sub" / "submitit").glob("*_log.out"))
 
 
 @pytest.mark.slow
-def test_ray_local_runs_a_small_sweep_and_a_relaunch_only_the_missing_cells(tmp_path):
+def test_a_sweep_of_ddp_cells_started_locally_is_finished_by_ray_with_only_the_missing_cell(tmp_path):
+    """DDP cells under two launchers, one Ray start: the local launcher runs cell b16 (torchrun, 2 ranks);
+    the grid grows and `--launcher ray` (a local ray.init()) skips the done cell and runs b32 as a Ray
+    task asking for 2 CPUs, again under torchrun. Each cell is one run, written by rank 0."""
     pytest.importorskip("ray")
     db = tmp_path / "runs.duckdb"
-    base = ("--lr", "0.1", "--sweep", "ray", "--db", str(db), "--launcher", "ray", "--cpus", "1", *RUN)
-    proc = sweep("--batch", "16", *base)
+    base = ("--lr", "0.1", "--sweep", "mixed", "--db", str(db), "--nproc-per-node", "2", *RUN)
+    proc = sweep("--batch", "16", "--jobs", "1", *base)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = sweep("--batch", "16,32", *base)  # the grid grew: the done cell is skipped
+    proc = sweep("--batch", "16,32", "--launcher", "ray", *base)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "1 already done; 1 to run with ray" in proc.stdout and "1 finished" in proc.stdout
+    assert "1 already done; 1 to run with ray, 2 ranks per run (torchrun)" in proc.stdout and "1 finished" in proc.stdout
     rows = runs(db)
-    assert [(r["cell_id"], r["status"], r["attempt"], r["launcher"]) for r in rows] == [
-        ("b16-lr0.1-s0", "finished", 1, "ray"), ("b32-lr0.1-s0", "finished", 1, "ray")]
-    assert all(len(r["job_id"]) >= 16 for r in rows)  # Ray task ids (hex)
+    assert [(r["cell_id"], r["status"], r["attempt"], r["launcher"], r["rank"], r["world_size"]) for r in rows] == [
+        ("b16-lr0.1-s0", "finished", 1, "local", 0, 2), ("b32-lr0.1-s0", "finished", 1, "ray", 0, 2)]
+    assert rows[0]["job_id"] is None and len(rows[1]["job_id"]) >= 16  # a Ray task id (hex)
 
 
 @pytest.mark.slow
-def test_a_ddp_cell_runs_under_torchrun_when_the_trainer_supports_it(tmp_path):
-    """torchrun starts the cell's ranks; the trainer runs them as one DDP job, whose one run rank 0 writes
-    (world_size 2, the cell's attempt)."""
+def test_a_ddp_cell_runs_as_a_slurm_array_task(tmp_path):
+    """The stub sbatch runs the array task here with SLURM's variables: the task starts torchrun, whose
+    rank 0 writes the cell's one run with the array's ids."""
     db = tmp_path / "runs.duckdb"
-    proc = sweep("--batch", "16", "--lr", "0.1", "--sweep", "ddp", "--db", str(db), "--nproc-per-node", "2",
-                 "--jobs", "1", *RUN)
+    env = env_without_cluster(STUB_LOG=str(tmp_path / "calls"), BATCHSCOPE_SBATCH=str(make_stub(tmp_path)))
+    proc = sweep("--batch", "32", "--lr", "0.1", "--sweep", "ddp", "--db", str(db), "--launcher", "slurm",
+                 "--nproc-per-node", "2", "--cpus", "2", *RUN, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    script = Path(json.loads((tmp_path / "calls").read_text())[1])
+    assert "#SBATCH --cpus-per-task=2\n" in script.read_text()
+    assert "torch.distributed.run" in (script.parent / "logs" / "5100_0.out").read_text()
     rows = runs(db)
-    assert rows and {(r["cell_id"], r["attempt"], r["launcher"]) for r in rows} == {("b16-lr0.1-s0", 1, "local")}
-    assert [(r["rank"], r["world_size"], r["status"]) for r in rows] == [(0, 2, "finished")]
+    assert [(r["cell_id"], r["status"], r["attempt"], r["launcher"], r["job_id"], r["array_job_id"],
+             r["array_task_id"], r["rank"], r["world_size"]) for r in rows] == [
+        ("b32-lr0.1-s0", "finished", 1, "slurm", "5101", "5100", 0, 0, 2)]

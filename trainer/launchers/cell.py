@@ -82,14 +82,21 @@ def _pump(stream, keep: list[str], echo_to) -> None:
             echo_to.flush()
 
 
-def run_process(cmd: list[str], env: dict, cwd: str, echo: bool) -> tuple[int, str, str]:
+def run_process(cmd: list[str], env: dict, cwd: str, echo: bool) -> tuple[int, str, str, bool]:
     """Run the cell's process, passing its output through when `echo`; SIGTERM (preemption, scancel)
-    is forwarded to it so the run can end itself with that reason."""
+    is forwarded to it so the run can end itself with that reason. Returns (exit code, stdout, stderr,
+    whether a SIGTERM was forwarded): a program that handles the signal may exit 1, not by the signal."""
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     previous = None
+    stopped: list[int] = []
+
+    def forward(signum, frame) -> None:
+        stopped.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        previous = signal.signal(signal.SIGTERM, forward)
     out: list[str] = []
     err: list[str] = []
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, sys.stdout if echo else None), daemon=True),
@@ -103,7 +110,7 @@ def run_process(cmd: list[str], env: dict, cwd: str, echo: bool) -> tuple[int, s
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return code, "".join(out), "".join(err)
+    return code, "".join(out), "".join(err), bool(stopped)
 
 
 def outcome(returncode: int, stdout: str) -> tuple[str, str | None]:
@@ -139,9 +146,9 @@ def run_cell(manifest: Manifest, index: int, *, job_id: str | None = None, echo:
         if echo:
             print(f"cell {cell.cell_id} attempt {attempt}" + (f" (job {job_id})" if job_id else "")
                   + f": {' '.join(cmd)}", flush=True)
-        code, out, err = run_process(cmd, cell_env(manifest, cell, attempt, job_id), manifest.cwd, echo)
+        code, out, err, stopped = run_process(cmd, cell_env(manifest, cell, attempt, job_id), manifest.cwd, echo)
         status, run_id = outcome(code, out)
-        if status != "failed" or not retryable(code):
+        if status != "failed" or stopped or not retryable(code):  # a stopped task is not retried at once
             break
     error = None
     if status == "failed":
