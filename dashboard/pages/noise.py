@@ -28,7 +28,7 @@ from dashboard.components import (
     scope_dropdown,
     store_problem,
 )
-from dashboard.theme import arr, batch_color, empty_figure, figure, fmt, note, stat
+from dashboard.theme import MUTED, arr, batch_color, empty_figure, figure, fmt, note, stat
 
 register_page(__name__, path="/noise", name="Noise scale", title="batchscope · noise scale", order=2)
 
@@ -176,6 +176,11 @@ def noise_view(db: Path, run_ids: list[str], x: str = "examples", window: float 
             vs_loss.append({**common, "mode": "markers", "marker": {"color": color, "size": 4, "opacity": 0.6},
                             "x": arr(part["smooth_loss"]), "y": arr(y), "showlegend": first,
                             "hovertemplate": f"{run_hover(row)}<br>loss %{{x:.3~g}}<br>B_simple %{{y:.3~g}}{CLICK}<extra></extra>"})
+    for name, extra in (("preconditioned (dashed)", {"line": {"dash": "dash", "color": MUTED}}),
+                        ("B_noise (◆)", {"mode": "markers", "marker": {"symbol": "diamond", "color": MUTED}})):
+        if (adam_parts if name.startswith("pre") else bn_parts) and not group_by:  # a legend key, no data
+            over.append({"type": "scatter", "mode": "lines", "x": [None], "y": [None], "name": name,
+                         "legendgroup": name, "hoverinfo": "skip", **extra})
     if group_by:
         over = grouped_traces(db, curves, info, group_by, stat_name, band, "batch", X_LABELS[x], "B_simple", notes)
         if adam_parts or bn_parts:

@@ -9,6 +9,7 @@ Reached from a click on any curve of the Curves and Noise scale pages and from t
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -20,7 +21,8 @@ from dashboard.theme import ACCENT, INK, MUTED, STATUS_COLORS, WARN, arr, empty_
 
 register_page(__name__, path_template="/run/<run_id>", name="Run", title="batchscope · run", order=99, nav=False)
 
-GRAPHS = ("run-loss", "run-noise", "run-curvature", "run-lr")
+GRAPHS = {"run-loss": "Loss", "run-noise": "Noise scales: B_simple, preconditioned B_simple, B_noise",
+          "run-curvature": "Sharpness (top Hessian eigenvalue)", "run-lr": "Learning rate"}
 PROVENANCE = (("host", "host"), ("device", "device"), ("rank", "rank"), ("world_size", "world size"),
               ("launcher", "launcher"), ("job_id", "job id"), ("array_job_id", "array job id"),
               ("array_task_id", "array task id"), ("cell_id", "sweep cell"), ("attempt", "attempt"),
@@ -33,9 +35,9 @@ def layout(run_id: str | None = None, **_kwargs):
         dcc.Store(id="run-page-id", data=run_id),
         html.Div(id="run-header"),
         html.Div(id="run-stats", className="stats"),
-        html.Div([html.Div([export.bar(g, full=True),
+        html.Div([html.Div([html.Div(title, className="panel-title"), export.bar(g, full=True),
                             dcc.Graph(id=g, config=export.graph_config(g), figure=empty_figure(""))], className="panel")
-                  for g in GRAPHS], className="grid-2"),
+                  for g, title in GRAPHS.items()], className="grid-2"),
         html.Div(id="run-tables"),
     ])
 
@@ -48,6 +50,8 @@ def _kv(rows: list[tuple[str, object]], id: str | None = None) -> html.Table:
 def _text(v) -> str:
     if v is None:
         return "—"
+    if isinstance(v, datetime):
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     if isinstance(v, float):
         return fmt(v, 4)
     return str(v)
@@ -74,6 +78,11 @@ def _line(x, y, name: str, color: str, rid: str, mode: str = "lines", dash: str 
             "line": {"color": color, "width": 1.8, **({"dash": dash} if dash else {})}, "marker": {"size": 6}, **extra}
 
 
+def _pos(s: pl.Series) -> pl.Series:
+    """Positive values only (a non-positive ratio means |G|² not resolved yet): gaps on the log axis."""
+    return s.set(s <= 0, None)
+
+
 @queries.in_session
 def run_view(db: Path, run_id: str) -> dict:
     """Everything the page shows for one run (pure of Dash callbacks, so tests can call it)."""
@@ -94,30 +103,36 @@ def run_view(db: Path, run_id: str) -> dict:
             loss.append(_line(e["step"], e["loss"], f"{split} loss (eval)", color, run_id, "lines+markers"))
     noise = []
     if ns.height:
-        noise.append(_line(ns["step"], ns["b_simple"].clip(lower_bound=1e-12), "B_simple", ACCENT, run_id))
+        noise.append(_line(ns["step"], _pos(ns["b_simple"]), "B_simple", ACCENT, run_id))
     if adam.height:
-        noise.append(_line(adam["step"], adam["b_simple"].clip(lower_bound=1e-12), "B_simple, preconditioned (Adam)",
+        noise.append(_line(adam["step"], _pos(adam["b_simple"]), "preconditioned (Adam)",
                            WARN, run_id, dash="dash"))
     bn = sc.filter(pl.col("name") == "b_noise")
     if bn.height:
         noise.append(_line(bn["step"], bn["value"], "B_noise (curvature)", INK, run_id, "markers",
                            marker={"symbol": "diamond", "size": 8, "color": INK}))
     sh = sc.filter(pl.col("name") == "sharpness")
-    common = {"height": 340, "xaxis": {"title": {"text": "step"}}}
+    # titles are the panels'; the legend goes above the plot, clear of the axis title
+    common = {"height": 360, "xaxis": {"title": {"text": "step"}}}
     figs = {
-        "run-loss": figure(loss, "Loss", yaxis={"title": {"text": "loss"}, "type": "log"},
+        "run-loss": figure(loss, yaxis={"title": {"text": "loss"}, "type": "log"},
                            meta=export.spec("steps", run_ids=ids, columns=["loss"]), **common),
-        "run-noise": figure(noise, "Noise scales", yaxis={"title": {"text": "examples"}, "type": "log"},
+        "run-noise": figure(noise, yaxis={"title": {"text": "examples"}, "type": "log"},
                             meta=export.spec("noise_scale", run_ids=ids, noise_window=0.1), **common)
         if noise else empty_figure("No noise-scale measurements in this run.", 340),
         "run-curvature": figure([_line(sh["step"], sh["value"], "sharpness", INK, run_id, "lines+markers")],
-                                "Sharpness (top Hessian eigenvalue)", yaxis={"title": {"text": "λ_max"}},
+                                yaxis={"title": {"text": "λ_max"}},
                                 meta=export.spec("scalars", run_ids=ids, names=["sharpness"]), **common)
         if sh.height else empty_figure("No curvature measured (train with --curvature).", 340),
-        "run-lr": figure([_line(lr["x"], lr["y"], "learning rate", ACCENT, run_id)], "Learning rate",
+        "run-lr": figure([_line(lr["x"], lr["y"], "learning rate", ACCENT, run_id)],
                          yaxis={"title": {"text": "learning rate"}}, meta=export.spec("steps", run_ids=ids, columns=["lr"]),
                          **common) if lr.height else empty_figure("No learning rate logged.", 340),
     }
+    for fig in figs.values():
+        if fig["data"]:
+            fig["layout"]["margin"]["t"] = 64
+            fig["layout"]["legend"] = {**fig["layout"]["legend"], "orientation": "h", "x": 0, "y": 1.02,
+                                       "xanchor": "left", "yanchor": "bottom"}
     return {"missing": False, "record": rec, "figs": figs, "evals": evals, "scalars": queries.run_scalars(db, run_id),
             "history": queries.run_history(db, run_id), "b_noise": queries.b_noise_summary(db, ids),
             "b_simple_end": ns["b_simple"].drop_nulls().tail(1).to_list(), "adam_end": adam["b_simple"].drop_nulls().tail(1).to_list()}
@@ -162,19 +177,19 @@ def _tables(view: dict, db: Path) -> list:
     prov = [(label, rec.get(k)) for k, label in PROVENANCE]
     prov += [("started", rec.get("started_at")), ("ended", rec.get("ended_at")), ("last heartbeat", rec.get("heartbeat_at")),
              ("recorded in", str(db))]
-    history = view["history"].rename({"started_at": "started", "ended_at": "ended", "heartbeat_at": "heartbeat",
+    history = view["history"].rename({"started_at": "started", "ended_at": "ended", "heartbeat_at": "last heartbeat",
                                       "status_reason": "reason"})
     ev = view["evals"].drop("run_id")
     return [
+        html.Div([html.Div("Status history (every attempt of its sweep cell)", className="panel-title"),
+                  _table(history, "run-history", link="run_id")], className="panel"),
         html.Div([html.Div([html.Div("Provenance", className="panel-title"), _kv(prov, "run-provenance")], className="panel"),
-                  html.Div([html.Div("Status history (attempts of its sweep cell)", className="panel-title"),
-                            _table(history, "run-history", link="run_id")], className="panel")], className="grid-2"),
-        html.Div([html.Div([html.Div(f"Scalars ({view['scalars'].height} names)", className="panel-title"),
-                            _table(view["scalars"], "run-scalars")], className="panel"),
-                  html.Div([html.Div("Configuration", className="panel-title"),
-                            _kv(config_rows(rec.get("config")), "run-config")], className="panel")], className="grid-2"),
+                  html.Div([html.Div(f"Scalars ({view['scalars'].height} names)", className="panel-title"),
+                            _table(view["scalars"], "run-scalars")], className="panel")], className="grid-2"),
         html.Details([html.Summary(f"Evaluations ({ev.height})"), _table(ev, "run-evals")], className="panel",
                      open=ev.height <= 20),
+        html.Details([html.Summary("Configuration"), _kv(config_rows(rec.get("config")), "run-config")],
+                     className="panel", open=True),
     ]
 
 
