@@ -101,3 +101,27 @@ def test_drawn_csv_is_the_visible_points():
     assert back.rows() == [("B=8", "r1", 1.0, 0.5), ("B=8", "r1", 3.0, 0.25)]
     heat = export.drawn_frame(traces[2:])
     assert heat.select("x", "y", "value").rows() == [("a", 1.0, 0.1), ("a", 2.0, 0.3), ("b", 2.0, 0.4)]
+
+
+def test_curves_name_the_runs_they_leave_out(tmp_path, monkeypatch):
+    """Beyond the cap, the runs not drawn are listed, each linked to its run page; seed replicas of the
+    synthetic store (2 seeds per cell) group into bands of 2."""
+    from dashboard import queries
+    from dashboard.components import run_href
+    from dashboard.pages import curves
+    from dashboard.synthetic import make_store
+
+    db = make_store(tmp_path / "runs.duckdb", n_runs=80, steps=40, seeds=2)
+    table = queries.run_table(db)
+    ids = table["run_id"].to_list()
+    monkeypatch.setattr(curves, "MAX_RUNS", 5)
+    fig, _ = curves.curves_figure(db, ids, "loss", "step", 0.0)
+    assert {t["meta"]["run_id"] for t in fig["data"]} == set(ids[:5])
+    hidden = curves.left_out(db, ids)
+    links = [li.children.href for li in hidden.children[2].children]
+    assert links == [run_href(r) for r in ids[5:]] and f"{len(ids) - 5} of {len(ids)}" in hidden.children[0].children
+    monkeypatch.setattr(curves, "MAX_RUNS", 200)
+    pairs = table.filter(pl.len().over("batch_size", "lr") == 2).sort("batch_size", "lr").head(6)["run_id"].to_list()
+    fig, note = curves.curves_figure(db, pairs, "loss", "step", 0.0, group_by=[grouping.REPLICAS])
+    groups = [t["meta"]["members"] for t in fig["data"] if t["meta"].get("role") == "mean"]
+    assert len(groups) == 3 and sorted(r for g in groups for r in g) == sorted(pairs) and "groups of 2 runs" in note
