@@ -220,3 +220,15 @@ def grouped_traces(db: Path, curves: dict, info: dict, group_by: Sequence[str], 
         traces += grouping.band_traces(b, name, color, members, stat, band_kind, xl, label, f"g{k}")
     notes.insert(0, grouping.alignment_note(bands, xl, stat, band_kind))
     return traces
+
+
+# --- pages-b ---
+
+
+def graph_panel(graph_id: str, full: bool = False) -> html.Div:
+    """A plot in a panel with its export bar (PNG, SVG, CSV of the drawn points; `full`: also the stored
+    rows, for figures whose layout meta comes from export.spec)."""
+    from dashboard import export
+
+    return html.Div([export.bar(graph_id, full=full), dcc.Graph(id=graph_id, config=export.graph_config(graph_id))],
+                    className="panel")

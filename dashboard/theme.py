@@ -4,7 +4,7 @@ One batch size has one colour on every page: a fixed function of log2(B) over B 
 power of two has its own anchor colour, chosen so that neighbouring batch sizes differ clearly
 (CIELAB distance > 25 between consecutive powers of two; a sequential scale such as Viridis gives
 under 10 at its dark end, where 8, 16 and 32 looked alike) while the hue still walks in order from
-deep purple (small) through blue and green to orange, red and brown (large); batch sizes between two
+deep purple (small) through blue, green and yellow to orange, red, violet and brown (large); batch sizes between two
 powers of two are interpolated. Every anchor is dark enough to read as a line on white.
 """
 
@@ -27,8 +27,8 @@ WARN = "#e8590c"
 STATUS_COLORS = {"running": ACCENT, "finished": OK, "diverged": DANGER, "failed": "#c92a2a", "stale": WARN}
 
 # B = 1, 2, 4, ..., 8192 (tests/test_dashboard_layout.py checks the distances)
-BATCH_ANCHORS = ("#2d0b59", "#8e44ad", "#5c5fe0", "#1c7ed6", "#15aabf", "#0ca678", "#37b24d", "#82a516",
-                 "#d4a000", "#f76707", "#e03131", "#a61e4d", "#862e9c", "#5c3a21")
+BATCH_ANCHORS = ("#2d0b59", "#9c36b5", "#4c6ef5", "#1864ab", "#15aabf", "#099268", "#66a80f", "#c99700",
+                 "#f76707", "#c92a2a", "#a61e4d", "#862e9c", "#5c3a21", "#343a40")
 
 
 def batch_color(batch: float | None) -> str:

@@ -14,6 +14,7 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboard import analysis, queries
 from dashboard.analysis.generalization import _spearman
 from dashboard.components import (
+    graph_panel,
     page_header,
     register_page,
     resolve_scope,
@@ -192,10 +193,8 @@ def layout(**_kwargs):
             dcc.Loading([
                 html.Div(id="gen-stats", className="stats"),
                 html.Div(id="gen-notes"),
-                html.Div([html.Div(dcc.Graph(id="gen-vs-batch", config={"displaylogo": False}), className="panel"),
-                          html.Div(dcc.Graph(id="gen-sharpness", config={"displaylogo": False}), className="panel")],
-                         className="grid-2"),
-                html.Div(dcc.Graph(id="gen-vs-noise", config={"displaylogo": False}), className="panel"),
+                html.Div([graph_panel("gen-vs-batch"), graph_panel("gen-sharpness")], className="grid-2"),
+                graph_panel("gen-vs-noise"),
             ], type="default", delay_show=500),
         ]
     )

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 from dash import Input, Output, State, callback, dcc, html
-from plotly.colors import sample_colorscale
+from plotly.colors import get_colorscale, sample_colorscale
 
 from dashboard import analysis, queries, sweeps
 from dashboard.analysis.adam_lr import AdamLRFit, adam_lr_scaling
 from dashboard.components import (
+    graph_panel,
     page_header,
     register_page,
     resolve_scope,
@@ -53,11 +54,22 @@ MARKS = {"diverged": ("x", DANGER, "diverged"), "stalled": ("line-ew-open", DANG
 BEST_NAME = "best LR per batch size (outlined)"
 
 
-def _zscale(smap, val: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The values as coloured: log10 of a positive loss (its range spans decades), else as they are."""
-    z = np.where(np.isfinite(val), val, np.nan)
-    zlog = bool(smap.lower_is_better and np.isfinite(z).any() and np.nanmin(z) > 0)
-    return (np.log10(z) if zlog else z), zlog
+def colour_scale(smap, val: np.ndarray) -> tuple[list, bool]:
+    """Viridis on the values as they are, or, for a positive loss (its cells span decades), stops spaced
+    evenly in log(value): the colours follow the log while the figure keeps the true values (hover, CSV)."""
+    z = np.asarray(val, dtype=float)
+    z = z[np.isfinite(z)]
+    if not (smap.lower_is_better and z.size and z.min() > 0 and z.max() > z.min()):
+        return [list(c) for c in get_colorscale("Viridis")], False
+    lo, hi = float(z.min()), float(z.max())
+    k = np.linspace(0.0, 1.0, 11)
+    pos = (lo * (hi / lo) ** k - lo) / (hi - lo)
+    pos[0], pos[-1] = 0.0, 1.0
+    return [[float(p), c] for p, c in zip(pos, sample_colorscale("Viridis", k.tolist()), strict=True)], True
+
+
+def _colorbar(label: str, zlog: bool) -> dict:
+    return {"title": {"text": label + (" (log colour scale)" if zlog else ""), "side": "right"}, "thickness": 12}
 
 
 def _legend_only(name: str, symbol: str, color: str) -> dict:
@@ -74,14 +86,13 @@ def heatmap_figure(smap, axis: str = "lr") -> dict:
     xl = [f"{x:g}" for x in xs]
     yl = [f"{y:.3g}" for y in ys]
     label = METRICS.get(smap.metric, smap.metric)
-    zshow, zlog = _zscale(smap, val)
+    scale, zlog = colour_scale(smap, val)
     text = [[(fmt(val[i][j]) if state[i][j] == "ok" else "") for j in range(len(xs))] for i in range(len(ys))]
     traces = [{
-        "type": "heatmap", "x": xl, "y": yl, "z": [arr(r) for r in zshow], "text": text, "texttemplate": "%{text}",
-        "textfont": {"size": 11}, "colorscale": "Viridis", "reversescale": smap.lower_is_better, "xgap": 2, "ygap": 2,
+        "type": "heatmap", "x": xl, "y": yl, "z": [arr(r) for r in val], "text": text, "texttemplate": "%{text}",
+        "textfont": {"size": 11}, "colorscale": scale, "reversescale": smap.lower_is_better, "xgap": 2, "ygap": 2,
         "hovertemplate": "B=%{x}, lr=%{y}<br>" + label + " %{text}<extra></extra>",
-        "colorbar": {"title": {"text": ("log₁₀ " if zlog else "") + label, "side": "right"}, "thickness": 12},
-        "hoverongaps": False,
+        "colorbar": _colorbar(label, zlog), "hoverongaps": False,
     }]
     for kind, (symbol, color, name) in MARKS.items():
         idx = np.argwhere(state == kind)
@@ -134,14 +145,15 @@ def base_lr_figure(smap, height: int = 560) -> dict:
     traces = []
     ok = c.filter(c["state"] == "ok")
     if ok.height:
-        z, zlog = _zscale(smap, ok["value"].to_numpy().astype(float))
+        z = ok["value"].to_numpy().astype(float)
+        scale, zlog = colour_scale(smap, z)
         traces.append({
             "type": "scatter", "x": [xl[b] for b in ok["batch_size"]], "y": arr(ok["base_lr"]),
             "mode": "markers+text" if size >= 28 else "markers", "name": "cells",
-            "text": [fmt(v) for v in ok["value"]], "textfont": {"size": 10, "color": _text_colors(z, smap.lower_is_better)},
-            "marker": {"symbol": "square", "size": size, "color": arr(z), "colorscale": "Viridis",
+            "text": [fmt(v) for v in ok["value"]], "textfont": {"size": 10, "color": _text_colors(np.log10(z) if zlog else z, smap.lower_is_better)},
+            "marker": {"symbol": "square", "size": size, "color": arr(z), "colorscale": scale,
                        "reversescale": smap.lower_is_better, "showscale": True,
-                       "colorbar": {"title": {"text": ("log₁₀ " if zlog else "") + label, "side": "right"}, "thickness": 12}},
+                       "colorbar": _colorbar(label, zlog)},
             "customdata": [[lr, fmt(v)] for lr, v in zip(ok["lr"].to_list(), ok["value"].to_list(), strict=True)],
             "hovertemplate": "B=%{x}, η/B=%{y:.3g} (lr %{customdata[0]:.3g})<br>" + label + " %{customdata[1]}<extra></extra>",
             "showlegend": False,
@@ -162,7 +174,7 @@ def base_lr_figure(smap, height: int = 560) -> dict:
     return figure(traces, f"{label} per batch size and base LR η/B", height=height,
                   xaxis={"type": "category", "title": {"text": "batch size B"}, "showgrid": False,
                          "categoryorder": "array", "categoryarray": [xl[x] for x in xs]},
-                  yaxis={"type": "log", "title": {"text": "base LR η/B (per example)"},
+                  yaxis={"type": "log", "title": {"text": "base LR η/B (per example)"}, "exponentformat": "power",
                          "range": [float(logy.min() - pad), float(logy.max() + pad)]},
                   legend={"orientation": "h", "y": -0.16})
 
@@ -256,7 +268,8 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
         widest = by.sort("stable_decades", descending=True, nulls_last=True).row(0, named=True)
         if widest["stable_decades"] is not None:
             stats.append(stat("Widest stable LR range", f"B = {widest['batch_size']:g}",
-                              f"{widest['stable_decades']:.2g} decades of LR that trained (no divergence, no stall)"))
+                              f"{widest['stable_decades']:.2g} decade{'' if widest['stable_decades'] == 1 else 's'} of LR that trained "
+                              "(no divergence, no stall)"))
     n_div = int(smap.cells["n_diverged"].sum())
     n_stall = int(smap.cells["n_stalled"].sum())
     stats.append(stat("Cells", f"{smap.cells.height}", f"{plural(n_div, 'run')} diverged · {plural(n_stall, 'run')} stalled",
@@ -303,8 +316,8 @@ def layout(**_kwargs):
             dcc.Loading([
                 html.Div(id="lrb-stats", className="stats"),
                 html.Div(id="lrb-notes"),
-                html.Div(dcc.Graph(id="lrb-heatmap", config={"displaylogo": False}), className="panel"),
-                html.Div(dcc.Graph(id="lrb-lrfit", config={"displaylogo": False}), className="panel"),
+                graph_panel("lrb-heatmap"),
+                graph_panel("lrb-lrfit"),
             ], type="default", delay_show=500),
         ]
     )

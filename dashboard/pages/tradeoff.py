@@ -13,6 +13,7 @@ from dash import Input, Output, State, callback, dcc, html
 
 from dashboard import analysis, queries, sweeps
 from dashboard.components import (
+    graph_panel,
     page_header,
     register_page,
     resolve_scope,
@@ -270,10 +271,8 @@ def layout(**_kwargs):
                     html.Div(id="tradeoff-stats", className="stats"),
                     html.Div(id="tradeoff-sentence"),
                     html.Div(id="tradeoff-notes"),
-                    html.Div([html.Div(dcc.Graph(id="tradeoff-frontier", config={"displaylogo": False}), className="panel"),
-                              html.Div(dcc.Graph(id="tradeoff-vs-batch", config={"displaylogo": False}), className="panel")],
-                             className="grid-2"),
-                    html.Div(dcc.Graph(id="tradeoff-vs-target", config={"displaylogo": False}), className="panel"),
+                    html.Div([graph_panel("tradeoff-frontier"), graph_panel("tradeoff-vs-batch")], className="grid-2"),
+                    graph_panel("tradeoff-vs-target"),
                     html.P("McCandlish et al. (2018) predict B_crit ≈ B_noise ≥ B_simple, both growing as the loss "
                            "falls. B_simple is measured over the best runs in a window around the step where each "
                            "reached the target (ratio of averaged |G|² and tr(Σ) estimates).", className="muted small"),
