@@ -210,3 +210,25 @@ def test_plot_csv_is_the_drawn_data_and_full_resolution_the_stored_rows(server, 
     svg = _download(driver, downloads, "button[id*='plot-export-svg'][id*='curves-graph']", "batchscope-curves.svg")
     assert svg.read_text().lstrip().startswith("<svg")
     assert severe_console_errors(driver) == []
+
+
+def test_noise_page_shows_preconditioned_b_simple_and_b_noise_from_sql(server, driver, store):
+    """On the charlm sweep (AdamW, --curvature) the Noise page's cards are SQL noise_scale_adam's and
+    b_noise_summary's numbers, and the page explains both."""
+    runs = _sql(store, "SELECT run_id FROM runs WHERE sweep = 'charlm-sample' ORDER BY run_id")["run_id"].to_list()
+    _select(driver, server, runs, "/noise", "#noise-bnoise-end[title]")
+    ids = str(runs)
+    adam = _sql(store, f"SELECT run_id, arg_max(b_simple, step) FILTER (WHERE b_simple IS NOT NULL) AS b "
+                       f"FROM noise_scale_adam(run_ids := {ids}) GROUP BY run_id")
+    bn = _sql(store, f"SELECT * FROM b_noise_summary(run_ids := {ids}) WHERE b_noise IS NOT NULL "
+                     "AND b_simple_same_batches IS NOT NULL")
+    card = lambda css: float(driver.find_element("css selector", css).get_attribute("title"))  # noqa: E731
+    assert card("#noise-bsimple-adam-end") == pytest.approx(float(adam["b"].median()), rel=1e-9)
+    assert card("#noise-bnoise-end") == pytest.approx(float(bn["b_noise"].median()), rel=1e-9)
+    below = int((bn["b_noise"] <= bn["b_simple_same_batches"]).sum())
+    page = driver.find_element("css selector", "body").text
+    assert f"in {below} of {bn.height}" in page
+    assert "Preconditioned B_simple (dashed)" in page and "B_noise (diamonds)" in page
+    names = {t["name"] for t in _traces(driver, "noise-over-training")}
+    assert any(n.endswith("preconditioned") for n in names) and any(n.endswith("B_noise") for n in names)
+    assert severe_console_errors(driver) == []
