@@ -133,6 +133,7 @@ def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_synced_step(tmp_p
     assert not np.isnan(s["loss"]).any()
 
 
+@pytest.mark.slow
 def test_a_killed_rank_0_leaves_a_stale_run_with_every_step_it_flushed(tmp_path):
     """SIGKILL of the writing rank (its node dies): nothing can end its run, so the next process that
     recovers the store finds the dead spool and marks the run stale, with exactly the steps that reached

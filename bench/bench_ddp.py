@@ -1,0 +1,127 @@
+"""The cost of measuring the noise scale on every step under DDP, vs a bare DDP loop in the same run.
+
+    python bench/bench_ddp.py                        # 2 gloo ranks on the CPU, digits b32 and b512
+    python bench/bench_ddp.py --world 2 --configs digits:32,charlm:32 --steps 400 --repeats 5
+
+Each rank trains its shard (B / world) of the same task's batches under DistributedDataParallel, one
+torch thread per rank. Variants (time per step relative to the bare DDP loop of the same repeat):
+  pe        + GradientNoise(ddp) on every step: per-example norms where a layer has a rule, the rank's
+            local gradient (the small batch) vs the all-reduced one, one all-reduce of a few scalars
+  ranks     + GradientNoise(ddp, per_example=False): every parameter by its rank's local gradient
+  callback  pe + what the Lightning / HF callbacks add per step: one all-reduce of the step's loss and
+            counts (trainer/integrations/_common.over_ranks)
+The variants are interleaved and repeated; each ratio is the median over repeats of (variant / bare of
+the same repeat), on rank 0's clock; wall-clock and process CPU time are both reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.integrations._common import over_ranks  # noqa: E402
+from trainer.noise import GradientNoise  # noqa: E402
+from trainer.tasks import TaskOptions, make_task  # noqa: E402
+
+VARIANTS = ("bare", "pe", "ranks", "callback")
+
+
+def timed_steps(task, model: nn.Module, micro: int, steps: int, variant: str) -> tuple[float, float]:
+    """Seconds per step (wall, CPU) of `steps` DDP steps of `variant`; the ingredients stay on the device,
+    as a loop that logs them in blocks keeps them."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gns = GradientNoise(model, per_example=variant != "ranks", warn=False) if variant != "bare" else None
+    kept = []
+    dist.barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        x, y = task.next_batch(micro)
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss_fn(model(x), y)
+        loss.backward()
+        if gns is not None:
+            s = gns.step()
+            kept.append((s.g_small_sq, s.g_big_sq))
+        if variant == "callback":
+            kept.append(over_ranks(loss.detach(), micro, 0, shares=False))
+        opt.step()
+    out = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    if gns is not None:
+        gns.close()
+    return out
+
+
+def rank_main(rank: int, world: int, port: int, configs: list[tuple[str, int]], steps: int, repeats: int,
+              out: str) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    for name, batch in configs:
+        task = make_task(name, TaskOptions(), torch.device("cpu"), seed=rank)
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(task.build_model())
+        timed_steps(task, model, batch // world, max(10, steps // 10), "pe")  # warm-up
+        times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+        for r in range(repeats):
+            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # no variant always runs first
+            for v in order:
+                times[v].append(timed_steps(task, model, batch // world, steps, v))
+        row = {"config": f"{name}:{batch}", "world": world, "micro_per_rank": batch // world,
+               "bare_ms": 1e3 * statistics.median(w for w, _ in times["bare"]),
+               "bare_cpu_ms": 1e3 * statistics.median(c for _, c in times["bare"])}
+        for v in VARIANTS[1:]:
+            row[v] = statistics.median(t[0] / b[0] for t, b in zip(times[v], times["bare"], strict=True))
+            row[v + "_cpu"] = statistics.median(t[1] / b[1] for t, b in zip(times[v], times["bare"], strict=True))
+            row[v + "_range"] = (min(t[0] / b[0] for t, b in zip(times[v], times["bare"], strict=True)),
+                                 max(t[0] / b[0] for t, b in zip(times[v], times["bare"], strict=True)))
+        results.append(row)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="digits:32,digits:512", help="task:global batch,...")
+    ap.add_argument("--world", type=int, default=2, help="gloo ranks (processes)")
+    ap.add_argument("--steps", type=int, default=300, help="steps per timed run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
+    out = Path(args.json or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ddp_{os.getpid()}.json")
+    mp.spawn(rank_main, args=(args.world, free_port(), configs, args.steps, args.repeats, str(out)),
+             nprocs=args.world, join=True)
+    results = json.loads(out.read_text())
+    if not args.json:
+        out.unlink()
+    print(f"DDP, {args.world} gloo ranks on the CPU, 1 thread each, {args.steps} steps x {args.repeats} repeats; "
+          "time per step / bare DDP step (median, [min-max]), CPU-time ratio:")
+    for r in results:
+        cells = "  ".join(f"{v} {r[v]:.2f}x [{r[v + '_range'][0]:.2f}-{r[v + '_range'][1]:.2f}] cpu {r[v + '_cpu']:.2f}x"
+                          for v in VARIANTS[1:])
+        print(f"  {r['config']:<12} ({r['micro_per_rank']}/rank) bare {r['bare_ms']:.2f} ms  {cells}")
+
+
+if __name__ == "__main__":
+    main()
