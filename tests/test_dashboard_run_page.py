@@ -146,6 +146,7 @@ def test_run_page_by_url_and_from_a_click_on_curves(server, driver, store):
     driver.get(server.url + f"/run/{rid}")
     _settle(driver, "#run-title")
     assert driver.find_element("css selector", "#run-title").text == rec["name"][0]
+    assert driver.title == f"batchscope · run {rid}"
     prov = driver.find_element("css selector", "#run-provenance").text
     assert rec["git_commit"][0] in prov and rec["host"][0] in prov and str(store) in prov
     config = driver.find_element("css selector", "#run-config").text

@@ -19,7 +19,8 @@ from dashboard import export, queries
 from dashboard.components import register_page, run_href
 from dashboard.theme import ACCENT, INK, MUTED, STATUS_COLORS, WARN, arr, empty_figure, figure, fmt, stat
 
-register_page(__name__, path_template="/run/<run_id>", name="Run", title="batchscope · run", order=99, nav=False)
+register_page(__name__, path_template="/run/<run_id>", name="Run", order=99, nav=False,
+              title=lambda run_id=None, **_: f"batchscope · run {run_id or ''}".strip())
 
 GRAPHS = {"run-loss": "Loss", "run-noise": "Noise scales: B_simple, preconditioned B_simple, B_noise",
           "run-curvature": "Sharpness (top Hessian eigenvalue)", "run-lr": "Learning rate"}
