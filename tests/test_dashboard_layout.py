@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,17 +175,30 @@ return Array.from(new Set(out));
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if chromium_paths() is None:
-        pytest.skip("chromium not installed")
-    db = tmp_path_factory.mktemp("layout") / "runs.duckdb"
-    folders = [ROOT / "sample_runs", ROOT / "sample_runs" / "charlm"]
+SAMPLES = [ROOT / "sample_runs", ROOT / "sample_runs" / "charlm"]
+
+
+def _import(db: Path, folders: list[Path]) -> Path:
     if not all((f / "runs.parquet").exists() for f in folders):
         pytest.skip("sample_runs/ not shipped")
     for folder in folders:
         subprocess.run([sys.executable, "-m", "collector", "import", str(folder), "--db", str(db)], cwd=ROOT,
                        check=True, capture_output=True, timeout=300)
+    return db
+
+
+@pytest.fixture(scope="module")
+def samples_db(tmp_path_factory) -> Path:
+    """Both shipped sample sweeps: digits (SGD) and charlm (AdamW, with curvature)."""
+    return _import(tmp_path_factory.mktemp("samples") / "runs.duckdb", SAMPLES)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The dashboard on a store holding only the digits sample: the Runs page offers the charlm one."""
+    if chromium_paths() is None:
+        pytest.skip("chromium not installed")
+    db = _import(tmp_path_factory.mktemp("layout") / "runs.duckdb", SAMPLES[:1])
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)  # before the server holds the file
@@ -194,6 +208,99 @@ def server(tmp_path_factory):
     srv.first_run = first_run
     yield srv
     srv.stop()
+
+
+# --- the pages' numbers, in-process, against SQL -------------------------------------------------------
+
+
+def _sweep_ids(db: Path, sweep: str) -> list[str]:
+    from dashboard import queries
+
+    queries.configure(db)
+    t = queries.run_table(db)
+    return t.filter(t["sweep"] == sweep)["run_id"].to_list()
+
+
+def _stat_ids(stats) -> dict[str, str]:
+    """{id of a stat card's value: its text}."""
+    out = {}
+    for card in stats:
+        value = card.children[1]
+        if getattr(value, "id", None):
+            out[value.id] = value.children
+    return out
+
+
+def test_lr_batch_under_adam_shows_both_laws_and_which_fits(samples_db):
+    from dashboard import analysis, sweeps
+    from dashboard.analysis.adam_lr import adam_lr_scaling
+    from dashboard.pages.lr_batch import lr_batch_view
+
+    ids = _sweep_ids(samples_db, "charlm-sample")
+    view = lr_batch_view(samples_db, ids)
+    names = [t.get("name") or "" for t in view["lrfit"]["data"]]
+    assert any(n.startswith("SGD") for n in names) and any(n.startswith("Adam") for n in names), names
+    # the verdict is the analysis' own, on the same best LRs (the Tradeoff page's default target)
+    tr = sweeps.target_range(samples_db, ids, "train_loss")
+    best = analysis.best_per_batch(sweeps.hits_for(samples_db, ids, (sweeps.snap(tr.default),), "train_loss"))
+    fit = adam_lr_scaling(best)
+    cards = _stat_ids(view["stats"])
+    assert cards["lrb-better"] == {"surge": "Adam's rise-and-fall law", "sgd": "SGD's law",
+                                   "neither": "neither (a tie)"}[fit.better]
+    text = str([n.children for n in view["notes"]])
+    assert fit.comparison in text
+    # an SGD sweep gets SGD's law only
+    sgd = lr_batch_view(samples_db, _sweep_ids(samples_db, "digits-sample"))
+    assert not any((t.get("name") or "").startswith("Adam") for t in sgd["lrfit"]["data"])
+    assert "lrb-better" not in _stat_ids(sgd["stats"])
+
+
+def test_generalization_sharpness_is_the_last_logged_value(samples_db):
+    import duckdb
+
+    from dashboard.pages.generalization import generalization_view
+
+    ids = _sweep_ids(samples_db, "charlm-sample")
+    fig = generalization_view(samples_db, ids)["sharpness"]
+    runs = fig["data"][0]
+    con = duckdb.connect(str(samples_db), read_only=True)
+    try:
+        rows = con.sql("SELECT r.batch_size, arg_max(s.value, s.step) FROM scalars s JOIN runs r USING (run_id) "
+                       "WHERE s.name = 'sharpness' AND isfinite(s.value) AND r.sweep = 'charlm-sample' "
+                       "GROUP BY s.run_id, r.batch_size").fetchall()
+    finally:
+        con.close()
+    assert len(rows) == len(runs["y"]) > 0
+    assert sorted(runs["y"]) == pytest.approx(sorted(v for _, v in rows), rel=1e-12)
+    # drawn at its batch size (fanned out by at most 6 % among runs sharing it)
+    for x, y in zip(runs["x"], runs["y"], strict=True):
+        assert any(abs(np.log(x / b)) <= 0.06 + 1e-9 and y == pytest.approx(v, rel=1e-12) for b, v in rows)
+    empty = generalization_view(samples_db, _sweep_ids(samples_db, "digits-sample"))["sharpness"]
+    assert not empty["data"] and "--curvature" in empty["layout"]["annotations"][0]["text"]
+
+
+def test_runs_rows_carry_provenance_and_run_links(samples_db):
+    import duckdb
+
+    from dashboard.pages.runs import column_defs, runs_rows
+
+    rows = {r["run_id"]: r for r in runs_rows(samples_db)}
+    con = duckdb.connect(str(samples_db), read_only=True)
+    try:
+        truth = con.sql("SELECT run_id, host, rank, world_size, launcher, attempt, git_commit FROM runs").fetchall()
+    finally:
+        con.close()
+    for run_id, host, rank, world, launcher, attempt, commit in truth:
+        r = rows[run_id]
+        assert (r["host"], r["rank"], r["world_size"], r["launcher"], r["attempt"]) == (host, rank, world, launcher, attempt)
+        assert r["git_commit"] == (None if commit is None else commit[:10] + ("-dirty" if commit.endswith("-dirty") else ""))
+        assert r["run_href"] == f"/run/{run_id}"
+    fields = [d["field"] for d in column_defs(list(rows.values()))]
+    assert {"host", "launcher", "attempt", "git_commit"} <= set(fields)
+    assert "job" not in fields  # no run has a job id: the column is left out
+
+
+# --- the browser ------------------------------------------------------------------------------------------
 
 
 def _settle(driver) -> None:
@@ -211,6 +318,19 @@ def test_every_page_usable_at_both_sizes_and_by_keyboard(server):
     driver = make_driver(*SIZES[0])
     problems: dict[str, list[str]] = {}
     try:
+        # the Runs page offers the sample sweep the store lacks (charlm), and loads it
+        driver.get(server.url + "/")
+        offer = wait_for(lambda: driver.find_element("css selector", "#sample-offer"), 30, what="sample offer")
+        assert "charlm-sample" in offer.text and "digits-sample" not in offer.text
+        driver.find_element("css selector", "#runs-load-samples").click()
+        wait_for(lambda: "charlm-sample" in driver.find_element("css selector", "#sweep-cards").text
+                 and not driver.find_elements("css selector", "#sample-offer"), 90, what="charlm loaded")
+        # a run's name opens its page, without touching the selection
+        link = wait_for(lambda: driver.find_element("css selector", "#runs-grid a.run-link"), 30, what="run link")
+        href = link.get_attribute("href")
+        link.click()
+        wait_for(lambda: driver.current_url == href, 30, what="run page")
+        assert "/run/" in href and "no runs selected" in driver.find_element("css selector", "#selection-badge").text
         for page in PAGES:
             path = page + server.first_run if page == "/run/" else page
             driver.get(server.url + path)
@@ -230,6 +350,7 @@ def test_every_page_usable_at_both_sizes_and_by_keyboard(server):
             chain.perform()
             problems[f"{path} keyboard"] = driver.execute_script(FOCUS_CHECK_JS)
             problems[f"{path} console"] = severe_console_errors(driver)
+            assert driver.current_url == server.url + path, "left the page by itself"  # /welcome stays
             assert "Traceback" not in driver.page_source, path
     finally:
         driver.quit()
