@@ -77,7 +77,7 @@ def _settle(driver, css: str, timeout: float = 40.0) -> None:
 
 def _select(driver, server, run_ids: list[str], path: str, ready: str) -> None:
     """Open `path` with these runs selected (the selection lives in sessionStorage, as the Runs page keeps it)."""
-    driver.get(server.url + "/sql")
+    driver.get(server.url + "/healthz")  # any page of the origin shares its sessionStorage
     driver.execute_script("window.sessionStorage.setItem('selected-runs', JSON.stringify(arguments[0]));", run_ids)
     driver.get(server.url + path)
     _settle(driver, ready)
