@@ -8,20 +8,23 @@ signal's name in `status_reason`, restores the default and re-sends the signal, 
 it would have (exit status 143). Where a Python handler was there before (SIGINT's, which raises
 KeyboardInterrupt, or the program's own), the program goes on after it: the handler flushes every live
 run, marks it to end as `failed` with the signal's name whenever it ends, and calls the previous one.
-A signal that arrives while a run is finishing waits for that finish.
+A signal that arrives while a run is finishing, or while a logging call moves rows between buffers
+(Run._seal), waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _live: weakref.WeakSet = weakref.WeakSet()  # runs not finished yet
-_finishing: set[int] = set()  # id() of runs inside finish() right now
+_finishing: set = set()  # tokens of blocks signals wait for: id() of runs inside finish(), deferred() blocks
 _previous: dict[int, object] = {}  # signal -> the handler we replaced
 _deferred: list[int] = []  # signals that arrived during a finish
 
@@ -51,8 +54,29 @@ def finishing(run, inside: bool) -> None:
         _finishing.add(id(run))
         return
     _finishing.discard(id(run))
-    if not _finishing and _deferred:
+    _act_on_deferred()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block that a signal handler must not interrupt (it moves rows from one buffer to another, and a
+    handler's flush in between would miss them): a signal arriving meanwhile acts when the block ends."""
+    token = object()
+    _finishing.add(token)
+    try:
+        yield
+    finally:
+        _finishing.discard(token)
+        _act_on_deferred()
+
+
+def _act_on_deferred() -> None:
+    if _finishing or not _deferred:
+        return
+    if threading.current_thread() is threading.main_thread():
         _on_signal(_deferred.pop(), None)
+    else:  # handlers run (and may only be set) in the main thread: send it there again
+        os.kill(os.getpid(), _deferred.pop())
 
 
 def _on_signal(signum: int, frame) -> None:
