@@ -147,7 +147,8 @@ class Client:
 
     def finish(self, run_id: str, row: dict, written: dict[str, int]) -> dict:
         body = json.dumps({"run": row, "written": written}, default=str).encode()
-        return self.request("POST", f"/runs/{run_id}/finish", body)
+        # the server may wait up to a minute for the ingest lease and the store before it answers
+        return self.request("POST", f"/runs/{run_id}/finish", body, timeout=self.timeout + 60.0)
 
 
 def ship_segments(client: Client, spool: Spool, row: Callable[[], dict], heartbeat_s: float,

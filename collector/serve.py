@@ -50,6 +50,8 @@ STATUSES = ("running", "finished", "diverged", "failed", "stale")
 MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.2, 300.0
 GRACE_S = 2.0  # beyond two heartbeats, before a silent run's spool is let go
 FINISH_WAIT_S = 60.0  # how long a finish waits for the ingest lease and the store
+FINISHING = 2  # finishes handled at once; more get 503 and retry with back-off, so that runs ending together
+# do not hold every server thread waiting for the lease (the dashboard's pages need them)
 
 
 class Receiver:
@@ -63,6 +65,7 @@ class Receiver:
         self._owned: dict[str, tuple[Spool, float]] = {}  # run_id -> (spool we own, let go after)
         self._thread: threading.Thread | None = None
         self._recover = False  # runs were let go: take an ingest turn as soon as the lease is free
+        self._finishing = threading.BoundedSemaphore(FINISHING)
 
     # --- ownership -------------------------------------------------------------------------------
     def _run_lock(self, run_id: str) -> threading.Lock:
@@ -237,6 +240,17 @@ class Receiver:
         if isinstance(parsed[0], int):
             return parsed  # type: ignore[return-value]
         row, _ = parsed
+        ledger = self._ledger(run_id)
+        if ledger.get("finished"):
+            return 200, {"stored": True, "status": ledger.get("status"), "missing": ledger.get("missing", {})}
+        if not self._finishing.acquire(blocking=False):
+            return 503, {"error": "other runs are being finished; retry"}
+        try:
+            return self._finish(run_id, row, written)
+        finally:
+            self._finishing.release()
+
+    def _finish(self, run_id: str, row: dict, written: dict[str, int]) -> tuple[int, dict]:
         with self._run_lock(run_id):
             ledger = self._ledger(run_id)
             if ledger.get("finished"):

@@ -113,7 +113,7 @@ def test_remote_writers_into_the_dashboard_every_row_once(tmp_path):
     dash = start_server(db, tmp_path, "--auth", f"token:{TOKEN}", headers={"Authorization": f"Bearer {TOKEN}"})
     try:
         spool = tmp_path / "client"
-        procs = [writer(dash.url, f"w{i}", 3000, 0.01, spool) for i in range(4)]
+        procs = [writer(dash.url, f"w{i}", 2000, 0.01, spool) for i in range(3)]
         pages = [dash.request("/", timeout=60).status for _ in range(3)]
         results = finish(procs)
         assert pages == [200, 200, 200]
@@ -122,7 +122,7 @@ def test_remote_writers_into_the_dashboard_every_row_once(tmp_path):
         dash.stop()
     runs = stored(db)
     assert sorted(runs) == sorted(r for r, _ in results)
-    assert all(v == (f"w{i}", "finished", 3000, 3000, 6, 6) for i, v in
+    assert all(v == (f"w{i}", "finished", 2000, 2000, 4, 4) for i, v in
                enumerate(runs[r] for r, _ in results)), runs
     assert segments_left(spool) == []
     assert all(e.strip() == "" for _, e in results), [e for _, e in results]
@@ -133,7 +133,7 @@ def test_server_killed_and_restarted_twice_mid_run(tmp_path):
     after each restart, and the store ends with every row exactly once and both runs finished."""
     db, port, spool = tmp_path / "team.duckdb", free_port(), tmp_path / "client"
     server = serve(db, tmp_path, port)
-    procs = [writer(server.url, f"k{i}", 6000, 0.06, spool) for i in range(2)]
+    procs = [writer(server.url, f"k{i}", 4000, 0.08, spool) for i in range(2)]
     ids = [p.stdout.readline().strip() for p in procs]
     for _ in range(2):
         time.sleep(1.5)
@@ -146,7 +146,7 @@ def test_server_killed_and_restarted_twice_mid_run(tmp_path):
     finally:
         server.stop()
     runs = stored(db)
-    assert {r: runs[r] for r in ids} == {ids[i]: (f"k{i}", "finished", 6000, 6000, 12, 12) for i in range(2)}
+    assert {r: runs[r] for r in ids} == {ids[i]: (f"k{i}", "finished", 4000, 4000, 8, 8) for i in range(2)}
     assert segments_left(spool) == []
     for _, err in results:  # said once per outage at most, with its way back
         assert err.count("cannot reach") <= 2 and err.count("cannot reach") == err.count("again"), err
