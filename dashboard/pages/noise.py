@@ -59,11 +59,12 @@ ADAM_NOTE = [
 ]
 B_NOISE_NOTE = [
     html.B("B_noise (diamonds). "),
-    "B_noise = tr(HΣ)/GᵀHG weighs the noise by the curvature H (McCandlish et al. 2018, eq. 2.6), measured at "
-    "evaluations with --curvature. B_simple = tr(Σ)/|G|² is the same with H = I, so B_noise = B_simple when the "
-    "Hessian is a multiple of the identity. McCandlish et al. use B_simple as the cheap stand-in and expect "
-    "B_noise ≤ B_simple where curvature is largest along the noisiest directions; B_crit ≈ B_noise. The card "
-    "compares both on the same micro-batch gradients and counts the runs where B_noise ≤ B_simple holds.",
+    "B_noise = tr(HΣ)/GᵀHG weighs the noise by the curvature H (McCandlish et al. 2018), measured at "
+    "evaluations with --curvature; B_simple = tr(Σ)/|G|² is the same with H = I. Their ratio B_noise/B_simple = "
+    "[tr(HΣ)/tr(Σ)] / [GᵀHG/|G|²] is the curvature the noise sees over the curvature the gradient sees: B_noise ≤ "
+    "B_simple when the gradient points along stiffer directions than the noise, and McCandlish et al. find "
+    "B_crit ≈ B_noise. The card compares both on the same micro-batch gradients and counts the runs where "
+    "B_noise ≤ B_simple holds.",
 ]
 
 
