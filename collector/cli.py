@@ -190,6 +190,17 @@ def cmd_import(args) -> None:
     print(", ".join(f"{t}: {n} new rows" for t, n in counts.items()) + f" -> {resolve_db(args.db)}")
 
 
+def _refuse_url_store(args) -> None:
+    """A server URL as the store (--db, or $BATCHSCOPE_DB set for remote trainers) names no file here."""
+    from collector.remote import remote_url
+
+    if args.func is not cmd_ingest or not (args.to or args.spool_dir):
+        url = remote_url(getattr(args, "db", None))
+        if url:
+            raise UsageError(f"the store is a server ({url}, from --db or $BATCHSCOPE_DB): this command reads a "
+                             "store file; run it on the server, or pass --db FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a --db given before the command (python -m collector --db X runs) is not reset to None.
@@ -256,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _refuse_url_store(args)
         args.func(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

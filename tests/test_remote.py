@@ -259,3 +259,12 @@ def test_bad_input_is_a_4xx_quarantined_and_replays_are_acknowledged(tmp_path, m
     assert late.status_code == 200 and late.get_json()["known"]
     assert stored(db) == {"abc123": ("r", "finished", 3, 3, 0, 0)}
     assert not (tmp_path / "s.duckdb.spool" / "abc123").exists()
+
+
+def test_store_commands_refuse_a_server_url(monkeypatch, capsys):
+    """$BATCHSCOPE_DB set to a server for the trainers: `collector runs` says what to do instead."""
+    from collector.cli import main
+
+    monkeypatch.setenv("BATCHSCOPE_DB", "http://team-server:8050")
+    assert main(["runs"]) == 2
+    assert "the store is a server (http://team-server:8050" in capsys.readouterr().err
