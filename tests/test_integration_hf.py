@@ -22,10 +22,18 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tests.integration_helpers import stored  # noqa: E402
+from tests.trainer_helpers import one_torch_thread  # noqa: E402
 from trainer.integrations.hf import BatchscopeCallback  # noqa: E402
 
 VOCAB, T, MICRO, ACCUM, STEPS = 24, 12, 8, 2, 8
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core machine."""
+    with one_torch_thread():
+        yield
 
 
 def sequences(n: int, seed: int) -> list[dict]:
@@ -127,7 +135,8 @@ def test_a_model_that_raises_in_a_script_leaves_a_failed_run_with_its_steps(tmp_
         trainer.model.register_forward_pre_hook(failing)
         trainer.train()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 1 and "FloatingPointError: model blew up" in proc.stderr
     run, steps, _ = stored(db)
     assert run["status"] == "failed" and run["status_reason"] == "FloatingPointError: model blew up"

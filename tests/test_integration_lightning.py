@@ -21,6 +21,7 @@ from torch import nn
 L = pytest.importorskip("lightning.pytorch")
 
 from tests.integration_helpers import stored  # noqa: E402
+from tests.trainer_helpers import one_torch_thread  # noqa: E402
 from trainer.integrations.lightning import BatchscopeCallback  # noqa: E402
 
 BATCH, ACCUM, STEPS = 16, 2, 8
@@ -71,6 +72,13 @@ class MLP(L.LightningModule):
         opt = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
                                                  "interval": "step"}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core machine."""
+    with one_torch_thread():
+        yield
 
 
 def loaders(seed: int = 0):

@@ -18,7 +18,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run_example(cmd: list[str], cwd: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=str(EXAMPLES.parent))
+    # one torch thread: these models are far too small for intra-op threads, which spin on a busy machine
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLES.parent), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
