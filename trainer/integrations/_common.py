@@ -129,8 +129,8 @@ class StepRecorder:
 
     unit "tokens" makes tokens the x-axis: `examples` and `batch_size` count tokens, and b_small / b_big
     are scaled by this step's tokens per example, so B_simple is in tokens as well (exact for sequences
-    of equal length; with padding, the mean length). world: data-parallel ranks (counts are per rank);
-    run None: count and compute, log nothing (the ranks that do not write).
+    of equal length; with padding, the mean length). world: data-parallel ranks (each counts its own,
+    `step` sums them); run None: count and compute, log nothing (the ranks that do not write).
     """
 
     def __init__(self, run, unit: str = "examples", world: int = 1, gns_window: float | None = None):
