@@ -10,6 +10,8 @@ interleaved, so a busy machine skews both sides alike):
   noise       the trainer's defaults: plain ingredients on every step (per-example norms) and the
               Adam-preconditioned ones on every 10th step (run as 2 micro-batches)
   noise-plain as `noise` without the Adam-preconditioned measurement
+  api-pe      the bare AdamW loop plus trainer.noise.GradientNoise(model) and its step() on every step
+              (per-example norms of every layer, nothing else): the measurement without the trainer
 Curvature: one CurvatureProbe measurement (sharpness + B_noise on the fixed sample) after 30 training
 steps, cold (random start vector) and warm (started from the previous eigenvector), as a ratio to one
 bare training step. Wall-clock and process CPU time are both reported.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,17 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import collector  # noqa: E402
 import trainer.train as train_module  # noqa: E402
+from bench.trainer_common import NullRun, device_label, interleave, ratio, sync  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.curvature import CurvatureProbe  # noqa: E402
+from trainer.noise import GradientNoise  # noqa: E402
 from trainer.tasks import TaskOptions, make_task  # noqa: E402
 from trainer.train import make_optimizer, train  # noqa: E402
 
 LR = 1e-3
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def config(batch: int, steps: int, device: str, **kw) -> TrainConfig:
@@ -50,37 +48,30 @@ def config(batch: int, steps: int, device: str, **kw) -> TrainConfig:
                        eval_every=10**9, device=device, **kw)
 
 
-def bare(task, batch: int, steps: int, device: str) -> tuple[float, float]:
+def bare(task, batch: int, steps: int, device: str, noise: bool = False) -> tuple[float, float]:
     """The loop a user would write with the same model and AdamW: sample, forward, backward, step, and
-    one evaluation at the end, as the trainer's run has."""
+    one evaluation at the end, as the trainer's run has; noise: plus GradientNoise(model).step()."""
     torch.manual_seed(0)
     model = task.build_model().to(task.device)
     opt = make_optimizer(config(batch, steps, device), model)
+    gns = GradientNoise(model, warn=False) if noise else None
+    kept = []
     sync(task.device)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         x, y = task.next_batch(batch)
         opt.zero_grad(set_to_none=True)
         task.loss_fn(model(x), y).backward()
+        if gns is not None:
+            s = gns.step()
+            kept.append((s.g_small_sq, s.g_big_sq))
         opt.step()
     _ = {k: float(v[0]) for k, v in task.evaluate(model).items()}
     sync(task.device)
-    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
-
-
-class NullRun:
-    """Takes the trainer's log calls and drops them: the loop's own cost without the collector's."""
-
-    name = "bench"
-
-    def log_steps(self, columns) -> None:
-        pass
-
-    def log_eval(self, *args, **kwargs) -> None:
-        pass
-
-    def log(self, *args, **kwargs) -> None:
-        pass
+    out = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    if gns is not None:
+        gns.close()
+    return out
 
 
 def trainer_run(task, batch: int, steps: int, device: str, db: Path | None, gns_every: int,
@@ -134,12 +125,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--width", type=int, help="model width (default: the task's)")
+    ap.add_argument("--context", type=int, help="characters per window (default: the task's)")
+    ap.add_argument("--no-curvature", action="store_true", help="skip the curvature measurement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    task = make_task("charlm", TaskOptions(), device, seed=0)
+    task = make_task("charlm", TaskOptions(width=args.width, context=args.context), device, seed=0)
     dev = str(device)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    label = device_label(device)
     print(f"# {label}, torch {torch.__version__}, {args.threads} thread(s), {task.model_name}, B={args.batch}, "
           f"{args.steps} steps x {args.repeats} repeats", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,25 +144,23 @@ def main() -> None:
             "logging": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=0),
             "noise": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=1),
             "noise-plain": lambda: trainer_run(task, args.batch, args.steps, dev, db, gns_every=1, adam=False),
+            "api-pe": lambda: bare(task, args.batch, args.steps, dev, noise=True),
         }
-        for fn in variants.values():  # warm-up
-            fn()
-        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                times[name].append(fn())
-        cold, warm, n_cold, n_warm = curvature_cost(task, args.batch, dev)
-
-    def ratio(name: str, clock: int) -> float:
-        return statistics.median(a[clock] / b[clock] for a, b in zip(times[name], times["bare"], strict=True))
+        times = interleave(variants, args.repeats)
+        curvature = None if args.no_curvature else curvature_cost(task, args.batch, dev)
 
     step_s = statistics.median(t[0] for t in times["bare"])  # includes 1/steps of an evaluation
     print(f"bare AdamW step: {step_s * 1e3:.1f} ms ({args.batch * task.tokens_per_example / step_s:,.0f} tokens/s)")
-    print("| clock | loop, no store | logging only | noise every step (+ Adam every 10th) | noise, plain only |")
-    print("|---|---|---|---|---|")
-    for clock, label in ((0, "wall"), (1, "cpu")):
-        print(f"| {label} | {ratio('loop', clock):.3f} | {ratio('logging', clock):.3f} | {ratio('noise', clock):.3f} | "
-              f"{ratio('noise-plain', clock):.3f} |")
+    print("| clock | loop, no store | logging only | noise every step (+ Adam every 10th) | noise, plain only "
+          "| API per-example |")
+    print("|---|---|---|---|---|---|")
+    for clock, name in ((0, "wall"), (1, "cpu")):
+        r = {v: ratio(times, v, "bare", clock) for v in variants if v != "bare"}
+        print(f"| {name} | {r['loop']:.3f} | {r['logging']:.3f} | {r['noise']:.3f} | {r['noise-plain']:.3f} "
+              f"| {r['api-pe']:.3f} |")
+    if curvature is None:
+        return
+    cold, warm, n_cold, n_warm = curvature
     print(f"curvature per evaluation ({task.curvature_examples} windows, HVPs on half): cold {cold:.2f} s = "
           f"{cold / step_s:.0f} steps ({n_cold} power iterations), warm {warm:.2f} s = {warm / step_s:.0f} steps "
           f"({n_warm} power iterations)")

@@ -14,6 +14,11 @@ Variants (time per step relative to the bare loop at the same batch size; lower 
   api-k4       the bare 4-micro-batch loop plus GradientNoise(model, per_example=False)
   split-k1     the bare loop run as 2 micro-batches plus GradientNoise(per_example=False): the former
                K=1 method (same FLOPs, twice the launches)
+  floor-hooks  the floor of api-pe's machinery: the bare loop plus the same hooks doing nothing (a forward
+               pre-hook on the model, a forward hook per covered layer registering an empty pre-hook on
+               its output's gradient node)
+  floor-math   the floor of api-pe's arithmetic: the bare loop plus the per-example rules applied to one
+               fixed (input, output gradient) pair per layer, and the norm of `.grad`, with no hooks
   per-example  reference: bare loop computing exact per-example gradients with torch.func (vmap(grad))
 The variants are interleaved and repeated; each ratio is the median over repeats of (variant time /
 bare time from the same repeat), so a busy machine skews both sides alike. Both wall-clock and process
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,20 +36,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import collector  # noqa: E402
+from bench.trainer_common import NullRun, device_label, interleave, ratio, sync  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.noise import GradientNoise  # noqa: E402
+from trainer.noise import GradientNoise, _sq_norm  # noqa: E402
+from trainer.per_example import rule_for  # noqa: E402
 from trainer.tasks import TaskOptions, make_task  # noqa: E402
 from trainer.train import train  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare(task, batch: int, steps: int, accum: int = 1, noise: dict | None = None) -> tuple[float, float]:
@@ -105,19 +107,68 @@ def per_example(task, batch: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-class NullRun:
-    """Takes the trainer's log calls and drops them: isolates the loop's own cost from the collector's."""
+def _covered(model: nn.Module) -> list[nn.Module]:
+    gns = GradientNoise(model, warn=False)
+    names = set(gns.covered)
+    gns.close()
+    return [m for n, m in model.named_modules() if n in names]
 
-    name = "bench"
 
-    def log_steps(self, columns) -> None:
-        pass
+def floor_hooks(task, batch: int, steps: int) -> tuple[float, float]:
+    """The bare loop plus GradientNoise's hooks, doing nothing: what the hook machinery costs alone."""
+    torch.manual_seed(0)
+    model = task.build_model().to(task.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def log_eval(self, *args, **kwargs) -> None:
-        pass
+    def on_output(module, inputs, output):
+        if output.grad_fn is not None:
+            output.grad_fn.register_prehook(lambda grads: None)
 
-    def log(self, *args, **kwargs) -> None:
-        pass
+    handles = [m.register_forward_hook(on_output) for m in _covered(model)]
+    handles.append(model.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True))
+    try:
+        return _timed(task, model, opt, batch, steps)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def floor_math(task, batch: int, steps: int) -> tuple[float, float]:
+    """The bare loop plus the per-example arithmetic alone: each covered layer's rule on one fixed
+    (input, output gradient) pair captured up front, their sum, and the norm of `.grad`; no hooks."""
+    torch.manual_seed(0)
+    model = task.build_model().to(task.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pairs, handles = [], []
+    for m in _covered(model):
+        def keep(module, inputs, output, m=m):
+            output.register_hook(lambda d: pairs.append((m, rule_for(m), inputs[0].detach(), d.detach())))
+        handles.append(m.register_forward_hook(keep))
+    x, y = task.next_batch(batch)
+    task.loss_fn(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def extra() -> None:
+        terms = [rule(m, a, d) for m, rule, a, d in pairs]
+        _ = torch.stack(terms).sum().mul_(float(batch)), _sq_norm([p.grad for p in params], 1.0)
+
+    return _timed(task, model, opt, batch, steps, extra)
+
+
+def _timed(task, model, opt, batch: int, steps: int, after_backward=None) -> tuple[float, float]:
+    sync(task.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        x, y = task.next_batch(batch)
+        opt.zero_grad(set_to_none=True)
+        task.loss_fn(model(x), y).backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+    sync(task.device)
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def trainer_run(task_name: str, task, batch: int, steps: int, db: Path | None, device: str,
@@ -155,24 +206,18 @@ def bench_config(task_name: str, batch: int, steps: int, repeats: int, device: t
         "api-pe": lambda: bare(task, batch, steps, noise={}),
         "api-k4": lambda: bare(task, batch, steps, accum=4, noise={"per_example": False}),
         "split-k1": lambda: bare(task, batch, steps, accum=2, noise={"per_example": False}),
+        "floor-hooks": lambda: floor_hooks(task, batch, steps),
+        "floor-math": lambda: floor_math(task, batch, steps),
         "per-example": lambda: per_example(task, batch, max(steps // 4, 10)),
     }
-    for fn in variants.values():  # warm-up: allocator, lazy imports, dynamo's first-call import
-        fn()
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(fn())
-
-    def ratio(num: str, den: str, clock: int) -> float:
-        return statistics.median(a[clock] / b[clock] for a, b in zip(times[num], times[den], strict=True))
-
+    times = interleave(variants, repeats)
     out = {"task": task_name, "batch": batch, "steps": steps, "repeats": repeats,
-           "bare_steps_per_s": 1.0 / statistics.median(t[0] for t in times["bare"])}
+           "bare_steps_per_s": 1.0 / statistics.median(t[0] for t in times["bare"]),
+           "bare_cpu_us": 1e6 * statistics.median(t[1] for t in times["bare"])}
     for clock, suffix in ((0, "wall"), (1, "cpu")):
-        out[suffix] = {name.replace("-", "_"): ratio(name, "bare", clock) for name in variants if name != "bare"}
-        out[suffix]["k4_vs_bare_k4"] = ratio("accum-k4", "bare-k4", clock)
-        out[suffix]["api_k4_vs_bare_k4"] = ratio("api-k4", "bare-k4", clock)
+        out[suffix] = {name.replace("-", "_"): ratio(times, name, "bare", clock) for name in variants if name != "bare"}
+        out[suffix]["k4_vs_bare_k4"] = ratio(times, "accum-k4", "bare-k4", clock)
+        out[suffix]["api_k4_vs_bare_k4"] = ratio(times, "api-k4", "bare-k4", clock)
     return out
 
 
@@ -188,12 +233,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    label = device_label(device)
     print(f"# {label}, torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x {args.repeats} repeats",
           flush=True)
     print("| task | B | bare steps/s | clock | loop, no store | logging only | default (every step) | every 10th "
-          "| K=4 (vs bare K=4) | API per-example | API K=4 (vs bare K=4) | 2-way split | torch.func |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| K=4 (vs bare K=4) | API per-example | API K=4 (vs bare K=4) | 2-way split | floor: hooks "
+          "| floor: math | torch.func |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.configs.split(","):
@@ -207,7 +253,7 @@ def main() -> None:
                       f"{c['logging']:.3f} | {c['default']:.3f} | {c['every_10']:.3f} | "
                       f"{c['accum_k4']:.3f} ({c['k4_vs_bare_k4']:.3f}) | {c['api_pe']:.3f} | "
                       f"{c['api_k4']:.3f} ({c['api_k4_vs_bare_k4']:.3f}) | {c['split_k1']:.3f} | "
-                      f"{c['per_example']:.2f} |", flush=True)
+                      f"{c['floor_hooks']:.3f} | {c['floor_math']:.3f} | {c['per_example']:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -69,6 +69,31 @@ def test_decoder_is_causal():
     assert charlm.char_loss(a, x.long()).item() == pytest.approx(math.log(256), rel=0.02)
 
 
+def test_every_layer_gets_exact_per_example_norms():
+    """GradientNoise covers every charlm parameter by per-example norms (positions included: they are
+    looked up as (N, T) ids), so a K = 1 step is complete without a split, and its ingredients equal
+    those of exact per-example gradients (torch.func)."""
+    import warnings
+
+    from tests.trainer_helpers import per_example_grads
+    from trainer.noise import GradientNoise
+
+    torch.manual_seed(0)
+    model = charlm.CharGPT(context=8, layers=1, width=32, heads=2)
+    x = torch.randint(0, 256, (6, 8), generator=torch.Generator().manual_seed(3))
+    y = torch.roll(x, -1, dims=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")  # torch.func on SDPA (CPU)
+        g = per_example_grads(model, charlm.char_loss, x, y)
+    gns = GradientNoise(model)
+    assert not gns.fallback and {"tok", "pos", "head", "ln_f", "blocks.0.attn.qkv"} <= set(gns.covered)
+    charlm.char_loss(model(x), y).backward()
+    s = gns.step()
+    assert s.complete and not s.micro_batch and len(s.per_example) == sum(1 for _ in model.parameters())
+    assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=1e-4)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+
+
 def test_task_eval_sets_and_tokens():
     task = make_task("charlm", TaskOptions(context=32, layers=1, width=32), torch.device("cpu"))
     assert task.tokens_per_example == 32 and task.model_name == "gpt-c32-l1-w32-h1"

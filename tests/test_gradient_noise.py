@@ -293,3 +293,31 @@ def test_a_plain_user_loop_logs_the_noise_columns_on_every_step(tmp_path):
     con.close()
     assert len(rows) == 40 and all(r[1] == 1.0 and r[3] == 32.0 and r[0] > r[2] > 0 for r in rows)
     assert b_simple_window(*map(np.array, zip(*rows, strict=True))) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("transformer", True, 1), ("mlp", False, 2)])
+def test_autocast_and_grad_scaler(dtype, name, per_example, k):
+    """Mixed precision on the CPU: under torch.autocast the layer output gradients are half precision (the
+    rules sum in float32), and with a GradScaler every gradient the hooks and `.grad` see is multiplied by
+    the scale: step(loss_scale=scale / K) gives the float32 model's exact ingredients."""
+    model, loss_fn, x, y, g = setup(name)
+    gns = GradientNoise(model, per_example=per_example)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    got = []
+    for scaled in (True, False):
+        model.zero_grad(set_to_none=True)
+        for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
+            with torch.autocast("cpu", dtype=dtype):
+                loss = loss_fn(model(xk), yk) / k
+            (scaler.scale(loss) if scaled else loss).backward()
+        s = gns.step(loss_scale=scaler.get_scale() / k if scaled else None)
+        got.append((float(s.g_small_sq), float(s.g_big_sq)))
+    if per_example:
+        want = (float(g.square().sum(1).mean()), float(g.mean(0).square().sum()))
+    else:
+        want = (float(np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(k)])), float(g.mean(0).square().sum()))
+    tol = 5e-3 if dtype == torch.bfloat16 else 1e-3  # seen: 1e-3 and 2e-4 (8 and 11 bits of mantissa)
+    for scaled_or_not in got:
+        assert scaled_or_not == pytest.approx(want, rel=tol)
+    assert got[0] == pytest.approx(got[1], rel=tol / 4)  # the scale is a power of two: it divides out

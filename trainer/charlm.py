@@ -138,7 +138,11 @@ class Block(nn.Module):
 
 
 class CharGPT(nn.Module):
-    """Token embedding + learned positions, `layers` blocks, final LayerNorm and a linear head (untied)."""
+    """Token embedding + learned positions, `layers` blocks, final LayerNorm and a linear head (untied).
+
+    Every layer is an nn.Linear, nn.Embedding or nn.LayerNorm with its own parameters, so GradientNoise
+    measures all of them by per-example norms (no micro-batch split; tests/test_charlm.py checks it).
+    """
 
     def __init__(self, context: int, layers: int, width: int, heads: int, vocab: int = VOCAB):
         super().__init__()
@@ -157,10 +161,12 @@ class CharGPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[-1]
+        n, t = x.shape
         if t > self.context:
             raise ValueError(f"input of {t} characters is longer than the context {self.context}")
-        h = self.tok(x.long()) + self.pos(self.positions[:t])
+        # positions as (N, T) ids, like the tokens (an expand: no copy): the per-example-norm rule of
+        # nn.Embedding then covers them, where a (T,) lookup broadcast over the batch would need a split
+        h = self.tok(x.long()) + self.pos(self.positions[:t].expand(n, t))
         return self.head(self.ln_f(self.blocks(h)))
 
 

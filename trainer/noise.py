@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.per_example import rule_for
+from trainer.per_example import Rule, fits_for, rule_for
 
 __all__ = ["GradientNoise", "NoiseStats"]
 
@@ -87,24 +87,37 @@ class NoiseStats:
                 "g_big_sq": float(self.g_big_sq), "b_big": float(self.b_big)}
 
 
-@dataclass
 class _Step:
-    """What the hooks collected since the last `step()`."""
+    """What the hooks collected since the last `step()`: plain lists, cleared in place (no per-step
+    allocation beyond the tensors themselves)."""
 
-    micro: int = 0  # forward passes with grad enabled (= micro-batches)
-    sizes: list[int] = field(default_factory=list)  # examples per micro-batch
-    pe: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (micro, sum_i |contrib_i|^2 of a layer)
-    mb: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (micro, |h_k|^2 of a parameter)
-    pe_params: set[int] = field(default_factory=set)
-    pe_now: set[tuple[int, int]] = field(default_factory=set)  # (micro, parameter) done per example
-    mb_params: set[int] = field(default_factory=set)
-    calls: dict[int, int] = field(default_factory=dict)  # covered module id -> calls in this forward
-    shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
+    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "lost")
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []  # examples per micro-batch
+        self.calls: dict[int, int] = {}  # covered module id -> calls in this forward
+        self.pe: list[torch.Tensor] = []  # sum_i |contribution_i|^2 of a layer in one micro-batch
+        self.pe_micro: list[int] = []  # ... and that micro-batch (counted from 1)
+        self.pe_mod: list[int] = []  # ... and that layer (module id)
+        self.mb: list[torch.Tensor] = []  # |h_k| of one parameter in one micro-batch (a norm, not squared)
+        self.mb_micro: list[int] = []
+        self.lost: set[int] = set()  # parameters that left the per-example method part-way through the step
+        self.clear()
+
+    def clear(self) -> None:
+        self.micro = 0  # forward passes with grad enabled (= micro-batches)
+        self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
+        for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro,
+                  self.lost):
+            c.clear()
+
+
+_grad_enabled, _func_stack = torch.is_grad_enabled, torch._C._functorch.peek_interpreter_stack
 
 
 def _recording() -> bool:
     """Grad enabled and not inside a torch.func transform (whose forwards are someone else's)."""
-    return torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
+    return _grad_enabled() and _func_stack() is None
 
 
 class GradientNoise:
@@ -113,6 +126,11 @@ class GradientNoise:
     per_example: use per-example norms for the layers that have a rule (default). False measures every
     parameter by micro-batches / ranks (cheaper in Python hooks, noisier: b_small = B/K).
     warn: say once (RuntimeWarning) when a step has parameters without a small batch.
+
+    Cost, per step: one forward hook and one gradient pre-hook per covered layer, whose rule costs a few
+    fused reductions (the Gram form of sequence layers a batched matmul); one tensor hook per other
+    parameter and micro-batch, whose work is one norm; in `step()`, one fused norm over `.grad` and a
+    stack. Covered layers' parameters carry no hook at all unless the layer falls back at run time.
     """
 
     def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True):
@@ -121,19 +139,21 @@ class GradientNoise:
         self.group = process_group if process_group is not None else getattr(model, "process_group", None)
         self.world = dist.get_world_size(self.group) if self.ddp else 1
         self.active = True
-        self._cur = _Step()
+        self._cur, self._spare = _Step(), _Step()
         self._handles: list = []
         self._warned: set[str] = set() if warn else {"missing"}
-        self._name_cache: dict = {}
+        self._plans: dict = {}
         params = {id(p): (n, p) for n, p in self.module.named_parameters() if p.requires_grad}
         self._names = {pid: n for pid, (n, _) in params.items()}
+        self._by_id = {pid: p for pid, (_, p) in params.items()}
         self.covered: dict[str, str] = {}  # module name -> layer type, for the docs and the user
         owners: dict[int, int] = {}
         for _, m in self.module.named_modules(remove_duplicate=False):
             for p in m.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         skip = tuple(n + "." for n, m in self.module.named_modules() if isinstance(m, nn.MultiheadAttention))
-        self._module_params: dict[int, list[int]] = {}
+        self._module_params: dict[int, list[int]] = {}  # covered module id -> its parameters
+        self._module_names: dict[int, str] = {}
         if per_example:
             for name, m in self.module.named_modules():
                 rule = rule_for(m)
@@ -142,13 +162,20 @@ class GradientNoise:
                     continue
                 self.covered[name] = type(m).__name__
                 self._module_params[id(m)] = own
+                self._module_names[id(m)] = name
                 self._handles.append(m.register_forward_hook(self._forward_hook(rule)))
         self._handles.append(self.module.register_forward_pre_hook(self._root_hook, with_kwargs=True))
-        for pid, (_, p) in params.items():
-            self._handles.append(p.register_hook(self._param_hook(pid)))
+        self._pe_ids = {i for own in self._module_params.values() for i in own}  # measured per example
+        self._mb_ids: set[int] = set()  # measured by micro-batches (a tensor hook on the parameter)
+        for pid in params:
+            if pid not in self._pe_ids:
+                self._hook_param(pid)
         self._params = [p for _, p in params.values()]
-        covered = {i for own in self._module_params.values() for i in own}
-        self.fallback = tuple(self._names[i] for i in params if i not in covered)  # measured by micro-batches
+
+    @property
+    def fallback(self) -> tuple[str, ...]:
+        """Parameters measured by micro-batches: no rule, or their layer fell back at run time."""
+        return tuple(self._names[i] for i in self._by_id if i in self._mb_ids)
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -157,39 +184,73 @@ class GradientNoise:
             return
         cur = self._cur
         cur.micro += 1
-        cur.calls = {}
-        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        cur.sizes.append(0 if first is None else int(first.shape[0]))
-        cur.shape = None if first is None else tuple(first.shape)
+        cur.calls.clear()
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+            (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if first is None or first.dim() == 0:
+            cur.sizes.append(0)
+            cur.shape = None
+        else:
+            cur.shape = tuple(first.shape)
+            cur.sizes.append(cur.shape[0])
 
-    def _forward_hook(self, rule):
+    def _forward_hook(self, rule: Rule):
+        fits = fits_for(rule)
+
         def hook(module, inputs, output):
-            if not (self.active and _recording()) or not isinstance(output, torch.Tensor):
+            if not (self.active and _recording()):
                 return
-            if not output.requires_grad or not inputs or not isinstance(inputs[0], torch.Tensor):
+            mid = id(module)
+            if mid not in self._module_params:  # fell back earlier: its parameters have hooks now
                 return
-            cur, mid = self._cur, id(module)
-            cur.calls[mid] = cur.calls.get(mid, 0) + 1
-            if not self._has_batch_dim(module, inputs[0], cur):
-                return  # e.g. positions embedded once and broadcast over the batch: micro-batch fallback
-            micro, calls, a = cur.micro, cur.calls, inputs[0].detach()
+            cur = self._cur
+            calls = cur.calls
+            calls[mid] = n_calls = calls.get(mid, 0) + 1
+            a = inputs[0] if inputs else None
+            if (n_calls > 1 or not isinstance(output, torch.Tensor) or not isinstance(a, torch.Tensor)
+                    or not self._has_batch_dim(module, a, cur) or not fits(module, a, output)):
+                # called twice in one forward (the per-example terms would miss cross terms), or an
+                # input without the batch dimension (e.g. positions embedded once and broadcast)
+                self._fall_back(mid, cur)
+                return
+            if not output.requires_grad:
+                return
+            micro, a = cur.micro, a.detach()
 
-            def on_grad(d: torch.Tensor) -> None:
-                if cur is not self._cur or calls.get(mid, 0) != 1:
-                    return  # called twice in one forward: per-example terms would miss cross terms
+            def on_grad(grads) -> None:
+                d = grads[0]
+                if d is None or cur is not self._cur or calls.get(mid, 0) != 1 or mid not in self._module_params:
+                    return
                 sq = rule(module, a, d.detach())
-                if sq is not None:
-                    cur.pe.append((micro, sq))
-                    own = self._module_params[mid]
-                    cur.pe_params.update(own)
-                    cur.pe_now.update((micro, i) for i in own)
+                if sq is None:  # a shape the forward check let through: this step has no small batch for it
+                    self._fall_back(mid, cur, lost=True)
+                    return
+                cur.pe.append(sq)
+                cur.pe_micro.append(micro)
+                cur.pe_mod.append(mid)
 
             node = output.grad_fn  # a pre-hook on the node that consumes d costs less than a tensor hook
             if node is None:
-                output.register_hook(on_grad)
+                output.register_hook(lambda d: on_grad((d,)))
             else:
-                node.register_prehook(lambda grads: on_grad(grads[0]) if grads[0] is not None else None)
+                node.register_prehook(on_grad)
         return hook
+
+    def _fall_back(self, mid: int, cur: _Step, lost: bool = False) -> None:
+        """From now on measure this layer's parameters by micro-batches (sticky). Hooked during the
+        step's first forward, they are measured this step too; later, this step has no small batch for them."""
+        own = self._module_params.pop(mid)
+        for pid in own:
+            self._pe_ids.discard(pid)
+            self._hook_param(pid)
+        self.covered.pop(self._module_names.pop(mid), None)
+        self._plans.clear()
+        if lost or cur.micro > 1 or mid in cur.pe_mod:
+            cur.lost.update(own)
+            keep = [j for j, m in enumerate(cur.pe_mod) if m != mid]  # its terms so far leave the sum too
+            if len(keep) < len(cur.pe_mod):
+                for c in (cur.pe, cur.pe_micro, cur.pe_mod):
+                    c[:] = [c[j] for j in keep]
 
     @staticmethod
     def _has_batch_dim(module: nn.Module, a: torch.Tensor, cur: _Step) -> bool:
@@ -201,23 +262,26 @@ class GradientNoise:
             return tuple(a.shape) == cur.shape
         return a.dim() > 0 and a.shape[0] == cur.sizes[-1]
 
-    def _param_hook(self, pid: int):
+    def _hook_param(self, pid: int) -> None:
+        if pid in self._mb_ids:
+            return
+        self._mb_ids.add(pid)
+        p = self._by_id[pid]
+        acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else None  # accumulate, no copy
+
         def hook(g: torch.Tensor) -> None:
             cur = self._cur
-            if not self.active or (cur.micro, pid) in cur.pe_now:
-                return
-            flat = g.detach().reshape(-1)
-            if flat.dtype not in (torch.float32, torch.float64):
-                flat = flat.float()
-            cur.mb.append((cur.micro, torch.dot(flat, flat)))
-            cur.mb_params.add(pid)
-        return hook
+            if self.active and pid not in cur.lost:
+                cur.mb.append(torch.linalg.vector_norm(g.detach() if g.requires_grad else g, dtype=acc))
+                cur.mb_micro.append(cur.micro)
+
+        self._handles.append(p.register_hook(hook))
 
     # --- the step ------------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget what was collected (e.g. after a skipped, non-finite step)."""
-        self._cur = _Step()
+        self._cur.clear()
 
     def step(self, loss_scale: float | Sequence[float] | None = None, micro_batches: int | None = None,
              examples: int | None = None) -> NoiseStats:
@@ -228,7 +292,14 @@ class GradientNoise:
         micro-batch if they differ. micro_batches / examples override what the forward hook counted
         (forward passes with grad enabled, and dim 0 of the first tensor argument), per rank.
         """
-        cur, self._cur = self._cur, _Step()
+        cur = self._cur
+        self._cur, self._spare = self._spare, cur  # the hooks now fill the other one
+        try:
+            return self._stats(cur, loss_scale, micro_batches, examples)
+        finally:
+            cur.clear()
+
+    def _stats(self, cur: _Step, loss_scale, micro_batches, examples) -> NoiseStats:
         k = micro_batches or cur.micro
         if k == 0:
             return NoiseStats(None, None, None, None, complete=False)
@@ -238,46 +309,47 @@ class GradientNoise:
             raise ValueError("GradientNoise.step() could not tell the batch size: pass examples=")
         if sizes is None:
             sizes = [local / k] * k
-        scales = [1.0 / k] * k if loss_scale is None else (
-            [float(loss_scale)] * k if not isinstance(loss_scale, Sequence) else [float(s) for s in loss_scale])
+        if loss_scale is None:
+            scales = [1.0 / k] * k
+        elif isinstance(loss_scale, Sequence):
+            scales = [float(s) for s in loss_scale]
+        else:
+            scales = [float(loss_scale)] * k
         if len(scales) != k:
             raise ValueError(f"loss_scale has {len(scales)} entries for {k} micro-batches")
-        total_scale = sum(scales)
         b_big = float(local * self.world)
-
-        with_grad = [p for p in self._params if p.grad is not None]
-        by_id = {id(p): p for p in with_grad}
-        pe_ids = [i for i in by_id if i in cur.pe_params]
-        mb_ids = [i for i in by_id if i in cur.mb_params and i not in cur.pe_params]
-        missing = [i for i in by_id if i not in cur.pe_params and i not in cur.mb_params]
         mb_small = k > 1 or self.world > 1  # the micro-batch method needs two batch sizes
-        if not mb_small:
-            missing, mb_ids = missing + mb_ids, []
+        key = (tuple(p.grad is not None for p in self._params), mb_small, frozenset(cur.lost))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(mb_small, cur.lost)
+        pe_params, mb_params, names, missing = plan
 
-        # local sums, scaled back to per-example / per-micro-batch mean-loss gradients
-        sums = []  # already divided by the global counts (examples, micro-batches x ranks): means
-        if pe_ids:
-            sums.append(_combine(cur.pe, [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)]))
-        if mb_ids:
-            sums.append(_combine(cur.mb, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)]))
+        # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
+        # global counts (examples; micro-batches x ranks): means
+        sums = []
+        if pe_params:
+            sums.append(_weighted(cur.pe, cur.pe_micro, [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)],
+                                  squared=False, like=pe_params[0]))
+        if mb_params:
+            sums.append(_weighted(cur.mb, cur.mb_micro, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)],
+                                  squared=True, like=mb_params[0]))
         if self.world > 1 and sums:  # the one extra collective: a few scalars
             packed = torch.stack(sums)
             dist.all_reduce(packed, group=self.group)
             sums = list(packed.unbind())
-        names = self._names_of(pe_ids, mb_ids, missing)
         if missing and "missing" not in self._warned:
             self._warned.add("missing")
-            warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({names[2][:3]}...): "
+            warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({missing[:3]}...): "
                           "one micro-batch on one device and no per-example rule; run 2+ micro-batches",
-                          RuntimeWarning, stacklevel=2)
-        big_scale = 1.0 / total_scale**2
+                          RuntimeWarning, stacklevel=3)
+        big_scale = 1.0 / sum(scales) ** 2
         blocks = []  # (|g_small|^2, b_small, |g_big|^2) per method
-        if pe_ids:
-            blocks.append((sums.pop(0), 1.0, _sq_norm([by_id[i].grad for i in pe_ids], big_scale)))
-        if mb_ids:
+        if pe_params:
+            blocks.append((sums.pop(0), 1.0, _sq_norm([p.grad for p in pe_params], big_scale)))
+        if mb_params:
             bs = k / sum(1.0 / s for s in sizes)  # harmonic mean: E mean_k |g_k|^2 = |G|^2 + tr * mean 1/b_k
-            blocks.append((sums.pop(0), bs,
-                           _sq_norm([by_id[i].grad for i in mb_ids], big_scale)))
+            blocks.append((sums.pop(0), bs, _sq_norm([p.grad for p in mb_params], big_scale)))
         if not blocks:
             return NoiseStats(None, None, None, None, False, *names, micro_batches=k, examples=int(b_big))
         if len(blocks) == 1:
@@ -290,12 +362,16 @@ class GradientNoise:
         return NoiseStats(g_small, float(b_small), g_big, b_big, not missing, *names, micro_batches=k,
                           examples=int(b_big))
 
-    def _names_of(self, *groups: list[int]) -> tuple[tuple[str, ...], ...]:
-        key = tuple(tuple(g) for g in groups)
-        got = self._name_cache.get(key)
-        if got is None:
-            got = self._name_cache[key] = tuple(tuple(self._names[i] for i in g) for g in groups)
-        return got
+    def _plan(self, mb_small: bool, lost: set[int]) -> tuple:
+        """Which parameters each method covers for a given set of gradients (cached: the same every step)."""
+        with_grad = [i for i, p in self._by_id.items() if p.grad is not None]
+        pe = [i for i in with_grad if i in self._pe_ids]
+        mb = [i for i in with_grad if i in self._mb_ids and i not in lost]
+        missing = [i for i in with_grad if i in lost]
+        if not mb_small:
+            missing, mb = missing + mb, []
+        names = tuple(tuple(self._names[i] for i in g) for g in (pe, mb, missing))
+        return [self._by_id[i] for i in pe], [self._by_id[i] for i in mb], names, names[2]
 
     def close(self) -> None:
         """Remove every hook."""
@@ -310,22 +386,35 @@ class GradientNoise:
         self.close()
 
 
-def _combine(terms: list[tuple[int, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-    """sum_j w[micro_j] x_j (micro-batches counted from 1), with one stack when the weights are equal."""
-    terms = [(m, t) for m, t in terms if 0 < m <= len(weights)]
-    if len(set(weights)) == 1:
+def _weighted(terms: list[torch.Tensor], micro: list[int], weights: list[float], squared: bool,
+              like: torch.Tensor) -> torch.Tensor:
+    """sum_j w[micro_j] x_j (x_j^2 with squared=True), micro-batches counted from 1: one stack, one
+    reduction, one scale when the weights are equal (the common case)."""
+    k = len(weights)
+    if any(m > k or m < 1 for m in micro):
+        keep = [j for j, m in enumerate(micro) if 0 < m <= k]
+        terms, micro = [terms[j] for j in keep], [micro[j] for j in keep]
+    if not terms:
+        return torch.zeros((), device=like.device)
+    w0 = weights[0]
+    if all(w == w0 for w in weights):
         if len(terms) == 1:
-            return terms[0][1] * weights[0]
-        if len(terms) == 2:
-            return torch.add(terms[0][1], terms[1][1]).mul_(weights[0])
-        return torch.stack([t for _, t in terms]).sum().mul_(weights[0])
-    return torch.stack([t * weights[m - 1] for m, t in terms]).sum()
+            t = terms[0]
+            return t * t * w0 if squared else t * w0
+        if len(terms) == 2 and not squared:
+            return torch.add(terms[0], terms[1]).mul_(w0)
+        v = torch.stack(terms)
+        return (torch.dot(v, v) if squared else v.sum()).mul_(w0)
+    v = torch.stack(terms)
+    w = torch.tensor([weights[m - 1] for m in micro], dtype=v.dtype, device=v.device)
+    return torch.dot(v * v, w) if squared else torch.dot(v, w)
 
 
 def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
     """scale * |g|^2 over several tensors (torch's fused per-tensor norms, then one dot)."""
-    norms = torch.stack(torch._foreach_norm(grads))
+    norms = torch._foreach_norm(grads)
+    norms = norms[0].reshape(1) if len(norms) == 1 else torch.stack(norms)
     if norms.dtype not in (torch.float32, torch.float64):
         norms = norms.float()
     sq = torch.dot(norms, norms)
-    return sq if scale == 1.0 else sq * scale
+    return sq if scale == 1.0 else sq.mul_(scale)

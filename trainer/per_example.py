@@ -34,44 +34,73 @@ def _wants(p: torch.nn.Parameter | None) -> bool:
     return p is not None and p.requires_grad
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The dtype the sums are taken in: float32 for half-precision gradients (autocast), else their own."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def _seq_sq(a: torch.Tensor, d: torch.Tensor, with_bias: bool, with_weight: bool = True) -> torch.Tensor:
     """Sum over n of |sum_t delta_nt a_nt^T|^2 (+ |sum_t delta_nt|^2) for a (N, T, i) and d (N, T, o)."""
+    acc = _acc(d)
+    a, d = a.to(acc), d.to(acc)  # no-ops in float32; under autocast the products need the range
     t, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
     total = d.sum(1).square().sum() if with_bias else None
     if with_weight:
         if t * (d_in + d_out) < d_in * d_out:  # Gram form: O(N T^2 (d_in + d_out))
-            w = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum()
+            w = torch.dot(torch.bmm(a, a.transpose(1, 2)).view(-1), torch.bmm(d, d.transpose(1, 2)).view(-1))
         else:  # the per-example gradients are smaller than the Gram matrices: form them
             w = torch.bmm(d.transpose(1, 2), a).square().sum()
         total = w if total is None else total + w
     return total
 
 
+def linear_fits(m: nn.Linear, a: torch.Tensor, out: torch.Tensor) -> bool:
+    return a.dim() >= 2 and out.shape[:-1] == a.shape[:-1]
+
+
 def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
     if a.dim() < 2 or d.shape[:-1] != a.shape[:-1]:
         return None
-    a, d = a.to(d.dtype), d
-    if a.dim() == 2:  # row norms as one fused reduction each (cheaper than square, then sum)
-        d_sq = torch.linalg.vector_norm(d, dim=1).square_()
+    if a.dim() == 2:  # row norms: one fused reduction each, then a dot (|a_i|^2 + 1 with a bias)
+        acc = _acc(d)
+        d_sq = torch.linalg.vector_norm(d, dim=1, dtype=acc).square_()
         if not _wants(m.weight):
             return d_sq.sum()
-        a_sq = torch.linalg.vector_norm(a, dim=1).square_()
+        a_sq = torch.linalg.vector_norm(a, dim=1, dtype=acc).square_()
         return torch.dot(a_sq.add_(1.0), d_sq) if _wants(m.bias) else torch.dot(a_sq, d_sq)
     n = a.shape[0]
     return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m.bias), _wants(m.weight))
+
+
+def embedding_fits(m: nn.Embedding, idx: torch.Tensor, out: torch.Tensor) -> bool:
+    return idx.dim() > 0 and out.shape[:-1] == idx.shape
 
 
 def embedding_sq(m: nn.Embedding, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
     if idx.dim() == 0 or d.shape[:-1] != idx.shape or not _wants(m.weight):
         return None
     n = idx.shape[0]
-    idx, d = idx.reshape(n, -1), d.reshape(n, -1, d.shape[-1])
+    acc = _acc(d)
+    idx, d = idx.reshape(n, -1), d.reshape(n, -1, d.shape[-1]).to(acc)
     if m.padding_idx is not None:  # the padding row gets no gradient
         d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)
-    if idx.shape[1] == 1:
+    t, width, rows = idx.shape[1], d.shape[2], m.num_embeddings
+    if t == 1:
         return d.square().sum()
+    if rows < t * t // 2 and n * rows * width <= EMBEDDING_DIRECT_MAX:
+        # the per-example gradients (N, rows, width), scattered from d, are cheaper than the (N, T, T) match
+        # matrix and Gram form (charlm: 256 bytes or 64 positions vs T^2 = 4,096)
+        g = d.new_zeros(n, rows, width).scatter_add_(1, idx.unsqueeze(-1).expand(n, t, width), d)
+        return g.square().sum()
     same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d.dtype)
-    return (same * torch.bmm(d, d.transpose(1, 2))).sum()
+    return torch.dot(same.view(-1), torch.bmm(d, d.transpose(1, 2)).view(-1))
+
+
+EMBEDDING_DIRECT_MAX = 1 << 24  # elements of the per-example embedding gradients formed at once (64 MiB)
+
+
+def norm_fits(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> bool:
+    return a.shape == out.shape and a.dim() > len(tuple(m.normalized_shape))
 
 
 def _norm_sq(m: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -94,16 +123,18 @@ def layer_norm_sq(m: nn.LayerNorm, a: torch.Tensor, d: torch.Tensor) -> torch.Te
     shape = tuple(m.normalized_shape)
     if a.shape != d.shape or a.dim() <= len(shape):
         return None
-    x_hat = F.layer_norm(a.to(d.dtype), shape, None, None, m.eps)
-    return _norm_sq(m, x_hat, d, shape)
+    acc = _acc(d)
+    x_hat = F.layer_norm(a.to(acc), shape, None, None, m.eps)
+    return _norm_sq(m, x_hat, d.to(acc), shape)
 
 
 def rms_norm_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
     shape = tuple(m.normalized_shape)
     if a.shape != d.shape or a.dim() <= len(shape):
         return None
-    x_hat = F.rms_norm(a.to(d.dtype), shape, None, m.eps)
-    return _norm_sq(m, x_hat, d, shape)
+    acc = _acc(d)
+    x_hat = F.rms_norm(a.to(acc), shape, None, m.eps)
+    return _norm_sq(m, x_hat, d.to(acc), shape)
 
 
 def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool) -> torch.Tensor | None:
@@ -115,9 +146,9 @@ def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool) -> tor
     dil = m.dilation if two_d else (1, m.dilation[0])
     if a.dim() != 4 or d.dim() != 4 or isinstance(pad, str):
         return None
-    cols = F.unfold(a.to(d.dtype), k, dilation=dil, padding=pad, stride=stride)  # (N, C_in k k, L)
+    cols = F.unfold(a.to(_acc(d)), k, dilation=dil, padding=pad, stride=stride)  # (N, C_in k k, L)
     n = a.shape[0]
-    dd = d.reshape(n, d.shape[1], -1)  # (N, C_out, L)
+    dd = d.reshape(n, d.shape[1], -1).to(cols.dtype)  # (N, C_out, L)
     if cols.shape[2] != dd.shape[2]:
         return None
     return _seq_sq(cols.transpose(1, 2), dd.transpose(1, 2), _wants(m.bias), _wants(m.weight))
@@ -129,6 +160,26 @@ def conv1d_sq(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | 
 
 def conv2d_sq(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
     return _conv_sq(m, a, d, two_d=True)
+
+
+def conv_fits(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> bool:
+    dims = 4 if isinstance(m, nn.Conv2d) else 3
+    return a.dim() == dims and out.dim() == dims
+
+
+def _always(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> bool:
+    return True
+
+
+_FITS = {linear_sq: linear_fits, embedding_sq: embedding_fits, layer_norm_sq: norm_fits, rms_norm_sq: norm_fits,
+         conv1d_sq: conv_fits, conv2d_sq: conv_fits}
+Fits = Callable[[nn.Module, torch.Tensor, torch.Tensor], bool]
+
+
+def fits_for(rule: Rule) -> Fits:
+    """The forward-time check of a rule (layer input and output shapes): a call that fails it is measured
+    by micro-batches, decided before its backward, so its parameters can still get their hooks in time."""
+    return _FITS.get(rule, _always)
 
 
 def rule_for(m: nn.Module) -> Rule | None:
