@@ -75,6 +75,10 @@ def test_tradeoff_slider_grid_passes_through_the_default(lo, hi, default):
     numeric = [float(x) for x, m in marks.items() if not isinstance(m, dict)]
     assert all(abs(x - default) > MARK_GAP * (b - a) for x in numeric)
     assert sum(isinstance(m, dict) for m in marks.values()) == 1
+    # the default's label is centred on its mark, or shifted inwards near an end (never sticking out)
+    shift = float(next(m for m in marks.values() if isinstance(m, dict))["style"]["transform"][11:-2])
+    frac = (default - a) / (b - a)
+    assert -100 <= shift <= 0 and (shift == -50 or frac < 0.08 or frac > 0.92)
 
 
 def test_generalization_lone_run_sits_on_its_batch_size():

@@ -311,7 +311,11 @@ def slider_marks(lo: float, hi: float, default: float, inv) -> dict:
     would run into the default's is left out."""
     span = (hi - lo) or 1.0
     marks = {round(v, 4): fmt(inv(v), 2) for v in np.linspace(lo, hi, 5) if abs(v - default) > MARK_GAP * span}
-    marks[round(default, 4)] = {"label": "all batch sizes", "style": {"color": ACCENT, "whiteSpace": "nowrap"}}
+    # near an end the label is shifted inwards (centred on its mark it would stick out of the bar)
+    frac = (default - lo) / span
+    shift = -50 * frac / 0.08 if frac < 0.08 else (-100 + 50 * (1 - frac) / 0.08 if frac > 0.92 else -50)
+    marks[round(default, 4)] = {"label": "all batch sizes", "style": {"color": ACCENT, "whiteSpace": "nowrap",
+                                                                      "transform": f"translateX({shift:.0f}%)"}}
     return marks
 
 
