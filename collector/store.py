@@ -169,6 +169,7 @@ def try_write_connection(db: Path) -> Iterator[duckdb.DuckDBPyConnection | None]
 # with the store held all along. ATTACH/DETACH of the file on an instance kept for the process does the
 # same file work (DuckDB's lock, catalog read, WAL checkpoint at DETACH) in a fraction of that.
 _ALIAS = "batchscope_store"
+_IN_USE = getattr(duckdb, "ResourceInUseException", duckdb.IOException)
 _host_lock = threading.Lock()  # one attached session per process at a time (turns are serialised anyway)
 _host: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid that created it, connection)
 
@@ -220,7 +221,9 @@ def try_ingest_connection(db: Path, wait: float = 1.0) -> Iterator[duckdb.DuckDB
         try:
             con.execute(f"ATTACH '{_quote(db)}' AS {_ALIAS}")
         except duckdb.Error as exc:
-            if is_lock_error(exc):  # a plain DuckDB client (a shell, an analyst's reader) has the file
+            # A plain DuckDB client has the file: another process (a shell, an analyst's reader), or this
+            # one (user code's own duckdb.connect: DuckDB refuses a second handle on one file).
+            if is_lock_error(exc) or isinstance(exc, _IN_USE):
                 con = None
                 yield None
                 return

@@ -161,29 +161,33 @@ def plain_reader(db: str, seconds: float) -> None:
     print(tries, ok, flush=True)
 
 
-PROGRESS = struct.Struct("qqd")  # last step logged, loop finished (0/1), steps per second so far
+PROGRESS = struct.Struct("qqddq")  # last step logged, loop finished (0/1), steps/s so far, its wall_time, pid
 
 
 def signal_writer(db: str, progress: str, n_steps: int) -> None:
-    """Log steps in a hot loop, publishing each accepted step in a shared memory map (it survives a
-    SIGKILL: the page cache keeps it), then wait to be signalled."""
+    """Log steps in a hot loop, publishing each accepted step and its wall_time in a shared memory map (it
+    survives a SIGKILL: the page cache keeps it), then wait to be signalled."""
     with open(progress, "wb") as f:
         f.write(b"\0" * PROGRESS.size)
     with open(progress, "r+b") as f:
         mm = mmap.mmap(f.fileno(), PROGRESS.size)
+    pid = os.getpid()
     with collector.start_run(db, name="signalled", batch_size=32, lr=0.1, finish_timeout=5) as run:
         t0 = time.perf_counter()
+        clock = time.perf_counter
         for step in range(1, n_steps + 1):
-            run.log_step(step, examples=32 * step, loss=1.0 / step, lr=0.1, batch_size=32)
-            PROGRESS.pack_into(mm, 0, step, 0, 0.0)
-        PROGRESS.pack_into(mm, 0, n_steps, 1, n_steps / (time.perf_counter() - t0))
+            wall = clock() - t0
+            run.log_step(step, examples=32 * step, loss=1.0 / step, lr=0.1, batch_size=32, wall_time=wall)
+            PROGRESS.pack_into(mm, 0, step, 0, 0.0, wall, pid)
+        PROGRESS.pack_into(mm, 0, n_steps, 1, n_steps / (time.perf_counter() - t0), wall, pid)
         time.sleep(120)  # killed here in the "right after the loop" cases
 
 
-def read_progress(path: str) -> tuple[int, bool, float]:
+def read_progress(path: str) -> tuple[int, bool, float, float, int]:
+    """(last step logged, loop finished, steps/s, the last step's wall_time, the writer's pid)."""
     with open(path, "rb") as f:
-        step, done, rate = PROGRESS.unpack(f.read(PROGRESS.size))
-    return step, bool(done), rate
+        step, done, rate, wall, pid = PROGRESS.unpack(f.read(PROGRESS.size))
+    return step, bool(done), rate, wall, pid
 
 
 def hold_store(db: str, seconds: float) -> None:
