@@ -26,6 +26,10 @@ other parameters only (the built-in trainer then splits the batch in two). The b
 |G|^2 and tr(Sigma) add up, so a mixed step is reported as per-example-equivalent ingredients
 (b_small = 1, g_small_sq = |G|^2 + tr(Sigma)); g_big_sq is always the measured |g_big|^2.
 
+Mixed precision: under `torch.autocast` the rules sum half-precision output gradients in float32; with a
+GradScaler call `gns.step(loss_scale=scaler.get_scale() / K)` before `scaler.unscale_` (the hooks and
+`.grad` then hold the same scaled gradients, and the scale divides out).
+
 Assumptions, as in every published estimator: the batch dimension is dim 0, micro-batches are
 weighted by their share of the examples (`loss / K` for equal ones; pass `loss_scale` otherwise),
 nothing mixes examples within a batch (no batch norm), and the norms are of the unclipped gradient.
