@@ -55,6 +55,10 @@ class Unreachable(Exception):
     """No answer, or a transient one (5xx): retried with back-off."""
 
 
+class Pending(Unreachable):
+    """The server took the run's end and is storing it (202): ask again shortly."""
+
+
 def remote_url(db) -> str | None:
     """The server URL when the store (`db`, else $BATCHSCOPE_DB) is http(s)://..., else None."""
     target = db if db is not None else os.environ.get("BATCHSCOPE_DB")
@@ -147,8 +151,10 @@ class Client:
 
     def finish(self, run_id: str, row: dict, written: dict[str, int]) -> dict:
         body = json.dumps({"run": row, "written": written}, default=str).encode()
-        # the server may wait up to a minute for the ingest lease and the store before it answers
-        return self.request("POST", f"/runs/{run_id}/finish", body, timeout=self.timeout + 60.0)
+        answer = self.request("POST", f"/runs/{run_id}/finish", body)
+        if answer.get("pending"):  # its next ingest turn stores it, with every other run ending meanwhile
+            raise Pending("the server is storing the run")
+        return answer
 
 
 def ship_segments(client: Client, spool: Spool, row: Callable[[], dict], heartbeat_s: float,
@@ -233,10 +239,11 @@ class Shipper:
             print(f"batchscope: run {self.run.run_id} reaches {self.url} again; shipping what it spooled meanwhile",
                   file=sys.stderr, flush=True)
 
-    def _attempt(self, deadline: float | None = None) -> bool:
-        """ship_once with back-off on a server that does not answer; False once credentials were refused."""
+    def _attempt(self) -> bool:
+        """ship_once with back-off on a server that does not answer, until the run stops; False once
+        credentials were refused."""
         try:
-            for attempt in _retrying(self.run._stop if deadline is None else None, deadline):
+            for attempt in _retrying(self.run._stop, None):
                 with attempt:
                     try:
                         self.ship_once()

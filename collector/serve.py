@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -50,8 +49,6 @@ STATUSES = ("running", "finished", "diverged", "failed", "stale")
 MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.2, 300.0
 GRACE_S = 2.0  # beyond two heartbeats, before a silent run's spool is let go
 FINISH_WAIT_S = 60.0  # how long a finish waits for the ingest lease and the store
-FINISHING = 2  # finishes handled at once; more get 503 and retry with back-off, so that runs ending together
-# do not hold every server thread waiting for the lease (the dashboard's pages need them)
 
 
 class Receiver:
@@ -65,7 +62,8 @@ class Receiver:
         self._owned: dict[str, tuple[Spool, float]] = {}  # run_id -> (spool we own, let go after)
         self._thread: threading.Thread | None = None
         self._recover = False  # runs were let go: take an ingest turn as soon as the lease is free
-        self._finishing = threading.BoundedSemaphore(FINISHING)
+        self._finishing: dict[str, tuple[Spool, dict]] = {}  # run_id -> (spool, final row): ends to store
+        self._wake = threading.Event()
 
     # --- ownership -------------------------------------------------------------------------------
     def _run_lock(self, run_id: str) -> threading.Lock:
@@ -117,13 +115,14 @@ class Receiver:
                 self._thread.start()
 
     def _loop(self) -> None:
-        """Let go of silent runs (the next ingest turn makes them stale) and take ingest turns when due,
-        while this process has remote runs."""
+        """Let go of silent runs (the next ingest turn makes them stale), store the runs that asked to
+        end, and take ingest turns when due, while this process has remote runs."""
         while True:
-            time.sleep(0.25)
+            self._wake.wait(0.25)
+            self._wake.clear()
             now = time.monotonic()
             with self._lock:
-                silent = [r for r, (_, exp) in self._owned.items() if exp < now]
+                silent = [r for r, (_, exp) in self._owned.items() if exp < now and r not in self._finishing]
                 busy = bool(self._owned)
             for run_id in silent:  # under the run's lock: no segment is being written into it meanwhile
                 lock = self._run_lock(run_id)
@@ -138,17 +137,67 @@ class Receiver:
             if not (busy or self._recover):
                 continue
             try:
-                if self._recover or ingester.due(self.db):
+                if self._finishing or self._recover or ingester.due(self.db):
                     lease = ingester.Lease(self.db)
                     if lease.acquire(0.0):
                         try:
-                            ingester.ingest_locked(self.db, lease)
-                            self._recover = False
+                            self._turn(lease)
                         finally:
                             lease.release()
             except Exception as exc:  # noqa: BLE001 - the receiver goes on; the spool keeps the rows
                 _note(f"batchscope serve: ingest into {self.db} failed ({type(exc).__name__}: "
                       f"{' '.join(str(exc).split())[:200]}); retrying")
+
+    def _turn(self, lease: ingester.Lease) -> None:
+        """One ingest turn of every spool (the ending runs' final rows are in their run.json), then the
+        ending runs read back in one read-only connection; a shortfall is re-ingested once from the kept
+        segments, and what is still missing fails the run, with the reason. Runs that end together
+        thus cost one turn, not one each."""
+        with self._lock:
+            ending = dict(self._finishing)
+        summary = ingester.ingest_locked(self.db, lease)
+        self._recover = False
+        if summary.busy or not ending:
+            return
+        missing = self._missing(ending)
+        short = {r: m for r, m in missing.items() if m}
+        if short:
+            with try_write_connection(self.db) as con:
+                if con is not None:
+                    for run_id in short:
+                        spool, row = ending[run_id]
+                        ingest_spool(con, spool, replay_ingested=True)
+                        upsert_run(con, row)
+            missing |= self._missing({r: ending[r] for r in short})
+        for run_id, gap in missing.items():
+            spool, row = ending[run_id]
+            gap = {t: n for t, n in gap.items() if t != "runs"}
+            if gap:
+                row = row | {"status": "failed", "status_reason": "; ".join(filter(None, [
+                    row.get("status_reason"), f"{gap} rows never reached the server's store"]))}
+                with try_write_connection(self.db) as con:
+                    if con is None:
+                        continue  # the store is busy: the next turn tries again
+                    upsert_run(con, row)
+            with self._run_lock(run_id):
+                spool.remove()
+                self._release(run_id)
+                self._save_ledger(run_id, self._ledger(run_id) | {"finished": True, "status": row["status"],
+                                                                  "missing": gap})
+                with self._lock:
+                    self._finishing.pop(run_id, None)
+
+    def _missing(self, ending: dict[str, tuple[Spool, dict]]) -> dict[str, dict]:
+        """Per ending run, what the store lacks of it (missing_rows); runs that could not be read are left
+        out (the next turn tries again)."""
+        out = {}
+        try:
+            with read_connection(self.db, timeout=FINISH_WAIT_S) as con:
+                for run_id, (spool, row) in ending.items():
+                    out[run_id] = missing_rows(con, spool, row["status"])
+        except StoreError:
+            pass
+        return out
 
     # --- ledger ----------------------------------------------------------------------------------
     def _ledger_path(self, run_id: str) -> Path:
@@ -227,7 +276,8 @@ class Receiver:
 
     def finish(self, run_id: str, body: bytes) -> tuple[int, dict]:
         """The run's end: its final row and how many rows it wrote to segments (all of them shipped by
-        now). Stored under the ingest lease and read back; the spool goes once the store has it all."""
+        now). 202 while the receiver's next turn stores and reads it back (the client asks again), then
+        200 with the final status and anything missing; the spool goes once the store has it all."""
         err = _check_run_id(run_id)
         if err:
             return err
@@ -240,76 +290,22 @@ class Receiver:
         if isinstance(parsed[0], int):
             return parsed  # type: ignore[return-value]
         row, _ = parsed
-        ledger = self._ledger(run_id)
-        if ledger.get("finished"):
-            return 200, {"stored": True, "status": ledger.get("status"), "missing": ledger.get("missing", {})}
-        if not self._finishing.acquire(blocking=False):
-            return 503, {"error": "other runs are being finished; retry"}
-        try:
-            return self._finish(run_id, row, written)
-        finally:
-            self._finishing.release()
-
-    def _finish(self, run_id: str, row: dict, written: dict[str, int]) -> tuple[int, dict]:
         with self._run_lock(run_id):
             ledger = self._ledger(run_id)
             if ledger.get("finished"):
                 return 200, {"stored": True, "status": ledger.get("status"), "missing": ledger.get("missing", {})}
+            with self._lock:
+                if run_id in self._finishing:
+                    return 202, {"pending": True}
             spool = self._own(run_id, FINISH_WAIT_S)
             if spool is None:
                 return 503, {"error": "the run's spool is being recovered right now; retry"}
             spool.write_run(row)
             spool.rows_written = written
-            try:
-                status, missing = self._store_final(spool, row)
-            except (StoreError, OSError, duckdb.Error) as exc:
-                return 503, {"error": f"the store is not available ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}); retry"}
-            if status is None:
-                return 503, {"error": "the store stayed busy; retry"}
-            spool.remove()
-            self._release(run_id)
-            self._save_ledger(run_id, ledger | {"finished": True, "status": status, "missing": missing})
-        return 200, {"stored": True, "status": status, "missing": missing}
-
-    def _store_final(self, spool: Spool, row: dict) -> tuple[str | None, dict]:
-        """(final status, rows missing) once stored and checked; (None, {}) if the lease or store stayed
-        busy. Like a local run's finish: peek first (another turn may have stored it all), else a full
-        ingest turn with the final row, then a read-back; a shortfall is re-ingested from the kept
-        segments once, and what is still missing fails the run, with the reason."""
-        lease = ingester.Lease(self.db)
-        with lease.held(FINISH_WAIT_S) as got:
-            if not got:
-                return None, {}
-            if self._missing(spool, row["status"]) == {}:
-                return row["status"], {}
-            summary = ingester.ingest_locked(self.db, lease, FINISH_WAIT_S, then=lambda con: upsert_run(con, row))
-            if summary.busy:
-                return None, {}
-            missing = self._missing(spool, row["status"])
-            if missing:
-                with try_write_connection(self.db) as con:
-                    if con is not None:
-                        ingest_spool(con, spool, replay_ingested=True)
-                        upsert_run(con, row)
-                missing = self._missing(spool, row["status"])
-            if missing is None:
-                return None, {}
-            missing.pop("runs", None)
-            if missing:
-                row = row | {"status": "failed", "status_reason": "; ".join(filter(None, [
-                    row.get("status_reason"), f"{missing} rows never reached the server's store"]))}
-                with try_write_connection(self.db) as con:
-                    if con is not None:
-                        upsert_run(con, row)
-            return row["status"], missing
-
-    def _missing(self, spool: Spool, status: str) -> dict | None:
-        try:
-            with read_connection(self.db, timeout=FINISH_WAIT_S) as con:
-                return missing_rows(con, spool, status)
-        except StoreError:
-            return None
+            with self._lock:
+                self._finishing[run_id] = (spool, row)
+        self._wake.set()
+        return 202, {"pending": True}
 
     def _quarantine(self, run_id: str, name: str, body: bytes, why: str) -> Path:
         dest_dir = self.root / QUARANTINE / run_id
