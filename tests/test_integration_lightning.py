@@ -211,16 +211,19 @@ with open({truth!r}.format(trainer.global_rank), "w") as f:
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_write_one_run_with_every_ranks_noise(tmp_path):
-    """Lightning's own DDP launcher (it re-runs the script per rank); only rank 0 writes, and each step's
-    ingredients and loss are the global batch's: the mean over both ranks of their own torch.func
-    per-example truths (their shards differ, so rank 0's alone would not match)."""
+    """strategy="ddp" under torchrun (Lightning sees torchrun's variables and launches nothing itself, so
+    both ranks start at once; its own launcher would start rank 1 only when rank 0 reaches fit). Only
+    rank 0 writes, and each step's ingredients and loss are the global batch's: the mean over both ranks
+    of their own torch.func per-example truths (their shards differ, so rank 0's alone would not match)."""
     db = tmp_path / "runs.duckdb"
     script = tmp_path / "fit_ddp.py"
     truth = str(tmp_path / "truth-{}.json")
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), db=str(db), truth=truth))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=400)
+    env = {k: v for k, v in env.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run, steps, _ = stored(db)
     assert run["status"] == "finished" and (run["world_size"], run["batch_size"], run["accum_steps"]) == (2, 64, 2)
