@@ -39,6 +39,22 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def _row_norms(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=None if x.dtype == acc else acc)
+
+
+_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _one(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d 1 on `like`'s device and dtype (no allocation per call)."""
+    key = (like.device, like.dtype)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), device=like.device, dtype=like.dtype)
+    return one
+
+
 def _seq_sq(a: torch.Tensor, d: torch.Tensor, with_bias: bool, with_weight: bool = True) -> torch.Tensor:
     """Sum over n of |sum_t delta_nt a_nt^T|^2 (+ |sum_t delta_nt|^2) for a (N, T, i) and d (N, T, o)."""
     acc = _acc(d)
@@ -61,13 +77,16 @@ def linear_fits(m: nn.Linear, a: torch.Tensor, out: torch.Tensor) -> bool:
 def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
     if a.dim() < 2 or d.shape[:-1] != a.shape[:-1]:
         return None
-    if a.dim() == 2:  # row norms: one fused reduction each, then a dot (|a_i|^2 + 1 with a bias)
+    if a.dim() == 2:  # sum_i (|a_i|^2 + 1) |d_i|^2: two fused row norms, sqrt(|a_i|^2 + 1) by hypot, a dot
         acc = _acc(d)
-        d_sq = torch.linalg.vector_norm(d, dim=1, dtype=acc).square_()
+        d_n = _row_norms(d, acc)
         if not _wants(m.weight):
-            return d_sq.sum()
-        a_sq = torch.linalg.vector_norm(a, dim=1, dtype=acc).square_()
-        return torch.dot(a_sq.add_(1.0), d_sq) if _wants(m.bias) else torch.dot(a_sq, d_sq)
+            return torch.dot(d_n, d_n)
+        a_n = _row_norms(a, acc)
+        if _wants(m.bias):
+            a_n.hypot_(_one(a_n))
+        x = a_n.mul_(d_n)
+        return torch.dot(x, x)
     n = a.shape[0]
     return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m.bias), _wants(m.weight))
 
