@@ -142,6 +142,13 @@ texts.forEach(function (t) {
 for (var i = 0; i < texts.length; i++) for (var j = i + 1; j < texts.length; j++) {
   if (!related(texts[i].el, texts[j].el) && overlap(texts[i].r, texts[j].r)) out.push('text over text: ' + name(texts[i].el) + ' / ' + name(texts[j].el));
 }
+// a chart's title must not run under Plotly's toolbar (shown on hover; its box is there all the time)
+document.querySelectorAll('.js-plotly-plot').forEach(function (g) {
+  var t = g.querySelector('.gtitle'), m = g.querySelector('.modebar');
+  if (t && m && overlap(rect(t.getBoundingClientRect()), rect(m.getBoundingClientRect()))) {
+    out.push('title under the toolbar: ' + (g.closest('[id]') || g).id + ' "' + t.textContent.slice(0, 40) + '"');
+  }
+});
 return out;
 """
 
