@@ -120,7 +120,8 @@ def welcome_content(db: Path) -> html.Div:
     if samples is None:
         sample_text = "sample_runs/ was not found next to the dashboard or in the working directory."
     elif todo:
-        sample_text = "Load the sample sweeps, made by our trainer: " + " and ".join(w for _, w in todo) + "."
+        sample_text = (f"Load the sample sweep{'s' if len(todo) > 1 else ''}, made by our trainer: "
+                       + " and ".join(w for _, w in todo) + ".")
     else:
         sample_text = "The sample sweeps are in this store already: select one on the Runs page."
     return html.Div(
@@ -144,7 +145,8 @@ def welcome_content(db: Path) -> html.Div:
                         [
                             html.H3("Look around first"),
                             html.P(sample_text),
-                            html.Button("Load the sample sweeps", id="load-samples", className="btn btn-primary",
+                            html.Button("Load the sample sweep" + ("" if len(todo) == 1 else "s"), id="load-samples",
+                                        className="btn btn-primary",
                                         disabled=not todo, n_clicks=0, type="button"),
                             dcc.Loading(html.Div(id="load-samples-result", className="muted"), type="dot"),
                             html.P(["Or from a shell: ",
@@ -160,7 +162,7 @@ def welcome_content(db: Path) -> html.Div:
                             html.P("One run of the default task, no download, CPU or CUDA:"),
                             html.Pre(f"python -m trainer --batch 32 --lr 0.1 --db {db.name}"),
                             html.P("A sweep over batch sizes and learning rates: see python -m trainer --help. "
-                                   "This page refreshes by itself as runs arrive."),
+                                   "The pages refresh by themselves as runs arrive."),
                         ],
                         className="card",
                     ),
