@@ -19,6 +19,9 @@ TRAINER_SCALARS: dict[str, str] = {
     "b_noise_g_sq": "Unbiased |G|^2 from the same micro-batch gradients (B_simple's denominator, for "
                     "comparing B_noise with B_simple on the same data).",
     "b_noise_tr_sigma": "Unbiased tr(Sigma) from the same micro-batch gradients (B_simple's numerator).",
+    # how the plain noise scale was measured (trainer/noise.py), logged once at the first measured step
+    "gns_per_example": "Share of the trainable parameter elements whose small batch is one example (per-example "
+                       "gradient norms); the rest by micro-batches. 1.0 for the digits MLP and charlm.",
     # the noise scale Adam sees (--optimizer adam/adamw; trainer/adam_noise.py)
     "g_small_sq_adam": "Like steps.g_small_sq, for the preconditioned gradient P g with P = 1/(sqrt(v_hat) + eps) "
                        "from Adam's state (adaptdl's AdamGradientNoiseScale).",

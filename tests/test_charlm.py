@@ -157,6 +157,8 @@ def test_charlm_trains_well_below_the_unigram_entropy(tmp_path, corpus):
         run = con.execute("SELECT task, optimizer, tokens_per_step, batch_size, config FROM runs").fetchone()
         losses = dict(con.execute("SELECT split, loss FROM evals WHERE step = 600").fetchall())
         first = con.execute("SELECT loss FROM steps WHERE step = 1").fetchone()[0]
+        share = con.execute("SELECT step, value FROM scalars WHERE name = 'gns_per_example'").fetchall()
+        measured = con.execute("SELECT count(*) FROM steps WHERE b_small = 1 AND g_small_sq > 0").fetchone()[0]
     finally:
         con.close()
     assert run[:4] == ("charlm", "adamw", 32 * 32, 32)
@@ -167,6 +169,8 @@ def test_charlm_trains_well_below_the_unigram_entropy(tmp_path, corpus):
     # well below what character frequencies alone give: the model uses the context
     assert losses["test"] < 0.8 * h, (losses, h)
     assert losses["train"] < 0.8 * h
+    # every layer is covered by per-example norms, so every step is measured in one pass (B_small = 1)
+    assert share == [(1, 1.0)] and measured == 600
 
 
 def test_shipped_charlm_sample_sweep():

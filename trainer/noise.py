@@ -176,6 +176,12 @@ class GradientNoise:
                 self._hook_param(pid)
         self._params = [p for _, p in params.values()]
 
+    def per_example_share(self) -> float:
+        """Share of the trainable parameter elements measured by per-example norms (1.0: every layer is
+        covered, so one micro-batch on one device is a complete measurement)."""
+        total = sum(p.numel() for p in self._by_id.values())
+        return sum(self._by_id[i].numel() for i in self._pe_ids) / total if total else 0.0
+
     @property
     def fallback(self) -> tuple[str, ...]:
         """Parameters measured by micro-batches: no rule, or their layer fell back at run time."""

@@ -166,6 +166,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
     evals: dict = {}
     step = examples = bar_pos = last_eval = 0
     change_at, batch, lr = 0, cfg.batch, cfg.lr
+    share_logged = noise is None  # gns_per_example is logged once, at the first measured step
     t0 = time.perf_counter()
 
     max_steps = math.inf if p.max_steps is None else p.max_steps
@@ -192,6 +193,9 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
             if step + 1 == die_at:
                 os._exit(3)
             grads = compute_gradients(net, task.loss_fn, x, y, n_micro, noise)
+            if measure and not share_logged:  # after the first forward: run-time fallbacks are known
+                run.log(step + 1, gns_per_example=noise.per_example_share())
+                share_logged = True
             if not grads.complete:  # a layer fell back at run time (e.g. an input without a batch dim)
                 split = GNS_SPLIT
             if adam_step:
