@@ -8,8 +8,9 @@ torch thread per rank. Variants (time per step relative to the bare DDP loop of 
   pe        + GradientNoise(ddp) on every step: per-example norms where a layer has a rule, the rank's
             local gradient (the small batch) vs the all-reduced one, one all-reduce of a few scalars
   ranks     + GradientNoise(ddp, per_example=False): every parameter by its rank's local gradient
-  callback  pe + what the Lightning / HF callbacks add per step: one all-reduce of the step's loss and
-            counts (trainer/integrations/_common.over_ranks)
+  callback  pe + what the Lightning / HF callbacks add per step (trainer/integrations/_common.py's
+            StepRecorder): the ingredients to the host, the online B_simple, and a background all-reduce
+            of the step's loss and counts (the row is logged a step late), no run attached
 The variants are interleaved and repeated; each ratio is the median over repeats of (variant / bare of
 the same repeat), on rank 0's clock; wall-clock and process CPU time are both reported.
 """
@@ -32,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.integrations._common import over_ranks  # noqa: E402
+from trainer.integrations._common import StepRecorder  # noqa: E402
 from trainer.noise import GradientNoise  # noqa: E402
 from trainer.tasks import TaskOptions, make_task  # noqa: E402
 
@@ -44,10 +45,11 @@ def timed_steps(task, model: nn.Module, micro: int, steps: int, variant: str) ->
     as a loop that logs them in blocks keeps them."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gns = GradientNoise(model, per_example=variant != "ranks", warn=False) if variant != "bare" else None
+    rec = StepRecorder(None, "examples", dist.get_world_size()) if variant == "callback" else None
     kept = []
     dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
+    for i in range(steps):
         x, y = task.next_batch(micro)
         opt.zero_grad(set_to_none=True)
         loss = task.loss_fn(model(x), y)
@@ -55,9 +57,13 @@ def timed_steps(task, model: nn.Module, micro: int, steps: int, variant: str) ->
         if gns is not None:
             s = gns.step()
             kept.append((s.g_small_sq, s.g_big_sq))
-        if variant == "callback":
-            kept.append(over_ranks(loss.detach(), micro, 0, shares=False))
+        if rec is not None:
+            rec.micro_batch(micro)
+            rec.loss(loss.detach())
+            rec.step(i + 1, 0.01, s)
         opt.step()
+    if rec is not None:
+        rec.flush()
     out = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
     if gns is not None:
         gns.close()

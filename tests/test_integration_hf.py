@@ -193,7 +193,7 @@ logs = train("default", 2).state.log_history
 (out / f"default-{{rank}}.json").write_text(json.dumps({{"logs": logs}}))
 
 
-# 3. rank 1 is killed (SIGKILL) at the first forward of step 4: rank 0's run fails, steps 1-3 kept
+# 3. rank 1 is killed (SIGKILL) as step 4 begins: rank 0's run fails with the steps logged before
 class Die(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         if rank == 1 and state.global_step == 3:
@@ -259,5 +259,6 @@ def test_ddp_default_measures_per_example_on_every_step_and_a_killed_rank_fails_
     assert proc.returncode != 0  # the launch ends with the killed rank
     run, steps, _ = stored(db, "dies")
     assert run["status"] == "failed" and run["status_reason"], run  # rank 0: a broken collective, or SIGTERM
-    assert [s["step"] for s in steps] == [1, 2, 3]
+    # step 3's row waited for its background all-reduce: kept if that had completed before rank 1 died
+    assert [s["step"] for s in steps] in ([1, 2], [1, 2, 3])
     assert all(s["g_small_sq"] is not None and s["loss"] is not None for s in steps)

@@ -142,6 +142,7 @@ class StepRecorder:
         self._losses: list = []
         self._examples = self._tokens = 0
         self.skipped = 0  # steps whose noise ingredients were not logged (incomplete or unmeasured)
+        self._pending: tuple | None = None  # under DDP: the last step, its all-reduce in flight
 
     def micro_batch(self, examples: int | None, tokens: int | None = None) -> None:
         self._examples += examples or 0
@@ -152,33 +153,53 @@ class StepRecorder:
             self._losses.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
 
     def step(self, step: int, lr: float | None, stats: NoiseStats | None, loss_is_sum: bool = False,
-             shares_over_ranks: bool = False) -> dict:
+             shares_over_ranks: bool = False) -> dict | None:
         """Log the step (losses: mean over micro-batches, or their sum when each was already scaled by its
         share of the step, as the HF Trainer's token-normalised losses are) and start the next one.
 
-        Every rank must call it (world > 1): the step's loss, examples and tokens are summed over the ranks
-        in one all-reduce of 4 scalars, so the row is the global batch's, not rank 0's. The ranks' losses
-        are averaged, or added when each is its share of the whole step over all ranks
-        (`shares_over_ranks`: the HF Trainer's `average_tokens_across_devices`)."""
+        Under DDP (world > 1) every rank must call it: the step's loss, examples and tokens are summed
+        over the ranks by one all-reduce of 4 scalars, so the row is the global batch's, not rank 0's.
+        The ranks' losses are averaged, or added when each is its share of the whole step over all ranks
+        (`shares_over_ranks`: the HF Trainer's `average_tokens_across_devices`). That all-reduce runs in
+        the background while the next step computes (no extra sync point per step), so the row is logged
+        one step late, by the next `step()` or by `flush()`; returns the row logged now, if any."""
         losses, self._losses = self._losses, []
         loss = None
         if losses:
             total = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).sum()
             loss = total if loss_is_sum else total / len(losses)
         examples, tokens, self._examples, self._tokens = self._examples, self._tokens, 0, 0
-        if self.world > 1:
-            loss, examples, tokens = over_ranks(loss, examples, tokens, shares_over_ranks)
+        noise = stats.as_dict() if stats is not None and stats.measured and stats.complete else None
+        if self.world <= 1:
+            return self._log(step, lr, noise, None if loss is None else float(loss), examples, tokens)
+        previous, self._pending = self._pending, (RankSums(loss, examples, tokens, shares_over_ranks), step, lr, noise)
+        return self._complete(previous) if previous is not None else None
+
+    def flush(self, failed: bool = False) -> dict | None:
+        """Log the step whose all-reduce is in flight. Every rank must call it where they all pass (an
+        evaluation, the end of training); `failed`: after an exception, log it only if its all-reduce
+        already completed, never wait on ranks that may be gone."""
+        pending, self._pending = self._pending, None
+        if pending is None or (failed and not pending[0].done()):
+            return None
+        return self._complete(pending)
+
+    def _complete(self, pending: tuple) -> dict:
+        sums, step, lr, noise = pending
+        return self._log(step, lr, noise, *sums.result())
+
+    def _log(self, step: int, lr: float | None, noise: dict | None, loss: float | None, examples: int,
+             tokens: int) -> dict:
         if self.unit == "tokens" and not tokens:
             raise ValueError("unit='tokens' but no tokens were counted this step (pass a tokens= counter)")
         size = tokens if self.unit == "tokens" else examples
         self.seen += size
         row: dict = {"examples": self.seen, "batch_size": size or None, "lr": lr}
         if loss is not None:
-            row["loss"] = float(loss)
+            row["loss"] = loss
         self._since += size
-        if stats is not None and stats.measured and stats.complete:
+        if noise is not None:
             per = tokens / examples if self.unit == "tokens" and examples else 1.0
-            noise = stats.as_dict()
             noise["b_small"] *= per
             noise["b_big"] *= per
             if self.ema is None:
@@ -194,22 +215,29 @@ class StepRecorder:
         return row
 
 
-def over_ranks(loss: torch.Tensor | None, examples: int, tokens: int, shares: bool) -> tuple[float | None, int, int]:
-    """(loss, examples, tokens) of the global batch from every rank's own: one all-reduce of 4 float64s
-    (on this rank's CUDA device under NCCL). The loss is the ranks' mean, or their sum for `shares`; a
-    rank without a loss makes it the others' mean (shares: unknown, None)."""
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    has = loss is not None
-    packed = torch.tensor([float(loss) if has else 0.0, float(has), float(examples), float(tokens)],
-                          dtype=torch.float64, device=device)
-    dist.all_reduce(packed)
-    total, with_loss, examples_all, tokens_all = packed.tolist()
-    if with_loss == 0 or (shares and with_loss < dist.get_world_size()):
-        global_loss = None
-    else:
-        global_loss = total if shares else total / with_loss
-    return global_loss, int(examples_all), int(tokens_all)
+class RankSums:
+    """One step's (loss, examples, tokens) summed over the ranks: an all-reduce of 4 float64s started
+    now (async, on this rank's CUDA device under NCCL) and read by `result()`. The loss is the ranks'
+    mean, or their sum for `shares`; a rank without a loss makes it the others' mean (shares: None)."""
+
+    def __init__(self, loss: torch.Tensor | None, examples: int, tokens: int, shares: bool):
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.shares, self.world = shares, dist.get_world_size()
+        has = loss is not None
+        self.packed = torch.tensor([float(loss) if has else 0.0, float(has), float(examples), float(tokens)],
+                                   dtype=torch.float64, device=device)
+        self.work = dist.all_reduce(self.packed, async_op=True)
+
+    def done(self) -> bool:
+        return self.work.is_completed()
+
+    def result(self) -> tuple[float | None, int, int]:
+        self.work.wait()
+        total, with_loss, examples, tokens = self.packed.tolist()
+        if with_loss == 0 or (self.shares and with_loss < self.world):
+            return None, int(examples), int(tokens)
+        return (total if self.shares else total / with_loss), int(examples), int(tokens)
 
 
 class RunOwner:
@@ -222,6 +250,7 @@ class RunOwner:
         self.user_config = dict(config or {})
         self.user_fields = dict(fields)
         self.run = None
+        self.recorder: StepRecorder | None = None  # its in-flight step is logged, if complete, at a failed exit
 
     def start(self, inferred: Mapping, config: Mapping, name: str | None = None) -> collector.Run:
         self.end_failed("a new training run started on the same callback before this one ended")
@@ -241,6 +270,8 @@ class RunOwner:
         self.end("failed", reason[:500])
 
     def _atexit(self) -> None:
+        if self.recorder is not None:
+            self.recorder.flush(failed=True)
         exc = getattr(sys, "last_value", None)
         self.end_failed(f"{type(exc).__name__}: {exc}" if exc is not None else "the process exited during training")
 
@@ -255,7 +286,11 @@ class EndsRun:
         """Remove the callback's hooks (and undo what it changed in the framework)."""
 
     def end_run(self, exc: BaseException | None = None) -> None:
-        """Release the hooks, then finish the run, or fail it with `exc` (every logged step is kept)."""
+        """Log the last step, release the hooks, then finish the run, or fail it with `exc` (every logged
+        step is kept; after an exception the last step only if its all-reduce had completed)."""
+        recorder = getattr(self, "recorder", None)
+        if recorder is not None:
+            recorder.flush(failed=exc is not None)
         self._release()
         if exc is not None:
             self.owner.end_failed(f"{type(exc).__name__}: {exc}")

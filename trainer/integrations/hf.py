@@ -26,8 +26,8 @@ What the Trainer's events give (transformers 5.x `_inner_training_loop`, read fo
 Under DDP (torchrun, accelerate launch) every rank measures: callbacks are handed the bare model, not
 the DDP wrapper, but the hooks sit on its layers and parameters, so they see each rank's local gradient
 (the small batch; per example where a layer has a rule) while `.grad` is the all-reduced one, and
-`step()` all-reduces a few scalars. Each step's loss and counts are all-reduced too (one more collective
-of 4 scalars), and rank 0 writes. Not covered: FSDP and DeepSpeed (sharded gradients) and fp16 loss
+`step()` all-reduces a few scalars. Each step's loss and counts are all-reduced too, in the background
+while the next step runs (4 scalars; the row is logged a step late), and rank 0 writes. Not covered: FSDP and DeepSpeed (sharded gradients) and fp16 loss
 scaling (the hooks see scaled gradients): steps and evals are logged without the noise scale there;
 bf16 and fp32 are measured.
 """
@@ -125,6 +125,7 @@ class BatchscopeCallback(EndsRun, TrainerCallback):
                 self._clip, self._args, args.max_grad_norm = args.max_grad_norm, args, 0.0
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self.recorder = StepRecorder(None, self.unit, world, self.gns_window)
+        self.owner.recorder = self.recorder
         if not state.is_world_process_zero:
             return
         inferred = run_fields(optimizer, model, micro=int(args.per_device_train_batch_size),
@@ -159,6 +160,8 @@ class BatchscopeCallback(EndsRun, TrainerCallback):
                                shares_over_ranks=self._loss_is_sum and args.average_tokens_across_devices)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.recorder is not None:
+            self.recorder.flush()  # under DDP the last step's row waits for its all-reduce: log it first
         run = self.owner.run
         if run is None or not metrics:
             return

@@ -15,7 +15,8 @@ When, in Lightning's hook order (2.x, automatic optimization):
   Lightning clips (`gradient_clip_val`), so the norms are of the unclipped gradient: `gns.step()`;
 - on_train_batch_end after the optimizer step: the step's row (the mean of its micro-batches' losses,
   which Lightning hands over divided by accumulate_grad_batches); under DDP every rank takes part in one
-  all-reduce of the step's loss and counts, so the row is the global batch's;
+  background all-reduce of the step's loss and counts, so the row is the global batch's (logged when the
+  next step ends, at a validation, or at the end);
 - on_validation_end: evals from `trainer.callback_metrics` (sanity checks skipped);
 - on_train_end: finished; on_exception: failed, with the exception; steps logged so far are kept.
 """
@@ -118,6 +119,7 @@ class BatchscopeCallback(EndsRun, pl.Callback):
             self.gns = _CountedNoise(target, per_example=self.per_example)
         self._logged = trainer.global_step
         self.recorder = StepRecorder(None, self.unit, world, self.gns_window)
+        self.owner.recorder = self.recorder
         if not trainer.is_global_zero:
             return
         loader = trainer.train_dataloader
@@ -159,6 +161,8 @@ class BatchscopeCallback(EndsRun, pl.Callback):
 
     # --- evaluations and the end ---------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()  # under DDP the last step's row waits for its all-reduce: log it first
         run = self.owner.run
         if run is None or trainer.sanity_checking:
             return
