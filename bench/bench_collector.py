@@ -2,7 +2,7 @@
 how often a plain DuckDB reader gets in while trainers write.
 
     python bench/bench_collector.py [--rows 1000000] [--calls 1000000]
-    python bench/bench_collector.py --readers 8,16 [--seconds 30] [--code /path/to/other/checkout]
+    python bench/bench_collector.py --readers 8,16 [--seconds 30] [--code /path/to/other/checkout] [--dashboard]
 
 Ratios are against baselines measured in the same process, so machine noise mostly cancels.
 """
@@ -149,21 +149,26 @@ def bench_log_step(calls: int, folder: Path) -> dict:
             "log_step_with_gns_us": (full - empty) / calls * 1e6}
 
 
-def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROOT, rate: float = 1000) -> dict:
+def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROOT, rate: float = 1000,
+                  dashboard: bool = False) -> dict:
     """n trainer-like writers (tests/collector_workers.py paced_writer: `rate` steps/s, evals and scalars)
     on one store, beside an analyst's plain `duckdb.connect(db, read_only=True)` loop (every 50 ms): the
     share of the reader's tries that got in, and whether every logged step was stored. `code` is the
-    checkout whose collector the writers use (the same workload on older code)."""
+    checkout whose collector the writers use (the same workload on older code). With `dashboard`, this
+    checkout's dashboard server runs too, polled like a few live pages (the live tick and the runs grid
+    every 0.5 s): its response times and statuses."""
     db = folder / f"readers{n_writers}-{code.name}.duckdb"
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "BATCHSCOPE_TRACE_INGEST": "1"}
     subprocess.run([sys.executable, "-c", "import sys; from collector.store import write_connection\n"
                     "with write_connection(sys.argv[1]): pass", str(db)], env=env, cwd=code, check=True)  # its schema
     spawn = [sys.executable, str(WORKERS)]
+    server = _start_dashboard(db, folder) if dashboard else None
+    reader = subprocess.Popen([*spawn, "plain_reader", str(db), str(seconds + 3)], env=env, cwd=code,
+                              stdout=subprocess.PIPE, text=True)
     writers = [subprocess.Popen([*spawn, "paced_writer", str(db), f"w{i}", str(seconds), str(rate)], env=env,
                                 cwd=code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(n_writers)]
-    reader = subprocess.Popen([*spawn, "plain_reader", str(db), str(seconds + 3)], env=env, cwd=code,
-                              stdout=subprocess.PIPE, text=True)
+    page = _poll_dashboard(server, writers) if server is not None else {}
     logged, turns = {}, []
     for w in writers:
         out, err = w.communicate(timeout=seconds * 10 + 120)
@@ -176,7 +181,32 @@ def bench_readers(n_writers: int, seconds: float, folder: Path, code: Path = ROO
     with duckdb.connect(str(db), read_only=True) as con:
         stored = dict(con.execute("SELECT run_id, count(DISTINCT step) FROM steps GROUP BY run_id").fetchall())
     return {"writers": n_writers, "tries": tries, "ok": ok, "share": ok / tries, "logged": sum(logged.values()),
-            "stored": sum(stored.get(r, 0) for r in logged), "all_stored": stored == logged, **_turns(turns)}
+            "stored": sum(stored.get(r, 0) for r in logged), "all_stored": stored == logged, **_turns(turns), **page}
+
+
+def _start_dashboard(db: Path, folder: Path):
+    sys.path.insert(0, str(ROOT))
+    from tests.dashboard_server import start_server
+
+    return start_server(db, folder)
+
+
+def _poll_dashboard(server, writers: list[subprocess.Popen]) -> dict:
+    """Poll the dashboard as a few live pages would while the writers live; then stop it."""
+    times, statuses, i = [], [], 0
+    try:
+        while any(w.poll() is None for w in writers):
+            i += 1
+            for output, inputs in (("live-badge.children", {"live-interval.n_intervals": i}),
+                                   ("runs-grid.rowData", {"store-version.data": f"v{i}"})):
+                t = time.perf_counter()
+                statuses.append(server.callback(output, inputs).status)
+                times.append(time.perf_counter() - t)
+            time.sleep(0.5)
+    finally:
+        server.stop()
+    return {"requests": len(times), "p50": float(np.median(times)), "p95": float(np.percentile(times, 95)),
+            "errors_5xx": sum(s >= 500 for s in statuses)}
 
 
 def _trace(stderr: str) -> list[tuple[float, float]]:
@@ -210,16 +240,20 @@ def main() -> None:
     p.add_argument("--readers", metavar="N,M", help="only the plain-reader test, with N (then M, ...) writers")
     p.add_argument("--seconds", type=float, default=30.0, help="how long the writers log (--readers)")
     p.add_argument("--code", type=Path, default=ROOT, help="checkout whose collector the writers use (--readers)")
+    p.add_argument("--dashboard", action="store_true", help="run this checkout's dashboard beside them (--readers)")
     args = p.parse_args()
     print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()} "
           f"duckdb {duckdb.__version__}, load average {os.getloadavg()[0]:.1f}")
     if args.readers:
         with tempfile.TemporaryDirectory() as tmp:
             for n in map(int, args.readers.split(",")):
-                r = bench_readers(n, args.seconds, Path(tmp), args.code.resolve())
+                r = bench_readers(n, args.seconds, Path(tmp), args.code.resolve(), dashboard=args.dashboard)
                 print(f"plain duckdb reader beside {n} writers (1,000 steps/s each, {args.seconds:g} s, code "
                       f"{args.code}): {r['share']:.1%} of {r['tries']} tries got in; "
                       f"{r['stored']:,} of {r['logged']:,} logged steps stored")
+                if "p95" in r:
+                    print(f"  dashboard ({r['requests']} requests): p50 {r['p50'] * 1000:.0f} ms, p95 "
+                          f"{r['p95'] * 1000:.0f} ms, {r['errors_5xx']} answered 5xx")
                 if r["turns"] >= 2:
                     print(f"  {r['turns']} ingest turns: store held {r['held_med'] * 1000:.0f} ms per turn (median; "
                           f"p90 {r['held_p90'] * 1000:.0f} ms), turns {r['gap_med']:.1f} s apart (median; max "

@@ -15,7 +15,7 @@ import duckdb
 
 from collector import ingester
 from collector.ingest import ingest_spool, missing_keys, missing_rows, read_segments, upsert_run
-from collector.store import StoreError, read_connection, try_write_connection
+from collector.store import StoreError, read_connection, try_ingest_connection
 
 TICK_PATIENCE = ingester.STORE_PATIENCE  # seconds a background ingest keeps retrying a locked store
 
@@ -153,7 +153,7 @@ class RunStore:
         deadline = time.monotonic() + patience
         while True:
             try:
-                with try_write_connection(self.db) as con:
+                with try_ingest_connection(self.db) as con:
                     if con is not None:
                         self._note_busy(False)
                         work(con)
