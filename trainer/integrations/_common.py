@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import math
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -143,6 +144,8 @@ class StepRecorder:
         self._examples = self._tokens = 0
         self.skipped = 0  # steps whose noise ingredients were not logged (incomplete or unmeasured)
         self._pending: tuple | None = None  # under DDP: the last step, its all-reduce in flight
+        self._block: list = []  # (step, row, examples since the last measured step) not logged yet
+        self._block_t0 = time.monotonic()
 
     def micro_batch(self, examples: int | None, tokens: int | None = None) -> None:
         self._examples += examples or 0
@@ -162,7 +165,8 @@ class StepRecorder:
         The ranks' losses are averaged, or added when each is its share of the whole step over all ranks
         (`shares_over_ranks`: the HF Trainer's `average_tokens_across_devices`). That all-reduce runs in
         the background while the next step computes (no extra sync point per step), so the row is logged
-        one step late, by the next `step()` or by `flush()`; returns the row logged now, if any."""
+        one step late, by the next `step()` or by `flush()`. Rows are logged in blocks of up to 25 steps or
+        0.25 s (one online-B_simple update each); returns the row completed now, if any."""
         losses, self._losses = self._losses, []
         loss = None
         if losses:
@@ -175,14 +179,15 @@ class StepRecorder:
         previous, self._pending = self._pending, (RankSums(loss, examples, tokens, shares_over_ranks), step, lr, noise)
         return self._complete(previous) if previous is not None else None
 
-    def flush(self, failed: bool = False) -> dict | None:
-        """Log the step whose all-reduce is in flight. Every rank must call it where they all pass (an
-        evaluation, the end of training); `failed`: after an exception, log it only if its all-reduce
+    def flush(self, failed: bool = False) -> None:
+        """Log every step held back: the one whose all-reduce is in flight (DDP) and the block waiting for
+        its online B_simple. Call it where the ranks all pass (an evaluation, the end of training) and
+        before the run ends; `failed`: after an exception, take the in-flight step only if its all-reduce
         already completed, never wait on ranks that may be gone."""
         pending, self._pending = self._pending, None
-        if pending is None or (failed and not pending[0].done()):
-            return None
-        return self._complete(pending)
+        if pending is not None and not (failed and not pending[0].done()):
+            self._complete(pending)
+        self._drain()
 
     def _complete(self, pending: tuple) -> dict:
         sums, step, lr, noise = pending
@@ -202,17 +207,33 @@ class StepRecorder:
             per = tokens / examples if self.unit == "tokens" and examples else 1.0
             noise["b_small"] *= per
             noise["b_big"] *= per
-            if self.ema is None:
-                self.ema = BSimpleEMA(self.window) if self.window else TrackingBSimple(GNS_TARGET_RSE)
-            b_simple = float(self.ema.update_block(*([noise[k]] for k in ("g_small_sq", "b_small", "g_big_sq", "b_big")),
-                                                   [self._since])[0][0])
+            row |= noise
+            self._block.append((step, row, self._since))
             self._since = 0.0
-            row |= noise | {"b_simple": b_simple if math.isfinite(b_simple) else None}
         else:
             self.skipped += 1
-        if self.run is not None:  # None on the ranks that do not write
-            self.run.log_step(step, **row)
+            self._block.append((step, row, None))
+        if len(self._block) >= self.BLOCK or time.monotonic() - self._block_t0 >= self.BLOCK_SECONDS:
+            self._drain()
         return row
+
+    BLOCK, BLOCK_SECONDS = 25, 0.25  # rows held for one online-B_simple update (~1.7 ms a call, any length)
+
+    def _drain(self) -> None:
+        """The online B_simple of the held rows in one block update (as the built-in trainer does per host
+        sync), then log them."""
+        block, self._block, self._block_t0 = self._block, [], time.monotonic()
+        measured = [(row, since) for _, row, since in block if since is not None]
+        if measured:
+            if self.ema is None:
+                self.ema = BSimpleEMA(self.window) if self.window else TrackingBSimple(GNS_TARGET_RSE)
+            cols = [[row[k] for row, _ in measured] for k in ("g_small_sq", "b_small", "g_big_sq", "b_big")]
+            values = self.ema.update_block(*cols, [since for _, since in measured])[0]
+            for (row, _), b in zip(measured, values, strict=True):
+                row["b_simple"] = float(b) if math.isfinite(b) else None
+        if self.run is not None:  # None on the ranks that do not write
+            for step, row, _ in block:
+                self.run.log_step(step, **row)
 
 
 class RankSums:
