@@ -33,7 +33,7 @@ from collector.store import StoreError, spool_root, try_ingest_connection
 LEASE_FILE = "ingest.lock"
 _TRACE = bool(os.environ.get("BATCHSCOPE_TRACE_INGEST"))  # one stderr line per ingest turn (bench/stress_store.py)
 INGEST_EVERY = 1.0  # seconds between two ingests, whichever processes do them
-DUTY = 0.02  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
+DUTY = 0.01  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
 MAX_GAP = 30.0  # ... but never more than this between ingests (so also how far a live page can lag the spools)
 HEARTBEAT_EVERY = 10.0  # live runs' heartbeat_at is refreshed at least this often, even with nothing new
 STORE_PATIENCE = 2.0  # seconds an ingest retries a store that a reader (or a DuckDB shell) holds
