@@ -1,0 +1,106 @@
+"""GradientNoise's overhead alone, steady under load: a bare loop vs the same loop plus GradientNoise.
+
+    python bench/bench_noise_overhead.py --task digits --batch 32
+    python bench/bench_noise_overhead.py --task teacher --batch 1024 --chunk 5 --rounds 30
+    python bench/bench_noise_overhead.py --task charlm --width 256 --chunk 1 --rounds 6
+    python bench/bench_noise_overhead.py --code /tmp/old_tree ...   # another checkout's trainer/
+
+Four loops are built in one process (bare; + GradientNoise(model) at K = 1; bare with 4 micro-batches;
++ GradientNoise(model, per_example=False) with 4) and run in chunks of `--chunk` steps, alternated
+`--rounds` times. Each chunk's thread CPU time is kept, and a ratio is taken between the 10th
+percentiles (and the medians): interference from other processes only ever adds time, so the low
+percentile is the steadier figure on a shared machine. ATen ops per step are counted with a
+TorchDispatchMode, which does not depend on the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--task", default="digits")
+ap.add_argument("--batch", type=int, default=32)
+ap.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
+ap.add_argument("--rounds", type=int, default=50)
+ap.add_argument("--width", type=int, help="charlm: model width")
+ap.add_argument("--code", help="repository root whose trainer/ to measure (default: this one)")
+args = ap.parse_args()
+sys.path.insert(0, args.code or str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from trainer.noise import GradientNoise  # noqa: E402
+from trainer.tasks import TaskOptions, make_task  # noqa: E402
+
+torch.set_num_threads(1)
+task = make_task(args.task, TaskOptions(width=args.width), torch.device("cpu"), seed=0)
+batches = [task.next_batch(args.batch) for _ in range(8)]
+
+
+class Loop:
+    def __init__(self, noise: dict | None = None, accum: int = 1):
+        torch.manual_seed(0)
+        self.model = task.build_model()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.gns = GradientNoise(self.model, warn=False, **noise) if noise is not None else None
+        self.accum, self.i, self.kept = accum, 0, []
+
+    def steps(self, n: int) -> None:
+        model, opt, gns, k, loss_fn = self.model, self.opt, self.gns, self.accum, task.loss_fn
+        for _ in range(n):
+            x, y = batches[self.i % len(batches)]
+            self.i += 1
+            opt.zero_grad(set_to_none=True)
+            if k == 1:
+                loss_fn(model(x), y).backward()
+            else:
+                for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
+                    (loss_fn(model(xk), yk) / k).backward()
+            if gns is not None:
+                self.kept.append(gns.step().g_small_sq)  # kept on the device, as a logging loop would
+            opt.step()
+        if len(self.kept) > 1000:
+            self.kept.clear()
+
+
+class CountOps(TorchDispatchMode):
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        CountOps.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    loops = {"bare": Loop(), "pe": Loop({}), "bare4": Loop(accum=4), "k4": Loop({"per_example": False}, accum=4)}
+    ops = {}
+    for name, loop in loops.items():
+        loop.steps(20)
+        CountOps.n = 0
+        with CountOps():
+            loop.steps(10)
+        ops[name] = CountOps.n / 10
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for _ in range(args.rounds):
+        for name, loop in loops.items():
+            c0 = time.thread_time()
+            loop.steps(args.chunk)
+            times[name].append((time.thread_time() - c0) / args.chunk)
+
+    def q(name: str, p: float) -> float:
+        v = sorted(times[name])
+        return v[int(p * (len(v) - 1))]
+
+    print(f"# {args.task} B={args.batch}, code {args.code or 'this checkout'}, {args.rounds} x {args.chunk} steps")
+    for p, label in ((0.1, "p10"), (0.5, "median")):
+        print(f"{label}: bare {q('bare', p) * 1e6:.0f} us, per-example {q('pe', p) / q('bare', p):.3f}x; "
+              f"bare K=4 {q('bare4', p) * 1e6:.0f} us, K=4 {q('k4', p) / q('bare4', p):.3f}x")
+    print("ATen ops per step: " + ", ".join(f"{k} {v:.0f}" for k, v in ops.items()))
+
+
+if __name__ == "__main__":
+    main()
