@@ -321,3 +321,49 @@ def test_autocast_and_grad_scaler(dtype, name, per_example, k):
     for scaled_or_not in got:
         assert scaled_or_not == pytest.approx(want, rel=tol)
     assert got[0] == pytest.approx(got[1], rel=tol / 4)  # the scale is a power of two: it divides out
+
+
+def test_a_layer_that_falls_back_part_way_through_a_step():
+    """Sticky fallback: a layer whose call stops fitting in the second micro-batch (here: called twice)
+    has per-example terms for the first one only, so that step reports its parameters missing and keeps
+    the rest exact; from the next step on they are measured by micro-batches, exactly."""
+    from torch import nn
+
+    class Sometimes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 20), nn.Linear(20, 4)
+            self.twice = False
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if self.twice:
+                h = torch.tanh(self.a(h[:, :12]))
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = Sometimes()
+    _, data, loss_fn = MODELS["mlp"]
+    x, y = data(torch.Generator().manual_seed(6), 16)
+    gns = GradientNoise(model, warn=False)
+    assert set(gns.covered) == {"a", "b"} and not gns.fallback
+    model.zero_grad(set_to_none=True)
+    for j, (xk, yk) in enumerate(zip(x.chunk(2), y.chunk(2), strict=True)):
+        model.twice = j == 1
+        (loss_fn(model(xk), yk) / 2).backward()
+    s = gns.step()
+    assert not s.complete and set(s.missing) == {"a.weight", "a.bias"} and set(s.per_example) == {"b.weight", "b.bias"}
+    assert gns.fallback == ("a.weight", "a.bias") and set(gns.covered) == {"b"}
+    g = per_example_grads(model, loss_fn, x, y)  # the model now calls `a` twice: exact gradients of that
+    micro_steps(model, loss_fn, x, y, 2)
+    s2 = gns.step()
+    assert s2.complete and set(s2.micro_batch) == {"a.weight", "a.bias"}
+    n_a = model.a.weight.numel() + model.a.bias.numel()
+    g_mb, g_pe = g[:, :n_a], g[:, n_a:]
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
+    mb_big = float(g_mb.mean(0).square().sum())
+    n = len(x)
+    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    assert float(s2.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
+    assert float(s2.g_big_sq) == pytest.approx(pe_big + mb_big, rel=1e-4)
