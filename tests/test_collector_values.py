@@ -71,6 +71,11 @@ def _same(kind: str, stored, given) -> bool:
     return stored == v
 
 
+def _status(losses) -> str:
+    """What the run must end as: a non-finite training loss that was accepted makes it diverged."""
+    return "diverged" if any(v is not None and not math.isfinite(float(_plain(v))) for v in losses) else "finished"
+
+
 def _attempt(expected: list, call, *args, **kwargs) -> None:
     """Call a log function; it may refuse at once with TypeError/ValueError, nothing else."""
     try:
@@ -112,7 +117,8 @@ def test_every_value_raises_at_the_call_or_is_stored_exactly(tmp_path_factory, r
     _attempt(scalars, run.log, scalar[0], thing=scalar[1])
     run.finish()
 
-    assert _rows(db, "SELECT status, status_reason FROM runs") == [("finished", None)]
+    status = _status(kw["loss"] for _, kw in steps if "loss" in kw)
+    assert _rows(db, "SELECT status, status_reason FROM runs") == [(status, None)]
     assert _same(RUN_KINDS[run_field], _rows(db, f"SELECT {run_field} FROM runs")[0][0], run_value)
     stored_steps = {r[0]: r for r in _rows(db, f"SELECT {', '.join(STEP_KINDS)} FROM steps")}
     first: dict = {}
@@ -156,7 +162,8 @@ def test_log_steps_columns_raise_at_the_call_or_are_stored_exactly(tmp_path_fact
     assert len(stored) == (3 if accepted else 0)
     for s, v in zip(stored, list(data), strict=False):
         assert _same(STEP_KINDS[col], s, v.item() if isinstance(v, np.generic) else v), (col, v, s)
-    assert _rows(db, "SELECT status FROM runs") == [("finished",)]
+    status = _status(list(data)) if accepted and col == "loss" else "finished"
+    assert _rows(db, "SELECT status FROM runs") == [(status,)]
 
 
 # The values that used to lose a whole run (finish() raised, the run ended stale with 0 rows) or break
