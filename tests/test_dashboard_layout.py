@@ -367,3 +367,23 @@ def test_every_page_usable_at_both_sizes_and_by_keyboard(server):
         driver.quit()
     bad = {k: v[:8] for k, v in problems.items() if v}
     assert not bad, bad
+
+
+def test_lr_batch_loss_colours_follow_log_loss():
+    """A loss at the geometric middle of the cells' range gets Viridis' middle colour, the lowest loss
+    yellow (Viridis' top), and no figure mirrors the scale again with reversescale."""
+    from types import SimpleNamespace
+
+    from plotly.colors import sample_colorscale
+
+    from dashboard.pages.lr_batch import colour_scale
+
+    lo, hi = 0.03, 0.76
+    scale, zlog = colour_scale(SimpleNamespace(lower_is_better=True), np.array([lo, 0.1, hi]))
+    assert zlog and scale[0][0] == 0.0 and scale[-1][0] == 1.0
+    pos = {round(p, 9): c for p, c in scale}
+    mid = (np.sqrt(lo * hi) - lo) / (hi - lo)
+    assert pos[round(mid, 9)] == sample_colorscale("Viridis", [0.5])[0]
+    assert scale[0][1] == sample_colorscale("Viridis", [1.0])[0]  # best (lowest) loss: yellow
+    acc, zlog = colour_scale(SimpleNamespace(lower_is_better=False), np.array([0.5, 0.9]))
+    assert not zlog and acc[-1][1].lower() == "#fde725"  # best (highest) accuracy: yellow

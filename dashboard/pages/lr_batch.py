@@ -55,17 +55,22 @@ BEST_NAME = "best LR per batch size (outlined)"
 
 
 def colour_scale(smap, val: np.ndarray) -> tuple[list, bool]:
-    """Viridis on the values as they are, or, for a positive loss (its cells span decades), stops spaced
-    evenly in log(value): the colours follow the log while the figure keeps the true values (hover, CSV)."""
+    """Viridis with the better end yellow, on the values as they are, or, for a positive loss (its cells
+    span decades), with stops spaced evenly in log(value): the colours follow the log while the figure
+    keeps the true values (hover, CSV). Oriented here, so no `reversescale` (which would also mirror
+    the stops' positions and undo the log spacing)."""
     z = np.asarray(val, dtype=float)
     z = z[np.isfinite(z)]
+    flip = smap.lower_is_better  # low loss, high accuracy: yellow
     if not (smap.lower_is_better and z.size and z.min() > 0 and z.max() > z.min()):
-        return [list(c) for c in get_colorscale("Viridis")], False
+        scale = [[float(p), c] for p, c in get_colorscale("Viridis")]
+        return ([[1.0 - p, c] for p, c in reversed(scale)] if flip else scale), False
     lo, hi = float(z.min()), float(z.max())
     k = np.linspace(0.0, 1.0, 11)
     pos = (lo * (hi / lo) ** k - lo) / (hi - lo)
     pos[0], pos[-1] = 0.0, 1.0
-    return [[float(p), c] for p, c in zip(pos, sample_colorscale("Viridis", k.tolist()), strict=True)], True
+    colours = sample_colorscale("Viridis", (1.0 - k).tolist())  # yellow at the lowest loss
+    return [[float(p), c] for p, c in zip(pos, colours, strict=True)], True
 
 
 def _colorbar(label: str, zlog: bool) -> dict:
@@ -90,7 +95,7 @@ def heatmap_figure(smap, axis: str = "lr") -> dict:
     text = [[(fmt(val[i][j]) if state[i][j] == "ok" else "") for j in range(len(xs))] for i in range(len(ys))]
     traces = [{
         "type": "heatmap", "x": xl, "y": yl, "z": [arr(r) for r in val], "text": text, "texttemplate": "%{text}",
-        "textfont": {"size": 11}, "colorscale": scale, "reversescale": smap.lower_is_better, "xgap": 2, "ygap": 2,
+        "textfont": {"size": 11}, "colorscale": scale, "xgap": 2, "ygap": 2,
         "hovertemplate": "B=%{x}, lr=%{y}<br>" + label + " %{text}<extra></extra>",
         "colorbar": _colorbar(label, zlog), "hoverongaps": False,
     }]
@@ -152,7 +157,7 @@ def base_lr_figure(smap, height: int = 560) -> dict:
             "mode": "markers+text" if size >= 28 else "markers", "name": "cells",
             "text": [fmt(v) for v in ok["value"]], "textfont": {"size": 10, "color": _text_colors(np.log10(z) if zlog else z, smap.lower_is_better)},
             "marker": {"symbol": "square", "size": size, "color": arr(z), "colorscale": scale,
-                       "reversescale": smap.lower_is_better, "showscale": True,
+                       "showscale": True,
                        "colorbar": _colorbar(label, zlog)},
             "customdata": [[lr, fmt(v)] for lr, v in zip(ok["lr"].to_list(), ok["value"].to_list(), strict=True)],
             "hovertemplate": "B=%{x}, η/B=%{y:.3g} (lr %{customdata[0]:.3g})<br>" + label + " %{customdata[1]}<extra></extra>",
