@@ -429,12 +429,17 @@ def run_outcomes(db: Path, run_ids: Sequence[str]) -> pl.DataFrame:
 def noise_scale(db: Path, run_ids: Sequence[str], noise_window: float = 0.1, max_rows: int = 2_000) -> pl.DataFrame:
     """SQL `noise_scale` (B_simple over training) for these runs, at most ~`max_rows` of its rows per run:
     every k-th measured step and the last one, each with its exact value (thinned, not re-averaged)."""
-    sql = """SELECT * FROM noise_scale(noise_window := $nw, run_ids := $ids)
+    return _thinned_noise("noise_scale", db, run_ids, noise_window, max_rows)
+
+
+def _thinned_noise(macro: str, db: Path, run_ids: Sequence[str], noise_window: float, max_rows: int) -> pl.DataFrame:
+    """A noise-scale macro's rows for these runs, every k-th measured step per run and the last one."""
+    sql = f"""SELECT * FROM {macro}(noise_window := $nw, run_ids := $ids)
              WINDOW r AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
              QUALIFY (row_number() OVER r - 1) % greatest(1, ceil(count(*) OVER r / $rows)) = 0
                   OR row_number() OVER r = count(*) OVER r
              ORDER BY run_id, step"""
-    return _macro("noise_scale", db, run_ids, sql, {"nw": float(noise_window), "rows": max(1, int(max_rows))})
+    return _macro(macro, db, run_ids, sql, {"nw": float(noise_window), "rows": max(1, int(max_rows))})
 
 
 @cached()
@@ -504,12 +509,7 @@ def tokens_per_example(db: Path, run_ids: Sequence[str]) -> dict[str, float]:
 @cached()
 def noise_scale_adam(db: Path, run_ids: Sequence[str], noise_window: float = 0.1, max_rows: int = 2_000) -> pl.DataFrame:
     """SQL `noise_scale_adam` (the preconditioned B_simple) for these runs, thinned as noise_scale is."""
-    sql = """SELECT * FROM noise_scale_adam(noise_window := $nw, run_ids := $ids)
-             WINDOW r AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
-             QUALIFY (row_number() OVER r - 1) % greatest(1, ceil(count(*) OVER r / $rows)) = 0
-                  OR row_number() OVER r = count(*) OVER r
-             ORDER BY run_id, step"""
-    return _macro("noise_scale_adam", db, run_ids, sql, {"nw": float(noise_window), "rows": max(1, int(max_rows))})
+    return _thinned_noise("noise_scale_adam", db, run_ids, noise_window, max_rows)
 
 
 @cached()

@@ -63,12 +63,12 @@ CREATE OR REPLACE MACRO noise_at_points(pts, noise_window := 0.1, run_ids := NUL
 WITH c AS (SELECT * FROM noise_cumulative(run_ids := run_ids))
 SELECT * FROM noise_window_sums(pts, 'c', noise_window := noise_window);
 
--- B_simple over training: one row per measured step with the raw estimates (g2, trace_sigma), their
--- window means (g2_avg, trace_sigma_avg), b_simple and n_noise, by the centred window rule above.
--- Example: SELECT step, b_simple, n_noise FROM noise_scale(run_ids := ['...']) ORDER BY step;
-CREATE OR REPLACE MACRO noise_scale(noise_window := 0.1, run_ids := NULL) AS TABLE
+-- B_simple over training from the estimates in a table or view named `estimates` (noise_estimates' columns
+-- run_id, step, examples, loss, batch_size, g2, trace_sigma): one row per measured step with the raw
+-- estimates, their window means (g2_avg, trace_sigma_avg), b_simple and n_noise, by the centred window rule.
+CREATE OR REPLACE MACRO noise_scale_of(estimates, noise_window := 0.1, run_ids := NULL) AS TABLE
 WITH m AS MATERIALIZED (
-    SELECT run_id, step, examples, loss, batch_size, g2, trace_sigma, step AS at_step FROM noise_estimates
+    SELECT run_id, step, examples, loss, batch_size, g2, trace_sigma, step AS at_step FROM query_table(estimates)
     WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids))
 ),
 c AS (
@@ -79,6 +79,12 @@ SELECT m.run_id, m.step, m.examples, m.loss, m.batch_size, m.g2, m.trace_sigma, 
        w.trace_sigma AS trace_sigma_avg, w.b_simple, w.n_noise
 FROM m JOIN noise_window_sums('m', 'c', noise_window := noise_window) w
     ON w.run_id = m.run_id AND w.at_step = m.step;
+
+-- B_simple over training: one row per measured step with the raw estimates (g2, trace_sigma), their
+-- window means (g2_avg, trace_sigma_avg), b_simple and n_noise, by the centred window rule above.
+-- Example: SELECT step, b_simple, n_noise FROM noise_scale(run_ids := ['...']) ORDER BY step;
+CREATE OR REPLACE MACRO noise_scale(noise_window := 0.1, run_ids := NULL) AS TABLE
+SELECT * FROM noise_scale_of('noise_estimates', noise_window := noise_window, run_ids := run_ids);
 
 -- B_simple around given steps of given runs (two lists of equal length), by the same rule.
 -- Example: SELECT * FROM noise_around(['a1b2c3d4e5f6'], [412.5]);

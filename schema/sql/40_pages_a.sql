@@ -34,17 +34,8 @@ WHERE isfinite(p.g_small_sq) AND isfinite(p.g_big_sq) AND isfinite(p.b_small) AN
 -- (noise_window_sums), so it can be read beside the plain B_simple step by step.
 -- Example: SELECT step, b_simple, n_noise FROM noise_scale_adam(run_ids := ['...']) ORDER BY step;
 CREATE OR REPLACE MACRO noise_scale_adam(noise_window := 0.1, run_ids := NULL) AS TABLE
-WITH m AS MATERIALIZED (
-    SELECT run_id, step, examples, loss, batch_size, g2, trace_sigma, step AS at_step FROM noise_estimates_adam
-    WHERE run_ids IS NULL OR run_id IN (SELECT unnest(run_ids))
-),
-c AS (
-    SELECT run_id, step, sum(g2) OVER w AS cum_g2, sum(trace_sigma) OVER w AS cum_trace, count(*) OVER w AS cum_n
-    FROM m WINDOW w AS (PARTITION BY run_id ORDER BY step ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-)
-SELECT m.run_id, m.step, m.examples, m.loss, m.batch_size, m.g2, m.trace_sigma, w.b_simple, w.n_noise
-FROM m JOIN noise_window_sums('m', 'c', noise_window := noise_window) w
-    ON w.run_id = m.run_id AND w.at_step = m.step;
+SELECT * EXCLUDE (g2_avg, trace_sigma_avg)
+FROM noise_scale_of('noise_estimates_adam', noise_window := noise_window, run_ids := run_ids);
 
 -- B_noise = tr(H Sigma)/(G'HG) (McCandlish et al. 2018) per run, from the curvature scalars of its
 -- evaluations (--curvature), beside B_simple from the same micro-batch gradients: each a ratio of the
