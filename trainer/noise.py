@@ -141,7 +141,9 @@ class GradientNoise:
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
         self.group = process_group if process_group is not None else getattr(model, "process_group", None)
-        self.world = dist.get_world_size(self.group) if self.ddp else 1
+        # A DDP wrapper, or a bare module with the group its gradients are all-reduced over (a framework
+        # that keeps the wrapper to itself): each rank's hooks see its local gradient, .grad the reduced one.
+        self.world = dist.get_world_size(self.group) if self.ddp or process_group is not None else 1
         self.active = True
         self._cur, self._spare = _Step(), _Step()
         self._handles: list = []

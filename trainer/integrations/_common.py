@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import collector
 from trainer.gns import BSimpleEMA, TrackingBSimple
-from trainer.noise import GradientNoise, NoiseStats
+from trainer.noise import NoiseStats
 from trainer.steplog import GNS_TARGET_RSE
 
 UNITS = ("examples", "tokens")
@@ -84,17 +84,6 @@ def run_fields(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module, 
         "model": type(model).__name__, "micro_batch_size": micro, "accum_steps": accum, "world_size": world,
         "batch_size": micro * accum * world if micro else None, "train_size": train_size, "seed": seed,
         "device": device_of(model)}
-
-
-class RankNoise(GradientNoise):
-    """GradientNoise on the bare module of a DistributedDataParallel job whose wrapper the framework keeps
-    to itself (the HF Trainer hands callbacks the unwrapped model). The hooks sit on the module's own
-    layers and parameters, so they see each rank's local gradient exactly as on the wrapper, and `.grad`
-    is the all-reduced one; only the number of ranks (the default process group) has to be given."""
-
-    def __init__(self, module: torch.nn.Module, per_example: bool = True):
-        super().__init__(module, per_example=per_example)
-        self.world = dist.get_world_size()
 
 
 def data_parallel() -> int:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 try:
     import transformers
@@ -49,7 +50,6 @@ except ImportError as exc:
 from trainer.integrations._common import (
     EndsRun,
     EvalKeys,
-    RankNoise,
     RunOwner,
     StepRecorder,
     batch_examples,
@@ -119,8 +119,9 @@ class BatchscopeCallback(EndsRun, TrainerCallback):
             warn_once(self._warned, "fp16", "BatchscopeCallback (HF): no noise scale under fp16 loss scaling; "
                       "use bf16 or fp32 (steps and evals are logged)")
             measure = False
-        if measure:  # under DDP: the bare model's hooks see the local gradients (RankNoise)
-            self.gns = (RankNoise if world > 1 else GradientNoise)(model, per_example=self.per_example)
+        if measure:  # under DDP the Trainer hands over the bare model: name the group its .grad is reduced over
+            group = dist.group.WORLD if world > 1 else None
+            self.gns = GradientNoise(model, per_example=self.per_example, process_group=group)
             if args.max_grad_norm and args.max_grad_norm > 0:
                 self._clip, self._args, args.max_grad_norm = args.max_grad_norm, args, 0.0
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
