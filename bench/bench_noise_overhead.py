@@ -11,6 +11,9 @@ Four loops are built in one process (bare; + GradientNoise(model) at K = 1; bare
 percentiles (and the medians): interference from other processes only ever adds time, so the low
 percentile is the steadier figure on a shared machine. ATen ops per step are counted with a
 TorchDispatchMode, which does not depend on the load.
+
+The loops, the chunked timing and the op count are importable (bench/gpu_check.py runs them on CUDA,
+where a chunk is timed by the wall clock between two device synchronisations instead).
 """
 
 from __future__ import annotations
@@ -18,39 +21,30 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--task", default="digits")
-ap.add_argument("--batch", type=int, default=32)
-ap.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
-ap.add_argument("--rounds", type=int, default=50)
-ap.add_argument("--width", type=int, help="charlm: model width")
-ap.add_argument("--code", help="repository root whose trainer/ to measure (default: this one)")
-args = ap.parse_args()
-sys.path.insert(0, args.code or str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from trainer.noise import GradientNoise  # noqa: E402
-from trainer.tasks import TaskOptions, make_task  # noqa: E402
-
-torch.set_num_threads(1)
-task = make_task(args.task, TaskOptions(width=args.width), torch.device("cpu"), seed=0)
-batches = [task.next_batch(args.batch) for _ in range(8)]
+LOOPS = {"bare": (None, 1), "pe": ({}, 1), "bare4": (None, 4), "k4": ({"per_example": False}, 4)}
 
 
 class Loop:
-    def __init__(self, noise: dict | None = None, accum: int = 1):
+    """One training loop over a few fixed device batches; `noise`: GradientNoise options (None: bare)."""
+
+    def __init__(self, task, batches: list, noise: dict | None = None, accum: int = 1):
+        from trainer.noise import GradientNoise  # imported late: --code picks the checkout first
+
         torch.manual_seed(0)
-        self.model = task.build_model()
+        self.task, self.batches = task, batches
+        self.model = task.build_model().to(task.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.gns = GradientNoise(self.model, warn=False, **noise) if noise is not None else None
         self.accum, self.i, self.kept = accum, 0, []
 
     def steps(self, n: int) -> None:
-        model, opt, gns, k, loss_fn = self.model, self.opt, self.gns, self.accum, task.loss_fn
+        model, opt, gns, k, loss_fn, batches = self.model, self.opt, self.gns, self.accum, self.task.loss_fn, self.batches
         for _ in range(n):
             x, y = batches[self.i % len(batches)]
             self.i += 1
@@ -67,6 +61,12 @@ class Loop:
             self.kept.clear()
 
 
+def make_loops(task, batch: int) -> dict[str, Loop]:
+    """The four loops of LOOPS, sharing 8 batches of `batch` drawn once on the task's device."""
+    batches = [task.next_batch(batch) for _ in range(8)]
+    return {name: Loop(task, batches, noise, accum) for name, (noise, accum) in LOOPS.items()}
+
+
 class CountOps(TorchDispatchMode):
     n = 0
 
@@ -75,8 +75,8 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def main() -> None:
-    loops = {"bare": Loop(), "pe": Loop({}), "bare4": Loop(accum=4), "k4": Loop({"per_example": False}, accum=4)}
+def count_ops(loops: dict[str, Loop]) -> dict[str, float]:
+    """ATen ops per step of each loop, after 20 warm-up steps (which the timing then needs no more)."""
     ops = {}
     for name, loop in loops.items():
         loop.steps(20)
@@ -84,16 +84,63 @@ def main() -> None:
         with CountOps():
             loop.steps(10)
         ops[name] = CountOps.n / 10
+    return ops
+
+
+def clock_for(device: torch.device) -> Callable[[], float]:
+    """The thread's CPU time on the CPU (steady under load); on an accelerator the wall clock after a
+    device synchronisation (the GPU's work, which thread time does not see)."""
+    if device.type != "cuda":
+        return time.thread_time
+
+    def synced() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return synced
+
+
+def chunk_times(loops: dict[str, Loop], chunk: int, rounds: int, clock: Callable[[], float] = time.thread_time,
+                deadline: float | None = None) -> dict[str, list[float]]:
+    """Seconds per step of each chunk, the loops alternated chunk by chunk `rounds` times (fewer if the
+    perf_counter `deadline` passes; at least one round)."""
     times: dict[str, list[float]] = {k: [] for k in loops}
-    for _ in range(args.rounds):
+    for r in range(rounds):
+        if r and deadline is not None and time.perf_counter() > deadline:
+            break
         for name, loop in loops.items():
-            c0 = time.thread_time()
-            loop.steps(args.chunk)
-            times[name].append((time.thread_time() - c0) / args.chunk)
+            c0 = clock()
+            loop.steps(chunk)
+            times[name].append((clock() - c0) / chunk)
+    return times
+
+
+def quantile(values: list[float], p: float) -> float:
+    """The lower p-quantile by rank (no interpolation)."""
+    v = sorted(values)
+    return v[int(p * (len(v) - 1))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="digits")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--width", type=int, help="charlm: model width")
+    ap.add_argument("--code", help="repository root whose trainer/ to measure (default: this one)")
+    args = ap.parse_args()
+    sys.path.insert(0, args.code or str(Path(__file__).resolve().parents[1]))
+    from trainer.tasks import TaskOptions, make_task
+
+    torch.set_num_threads(1)
+    task = make_task(args.task, TaskOptions(width=args.width), torch.device("cpu"), seed=0)
+    loops = make_loops(task, args.batch)
+    ops = count_ops(loops)
+    times = chunk_times(loops, args.chunk, args.rounds)
 
     def q(name: str, p: float) -> float:
-        v = sorted(times[name])
-        return v[int(p * (len(v) - 1))]
+        return quantile(times[name], p)
 
     print(f"# {args.task} B={args.batch}, code {args.code or 'this checkout'}, {args.rounds} x {args.chunk} steps")
     for p, label in ((0.1, "p10"), (0.5, "median")):
