@@ -35,6 +35,8 @@ _TRACE = bool(os.environ.get("BATCHSCOPE_TRACE_INGEST"))  # one stderr line per 
 INGEST_EVERY = 1.0  # seconds between two ingests, whichever processes do them
 DUTY = 0.01  # an ingest that held the store for t s is followed by at least t / DUTY s of free store
 MAX_GAP = 30.0  # ... but never more than this between ingests (so also how far a live page can lag the spools)
+# A shorter cap for tests that watch a live page (tests/test_dashboard_browser.py); users keep 30 s.
+MAX_GAP = float(os.environ.get("BATCHSCOPE_INGEST_MAX_GAP") or MAX_GAP)
 HEARTBEAT_EVERY = 10.0  # live runs' heartbeat_at is refreshed at least this often, even with nothing new
 STORE_PATIENCE = 2.0  # seconds an ingest retries a store that a reader (or a DuckDB shell) holds
 # Errors of the store or the disk, not of one spool: they end the pass (and are reported by the caller).
