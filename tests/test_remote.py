@@ -51,12 +51,12 @@ def writer(url: str, name: str, n: int, pause: float, spool: Path, token: str | 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def serve(db: Path, tmp: Path, port: int, auth: bool = True) -> Server:
+def serve(db: Path, tmp: Path, port: int, auth: bool = True, env: dict | None = None) -> Server:
     """`python -m collector serve` on `port`, once /healthz answers."""
     err = tmp / f"serve-{port}-{time.monotonic_ns()}.err"
     cmd = [sys.executable, "-m", "collector", "serve", "--db", str(db), "--port", str(port)]
     proc = subprocess.Popen(cmd + (["--auth", f"token:{TOKEN}"] if auth else []), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=err.open("w"))
+                            stdout=subprocess.DEVNULL, stderr=err.open("w"), env={**os.environ, **(env or {})})
     server = Server(proc, f"http://127.0.0.1:{port}", err, headers={"Authorization": f"Bearer {TOKEN}"})
     end = time.monotonic() + 60
     while time.monotonic() < end:
@@ -155,7 +155,9 @@ def test_server_killed_and_restarted_twice_mid_run(tmp_path):
 @pytest.fixture(scope="module")
 def team_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("team")
-    server = serve(tmp / "team.duckdb", tmp, free_port())
+    # Ingest turns at most 5 s apart (users: 30 s), so a run's first row needs no half-minute wait; the
+    # stale rule under test (two heartbeats + grace + one turn) is the same.
+    server = serve(tmp / "team.duckdb", tmp, free_port(), env={"BATCHSCOPE_INGEST_MAX_GAP": "5"})
     yield server, tmp / "team.duckdb"
     server.stop()
 
