@@ -11,7 +11,7 @@
 # The device tool's call: command "bash bench/gpu_check.sh run", carry ["bench/out/gpu_wheels"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=bench/out/gpu_wheels
+WHEELS=${GPU_WHEELS:-bench/out/gpu_wheels}
 NEED=(duckdb SQLAlchemy tenacity)
 PY=${PYTHON:-python3}
 
@@ -38,7 +38,7 @@ run)
       "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   if [ -z "${BATCHSCOPE_COMMIT:-}" ] && [ -f "$WHEELS/COMMIT" ]; then
     BATCHSCOPE_COMMIT=$(tr '\n' ' ' < "$WHEELS/COMMIT"); export BATCHSCOPE_COMMIT
   fi
