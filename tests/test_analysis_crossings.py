@@ -208,7 +208,9 @@ def test_pipeline_recovers_b_crit_from_loss_curves() -> None:
 
 
 def test_all_diverged_sweep_never_draws_a_line() -> None:
-    runs, steps, evals = sweep(lr_mults=(4.0, 8.0), diverge_above=0.0, seed=1)
+    # 3,000 steps per run (unbounded, the 8x-LR runs were 1.4 M steps each, 3.4 M rows in all): still under
+    # 3x every run's own steps to target, so each diverges at <= 0.9x of them, before it could reach.
+    runs, steps, evals = sweep(lr_mults=(4.0, 8.0), diverge_above=0.0, seed=1, max_steps=3000)
     assert (runs["status"] == "diverged").all()
     hits = steps_to_target(steps, 0.3, runs=runs)
     assert not hits["reached"].any() and hits["diverged"].all()
