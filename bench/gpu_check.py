@@ -14,6 +14,7 @@ Parts, each in its own try/except and its own share of --budget-s (a failure kee
              the same options: exit code, status, world_size and backend stored, noise columns on every
              step, ms per step from the stored wall_time. With N = 1 the trainer runs as one process
              (trainer/ddp.py: world 1 is no DDP), so a third run forces its DDP path onto a 1-rank group
+             (bench/gpu_check_ddp.py)
   4 env      GPU, driver, torch, CUDA, NCCL, Python, commit
 All of it is one markdown block for BENCHMARKS.md, printed at the end and rewritten after every part to
 $OUT/gpu_check.md (with the raw figures in gpu_check.json) when OUT or --out is set.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
@@ -43,6 +43,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.gpu_check_ddp import CHILDREN, _last_line, _short, part_ddp  # noqa: E402
 
 SHARES = (("trainer", 0.42), ("noise", 0.2), ("ddp", 0.3))  # of --budget-s; the rest is headroom
 TITLES = {"env": "Environment", "trainer": "1. Trainer (device path) vs a bare PyTorch loop",
@@ -186,173 +188,42 @@ def part_noise(sz: Sizes, device: torch.device, deadline: float, data: dict) -> 
     return lines
 
 
-def steady_step_s(steps: list[int], wall: list[float], period: int) -> float | None:
-    """Seconds per step from a run's stored wall_time (host time when a step was queued), between the
-    first steps after the second and the last host sync: there the host waited for the device, so the
-    span is the device's, without the first block's warm-up or the final evaluation."""
-    marks = [(s, t) for s, t in zip(steps, wall, strict=True) if s > period and (s - 1) % period == 0]
-    if len(marks) < 2:
-        return None
-    (s0, t0), (s1, t1) = marks[0], marks[-1]
-    return (t1 - t0) / (s1 - s0)
-
-
-def stored_run(db: Path, name: str, period: int) -> dict | None:
-    import duckdb
-
-    with duckdb.connect(str(db), read_only=True) as con:
-        run = con.execute("SELECT run_id, status, world_size, batch_size, micro_batch_size, device, "
-                          "config->>'backend' FROM runs WHERE name = ?", [name]).fetchone()
-        if run is None:
-            return None
-        rows = con.execute("SELECT step, wall_time, g_small_sq IS NOT NULL AND g_big_sq IS NOT NULL "
-                           "AND b_small IS NOT NULL AND b_big IS NOT NULL, b_simple IS NOT NULL "
-                           "FROM steps WHERE run_id = ? ORDER BY step", [run[0]]).fetchall()
-    keys = ("run_id", "status", "world_size", "batch_size", "micro_batch_size", "device", "backend")
-    return dict(zip(keys, run, strict=True)) | {
-        "steps": len(rows), "noise_rows": sum(r[2] for r in rows), "b_simple_rows": sum(r[3] for r in rows),
-        "step_s": steady_step_s([r[0] for r in rows], [r[1] for r in rows], period)}
-
-
-CHILDREN: list[subprocess.Popen] = []
-
-
-def run_child(cmd: list[str], timeout: float) -> tuple[int | str, str]:
-    """Run a launcher in its own process group (killed whole on timeout); (exit code, output's tail)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BATCHSCOPE_DB", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    CHILDREN.append(proc)
-    try:
-        out, _ = proc.communicate(timeout=max(5.0, timeout))
-        return proc.returncode, out[-1500:]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return f"timeout {timeout:.0f} s", (out or "")[-1500:]
-    finally:
-        CHILDREN.remove(proc)
-
-
-def run_here(argv: list[str]) -> tuple[int, str]:
-    """`python -m trainer ARGV` in this process (trainer.cli.main, a process start saved); output kept."""
-    from trainer import cli
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        code = cli.main(argv)
-    return code, buf.getvalue()[-1500:]
-
-
-def part_ddp(sz: Sizes, device: torch.device, deadline: float, data: dict, ranks: int | None) -> list[str]:
-    from trainer.train import sync_every
-
-    n = ranks or (torch.cuda.device_count() if device.type == "cuda" else 1)
-    period = sync_every(device)
-    steps = sz.ddp_blocks * period + 1
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    lines = ["| run | exit | status | world_size | backend | batch (per rank) | steps stored | noise columns filled "
-             "| b_simple filled | ms/step | vs one process |", "|" + "---|" * 11]
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "ddp.duckdb"
-        common = ["--task", sz.ddp_task, "--batch", str(sz.ddp_micro * n), "--lr", "0.05", "--steps", str(steps),
-                  "--eval-every", str(10**9), "--db", str(db), "--device", device.type, "--no-progress"]
-        runs = [("one process", None), (f"torchrun x{n}", [*launch, str(n), "-m", "trainer"])]
-        if n == 1:
-            runs.append(("torchrun x1, DDP forced", [*launch, "1", str(Path(__file__).resolve()), "--one-rank-ddp"]))
-        base = None
-        for i, (label, cmd) in enumerate(runs):
-            name = f"gpu-check-ddp-{i}"
-            try:
-                argv = [*common, "--name", name]
-                code, tail = (run_here(argv) if cmd is None else
-                              run_child([*cmd, *argv], (deadline - time.perf_counter()) / (len(runs) - i)))
-                r = stored_run(db, name, period) if db.exists() else None
-                data.setdefault("ddp", []).append({"label": label, "exit": code, "stored": r, "tail": tail})
-                if code != 0:
-                    data.setdefault("errors", []).append(f"{label}: exit {code}\n{tail}")
-                if r is None:
-                    lines.append(f"| {label} | {code} | not stored: {_last_line(tail)} |")
-                    continue
-                ms = None if r["step_s"] is None else 1e3 * r["step_s"]
-                base = ms if i == 0 else base
-                vs = f"{ms / base:.2f}x" if ms and base else "-"
-                lines.append(f"| {label} | {code} | {r['status']} | {r['world_size']} | {r['backend'] or 'none'} "
-                             f"| {r['batch_size']} ({r['micro_batch_size']}) | {r['steps']}/{steps} "
-                             f"| {r['noise_rows']}/{r['steps']} | {r['b_simple_rows']}/{r['steps']} "
-                             f"| {'-' if ms is None else f'{ms:.3f}'} | {vs} |")
-            except Exception as exc:  # noqa: BLE001
-                lines.append(f"| {label} | FAILED: {_short(exc)} |")
-                data.setdefault("errors", []).append(traceback.format_exc())
-    lines += ["", f"`python -m trainer {' '.join(common[:-5])} --device {device.type}`; ms/step from the stored "
-                       f"wall_time between host syncs (every {period} steps) after the first block. backend 'none': "
-                       "the run was not DDP (the trainer treats a 1-rank torchrun as one process)."]
-    return lines
-
-
-def one_rank_ddp(argv: list[str]) -> int:
-    """Under `torchrun --nproc-per-node 1`: the trainer's DDP path (process group, DDP wrapper, noise from
-    the wrapped model, one writing rank) on a 1-rank group, which `python -m trainer` runs as one process."""
-    from trainer import cli, ddp
-
-    class OneRank(ddp.DistEnv):
-        @property
-        def active(self) -> bool:
-            return True
-
-    env = OneRank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    cfg = cli.config_from_args(cli.build_parser().parse_args(argv))
-    task, plan = cli.prepare(cfg, env)
-    ddp.init(env, task.device)
-    try:
-        return cli.run_training(cfg, task, plan, progress=False, env=env)
-    finally:
-        ddp.shutdown()
-
-
 def environment(device: torch.device, args: argparse.Namespace) -> list[str]:
-    lines = [f"- device: {device}" + (f" = {torch.cuda.get_device_name(device)}, {torch.cuda.device_count()} GPU(s), "
-                                      f"capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}, "
-                                      f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
-                                      if device.type == "cuda" else f" ({platform.processor() or 'cpu'}, "
-                                      f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()})")]
     if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines = [f"- device: {device} = {props.name}, {torch.cuda.device_count()} GPU(s), capability "
+                 f"{props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB"]
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=20).stdout.strip()
-            lines.append(f"- nvidia-smi: {smi}")
         except (OSError, subprocess.SubprocessError) as exc:
-            lines.append(f"- nvidia-smi: {_short(exc)}")
-        nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else "?"
-        lines.append(f"- CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-                     f"NCCL {'.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl}")
-    lines.append(f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}")
-    lines.append(f"- code: {_commit()}; `python bench/gpu_check.py{' --dry-run' if args.dry_run else ''} "
-                 f"--budget-s {args.budget_s:.0f}`" + (" (dry run: CPU, tiny sizes, figures meaningless)"
-                                                       if args.dry_run else ""))
-    return lines
+            smi = _short(exc)
+        try:
+            nccl = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception as exc:  # noqa: BLE001 - a build without NCCL still has the other figures
+            nccl = _short(exc)
+        lines += [f"- nvidia-smi: {smi}", f"- CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                  f"NCCL {nccl}"]
+    else:
+        lines = [f"- device: cpu ({platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
+                 f"torch threads {torch.get_num_threads()})"]
+    return lines + [f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+                    f"- code: {_commit()}; `python bench/gpu_check.py{' --dry-run' if args.dry_run else ''} "
+                    f"--budget-s {args.budget_s:.0f}`" + (" (dry run: CPU, tiny sizes, figures meaningless)"
+                                                          if args.dry_run else "")]
 
 
 def _commit() -> str:
-    try:
+    """BATCHSCOPE_COMMIT (gpu_check.sh sets it from `prepare`: the device's copy has no .git), else git."""
+    if os.environ.get("BATCHSCOPE_COMMIT"):
+        return os.environ["BATCHSCOPE_COMMIT"].strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
         if out.returncode == 0:
             return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("BATCHSCOPE_COMMIT", "unknown (no .git; set BATCHSCOPE_COMMIT)")
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200].replace("|", "/")
-
-
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else "no output")[:200].replace("|", "/")
+    return "unknown (no .git and no BATCHSCOPE_COMMIT)"
 
 
 class Report:
@@ -381,8 +252,6 @@ class Report:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--one-rank-ddp"]:
-        return one_rank_ddp(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=360.0, help="hard cap on the whole check (default 360)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the same code path, < 60 s")
@@ -417,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     watchdog = threading.Timer(args.budget_s + 30, hard_stop)
     watchdog.daemon = True
     watchdog.start()
-    rep.sections["env"] = environment(device, args)
+    try:
+        rep.sections["env"] = environment(device, args)
+    except Exception as exc:  # noqa: BLE001
+        rep.sections["env"] = [f"FAILED: {_short(exc)}"]
     rep.save()
     wanted = set(args.parts.split(","))
     share_end = 0.0

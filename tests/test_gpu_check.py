@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_check import steady_step_s
+from bench.gpu_check_ddp import steady_step_s
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("#### Environment", "#### 1. Trainer", "#### 2. GradientNoise", "#### 3. DDP", "#### Notes")
