@@ -204,7 +204,8 @@ def test_extrapolated_b_crit_is_flagged_in_python_and_sql(tmp_path: Path) -> Non
     'for your next run' sentence recommends no batch size."""
     from dashboard.pages.tradeoff import next_run_sentence
 
-    pts = {b: 100.0 * (1 + 50_000 / b) for b in (8, 32, 128, 512, 1024)}
+    # S_min = 10 steps (fits are scale-free in steps: 100 gave the same B_crit to 1e-12, with 1.7 M rows, not 0.17 M)
+    pts = {b: 10.0 * (1 + 50_000 / b) for b in (8, 32, 128, 512, 1024)}
     runs, steps = _runs_reaching(pts, "x")
     db = _store_of(tmp_path / "x.duckdb", runs, steps)
     row, fit = _both(db, runs, steps, 1.0, n_boot=200)
