@@ -27,6 +27,9 @@ from collector.store import is_migrated, read_connection, resolve_db
 from collector.store import recover as recover_spools
 
 _DB: Path | None = None
+# Seconds a page's read waits for a writer's lock before it says "store unavailable"; tests of a busy store
+# shorten it (tests/test_dashboard_security.py), users keep 5 s.
+STORE_WAIT_S = float(os.environ.get("BATCHSCOPE_DASHBOARD_STORE_WAIT_S") or 5.0)
 
 
 def configure(db: str | os.PathLike | None) -> Path:
@@ -205,7 +208,7 @@ def in_session(fn: Callable) -> Callable:
 
 
 @contextmanager
-def connect(db: Path, timeout: float = 5.0) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(db: Path, timeout: float = STORE_WAIT_S) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short read-only connection (closed on exit, or at the end of the enclosing session());
     waits up to `timeout` s for a writer's lock."""
     state = getattr(_LOCAL, "session", None)

@@ -4,6 +4,7 @@ plain requests and Dash callbacks, found by their outputs in /_dash-dependencies
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -99,12 +100,13 @@ def _prop(dep: dict, values: dict) -> dict:
     return {"id": dep["id"], "property": dep["property"], "value": values.get(key)}
 
 
-def start_server(db: Path, tmp: Path, *args: str, headers: dict | None = None, wait_s: float = 120) -> Server:
-    """Start `python -m dashboard --db DB` on a free port and wait until /healthz answers."""
+def start_server(db: Path, tmp: Path, *args: str, headers: dict | None = None, wait_s: float = 120,
+                 env: dict | None = None) -> Server:
+    """Start `python -m dashboard --db DB` on a free port (`env`: extra variables) and wait until /healthz answers."""
     port = free_port()
     err = tmp / f"dashboard-{port}.err"
     proc = subprocess.Popen([sys.executable, "-m", "dashboard", "--db", str(db), "--port", str(port), *args],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err.open("w"))
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err.open("w"), env={**os.environ, **(env or {})})
     server = Server(proc, f"http://127.0.0.1:{port}", err, headers=dict(headers or {}))
     end = time.monotonic() + wait_s
     while time.monotonic() < end:

@@ -182,7 +182,8 @@ def _alert(resp) -> str:
 def test_busy_store_gives_a_message_and_recovers(tmp_path):
     db = tmp_path / "busy.duckdb"
     make_store(db, n_runs=4, steps=50, seeds=1)
-    server = start_server(db, tmp_path)
+    # A page's read waits 1 s for the lock here (users: 5 s) before it says the store is unavailable.
+    server = start_server(db, tmp_path, env={"BATCHSCOPE_DASHBOARD_STORE_WAIT_S": "1"})
     try:
         holder = _holder(db, tmp_path / "ready")
         try:
