@@ -75,15 +75,16 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(loops: dict[str, Loop]) -> dict[str, float]:
-    """ATen ops per step of each loop, after 20 warm-up steps (which the timing then needs no more)."""
+def count_ops(loops: dict[str, Loop], warm: int = 20, counted: int = 10) -> dict[str, float]:
+    """ATen ops per step of each loop over `counted` steps, after `warm` warm-up steps (which the timing
+    then needs no more)."""
     ops = {}
     for name, loop in loops.items():
-        loop.steps(20)
+        loop.steps(warm)
         CountOps.n = 0
         with CountOps():
-            loop.steps(10)
-        ops[name] = CountOps.n / 10
+            loop.steps(counted)
+        ops[name] = CountOps.n / counted
     return ops
 
 

@@ -76,17 +76,18 @@ class Sizes:
 def interleave_until(variants: dict[str, Callable[[int], Timing]], steps: int, deadline: float,
                      max_repeats: int) -> tuple[dict[str, list[Timing]], int]:
     """bench/trainer_common.interleave with a deadline: a warm-up round and a timed calibration round at
-    a tenth of the steps, then rounds of every variant while the next one fits; the steps shrink (to no
-    fewer than that tenth) if one round would take over a third of the time left."""
+    a tenth of the steps (none if the warm-up was slow), then rounds of every variant while the next one
+    fits; the steps shrink (to 2 at the least) where a round of `steps` would take over a third of the
+    time left."""
     small = max(2, steps // 10)
-    for _ in range(2):  # the first absorbs one-time costs (CUDA context, cuBLAS, the store's schema)
+    for r in range(2):  # the first absorbs one-time costs (CUDA context, cuBLAS, the store's schema)
         t0 = time.perf_counter()
         for fn in variants.values():
             fn(small)
-    t1 = time.perf_counter()
-    per_round = (t1 - t0) * steps / small
-    if per_round > (deadline - t1) / 3:
-        steps = max(small, int(steps * (deadline - t1) / 3 / per_round))
+        t1 = time.perf_counter()
+        if r == 0 and t1 - t0 > (deadline - t1) / 3:  # slow already: the warm-up is the estimate
+            break
+    steps = max(2, min(steps, int((deadline - t1) / 3 / ((t1 - t0) / small))))
     times: dict[str, list[Timing]] = {k: [] for k in variants}
     last = 0.0
     for r in range(max_repeats):
@@ -97,6 +98,12 @@ def interleave_until(variants: dict[str, Callable[[int], Timing]], steps: int, d
             times[name].append(fn(steps))
         last = time.perf_counter() - r0
     return times, steps
+
+
+def share_of(deadline: float, i: int, n: int) -> float | None:
+    """The end of config i's equal share of the time left to `deadline`; None when less than 1 s is left."""
+    left = deadline - time.perf_counter()
+    return None if left < 1.0 else time.perf_counter() + left / (n - i)
 
 
 def trainer_variants(name: str, task, batch: int, db: Path) -> dict[str, Callable[[int], Timing]]:
@@ -134,9 +141,12 @@ def part_trainer(sz: Sizes, device: torch.device, deadline: float, data: dict) -
         db = Path(tmp) / "trainer.duckdb"
         for i, (name, batch) in enumerate(sz.configs):
             try:
+                end = share_of(deadline, i, len(sz.configs))
+                if end is None:
+                    lines.append(f"| {name} | | {batch} | skipped: the part's budget is spent |")
+                    continue
                 task = make_task(name, sz.task_options(name), device, seed=0)
                 variants = trainer_variants(name, task, batch, db)
-                end = time.perf_counter() + (deadline - time.perf_counter()) / (len(sz.configs) - i)
                 times, steps = interleave_until(variants, sz.steps, end, sz.max_repeats)
                 ev = eval_seconds(task)
                 for v in ("loop", "logging", "default"):  # the trainer's clock includes its final evaluation
@@ -165,11 +175,20 @@ def part_noise(sz: Sizes, device: torch.device, deadline: float, data: dict) -> 
              "|" + "---|" * 8]
     for i, (name, batch) in enumerate(sz.configs):
         try:
+            end = share_of(deadline, i, len(sz.configs))
+            if end is None:
+                lines.append(f"| {name} | {batch} | skipped: the part's budget is spent |")
+                continue
             task = make_task(name, sz.task_options(name), device, seed=0)
-            loops = make_loops(task, batch)
-            ops = count_ops(loops)  # also the warm-up
-            end = time.perf_counter() + (deadline - time.perf_counter()) / (len(sz.configs) - i)
-            times = chunk_times(loops, sz.chunk, sz.max_rounds, clock_for(device), deadline=end)
+            loops, clock = make_loops(task, batch), clock_for(device)
+            t0 = clock()
+            for loop in loops.values():  # warm-up, and a step of each loop's cost, to size what follows
+                loop.steps(2)
+            round_s = (clock() - t0) / 2
+            counts = (20, 10) if 30 * round_s < (end - time.perf_counter()) / 4 else (0, 1)
+            ops = count_ops(loops, *counts)
+            chunk = max(1, min(sz.chunk, int((end - time.perf_counter()) / (10 * round_s))))  # >= ~10 rounds
+            times = chunk_times(loops, chunk, sz.max_rounds, clock, deadline=end)
 
             def q(v: str, p: float, times=times) -> float:
                 return quantile(times[v], p)
@@ -179,7 +198,7 @@ def part_noise(sz: Sizes, device: torch.device, deadline: float, data: dict) -> 
                          f"({q('pe', 0.5) / q('bare', 0.5):.2f}x) | {1e3 * q('bare4', 0.1):.3f} | "
                          f"{q('k4', 0.1) / q('bare4', 0.1):.2f}x ({q('k4', 0.5) / q('bare4', 0.5):.2f}x) | "
                          + ", ".join(f"{ops[k]:.0f}" for k in ("bare", "pe", "bare4", "k4"))
-                         + f" | {len(times['bare'])} x {sz.chunk} |")
+                         + f" | {len(times['bare'])} x {chunk} |")
         except Exception as exc:  # noqa: BLE001
             lines.append(f"| {name} | {batch} | FAILED: {_short(exc)} |")
             data.setdefault("errors", []).append(traceback.format_exc())
