@@ -78,14 +78,17 @@ def rank_main(rank: int, world: int, port: int, configs: list[tuple[str, int]], 
     results = []
     for name, batch in configs:
         task = make_task(name, TaskOptions(), torch.device("cpu"), seed=rank)
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(task.build_model())
-        timed_steps(task, model, batch // world, max(10, steps // 10), "pe")  # warm-up
+
+        def fresh() -> nn.Module:  # a DDP model per timed run: DDP takes one communication hook per model
+            torch.manual_seed(0)
+            return nn.parallel.DistributedDataParallel(task.build_model())
+
+        timed_steps(task, fresh(), batch // world, max(10, steps // 10), "pe")  # warm-up
         times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
         for r in range(repeats):
             order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # no variant always runs first
             for v in order:
-                times[v].append(timed_steps(task, model, batch // world, steps, v))
+                times[v].append(timed_steps(task, fresh(), batch // world, steps, v))
         row = {"config": f"{name}:{batch}", "world": world, "micro_per_rank": batch // world,
                "bare_ms": 1e3 * statistics.median(w for w, _ in times["bare"]),
                "bare_cpu_ms": 1e3 * statistics.median(c for _, c in times["bare"])}

@@ -179,7 +179,8 @@ def test_unbiased_in_expectation(name, per_example, k):
 
 # --- DDP: two real gloo processes --------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_example: bool, k: int) -> None:
+def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_example: bool, k: int,
+                comm: bool = True) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -191,7 +192,7 @@ def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_examp
         model = DDP(make())
         x, y = data(torch.Generator().manual_seed(1), 16)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-        gns = GradientNoise(model, per_example=per_example)
+        gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
         model.zero_grad(set_to_none=True)
         for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
             if j < k - 1:
@@ -199,22 +200,26 @@ def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_examp
                     (loss_fn(model(xk), yk) / k).backward()
             else:
                 (loss_fn(model(xk), yk) / k).backward()
+        launched = gns._cur.comm is not None  # the sums left with the gradients, before step()
         s = gns.step()
-        torch.save({"stats": s.as_dict(), "complete": s.complete,
+        torch.save({"stats": s.as_dict(), "complete": s.complete, "hook": (gns.comm_hook, launched),
                     "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("mlp", False, 1), ("mlp", False, 2),
-                                                        ("transformer", True, 2)])
-def test_ddp_two_gloo_processes(tmp_path, name, per_example, k):
+@pytest.mark.parametrize(("name", "per_example", "k", "comm"), [
+    ("mlp", True, 1, True), ("mlp", False, 1, True), ("mlp", False, 2, True), ("transformer", True, 2, True),
+    ("mlp", True, 2, False)])
+def test_ddp_two_gloo_processes(tmp_path, name, per_example, k, comm):
     """Each rank's local gradient (or its micro-batches, or its examples) is the small batch, the
-    all-reduced one the big batch; both ranks report the same ingredients."""
+    all-reduced one the big batch; both ranks report the same ingredients, whether the sums travel behind
+    the gradients (GradientNoise's DDP communication hook) or in an all-reduce of their own."""
     _, _, _, _, g = setup(name)
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out"), name, per_example, k),
-                       nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out"), name, per_example, k,
+                                          comm), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    assert r0["hook"] == r1["hook"] == (comm, comm)
     assert r0["stats"] == pytest.approx(r1["stats"], rel=1e-6) and r0["complete"]
     s = r0["stats"]
     assert s["b_big"] == 16 and float(r0["grad"].double().square().sum()) == pytest.approx(s["g_big_sq"], rel=1e-5)

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.noise_comm import make_hook
 from trainer.per_example import Rule, fits_for, rule_for
 
 __all__ = ["GradientNoise", "NoiseStats"]
@@ -95,7 +96,7 @@ class _Step:
     """What the hooks collected since the last `step()`: plain lists, cleared in place (no per-step
     allocation beyond the tensors themselves)."""
 
-    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "lost")
+    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "lost", "comm")
 
     def __init__(self) -> None:
         self.sizes: list[int] = []  # examples per micro-batch
@@ -110,6 +111,7 @@ class _Step:
 
     def clear(self) -> None:
         self.micro = 0  # forward passes with grad enabled (= micro-batches)
+        self.comm = None  # the sums' all-reduce, launched by the DDP communication hook (noise_comm.py)
         self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
         for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro,
                   self.lost):
@@ -130,6 +132,10 @@ class GradientNoise:
     per_example: use per-example norms for the layers that have a rule (default). False measures every
     parameter by micro-batches / ranks (cheaper in Python hooks, noisier: b_small = B/K).
     warn: say once (RuntimeWarning) when a step has parameters without a small batch.
+    comm_hook: on a DDP wrapper without a communication hook of its own, register one (DDP's default
+    all-reduce, plus the noise sums behind the last bucket: trainer/noise_comm.py), so that `step()` adds
+    no rendezvous of its own. DDP takes one hook per model: register yours before this (then the sums
+    get their own all-reduce in `step()`), or pass False.
 
     Cost, per step: one forward hook and one gradient pre-hook per covered layer, whose rule costs a few
     fused reductions (the Gram form of sequence layers a batched matmul); one tensor hook per other
@@ -137,7 +143,8 @@ class GradientNoise:
     stack. Covered layers' parameters carry no hook at all unless the layer falls back at run time.
     """
 
-    def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True):
+    def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True,
+                 comm_hook: bool = True):
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
         self.group = process_group if process_group is not None else getattr(model, "process_group", None)
@@ -177,6 +184,9 @@ class GradientNoise:
             if pid not in self._pe_ids:
                 self._hook_param(pid)
         self._params = [p for _, p in params.values()]
+        self.comm_hook = bool(comm_hook and self.ddp and self.world > 1 and not getattr(model, "_comm_hooks", None))
+        if self.comm_hook:
+            model.register_comm_hook(None, make_hook(self))
 
     def per_example_share(self) -> float:
         """Share of the trainable parameter elements measured by per-example norms (1.0: every layer is
@@ -339,17 +349,20 @@ class GradientNoise:
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
-        sums = []
-        if pe_params:
-            sums.append(_weighted(cur.pe, cur.pe_micro, [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)],
-                                  squared=False, like=pe_params[0]))
-        if mb_params:
-            sums.append(_weighted(cur.mb, cur.mb_micro, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)],
-                                  squared=True, like=mb_params[0]))
-        if self.world > 1 and sums:  # the one extra collective: a few scalars
-            packed = torch.stack(sums)
-            dist.all_reduce(packed, group=self.group)
-            sums = list(packed.unbind())
+        pe_w = [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)]
+        mb_w = [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)]
+        if cur.comm is not None:  # reduced over the ranks behind the gradients (noise_comm.py)
+            sums = self._reduced(cur.comm, sizes, scales, b_big, k, bool(pe_params), bool(mb_params))
+        else:
+            sums = []
+            if pe_params:
+                sums.append(_weighted(cur.pe, cur.pe_micro, pe_w, squared=False, like=pe_params[0]))
+            if mb_params:
+                sums.append(_weighted(cur.mb, cur.mb_micro, mb_w, squared=True, like=mb_params[0]))
+            if self.world > 1 and sums:  # one extra collective of a few scalars (no DDP hook of ours)
+                packed = torch.stack(sums)
+                dist.all_reduce(packed, group=self.group)
+                sums = list(packed.unbind())
         if missing and "missing" not in self._warned:
             self._warned.add("missing")
             warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({missing[:3]}...): "
@@ -374,6 +387,25 @@ class GradientNoise:
         return NoiseStats(g_small, float(b_small), g_big, b_big, not missing, *names, micro_batches=k,
                           examples=int(b_big))
 
+    def _reduced(self, pending, sizes: list[float], scales: list[float], b_big: float, k: int, pe: bool,
+                 mb: bool) -> list:
+        """The two means from the ranks' per-micro-batch raw sums (noise_comm.py): the same weights as
+        the direct path; the local sizes were applied on each rank unless the forward could not count them."""
+        rows = pending.result()
+        n = rows.shape[1]
+        sc = [scales[min(m, len(scales) - 1)] for m in range(n)]
+        sz = [1.0 if pending.sized else float(sizes[min(m, len(sizes) - 1)]) ** 2 for m in range(n)]
+        out = []
+        for want, row, w in ((pe, rows[0], [z / (s * s * b_big) for s, z in zip(sc, sz, strict=True)]),
+                             (mb, rows[1], [1.0 / (s * s * k * self.world) for s in sc])):
+            if not want:
+                continue
+            if all(x == w[0] for x in w):
+                out.append(row.sum() * w[0] if n > 1 else row[0] * w[0])
+            else:
+                out.append(torch.dot(row, torch.tensor(w, dtype=row.dtype, device=row.device)))
+        return out
+
     def _plan(self, mb_small: bool, lost: set[int]) -> tuple:
         """Which parameters each method covers for a given set of gradients (cached: the same every step)."""
         with_grad = [i for i, p in self._by_id.items() if p.grad is not None]
@@ -386,7 +418,8 @@ class GradientNoise:
         return [self._by_id[i] for i in pe], [self._by_id[i] for i in mb], names, names[2]
 
     def close(self) -> None:
-        """Remove every hook."""
+        """Remove every hook (a DDP communication hook cannot be removed: it goes back to DDP's default)."""
+        self.active = False
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -1,0 +1,102 @@
+"""GradientNoise under DistributedDataParallel without a collective of its own on the step's critical path.
+
+Each rank's noise sums (per-example terms, local micro-batch norms) have to be added up over the ranks.
+A separate `all_reduce` in `GradientNoise.step()` is one more rendezvous of every rank per step: on a
+busy machine that wait, not the arithmetic, is what measuring costs (bench/bench_ddp.py: 2 gloo ranks,
+~0.7 ms per extra collective). Instead this DDP communication hook does what DDP's default hook does
+(divide the bucket by the world size, one async all-reduce), and the step's last bucket carries the sums
+appended to its gradients: one collective, as without measuring. By then every rule and parameter hook
+of the backward has run: buckets are reduced in order, and a layer's rule runs before its parameters'
+gradients exist. DDP waits on the bucket before its backward returns, so `step()` finds the sums there.
+
+The sums are reduced per micro-batch and before the step's loss scales are known, so what travels is
+raw: per micro-batch m, sizes[m]^2 * sum of the per-example terms and the sum of squared micro-batch
+norms; GradientNoise._reduced weighs them into the same means as the direct path (`_stats`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class PendingSums:
+    """The per-micro-batch sums of one step, in flight (or reduced) over the process group."""
+
+    __slots__ = ("k", "packed", "work", "sized")
+
+    def __init__(self, k: int, packed: torch.Tensor, work, sized: bool) -> None:
+        self.k, self.packed, self.work, self.sized = k, packed, work, sized
+
+    def result(self) -> torch.Tensor:
+        """(2, k): row 0 the per-example sums, row 1 the micro-batch sums, added over the ranks."""
+        if self.work is not None:
+            self.work.wait()  # a c10d Work, or the Future that unpacks the last bucket
+            self.work = None
+        return self.packed.view(2, self.k)
+
+
+def per_micro(terms: list[torch.Tensor], micro: list[int], k: int, squared: bool,
+              like: torch.Tensor) -> torch.Tensor:
+    """(k,) float32: sum over the terms of micro-batch m (counted from 1) of x (x^2 with squared=True)."""
+    keep = [(t, m) for t, m in zip(terms, micro, strict=True) if 0 < m <= k]
+    if not keep:
+        return torch.zeros(k, device=like.device)
+    v = torch.stack([t for t, _ in keep]).float()
+    if squared:
+        v = v * v
+    if k == 1:
+        return v.sum().reshape(1)
+    return torch.zeros(k, device=v.device).index_add_(0, torch.tensor([m - 1 for _, m in keep],
+                                                                     device=v.device), v)
+
+
+def raw_sums(cur) -> tuple[torch.Tensor, int, bool]:
+    """`cur`'s (trainer/noise.py `_Step`) sums as one float32 vector (2 k): per micro-batch the
+    per-example sums (times the local size squared when the forward hook counted every size: `sized`),
+    then the micro-batch sums. A rank with no forward counted sends zeros (k = 1)."""
+    k = max(cur.micro, 1)
+    sized = len(cur.sizes) >= k and all(cur.sizes[:k])
+    like = cur.pe[0] if cur.pe else cur.mb[0] if cur.mb else torch.zeros(())
+    pe = per_micro(cur.pe, cur.pe_micro, k, False, like)
+    if cur.pe and sized:
+        pe = pe * torch.tensor([float(s) ** 2 for s in cur.sizes[:k]], device=pe.device)
+    mb = per_micro(cur.mb, cur.mb_micro, k, True, like)
+    return torch.cat([pe, mb]), k, sized
+
+
+def make_hook(noise):
+    """The DDP communication hook for `noise` (a GradientNoise): DDP's default all-reduce of the bucket
+    (divided by the world size); the last bucket carries the noise sums appended to its gradients, so they
+    are added up over the ranks in the same collective, and are in place when DDP's backward returns."""
+
+    def hook(state, bucket):
+        group = noise.group if noise.group is not None else dist.group.WORLD
+        buf = bucket.buffer()
+        buf.div_(dist.get_world_size(group))
+        cur = noise._cur
+        if not (bucket.is_last() and noise.active):
+            fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0])
+        sums, k, sized = raw_sums(cur)
+        if buf.dtype not in (torch.float32, torch.float64) or buf.device != sums.device:
+            # half-precision buckets would round the sums: they get their own (async) all-reduce
+            work = dist.all_reduce(sums, group=group, async_op=True)
+            cur.comm = PendingSums(k, sums, work, sized)
+            fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0])
+        n = buf.numel()
+        packed = torch.cat([buf.view(-1), sums.to(buf.dtype)])
+        pending = cur.comm = PendingSums(k, None, None, sized)
+        fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
+
+        def unpack(f):
+            out = f.value()[0]
+            buf.view(-1).copy_(out[:n])
+            pending.packed = out[n:]
+            return buf
+
+        pending.work = fut = fut.then(unpack)  # DDP waits on it before its backward returns
+        return fut
+
+    return hook
