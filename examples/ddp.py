@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 examples/ddp.py --db runs.duckdb     # gloo on CPU, NCCL on CUDA
 
 Each rank's local gradient is the small batch and the all-reduced `.grad` the big one (GradientNoise on
-the DDP-wrapped model); `gns.step()` all-reduces two scalars, so every rank must call it. Only rank 0
-starts the run; every rank's exception still ends it: rank 0's fails it, another rank's makes torchrun
+the DDP-wrapped model); every rank calls `gns.step()` (the sums come with DDP's gradient all-reduce).
+Only rank 0 starts the run; every rank's exception still ends it: rank 0's fails it, another rank's makes torchrun
 stop rank 0, whose run then ends failed too.
 """
 
@@ -51,7 +51,7 @@ try:
         x, y = step_data()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()  # DDP all-reduces .grad here
-        stats = gns.step()  # every rank: one all-reduce of two scalars
+        stats = gns.step()  # every rank; the sums came with the gradients' all-reduce
         opt.step()
         opt.zero_grad()
         mean_loss = loss.detach().clone()

@@ -16,7 +16,8 @@ Where the two batch sizes come from (McCandlish et al. 2018, App. A), all from h
 - micro-batches (gradient accumulation): a hook on every other parameter sees each micro-batch's
   gradient as autograd produces it, before it is added into `.grad`, and keeps one dot product;
 - DistributedDataParallel: the same hooks see each rank's *local* gradient (before DDP's all-reduce),
-  `.grad` after backward is the all-reduced one; `step()` all-reduces two scalars, nothing else.
+  `.grad` after backward is the all-reduced one; the ranks' sums ride in the last gradient bucket's
+  all-reduce (a DDP communication hook, trainer/noise_comm.py), so measuring adds no collective.
 
 Parameters are measured by the first method that applies; a layer the per-example rules do not cover
 (nn.MultiheadAttention's packed projections, tied weights, a layer called twice in one forward, an
