@@ -9,9 +9,50 @@ right after pytest has finished reporting, with pytest's own exit status.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 _exit_status: int | None = None
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory) -> Callable[[Path, tuple[str, ...]], Path]:
+    """`sample_store(dest, ("sample_runs", "sample_runs/charlm"))`: a store at `dest` holding the shipped
+    sample sweeps, imported by `python -m collector import` as users do. Each set of folders is imported
+    once per session and copied (one DuckDB file) to every module that asks, so each still owns its store
+    and may write to it; five modules asked for eight imports of the same few folders."""
+    cache: dict[tuple[str, ...], Path] = {}
+    root = tmp_path_factory.mktemp("sample-stores")
+
+    def make(dest: Path, folders: tuple[str, ...]) -> Path:
+        if folders not in cache:
+            db = root / f"{len(cache)}.duckdb"
+            done = 0
+            if len(folders) > 1 and folders[:-1] in cache:  # digits + charlm: the digits store, then charlm
+                _copy(cache[folders[:-1]], db)
+                done = len(folders) - 1
+            for folder in folders[done:]:
+                subprocess.run([sys.executable, "-m", "collector", "import", str(ROOT / folder), "--db", str(db)],
+                               cwd=ROOT, check=True, capture_output=True, timeout=300)
+            cache[folders] = db
+        return _copy(cache[folders], dest)
+
+    return make
+
+
+def _copy(db: Path, dest: Path) -> Path:
+    """A closed store is its one file (plus a WAL only if a process died holding it)."""
+    shutil.copyfile(db, dest)
+    wal = db.with_name(db.name + ".wal")
+    if wal.exists():
+        shutil.copyfile(wal, dest.with_name(dest.name + ".wal"))
+    return dest
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

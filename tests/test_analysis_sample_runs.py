@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -24,11 +22,8 @@ pytestmark = pytest.mark.skipif(not any(SAMPLE.glob("*.parquet")), reason="sampl
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    db = tmp_path_factory.mktemp("sample") / "runs.duckdb"
-    subprocess.run([sys.executable, "-m", "collector", "import", str(SAMPLE), "--db", str(db)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
-    return db
+def store(tmp_path_factory: pytest.TempPathFactory, sample_store) -> Path:
+    return sample_store(tmp_path_factory.mktemp("sample") / "runs.duckdb", ("sample_runs",))
 
 
 def _sql(db: Path, query: str) -> pl.DataFrame:

@@ -49,10 +49,9 @@ PAGES = [
 ]
 
 
-def _load_store(db: Path) -> str:
+def _load_store(db: Path, sample_store) -> str:
     if SAMPLE_RUNS.is_dir() and any(SAMPLE_RUNS.glob("*.parquet")):
-        subprocess.run([sys.executable, "-m", "collector", "import", str(SAMPLE_RUNS), "--db", str(db)],
-                       cwd=ROOT, check=True, capture_output=True, timeout=300)
+        sample_store(db, ("sample_runs",))
         return "sample_runs"
     from dashboard.synthetic import make_store
 
@@ -61,9 +60,9 @@ def _load_store(db: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, sample_store) -> Path:
     db = tmp_path_factory.mktemp("browser") / "runs.duckdb"
-    _load_store(db)
+    _load_store(db, sample_store)
     return db
 
 
@@ -210,6 +209,12 @@ WRITER = textwrap.dedent("""
     import collector
     db, progress, seconds, stop = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
     worst = 0.0
+
+    def report(state):  # atomically: the test reads the file while this process writes it
+        with open(progress + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(progress + ".tmp", progress)
+
     with collector.start_run(db=db, name="live-writer", sweep="live", batch_size=64, lr=0.1,
                              task="synthetic", flush_every=0.5) as run:
         t0 = time.perf_counter()
@@ -220,11 +225,9 @@ WRITER = textwrap.dedent("""
             run.log_step(step, examples=64 * step, loss=2.0 * math.exp(-step / 300) + 0.05, lr=0.1, batch_size=64)
             worst = max(worst, time.perf_counter() - t)
             if step % 20 == 0:
-                with open(progress, "w") as f:
-                    json.dump({"step": step, "t": time.time(), "worst_log_s": worst}, f)
+                report({"step": step, "t": time.time(), "worst_log_s": worst})
             time.sleep(0.005)
-    with open(progress, "w") as f:
-        json.dump({"step": step, "t": time.time(), "worst_log_s": worst, "done": True}, f)
+    report({"step": step, "t": time.time(), "worst_log_s": worst, "done": True})
 """)
 
 
@@ -233,7 +236,7 @@ WRITER = textwrap.dedent("""
 MAX_GAP = 5.0
 INGEST_ENV = {"BATCHSCOPE_INGEST_MAX_GAP": str(MAX_GAP)}
 LIVE_LAG_S = MAX_GAP + 6.0
-WRITER_S = 2 * LIVE_LAG_S  # at most: the run stays live while the page is checked three times, then is told to stop
+WRITER_S = 300.0  # a cap only: the run stays live while the page is checked three times, then is told to stop
 
 
 def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
@@ -270,7 +273,7 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
         assert severe_console_errors(driver) == []
         assert writer.poll() is None  # still live through all three checks
         stop.touch()
-        out, _ = writer.communicate(timeout=WRITER_S + 60)
+        out, _ = writer.communicate(timeout=60)
         assert writer.returncode == 0, out
         final = json.loads(progress.read_text())
         assert final.get("done")

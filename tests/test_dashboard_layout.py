@@ -9,8 +9,6 @@ slider's grid and marks, the Generalization batch axis) are checked against comp
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -189,27 +187,24 @@ return Array.from(new Set(out));
 SAMPLES = [ROOT / "sample_runs", ROOT / "sample_runs" / "charlm"]
 
 
-def _import(db: Path, folders: list[Path]) -> Path:
+def _import(sample_store, db: Path, folders: list[Path]) -> Path:
     if not all((f / "runs.parquet").exists() for f in folders):
         pytest.skip("sample_runs/ not shipped")
-    for folder in folders:
-        subprocess.run([sys.executable, "-m", "collector", "import", str(folder), "--db", str(db)], cwd=ROOT,
-                       check=True, capture_output=True, timeout=300)
-    return db
+    return sample_store(db, tuple(str(f.relative_to(ROOT)) for f in folders))
 
 
 @pytest.fixture(scope="module")
-def samples_db(tmp_path_factory) -> Path:
+def samples_db(tmp_path_factory, sample_store) -> Path:
     """Both shipped sample sweeps: digits (SGD) and charlm (AdamW, with curvature)."""
-    return _import(tmp_path_factory.mktemp("samples") / "runs.duckdb", SAMPLES)
+    return _import(sample_store, tmp_path_factory.mktemp("samples") / "runs.duckdb", SAMPLES)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, sample_store):
     """The dashboard on a store holding only the digits sample: the Runs page offers the charlm one."""
     if chromium_paths() is None:
         pytest.skip("chromium not installed")
-    db = _import(tmp_path_factory.mktemp("layout") / "runs.duckdb", SAMPLES[:1])
+    db = _import(sample_store, tmp_path_factory.mktemp("layout") / "runs.duckdb", SAMPLES[:1])
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)  # before the server holds the file

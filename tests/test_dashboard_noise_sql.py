@@ -4,22 +4,16 @@ B_noise per run and tokens seen, against the same rules computed here in numpy f
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import duckdb
 import numpy as np
 import polars as pl
 import pytest
 
-from tests.browser_helpers import ROOT
-
 
 @pytest.fixture(scope="module")
-def con(tmp_path_factory):
-    db = tmp_path_factory.mktemp("charlm") / "runs.duckdb"
-    subprocess.run([sys.executable, "-m", "collector", "import", str(ROOT / "sample_runs" / "charlm"), "--db", str(db)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+def con(tmp_path_factory, sample_store):
+    db = sample_store(tmp_path_factory.mktemp("charlm") / "runs.duckdb", ("sample_runs/charlm",))
     c = duckdb.connect(str(db), read_only=True)
     yield c
     c.close()

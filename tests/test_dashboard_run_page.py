@@ -9,8 +9,6 @@ Needs Debian's chromium + chromium-driver; skipped without them.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,6 @@ import polars as pl
 import pytest
 
 from tests.browser_helpers import (
-    ROOT,
     Server,
     chromium_paths,
     dash_idle,
@@ -33,12 +30,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(chromium_paths() is None, 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    db = tmp_path_factory.mktemp("runpage") / "runs.duckdb"
-    for folder in ("sample_runs", "sample_runs/charlm"):
-        subprocess.run([sys.executable, "-m", "collector", "import", str(ROOT / folder), "--db", str(db)],
-                       cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return db
+def store(tmp_path_factory, sample_store) -> Path:
+    return sample_store(tmp_path_factory.mktemp("runpage") / "runs.duckdb", ("sample_runs", "sample_runs/charlm"))
 
 
 @pytest.fixture(scope="module")
