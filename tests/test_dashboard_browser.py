@@ -245,12 +245,13 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
     db = tmp_path / "live.duckdb"
     make_store(db, n_runs=6, steps=300, seeds=1, sweep="old")
     progress = tmp_path / "progress.json"
-    srv = Server(db, env=INGEST_ENV)
     stop = tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(progress), str(WRITER_S), str(stop)],
                               cwd=ROOT, env={**os.environ, **INGEST_ENV},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv = None
     try:
+        srv = Server(db, env=INGEST_ENV)  # starts while the writer does
         wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] > 100, 30, what="writer")
         severe_console_errors(driver)  # drain
         _open(driver, srv.url + "/curves", "#curves-graph .main-svg")  # no selection: the newest sweep (live)
@@ -284,7 +285,8 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
         if writer.poll() is None:
             writer.kill()
         driver.get("about:blank")
-        srv.stop()
+        if srv is not None:
+            srv.stop()
 
 
 # --- every page's B_crit and B_simple are the SQL macros' ---------------------------------------------
