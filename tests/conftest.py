@@ -31,16 +31,16 @@ def sample_store(tmp_path_factory) -> Callable[[Path, tuple[str, ...]], Path]:
     root = tmp_path_factory.mktemp("sample-stores")
 
     def make(dest: Path, folders: tuple[str, ...]) -> Path:
-        if folders not in cache:
+        for n in range(1, len(folders) + 1):  # digits + charlm: the digits store (kept too), then charlm into a copy
+            key = folders[:n]
+            if key in cache:
+                continue
             db = root / f"{len(cache)}.duckdb"
-            done = 0
-            if len(folders) > 1 and folders[:-1] in cache:  # digits + charlm: the digits store, then charlm
-                _copy(cache[folders[:-1]], db)
-                done = len(folders) - 1
-            for folder in folders[done:]:
-                subprocess.run([sys.executable, "-m", "collector", "import", str(ROOT / folder), "--db", str(db)],
-                               cwd=ROOT, check=True, capture_output=True, timeout=300)
-            cache[folders] = db
+            if n > 1:
+                _copy(cache[folders[:n - 1]], db)
+            subprocess.run([sys.executable, "-m", "collector", "import", str(ROOT / folders[n - 1]), "--db", str(db)],
+                           cwd=ROOT, check=True, capture_output=True, timeout=300)
+            cache[key] = db
         return _copy(cache[folders], dest)
 
     return make
