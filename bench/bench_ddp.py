@@ -6,7 +6,9 @@
 Each rank trains its shard (B / world) of the same task's batches under DistributedDataParallel, one
 torch thread per rank. Variants (time per step relative to the bare DDP loop of the same repeat):
   pe        + GradientNoise(ddp) on every step: per-example norms where a layer has a rule, the rank's
-            local gradient (the small batch) vs the all-reduced one, one all-reduce of a few scalars
+            local gradient (the small batch) vs the all-reduced one; the sums ride in the last gradient
+            bucket (GradientNoise's DDP communication hook, trainer/noise_comm.py)
+  pe_sep    pe with comm_hook=False: DDP's built-in hook, and the sums all-reduced in step()
   ranks     + GradientNoise(ddp, per_example=False): every parameter by its rank's local gradient
   callback  pe + what the Lightning / HF callbacks add per step (trainer/integrations/_common.py's
             StepRecorder): the ingredients to the host, the online B_simple, and a background all-reduce
@@ -37,14 +39,15 @@ from trainer.integrations._common import StepRecorder  # noqa: E402
 from trainer.noise import GradientNoise  # noqa: E402
 from trainer.tasks import TaskOptions, make_task  # noqa: E402
 
-VARIANTS = ("bare", "pe", "ranks", "callback")
+VARIANTS = ("bare", "pe", "pe_sep", "ranks", "callback")
 
 
 def timed_steps(task, model: nn.Module, micro: int, steps: int, variant: str) -> tuple[float, float]:
     """Seconds per step (wall, CPU) of `steps` DDP steps of `variant`; the ingredients stay on the device,
     as a loop that logs them in blocks keeps them."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gns = GradientNoise(model, per_example=variant != "ranks", warn=False) if variant != "bare" else None
+    gns = (GradientNoise(model, per_example=variant != "ranks", warn=False, comm_hook=variant != "pe_sep")
+           if variant != "bare" else None)
     rec = StepRecorder(None, "examples", dist.get_world_size()) if variant == "callback" else None
     kept = []
     dist.barrier()
@@ -79,7 +82,7 @@ def rank_main(rank: int, world: int, port: int, configs: list[tuple[str, int]], 
     for name, batch in configs:
         task = make_task(name, TaskOptions(), torch.device("cpu"), seed=rank)
 
-        def fresh() -> nn.Module:  # a DDP model per timed run: DDP takes one communication hook per model
+        def fresh(task=task) -> nn.Module:  # a DDP model per timed run: DDP takes one comm hook per model
             torch.manual_seed(0)
             return nn.parallel.DistributedDataParallel(task.build_model())
 

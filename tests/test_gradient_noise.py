@@ -372,3 +372,27 @@ def test_a_layer_that_falls_back_part_way_through_a_step():
     want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
     assert float(s2.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
     assert float(s2.g_big_sq) == pytest.approx(pe_big + mb_big, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["transformer", "cnn"])
+def test_sketched_norms_are_unbiased_and_leave_the_users_rng_alone(name):
+    """sketch=k: the weights of sequence Linear layers and convolutions are estimated from k random
+    projections per example. Over many draws at a fixed step the mean is the exact mean_i |g_i|^2 (within
+    4 standard errors), a single draw is close, |g_big|^2 stays exact, and the global RNG is untouched."""
+    model, loss_fn, x, y, g = setup(name)
+    want = float(g.square().sum(1).mean())
+    gns = GradientNoise(model, sketch=2)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    got = []
+    for _ in range(200):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        s = gns.step()
+        got.append(float(s.g_small_sq))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=RTOL)
+    got = np.array(got)
+    assert got.std() > 0  # the sketch was used
+    assert abs(got.mean() - want) < 4 * got.std(ddof=1) / np.sqrt(len(got)), (got.mean(), want)
+    assert got.std() < 0.5 * want  # one draw: the other layers are exact, and the examples average

@@ -133,6 +133,9 @@ class GradientNoise:
     per_example: use per-example norms for the layers that have a rule (default). False measures every
     parameter by micro-batches / ranks (cheaper in Python hooks, noisier: b_small = B/K).
     warn: say once (RuntimeWarning) when a step has parameters without a small batch.
+    sketch: k > 0 estimates the weights' part of sequence Linear layers and convolutions from k random
+    projections per example (unbiased; trainer/per_example.py `sketch_sq`) where that is cheaper than the
+    exact Gram form: O(T k) instead of O(T^2) per example, for a little extra variance.
     comm_hook: on a DDP wrapper without a communication hook of its own, register one (DDP's default
     all-reduce, plus the noise sums behind the last bucket: trainer/noise_comm.py), so that `step()` adds
     no rendezvous of its own. DDP takes one hook per model: register yours before this (then the sums
@@ -145,7 +148,7 @@ class GradientNoise:
     """
 
     def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True,
-                 comm_hook: bool = True):
+                 comm_hook: bool = True, sketch: int = 0):
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
         self.group = process_group if process_group is not None else getattr(model, "process_group", None)
@@ -170,7 +173,7 @@ class GradientNoise:
         self._module_names: dict[int, str] = {}
         if per_example:
             for name, m in self.module.named_modules():
-                rule = rule_for(m)
+                rule = rule_for(m, sketch)
                 own = [id(p) for p in m.parameters(recurse=False) if p.requires_grad]
                 if rule is None or not own or name.startswith(skip) or any(owners[i] > 1 for i in own):
                     continue

@@ -11,7 +11,9 @@ the per-example gradients (Goodfellow 2015; Li et al. 2022; Gray et al. 2024):
 - Embedding: sum_tt' [idx_t == idx_t'] (delta_t . delta_t');
 - LayerNorm / RMSNorm: the per-example gradients are only of the size of the normalised shape, so
   they are formed (sum over positions of delta * x_hat, and of delta);
-- Conv1d / Conv2d (groups = 1, zero padding): Linear on the unfolded input, Gram or direct.
+- Conv1d / Conv2d (groups = 1, zero padding): Linear on the unfolded input, Gram or direct;
+- optionally (sketch = k), for sequences and convolutions, an unbiased estimate from k random
+  projections per example, O(T (d_in + d_out) k) instead of the Gram form's O(T^2 (d_in + d_out)).
 
 Each rule returns sum over the examples of the squared norms, as a 0-d tensor (the noise scale only
 needs their mean), or None when the call does not fit (e.g. an input without the batch dimension):
@@ -21,6 +23,7 @@ Pure tensor math: no hooks, no state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -61,14 +64,19 @@ def _one(like: torch.Tensor) -> torch.Tensor:
     return one
 
 
-def _seq_sq(a: torch.Tensor, d: torch.Tensor, with_bias: bool, with_weight: bool = True) -> torch.Tensor:
-    """Sum over n of |sum_t delta_nt a_nt^T|^2 (+ |sum_t delta_nt|^2) for a (N, T, i) and d (N, T, o)."""
+def _seq_sq(a: torch.Tensor, d: torch.Tensor, with_bias: bool, with_weight: bool = True,
+            sketch: int = 0) -> torch.Tensor:
+    """Sum over n of |sum_t delta_nt a_nt^T|^2 (+ |sum_t delta_nt|^2) for a (N, T, i) and d (N, T, o);
+    with `sketch` = k > 0, the weight's part is estimated without bias from k random projections per
+    example when that is cheaper than both exact forms (`sketch_sq`)."""
     acc = _acc(d)
     a, d = a.to(acc), d.to(acc)  # no-ops in float32; under autocast the products need the range
     t, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
     total = _sq(d.sum(1)) if with_bias else None
     if with_weight:
-        if t * (d_in + d_out) < d_in * d_out:  # Gram form: O(N T^2 (d_in + d_out))
+        if sketch and sketch < t and sketch * (d_in + d_out) < d_in * d_out:
+            w = sketch_sq(a, d, sketch)
+        elif t * (d_in + d_out) < d_in * d_out:  # Gram form: O(N T^2 (d_in + d_out))
             w = torch.dot(torch.bmm(a, a.transpose(1, 2)).view(-1), torch.bmm(d, d.transpose(1, 2)).view(-1))
         else:  # the per-example gradients are smaller than the Gram matrices: form them
             w = _sq(torch.bmm(d.transpose(1, 2), a))
@@ -76,11 +84,35 @@ def _seq_sq(a: torch.Tensor, d: torch.Tensor, with_bias: bool, with_weight: bool
     return total
 
 
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """The projections' own random stream (seeded, per device): measuring never moves the user's RNG, so
+    a run's data order and dropout are the same with and without it."""
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+        gen.manual_seed(0x6E5)
+    return gen
+
+
+def sketch_sq(a: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
+    """An unbiased estimate of sum_n |G_n|_F^2, G_n = sum_t delta_nt a_nt^T, from k Gaussian projections per
+    example: E_v |G_n v|^2 = |G_n|_F^2 for v ~ N(0, I), and G_n v = D_n^T (A_n v) costs O(T (d_in + d_out))
+    per projection, against O(T^2 (d_in + d_out)) for the Gram form. Its relative variance per example is
+    2 |G^T G|_F^2 / (k |G|_F^4) <= 2 / k (rank 1) and shrinks with the rank and over the N examples."""
+    n, _, d_in = a.shape
+    v = torch.randn(n, k, d_in, device=a.device, dtype=a.dtype, generator=_generator(a.device))
+    # (v^T A^T) D = (G v)^T, (N, k, d_out): both products in the orientation BLAS runs fast (5x the other)
+    return _sq(torch.bmm(torch.bmm(v, a.transpose(1, 2)), d)).div_(k)
+
+
 def linear_fits(m: nn.Linear, a: torch.Tensor, out: torch.Tensor) -> bool:
     return a.dim() >= 2 and out.shape[:-1] == a.shape[:-1]
 
 
-def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, sketch: int = 0) -> torch.Tensor | None:
     if a.dim() < 2 or d.shape[:-1] != a.shape[:-1]:
         return None
     if a.dim() == 2:  # sum_i (|a_i|^2 + 1) |d_i|^2: two fused row norms, sqrt(|a_i|^2 + 1) by hypot, a dot
@@ -94,7 +126,8 @@ def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | 
         x = a_n.mul_(d_n)
         return torch.dot(x, x)
     n = a.shape[0]
-    return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m.bias), _wants(m.weight))
+    return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m.bias), _wants(m.weight),
+                   sketch)
 
 
 def embedding_fits(m: nn.Embedding, idx: torch.Tensor, out: torch.Tensor) -> bool:
@@ -162,7 +195,7 @@ def rms_norm_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor 
     return _norm_sq(m, x_hat, d.to(acc), shape)
 
 
-def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool) -> torch.Tensor | None:
+def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool, sketch: int = 0) -> torch.Tensor | None:
     if not two_d:  # Conv1d as a Conv2d of height 1
         a, d = a.unsqueeze(2), d.unsqueeze(2)
     k = m.kernel_size if two_d else (1, m.kernel_size[0])
@@ -176,15 +209,15 @@ def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool) -> tor
     dd = d.reshape(n, d.shape[1], -1).to(cols.dtype)  # (N, C_out, L)
     if cols.shape[2] != dd.shape[2]:
         return None
-    return _seq_sq(cols.transpose(1, 2), dd.transpose(1, 2), _wants(m.bias), _wants(m.weight))
+    return _seq_sq(cols.transpose(1, 2), dd.transpose(1, 2), _wants(m.bias), _wants(m.weight), sketch)
 
 
-def conv1d_sq(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
-    return _conv_sq(m, a, d, two_d=False)
+def conv1d_sq(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor, sketch: int = 0) -> torch.Tensor | None:
+    return _conv_sq(m, a, d, two_d=False, sketch=sketch)
 
 
-def conv2d_sq(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
-    return _conv_sq(m, a, d, two_d=True)
+def conv2d_sq(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, sketch: int = 0) -> torch.Tensor | None:
+    return _conv_sq(m, a, d, two_d=True, sketch=sketch)
 
 
 def conv_fits(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> bool:
@@ -204,11 +237,16 @@ Fits = Callable[[nn.Module, torch.Tensor, torch.Tensor], bool]
 def fits_for(rule: Rule) -> Fits:
     """The forward-time check of a rule (layer input and output shapes): a call that fails it is measured
     by micro-batches, decided before its backward, so its parameters can still get their hooks in time."""
-    return _FITS.get(rule, _always)
+    return _FITS.get(getattr(rule, "func", rule), _always)
 
 
-def rule_for(m: nn.Module) -> Rule | None:
-    """The per-example rule for this layer type and configuration, or None (then: micro-batch fallback)."""
+def rule_for(m: nn.Module, sketch: int = 0) -> Rule | None:
+    """The per-example rule for this layer type and configuration, or None (then: micro-batch fallback).
+    sketch = k > 0: Linear on sequences and convolutions estimate their weights' part from k random
+    projections per example where that is cheaper than the exact forms (`sketch_sq`)."""
+    if sketch and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        rule = rule_for(m)
+        return None if rule is None else functools.partial(rule, sketch=sketch)
     if isinstance(m, nn.Linear):
         return linear_sq
     if isinstance(m, nn.Embedding):
