@@ -1,0 +1,85 @@
+"""One optimizer step's noise ingredients (`NoiseStats`) and the reductions GradientNoise forms them with.
+
+Kept apart from trainer/noise.py's hooks: pure tensor arithmetic over what the hooks collected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class NoiseStats:
+    """One optimizer step's ingredients. Tensors stay on the device (no host sync until `as_dict`)."""
+
+    g_small_sq: torch.Tensor | None  # E = |G|^2 + tr(Sigma)/b_small; None when nothing was measurable
+    b_small: float | None
+    g_big_sq: torch.Tensor | None  # |g_big|^2 of the step's mean gradient over all ranks
+    b_big: float | None
+    complete: bool = True  # every parameter with a gradient is in the estimate
+    per_example: tuple[str, ...] = ()  # parameters measured by per-example norms this step
+    micro_batch: tuple[str, ...] = ()  # parameters measured by micro-batch (or per-rank) norms
+    missing: tuple[str, ...] = ()  # parameters with a gradient but no small batch (K = 1, one device)
+    micro_batches: int = 0
+    examples: int = 0  # examples in the big batch (all ranks)
+
+    @property
+    def measured(self) -> bool:
+        return self.g_small_sq is not None
+
+    @property
+    def g_sq(self) -> torch.Tensor | None:
+        """Unbiased |G|^2 of this step (noisy, may be negative)."""
+        if not self.measured:
+            return None
+        return (self.b_big * self.g_big_sq - self.b_small * self.g_small_sq) / (self.b_big - self.b_small)
+
+    @property
+    def tr_sigma(self) -> torch.Tensor | None:
+        """Unbiased tr(Sigma) of this step."""
+        if not self.measured:
+            return None
+        return (self.g_small_sq - self.g_big_sq) / (1.0 / self.b_small - 1.0 / self.b_big)
+
+    def as_dict(self) -> dict[str, float]:
+        """The four `steps` columns as floats (one host sync); empty when nothing was measured."""
+        if not self.measured:
+            return {}
+        return {"g_small_sq": float(self.g_small_sq), "b_small": float(self.b_small),
+                "g_big_sq": float(self.g_big_sq), "b_big": float(self.b_big)}
+
+
+def _weighted(terms: list[torch.Tensor], micro: list[int], weights: list[float], squared: bool,
+              like: torch.Tensor) -> torch.Tensor:
+    """sum_j w[micro_j] x_j (x_j^2 with squared=True), micro-batches counted from 1: one stack, one
+    reduction, one scale when the weights are equal (the common case)."""
+    k = len(weights)
+    if any(m > k or m < 1 for m in micro):
+        keep = [j for j, m in enumerate(micro) if 0 < m <= k]
+        terms, micro = [terms[j] for j in keep], [micro[j] for j in keep]
+    if not terms:
+        return torch.zeros((), device=like.device)
+    w0 = weights[0]
+    if all(w == w0 for w in weights):
+        if len(terms) == 1:
+            t = terms[0]
+            return t * t * w0 if squared else t * w0
+        if len(terms) == 2 and not squared:
+            return torch.add(terms[0], terms[1]).mul_(w0)
+        v = torch.stack(terms)
+        return (torch.dot(v, v) if squared else v.sum()).mul_(w0)
+    v = torch.stack(terms)
+    w = torch.tensor([weights[m - 1] for m in micro], dtype=v.dtype, device=v.device)
+    return torch.dot(v * v, w) if squared else torch.dot(v, w)
+
+
+def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """scale * |g|^2 over several tensors (torch's fused per-tensor norms, then one dot)."""
+    norms = torch._foreach_norm(grads)
+    norms = norms[0].reshape(1) if len(norms) == 1 else torch.stack(norms)
+    if norms.dtype not in (torch.float32, torch.float64):
+        norms = norms.float()
+    sq = torch.dot(norms, norms)
+    return sq if scale == 1.0 else sq.mul_(scale)
