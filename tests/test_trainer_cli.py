@@ -88,11 +88,13 @@ def test_bad_input_is_one_line_exit_2_and_no_run(tmp_path, capsys, args, needle)
 
 
 @pytest.mark.parametrize("where", ["directory", "missing folder"])
-def test_bad_db_path_is_one_line_exit_2_and_creates_nothing(tmp_path, where):
+def test_bad_db_path_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, where):
+    """In-process, like the bad inputs above (`python -m trainer`'s exit status is checked just below)."""
     db = tmp_path if where == "directory" else tmp_path / "no" / "such" / "runs.duckdb"
-    proc = trainer("--db", str(db))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert ("is a directory" if where == "directory" else "does not exist") in proc.stderr
+    code = main(["--db", str(db)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("is a directory" if where == "directory" else "does not exist") in err
     assert not (tmp_path / "no").exists() and not list(tmp_path.glob("*.spool"))
 
 
