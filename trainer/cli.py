@@ -102,6 +102,10 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                      help="per-example gradient norms (B_small = 1; layers without a rule use micro-batches) or "
                           "each micro-batch's norm (B_small = B/K; at --accum 1 a 2-way split); auto (the "
                           "default): per-example at --accum 1, micro-batch with --accum K>=2")
+    rec.add_argument("--gns-sketch", type=int, default=TrainConfig.gns_sketch, metavar="K",
+                     help="estimate the per-example norms of sequence Linear layers and convolutions from K random "
+                          "projections per example (unbiased, O(T K) instead of O(T^2): cheaper for "
+                          "transformers, noisier; default 0: exact)")
     rec.add_argument("--gns-window", type=float, metavar="EXAMPLES",
                      help="a fixed EMA window for the logged B_simple, in examples (default: none; the window "
                           "adapts to hold ~40%% relative error, see steps.b_simple and the b_simple_n scalar)")
