@@ -396,3 +396,37 @@ def test_sketched_norms_are_unbiased_and_leave_the_users_rng_alone(name):
     assert got.std() > 0  # the sketch was used
     assert abs(got.mean() - want) < 4 * got.std(ddof=1) / np.sqrt(len(got)), (got.mean(), want)
     assert got.std() < 0.5 * want  # one draw: the other layers are exact, and the examples average
+
+
+def _half_bucket_worker(rank: int, world: int, rdzv: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        make, data, loss_fn = MODELS["mlp"]
+        x, y = data(torch.Generator().manual_seed(1), 16)
+        xs, ys = x.chunk(world)[rank].half(), y.chunk(world)[rank]
+        stats = {}
+        for comm in (True, False):
+            torch.manual_seed(0)
+            model = DDP(make().half())
+            gns = GradientNoise(model, comm_hook=comm)
+            loss_fn(model(xs).float(), ys).backward()
+            stats[comm] = (gns.comm_hook, gns.step().as_dict())
+        torch.save(stats, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_half_precision_buckets_send_the_sums_on_their_own(tmp_path):
+    """fp16 parameters give fp16 buckets, which would round the sums: the hook all-reduces them in float32
+    on their own, and both ranks get what the separate all-reduce in step() gives."""
+    mp.start_processes(_half_bucket_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out")), nprocs=2,
+                       join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    assert r0[True][0] and not r0[False][0]
+    for r in (r0, r1):
+        assert r[True][1] == pytest.approx(r[False][1], rel=1e-5) and r[True][1]["b_small"] == 1.0
+    assert r0[True][1] == pytest.approx(r1[True][1], rel=1e-6)
