@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.noise_comm import make_hook
-from trainer.noise_stats import NoiseStats, _sq_norm, _weighted
+from trainer.noise_stats import NoiseStats, _sq_norm, _weighted, weighted_sum
 from trainer.per_example import Rule, fits_for, rule_for
 
 __all__ = ["GradientNoise", "NoiseStats"]
@@ -312,16 +312,16 @@ class GradientNoise:
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
-        pe_w = [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)]
-        mb_w = [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)]
         if cur.comm is not None:  # reduced over the ranks behind the gradients (noise_comm.py)
             sums = self._reduced(cur.comm, sizes, scales, b_big, k, bool(pe_params), bool(mb_params))
         else:
             sums = []
             if pe_params:
-                sums.append(_weighted(cur.pe, cur.pe_micro, pe_w, squared=False, like=pe_params[0]))
+                sums.append(_weighted(cur.pe, cur.pe_micro, [(sizes[m] / scales[m]) ** 2 / b_big for m in range(k)],
+                                      squared=False, like=pe_params[0]))
             if mb_params:
-                sums.append(_weighted(cur.mb, cur.mb_micro, mb_w, squared=True, like=mb_params[0]))
+                sums.append(_weighted(cur.mb, cur.mb_micro, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)],
+                                      squared=True, like=mb_params[0]))
             if self.world > 1 and sums:  # one extra collective of a few scalars (no DDP hook of ours)
                 packed = torch.stack(sums)
                 dist.all_reduce(packed, group=self.group)
@@ -359,14 +359,10 @@ class GradientNoise:
         sc = [scales[min(m, len(scales) - 1)] for m in range(n)]
         sz = [1.0 if pending.sized else float(sizes[min(m, len(sizes) - 1)]) ** 2 for m in range(n)]
         out = []
-        for want, row, w in ((pe, rows[0], [z / (s * s * b_big) for s, z in zip(sc, sz, strict=True)]),
-                             (mb, rows[1], [1.0 / (s * s * k * self.world) for s in sc])):
-            if not want:
-                continue
-            if all(x == w[0] for x in w):
-                out.append(row.sum() * w[0] if n > 1 else row[0] * w[0])
-            else:
-                out.append(torch.dot(row, torch.tensor(w, dtype=row.dtype, device=row.device)))
+        if pe:
+            out.append(weighted_sum(rows[0], [z / (s * s * b_big) for s, z in zip(sc, sz, strict=True)]))
+        if mb:
+            out.append(weighted_sum(rows[1], [1.0 / (s * s * k * self.world) for s in sc]))
         return out
 
     def _plan(self, mb_small: bool, lost: set[int]) -> tuple:

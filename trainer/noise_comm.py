@@ -69,26 +69,26 @@ def make_hook(noise):
     """The DDP communication hook for `noise` (a GradientNoise): DDP's default all-reduce of the bucket
     (divided by the world size); the last bucket carries the noise sums appended to its gradients, so they
     are added up over the ranks in the same collective, and are in place when DDP's backward returns."""
+    group = noise.group if noise.group is not None else dist.group.WORLD
+
+    def reduce(buf: torch.Tensor):
+        """DDP's default hook: the bucket's mean over the ranks."""
+        return dist.all_reduce(buf.div_(noise.world), group=group, async_op=True).get_future().then(
+            lambda f: f.value()[0])
 
     def hook(state, bucket):
-        group = noise.group if noise.group is not None else dist.group.WORLD
         buf = bucket.buffer()
-        buf.div_(dist.get_world_size(group))
-        cur = noise._cur
         if not (bucket.is_last() and noise.active):
-            fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
+            return reduce(buf)
+        cur = noise._cur
         sums, k, sized = raw_sums(cur)
         if buf.dtype not in (torch.float32, torch.float64) or buf.device != sums.device:
             # half-precision buckets would round the sums: they get their own (async) all-reduce
-            work = dist.all_reduce(sums, group=group, async_op=True)
-            cur.comm = PendingSums(k, sums, work, sized)
-            fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
+            cur.comm = PendingSums(k, sums, dist.all_reduce(sums, group=group, async_op=True), sized)
+            return reduce(buf)
         n = buf.numel()
-        packed = torch.cat([buf.view(-1), sums.to(buf.dtype)])
+        packed = torch.cat([buf.view(-1).div_(noise.world), sums.to(buf.dtype)])
         pending = cur.comm = PendingSums(k, None, None, sized)
-        fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
         def unpack(f):
             out = f.value()[0]
@@ -96,7 +96,8 @@ def make_hook(noise):
             pending.packed = out[n:]
             return buf
 
-        pending.work = fut = fut.then(unpack)  # DDP waits on it before its backward returns
+        # DDP waits on this future before its backward returns
+        pending.work = fut = dist.all_reduce(packed, group=group, async_op=True).get_future().then(unpack)
         return fut
 
     return hook

@@ -71,8 +71,14 @@ def _weighted(terms: list[torch.Tensor], micro: list[int], weights: list[float],
         v = torch.stack(terms)
         return (torch.dot(v, v) if squared else v.sum()).mul_(w0)
     v = torch.stack(terms)
-    w = torch.tensor([weights[m - 1] for m in micro], dtype=v.dtype, device=v.device)
-    return torch.dot(v * v, w) if squared else torch.dot(v, w)
+    return weighted_sum(v * v if squared else v, [weights[m - 1] for m in micro])
+
+
+def weighted_sum(v: torch.Tensor, w: list[float]) -> torch.Tensor:
+    """sum_j w_j v_j of a 1-d tensor: one reduction and a scale when the weights are equal, else one dot."""
+    if all(x == w[0] for x in w):
+        return v.sum() * w[0]
+    return torch.dot(v, torch.tensor(w, dtype=v.dtype, device=v.device))
 
 
 def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
