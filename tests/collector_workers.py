@@ -190,6 +190,25 @@ def read_progress(path: str) -> tuple[int, bool, float, float, int]:
     return step, bool(done), rate, wall, pid
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the fields after "(comm)": state, ppid, ...
+
+
+def kill_descendant(pid: int, root: int, sig: int) -> None:
+    """Send `sig` to `pid` only if it is `root` or a process below it: a pid read from a file (a progress
+    map, a segment's name) that is wrong or reused must never reach the test runner or its CI."""
+    p = pid
+    for _ in range(8):
+        if p == root:
+            os.kill(pid, sig)
+            return
+        if p <= 1:
+            break
+        p = _parent(p)
+    raise AssertionError(f"pid {pid} is not {root} or below it: not signalled")
+
+
 def hold_store(db: str, seconds: float) -> None:
     """Hold the store open read-write with a plain DuckDB connection, as a forgotten shell would."""
     con = duckdb.connect(db)

@@ -23,7 +23,7 @@ import pytest
 
 from collector.ingester import Lease
 from collector.store import spool_root, write_connection
-from tests.collector_workers import read_progress
+from tests.collector_workers import kill_descendant, read_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -100,7 +100,7 @@ def test_kill_matrix(tmp_path, signame, when):
         _wait_for(lambda: _held_in_commit(trace), proc)
     else:
         time.sleep(1.0)  # a couple of spool ticks into the loop
-    os.kill(read_progress(str(progress))[4], sig)  # the writer itself (under strace, proc is strace)
+    kill_descendant(read_progress(str(progress))[4], proc.pid, sig)  # the writer (under strace, its child)
     out, err = proc.communicate(timeout=120)
     accepted, _, _, accepted_wall, _ = read_progress(str(progress))  # the last step the loop completed
     if holder is not None:

@@ -9,6 +9,7 @@ expectation against the population values of a finite pool sampled with replacem
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -180,7 +181,7 @@ def test_unbiased_in_expectation(name, per_example, k):
 # --- DDP: two real gloo processes --------------------------------------------------------------
 
 def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_example: bool, k: int,
-                comm: bool = True) -> None:
+                comm: bool = True, no_sync: bool = True) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -193,43 +194,74 @@ def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_examp
         x, y = data(torch.Generator().manual_seed(1), 16)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
-        model.zero_grad(set_to_none=True)
-        for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
-            if j < k - 1:
-                with model.no_sync():
-                    (loss_fn(model(xk), yk) / k).backward()
-            else:
-                (loss_fn(model(xk), yk) / k).backward()
-        launched = gns._cur.comm is not None  # the sums left with the gradients, before step()
-        s = gns.step()
-        torch.save({"stats": s.as_dict(), "complete": s.complete, "hook": (gns.comm_hook, launched),
+        steps = []
+        for _ in range(2):  # the same batch twice (no optimizer step): the first step may switch methods
+            model.zero_grad(set_to_none=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
+                    with model.no_sync() if no_sync and j < k - 1 else contextlib.nullcontext():
+                        (loss_fn(model(xk), yk) / k).backward()
+                launched = gns._cur.comm is not None  # the sums left with the gradients, before step()
+                s = gns.step()
+            steps.append({"stats": s.as_dict(), "complete": s.complete, "launched": launched,
+                          "warnings": [str(w.message) for w in caught]})
+        torch.save({"steps": steps, "hook": gns.comm_hook,
                     "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("name", "per_example", "k", "comm"), [
-    ("mlp", True, 1, True), ("mlp", False, 1, True), ("mlp", False, 2, True), ("transformer", True, 2, True),
-    ("mlp", True, 2, False)])
-def test_ddp_two_gloo_processes(tmp_path, name, per_example, k, comm):
+def _small(g: torch.Tensor, b: int) -> float:
+    """mean over the batches of b examples of |their mean gradient|^2."""
+    return float(np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(len(g) // b)]))
+
+
+@pytest.mark.parametrize(("name", "per_example", "k", "comm", "no_sync"), [
+    ("mlp", True, 1, True, True), ("mlp", False, 2, True, True), ("transformer", True, 2, True, True),
+    ("mlp", True, 2, False, True), ("mha", True, 1, True, True), ("mlp", False, 2, True, False)])
+def test_ddp_two_gloo_processes(tmp_path, name, per_example, k, comm, no_sync):
     """Each rank's local gradient (or its micro-batches, or its examples) is the small batch, the
     all-reduced one the big batch; both ranks report the same ingredients, whether the sums travel behind
-    the gradients (GradientNoise's DDP communication hook) or in an all-reduce of their own."""
+    the gradients (GradientNoise's DDP communication hook) or in an all-reduce of their own.
+
+    Under the comm hook, parameters without a per-example rule are measured by ranks from the buckets
+    (b_small = the rank's 8 examples; for nn.MultiheadAttention's, only their views in a bucket), until a
+    step with 2 micro-batches switches them to micro-batch hooks (b_small = 8 / k). A loop that syncs every
+    micro-batch (no no_sync) voids the buckets' step, with a warning, and is measured by micro-batches after."""
     _, _, _, _, g = setup(name)
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out"), name, per_example, k,
-                                          comm), nprocs=2, join=True, start_method="spawn")
+                                          comm, no_sync), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
-    assert r0["hook"] == r1["hook"] == (comm, comm)
-    assert r0["stats"] == pytest.approx(r1["stats"], rel=1e-6) and r0["complete"]
-    s = r0["stats"]
-    assert s["b_big"] == 16 and float(r0["grad"].double().square().sum()) == pytest.approx(s["g_big_sq"], rel=1e-5)
-    assert s["g_big_sq"] == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
-    if per_example:
-        assert s["b_small"] == 1 and s["g_small_sq"] == pytest.approx(float(g.square().sum(1).mean()), rel=RTOL)
+    assert r0["hook"] == r1["hook"] == comm
+    n, big = len(g), float(g.mean(0).square().sum())
+    assert float(r0["grad"].double().square().sum()) == pytest.approx(big, rel=1e-4)
+    if per_example and name == "mha":  # per-example blocks plus the rank block of the mha parameters
+        model = MODELS[name][0]()
+        cols = torch.cat([torch.full((p.numel(),), nm.startswith("mha.")) for nm, p in model.named_parameters()])
+        g_pe, g_rk = g[:, ~cols], g[:, cols]
+        pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+        rk_small, rk_big = _small(g_rk, 8), float(g_rk.mean(0).square().sum())
+        g_sq = (n * pe_big - pe_small) / (n - 1) + (n * rk_big - 8 * rk_small) / (n - 8)
+        tr = (pe_small - pe_big) / (1 - 1 / n) + (rk_small - rk_big) / (1 / 8 - 1 / n)
+        want = [(1.0, g_sq + tr)] * 2
+    elif per_example:
+        want = [(1.0, float(g.square().sum(1).mean()))] * 2
+    elif no_sync:
+        want = [(8.0, _small(g, 8)), (8 / k, _small(g, 8 // k))]
     else:
-        assert s["b_small"] == 8 / k
-        want = np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(2 * k)])
-        assert s["g_small_sq"] == pytest.approx(want, rel=RTOL)
+        want = [None, (8 / k, _small(g, 8 // k))]
+    for step, (a, b, w) in enumerate(zip(r0["steps"], r1["steps"], want, strict=True), 1):
+        assert a["stats"] == pytest.approx(b["stats"], rel=1e-6) and a["launched"] == b["launched"] == comm
+        if w is None:
+            assert a["stats"] == {} and not a["complete"]
+            assert any("more than once in one step" in m for m in a["warnings"]), a["warnings"]
+            continue
+        s = a["stats"]
+        assert a["complete"], (step, a)
+        assert s["b_big"] == 16 and s["g_big_sq"] == pytest.approx(big, rel=1e-4)
+        assert s["b_small"] == w[0], step
+        assert s["g_small_sq"] == pytest.approx(w[1], rel=1e-4 if name == "mha" else RTOL), step
 
 
 def test_a_layer_without_the_batch_dimension_falls_back():
@@ -409,12 +441,13 @@ def _half_bucket_worker(rank: int, world: int, rdzv: str, out: str) -> None:
         x, y = data(torch.Generator().manual_seed(1), 16)
         xs, ys = x.chunk(world)[rank].half(), y.chunk(world)[rank]
         stats = {}
-        for comm in (True, False):
-            torch.manual_seed(0)
-            model = DDP(make().half())
-            gns = GradientNoise(model, comm_hook=comm)
-            loss_fn(model(xs).float(), ys).backward()
-            stats[comm] = (gns.comm_hook, gns.step().as_dict())
+        for per_example in (True, False):
+            for comm in (True, False):
+                torch.manual_seed(0)
+                model = DDP(make().half())
+                gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
+                loss_fn(model(xs).float(), ys).backward()
+                stats[per_example, comm] = (gns.comm_hook, gns.step().as_dict())
         torch.save(stats, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -422,11 +455,13 @@ def _half_bucket_worker(rank: int, world: int, rdzv: str, out: str) -> None:
 
 def test_ddp_half_precision_buckets_send_the_sums_on_their_own(tmp_path):
     """fp16 parameters give fp16 buckets, which would round the sums: the hook all-reduces them in float32
-    on their own, and both ranks get what the separate all-reduce in step() gives."""
+    on their own, and both ranks get what the separate all-reduce in step() gives. By ranks, the fp16
+    bucket's norm (in float32) equals the micro-batch hooks' on each rank's one micro-batch."""
     mp.start_processes(_half_bucket_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out")), nprocs=2,
                        join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
-    assert r0[True][0] and not r0[False][0]
-    for r in (r0, r1):
-        assert r[True][1] == pytest.approx(r[False][1], rel=1e-5) and r[True][1]["b_small"] == 1.0
-    assert r0[True][1] == pytest.approx(r1[True][1], rel=1e-6)
+    for pe, b_small in ((True, 1.0), (False, 8.0)):
+        assert r0[pe, True][0] and not r0[pe, False][0]
+        for r in (r0, r1):
+            assert r[pe, True][1] == pytest.approx(r[pe, False][1], rel=1e-5) and r[pe, True][1]["b_small"] == b_small
+        assert r0[pe, True][1] == pytest.approx(r1[pe, True][1], rel=1e-6)

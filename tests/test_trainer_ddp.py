@@ -18,6 +18,7 @@ import torch
 
 import collector
 from collector.spool import Segment
+from tests.collector_workers import kill_descendant
 from tests.trainer_helpers import one_torch_thread
 from trainer import cli, ddp
 
@@ -148,7 +149,7 @@ def test_a_killed_rank_0_leaves_a_stale_run_with_every_step_it_flushed(tmp_path)
         while not (segments := sorted(spool.rglob("*.steps.arrow"))):
             assert proc.poll() is None, "the run ended before it was killed"
             time.sleep(0.05)
-        os.kill(int(segments[0].name.split("-")[0]), signal.SIGKILL)
+        kill_descendant(int(segments[0].name.split("-")[0]), proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=120) != 0  # torchrun stops rank 1 and fails the job
     finally:
         if proc.poll() is None:

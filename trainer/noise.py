@@ -17,7 +17,8 @@ Where the two batch sizes come from (McCandlish et al. 2018, App. A), all from h
   gradient as autograd produces it, before it is added into `.grad`, and keeps one dot product;
 - DistributedDataParallel: the same hooks see each rank's *local* gradient (before DDP's all-reduce),
   `.grad` after backward is the all-reduced one; the ranks' sums ride in the last gradient bucket's
-  all-reduce (a DDP communication hook, trainer/noise_comm.py), so measuring adds no collective.
+  all-reduce (a DDP communication hook, trainer/noise_comm.py), so measuring adds no collective. Under
+  that hook, parameters without a rule are read off the buckets (each rank's local gradient), no hook each.
 
 Parameters are measured by the first method that applies; a layer the per-example rules do not cover
 (nn.MultiheadAttention's packed projections, tied weights, a layer called twice in one forward, an
@@ -56,7 +57,8 @@ class _Step:
     """What the hooks collected since the last `step()`: plain lists, cleared in place (no per-step
     allocation beyond the tensors themselves)."""
 
-    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "lost", "comm")
+    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "rk", "lost",
+                 "comm", "synced", "rk_void")
 
     def __init__(self) -> None:
         self.sizes: list[int] = []  # examples per micro-batch
@@ -66,14 +68,17 @@ class _Step:
         self.pe_mod: list[int] = []  # ... and that layer (module id)
         self.mb: list[torch.Tensor] = []  # |h_k| of one parameter in one micro-batch (a norm, not squared)
         self.mb_micro: list[int] = []
+        self.rk: list[torch.Tensor] = []  # this rank's |local gradient|^2 of the un-ruled parameters, per DDP bucket
         self.lost: set[int] = set()  # parameters that left the per-example method part-way through the step
         self.clear()
 
     def clear(self) -> None:
         self.micro = 0  # forward passes with grad enabled (= micro-batches)
         self.comm = None  # the sums' all-reduce, launched by the DDP communication hook (noise_comm.py)
+        self.synced = False  # DDP all-reduced this step's gradients (its last bucket went)
+        self.rk_void = False  # ... more than once: the buckets held reduced + local gradients, not local ones
         self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
-        for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro,
+        for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro, self.rk,
                   self.lost):
             c.clear()
 
@@ -99,6 +104,10 @@ class GradientNoise:
     all-reduce, plus the noise sums behind the last bucket: trainer/noise_comm.py), so that `step()` adds
     no rendezvous of its own. DDP takes one hook per model: register yours before this (then the sums
     get their own all-reduce in `step()`), or pass False.
+    accumulation: whether steps accumulate 2+ micro-batches. Under that comm hook, parameters without a
+    per-example rule are measured by ranks (each rank's local gradient, read off DDP's buckets: no hook
+    per parameter) unless True (micro-batch hooks: more small batches). None: by ranks until a step shows
+    2+ micro-batches, by micro-batches from the next step on.
 
     Cost, per step: one forward hook and one gradient pre-hook per covered layer, whose rule costs a few
     fused reductions (the Gram form of sequence layers a batched matmul); one tensor hook per other
@@ -107,7 +116,7 @@ class GradientNoise:
     """
 
     def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True,
-                 comm_hook: bool = True, sketch: int = 0):
+                 comm_hook: bool = True, sketch: int = 0, accumulation: bool | None = None):
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
         self.group = process_group if process_group is not None else getattr(model, "process_group", None)
@@ -143,11 +152,17 @@ class GradientNoise:
         self._handles.append(self.module.register_forward_pre_hook(self._root_hook, with_kwargs=True))
         self._pe_ids = {i for own in self._module_params.values() for i in own}  # measured per example
         self._mb_ids: set[int] = set()  # measured by micro-batches (a tensor hook on the parameter)
+        self._rk_ids: set[int] = set()  # measured by ranks, from DDP's buckets (no hook on the parameter)
+        self.bucket_plans: dict = {}  # noise_comm.py's per-bucket choice of _rk_ids' gradients
+        self.comm_hook = bool(comm_hook and self.ddp and self.world > 1 and not getattr(model, "_comm_hooks", None))
+        # Under our comm hook the un-ruled parameters' small batch is each rank's local gradient, read off
+        # the bucket before its all-reduce: no hook per parameter. A step with 2+ micro-batches switches
+        # them to micro-batch hooks (more small batches) from the next step on (`_unbucket`).
+        self._by_bucket = self.comm_hook and not accumulation
         for pid in params:
             if pid not in self._pe_ids:
                 self._hook_param(pid)
         self._params = [p for _, p in params.values()]
-        self.comm_hook = bool(comm_hook and self.ddp and self.world > 1 and not getattr(model, "_comm_hooks", None))
         if self.comm_hook:
             model.register_comm_hook(None, make_hook(self))
 
@@ -248,7 +263,11 @@ class GradientNoise:
         return a.dim() > 0 and a.shape[0] == cur.sizes[-1]
 
     def _hook_param(self, pid: int) -> None:
-        if pid in self._mb_ids:
+        if pid in self._mb_ids or pid in self._rk_ids:
+            return
+        if self._by_bucket:
+            self._rk_ids.add(pid)
+            self.bucket_plans.clear()
             return
         self._mb_ids.add(pid)
         p = self._by_id[pid]
@@ -282,7 +301,19 @@ class GradientNoise:
         try:
             return self._stats(cur, loss_scale, micro_batches, examples)
         finally:
+            if self._by_bucket and (cur.micro > 1 or cur.rk_void):
+                self._unbucket()
             cur.clear()
+
+    def _unbucket(self) -> None:
+        """Measure the un-ruled parameters by micro-batch hooks from now on (sticky): the loop accumulates
+        micro-batches, whose gradients the buckets (one rank's sum) no longer show apart."""
+        self._by_bucket = False
+        ids, self._rk_ids = self._rk_ids, set()
+        self.bucket_plans.clear()
+        self._plans.clear()
+        for pid in ids:
+            self._hook_param(pid)
 
     def _stats(self, cur: _Step, loss_scale, micro_batches, examples) -> NoiseStats:
         k = micro_batches or cur.micro
@@ -308,12 +339,16 @@ class GradientNoise:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(mb_small, cur.lost)
-        pe_params, mb_params, names, missing = plan
+        pe_params, mb_params, rk_params, names, missing = plan
+        if rk_params and (cur.comm is None or cur.rk_void):  # no bucket of this step showed a local gradient
+            names = (names[0], names[1][:len(mb_params)], names[2] + names[1][len(mb_params):])
+            missing, rk_params = names[2], []
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
         if cur.comm is not None:  # reduced over the ranks behind the gradients (noise_comm.py)
-            sums = self._reduced(cur.comm, sizes, scales, b_big, k, bool(pe_params), bool(mb_params))
+            sums = self._reduced(cur.comm, sizes, scales, b_big, k, bool(pe_params), bool(mb_params),
+                                 bool(rk_params))
         else:
             sums = []
             if pe_params:
@@ -326,7 +361,13 @@ class GradientNoise:
                 packed = torch.stack(sums)
                 dist.all_reduce(packed, group=self.group)
                 sums = list(packed.unbind())
-        if missing and "missing" not in self._warned:
+        if cur.rk_void and "resync" not in self._warned:
+            self._warned.add("resync")
+            warnings.warn("GradientNoise: DDP all-reduced the gradients more than once in one step (accumulate "
+                          "under model.no_sync() but for the last micro-batch); parameters without a per-example "
+                          "rule have no small batch this step, and are measured by micro-batches from the next",
+                          RuntimeWarning, stacklevel=3)
+        elif missing and "missing" not in self._warned:
             self._warned.add("missing")
             warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({missing[:3]}...): "
                           "one micro-batch on one device and no per-example rule; run 2+ micro-batches",
@@ -338,6 +379,8 @@ class GradientNoise:
         if mb_params:
             bs = k / sum(1.0 / s for s in sizes)  # harmonic mean: E mean_k |g_k|^2 = |G|^2 + tr * mean 1/b_k
             blocks.append((sums.pop(0), bs, _sq_norm([p.grad for p in mb_params], big_scale)))
+        if rk_params:  # each rank's local gradient (all its micro-batches) is one small batch
+            blocks.append((sums.pop(0) * big_scale, float(local), _sq_norm([p.grad for p in rk_params], big_scale)))
         if not blocks:
             return NoiseStats(None, None, None, None, False, *names, micro_batches=k, examples=int(b_big))
         if len(blocks) == 1:
@@ -351,10 +394,11 @@ class GradientNoise:
                           examples=int(b_big))
 
     def _reduced(self, pending, sizes: list[float], scales: list[float], b_big: float, k: int, pe: bool,
-                 mb: bool) -> list:
-        """The two means from the ranks' per-micro-batch raw sums (noise_comm.py): the same weights as
-        the direct path; the local sizes were applied on each rank unless the forward could not count them."""
-        rows = pending.result()
+                 mb: bool, rk: bool) -> list:
+        """The means from the ranks' per-micro-batch raw sums (noise_comm.py): the same weights as the
+        direct path; the local sizes were applied on each rank unless the forward could not count them. The
+        ranks' local |gradient|^2 comes back as their mean, still in the loss's scale."""
+        rows, rk_sum = pending.result()
         n = rows.shape[1]
         sc = [scales[min(m, len(scales) - 1)] for m in range(n)]
         sz = [1.0 if pending.sized else float(sizes[min(m, len(sizes) - 1)]) ** 2 for m in range(n)]
@@ -363,6 +407,8 @@ class GradientNoise:
             out.append(weighted_sum(rows[0], [z / (s * s * b_big) for s, z in zip(sc, sz, strict=True)]))
         if mb:
             out.append(weighted_sum(rows[1], [1.0 / (s * s * k * self.world) for s in sc]))
+        if rk:
+            out.append(rk_sum / self.world)
         return out
 
     def _plan(self, mb_small: bool, lost: set[int]) -> tuple:
@@ -370,11 +416,12 @@ class GradientNoise:
         with_grad = [i for i, p in self._by_id.items() if p.grad is not None]
         pe = [i for i in with_grad if i in self._pe_ids]
         mb = [i for i in with_grad if i in self._mb_ids and i not in lost]
+        rk = [i for i in with_grad if i in self._rk_ids and i not in lost]
         missing = [i for i in with_grad if i in lost]
         if not mb_small:
             missing, mb = missing + mb, []
-        names = tuple(tuple(self._names[i] for i in g) for g in (pe, mb, missing))
-        return [self._by_id[i] for i in pe], [self._by_id[i] for i in mb], names, names[2]
+        names = tuple(tuple(self._names[i] for i in g) for g in (pe, mb + rk, missing))
+        return *([self._by_id[i] for i in g] for g in (pe, mb, rk)), names, names[2]
 
     def close(self) -> None:
         """Remove every hook (a DDP communication hook cannot be removed: it goes back to DDP's default)."""

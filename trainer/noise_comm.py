@@ -12,6 +12,11 @@ gradients exist. DDP waits on the bucket before its backward returns, so `step()
 The sums are reduced per micro-batch and before the step's loss scales are known, so what travels is
 raw: per micro-batch m, sizes[m]^2 * sum of the per-example terms and the sum of squared micro-batch
 norms; GradientNoise._reduced weighs them into the same means as the direct path (`_stats`).
+
+Parameters without a per-example rule need no hook of their own here: each bucket, before its
+all-reduce, holds this rank's local gradient (all its micro-batches), so one norm of the bucket (or of
+those parameters' views in it) is each rank's small batch. That holds while DDP reduces once per step
+(K = 1, or accumulation under `no_sync()`); a second all-reduce in a step voids it (`_Step.rk_void`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ class PendingSums:
     def __init__(self, k: int, packed: torch.Tensor, work, sized: bool) -> None:
         self.k, self.packed, self.work, self.sized = k, packed, work, sized
 
-    def result(self) -> torch.Tensor:
-        """(2, k): row 0 the per-example sums, row 1 the micro-batch sums, added over the ranks."""
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Added over the ranks: (2, k), row 0 the per-example sums and row 1 the micro-batch sums; and the
+        ranks' local |gradient|^2 from the buckets (a 0-d tensor)."""
         if self.work is not None:
             self.work.wait()  # a c10d Work, or the Future that unpacks the last bucket
             self.work = None
-        return self.packed.view(2, self.k)
+        return self.packed[:2 * self.k].view(2, self.k), self.packed[2 * self.k]
 
 
 def per_micro(terms: list[torch.Tensor], micro: list[int], k: int, squared: bool,
@@ -52,17 +58,41 @@ def per_micro(terms: list[torch.Tensor], micro: list[int], k: int, squared: bool
 
 
 def raw_sums(cur) -> tuple[torch.Tensor, int, bool]:
-    """`cur`'s (trainer/noise.py `_Step`) sums as one float32 vector (2 k): per micro-batch the
+    """`cur`'s (trainer/noise.py `_Step`) sums as one float32 vector (2 k + 1): per micro-batch the
     per-example sums (times the local size squared when the forward hook counted every size: `sized`),
-    then the micro-batch sums. A rank with no forward counted sends zeros (k = 1)."""
+    then the micro-batch sums, then the buckets' local |gradient|^2. A rank with no forward counted sends
+    zeros (k = 1)."""
     k = max(cur.micro, 1)
     sized = len(cur.sizes) >= k and all(cur.sizes[:k])
-    like = cur.pe[0] if cur.pe else cur.mb[0] if cur.mb else torch.zeros(())
+    like = cur.pe[0] if cur.pe else cur.mb[0] if cur.mb else cur.rk[0] if cur.rk else torch.zeros(())
     pe = per_micro(cur.pe, cur.pe_micro, k, False, like)
     if cur.pe and sized:
         pe = pe * torch.tensor([float(s) ** 2 for s in cur.sizes[:k]], device=pe.device)
     mb = per_micro(cur.mb, cur.mb_micro, k, True, like)
-    return torch.cat([pe, mb]), k, sized
+    rk = (torch.stack(cur.rk).sum() if len(cur.rk) > 1 else cur.rk[0]).reshape(1).float() if cur.rk else \
+        torch.zeros(1, device=pe.device)
+    return torch.cat([pe, mb, rk]), k, sized
+
+
+def local_sq(noise, bucket) -> torch.Tensor | None:
+    """This rank's |local gradient|^2 over the bucket's parameters that `noise` measures by ranks (float32;
+    None when it has none): the whole flat buffer when they are all of it, else their views' norms."""
+    params = bucket.parameters()
+    key = (bucket.index(), tuple(map(id, params)))  # DDP rebuilds its buckets after the first step
+    plan = noise.bucket_plans.get(key)
+    if plan is None:
+        idx = [i for i, p in enumerate(params) if id(p) in noise._rk_ids]
+        plan = noise.bucket_plans[key] = "all" if len(idx) == len(params) else idx
+    if plan == "all":
+        buf = bucket.buffer()
+        return torch.dot(buf, buf).float() if buf.dtype in (torch.float32, torch.float64) else \
+            torch.linalg.vector_norm(buf, dtype=torch.float32).square()
+    if not plan:
+        return None
+    grads = bucket.gradients()
+    norms = torch._foreach_norm([grads[i] for i in plan])
+    norms = torch.stack(norms).float() if len(norms) > 1 else norms[0].reshape(1).float()
+    return torch.dot(norms, norms)
 
 
 def make_hook(noise):
@@ -78,9 +108,17 @@ def make_hook(noise):
 
     def hook(state, bucket):
         buf = bucket.buffer()
-        if not (bucket.is_last() and noise.active):
+        if not noise.active:
             return reduce(buf)
         cur = noise._cur
+        if noise._rk_ids:
+            if cur.synced:  # a second all-reduce this step: the bucket holds reduced + local gradients
+                cur.rk_void = True
+            elif (sq := local_sq(noise, bucket)) is not None:
+                cur.rk.append(sq)
+        if not bucket.is_last():
+            return reduce(buf)
+        cur.synced = True
         sums, k, sized = raw_sums(cur)
         if buf.dtype not in (torch.float32, torch.float64) or buf.device != sums.device:
             # half-precision buckets would round the sums: they get their own (async) all-reduce

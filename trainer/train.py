@@ -148,7 +148,8 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
     # rule (and --gns-method micro-batch) use each micro-batch's norm from parameter hooks, which at K = 1
     # needs the batch run as 2 micro-batches
     per_example = cfg.gns_method == "per-example" or (cfg.gns_method == "auto" and cfg.accum == 1)
-    noise = (GradientNoise(net, per_example=per_example, warn=False, sketch=cfg.gns_sketch)
+    noise = (GradientNoise(net, per_example=per_example, warn=False, sketch=cfg.gns_sketch,
+                           accumulation=cfg.accum > 1)
              if p.gns_every > 0 else None)
     # under DDP each rank's gradient is a small batch already: no split
     split = GNS_SPLIT if noise is not None and (noise.fallback or not per_example) and not env.active else 1

@@ -116,7 +116,7 @@ class BatchscopeCallback(EndsRun, pl.Callback):
                       "hooks see scaled gradients, .grad is unscaled); use bf16 or 32 (steps are logged)")
         elif self.noise:
             target = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
-            self.gns = _CountedNoise(target, per_example=self.per_example)
+            self.gns = _CountedNoise(target, per_example=self.per_example, accumulation=accum > 1)
         self._logged = trainer.global_step
         self.recorder = StepRecorder(None, self.unit, world, self.gns_window)
         self.owner.recorder = self.recorder
