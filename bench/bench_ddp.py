@@ -9,7 +9,10 @@ torch thread per rank. Variants (time per step relative to the bare DDP loop of 
             local gradient (the small batch) vs the all-reduced one; the sums ride in the last gradient
             bucket (GradientNoise's DDP communication hook, trainer/noise_comm.py)
   pe_sep    pe with comm_hook=False: DDP's built-in hook, and the sums all-reduced in step()
-  ranks     + GradientNoise(ddp, per_example=False): every parameter by its rank's local gradient
+  ranks     + GradientNoise(ddp, per_example=False): every parameter by its rank's local gradient, read
+            off DDP's buckets in the comm hook (one norm per bucket, no hook per parameter)
+  ranks_hk  ranks with accumulation=True: a gradient hook per parameter instead (the path before the
+            buckets were read)
   callback  pe + what the Lightning / HF callbacks add per step (trainer/integrations/_common.py's
             StepRecorder): the ingredients to the host, the online B_simple, and a background all-reduce
             of the step's loss and counts (the row is logged a step late), no run attached
@@ -39,15 +42,15 @@ from trainer.integrations._common import StepRecorder  # noqa: E402
 from trainer.noise import GradientNoise  # noqa: E402
 from trainer.tasks import TaskOptions, make_task  # noqa: E402
 
-VARIANTS = ("bare", "pe", "pe_sep", "ranks", "callback")
+VARIANTS = ("bare", "pe", "pe_sep", "ranks", "ranks_hk", "callback")
 
 
 def timed_steps(task, model: nn.Module, micro: int, steps: int, variant: str) -> tuple[float, float]:
     """Seconds per step (wall, CPU) of `steps` DDP steps of `variant`; the ingredients stay on the device,
     as a loop that logs them in blocks keeps them."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gns = (GradientNoise(model, per_example=variant != "ranks", warn=False, comm_hook=variant != "pe_sep")
-           if variant != "bare" else None)
+    gns = (GradientNoise(model, per_example=not variant.startswith("ranks"), warn=False, comm_hook=variant != "pe_sep",
+                         accumulation=variant == "ranks_hk") if variant != "bare" else None)
     rec = StepRecorder(None, "examples", dist.get_world_size()) if variant == "callback" else None
     kept = []
     dist.barrier()
