@@ -180,36 +180,54 @@ def test_unbiased_in_expectation(name, per_example, k):
 
 # --- DDP: two real gloo processes --------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, rdzv: str, out: str, name: str, per_example: bool, k: int,
-                comm: bool = True, no_sync: bool = True) -> None:
+DDP_CASES = [("mlp", True, 1, True, True), ("mlp", False, 2, True, True), ("cnn", True, 1, True, True),
+             ("transformer", True, 2, True, True), ("mlp", True, 2, False, True), ("mha", True, 1, True, True),
+             ("mlp", False, 2, True, False)]
+
+
+def _ddp_cases(rank: int, world: int, rdzv: str, out: str) -> None:
+    """Every DDP case in one pair of processes (a spawn costs seconds; a case, a fraction of one). A case
+    that raises saves its traceback for its own test to show."""
+    import traceback
+
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
-        make, data, loss_fn = MODELS[name]
-        torch.manual_seed(0)
-        model = DDP(make())
-        x, y = data(torch.Generator().manual_seed(1), 16)
-        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-        gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
-        steps = []
-        for _ in range(2):  # the same batch twice (no optimizer step): the first step may switch methods
-            model.zero_grad(set_to_none=True)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
-                    with model.no_sync() if no_sync and j < k - 1 else contextlib.nullcontext():
-                        (loss_fn(model(xk), yk) / k).backward()
-                launched = gns._cur.comm is not None  # the sums left with the gradients, before step()
-                s = gns.step()
-            steps.append({"stats": s.as_dict(), "complete": s.complete, "launched": launched,
-                          "warnings": [str(w.message) for w in caught]})
-        torch.save({"steps": steps, "hook": gns.comm_hook,
-                    "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}, f"{out}.{rank}")
+        for case in [*DDP_CASES, "half"]:
+            path = f"{out}.{'half' if case == 'half' else '-'.join(map(str, case))}.{rank}"
+            try:
+                torch.save(_half_case(rank, world) if case == "half" else _ddp_case(rank, world, *case), path)
+            except Exception:
+                torch.save({"error": traceback.format_exc()}, path)
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_case(rank: int, world: int, name: str, per_example: bool, k: int, comm: bool, no_sync: bool) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    make, data, loss_fn = MODELS[name]
+    torch.manual_seed(0)
+    model = DDP(make())
+    x, y = data(torch.Generator().manual_seed(1), 16)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
+    steps = []
+    for _ in range(2):  # the same batch twice (no optimizer step): the first step may switch methods
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
+                with model.no_sync() if no_sync and j < k - 1 else contextlib.nullcontext():
+                    (loss_fn(model(xk), yk) / k).backward()
+            launched = gns._cur.comm is not None  # the sums left with the gradients, before step()
+            s = gns.step()
+        steps.append({"stats": s.as_dict(), "complete": s.complete, "launched": launched,
+                      "warnings": [str(w.message) for w in caught]})
+    return {"steps": steps, "hook": gns.comm_hook,
+            "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}
 
 
 def _small(g: torch.Tensor, b: int) -> float:
@@ -217,10 +235,16 @@ def _small(g: torch.Tensor, b: int) -> float:
     return float(np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(len(g) // b)]))
 
 
-@pytest.mark.parametrize(("name", "per_example", "k", "comm", "no_sync"), [
-    ("mlp", True, 1, True, True), ("mlp", False, 2, True, True), ("transformer", True, 2, True, True),
-    ("mlp", True, 2, False, True), ("mha", True, 1, True, True), ("mlp", False, 2, True, False)])
-def test_ddp_two_gloo_processes(tmp_path, name, per_example, k, comm, no_sync):
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_ddp_cases, args=(2, str(tmp / "rdzv"), str(tmp / "out")), nprocs=2, join=True,
+                       start_method="spawn")
+    return str(tmp / "out")
+
+
+@pytest.mark.parametrize(("name", "per_example", "k", "comm", "no_sync"), DDP_CASES)
+def test_ddp_two_gloo_processes(ddp_out, name, per_example, k, comm, no_sync):
     """Each rank's local gradient (or its micro-batches, or its examples) is the small batch, the
     all-reduced one the big batch; both ranks report the same ingredients, whether the sums travel behind
     the gradients (GradientNoise's DDP communication hook) or in an all-reduce of their own.
@@ -230,9 +254,9 @@ def test_ddp_two_gloo_processes(tmp_path, name, per_example, k, comm, no_sync):
     step with 2 micro-batches switches them to micro-batch hooks (b_small = 8 / k). A loop that syncs every
     micro-batch (no no_sync) voids the buckets' step, with a warning, and is measured by micro-batches after."""
     _, _, _, _, g = setup(name)
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out"), name, per_example, k,
-                                          comm, no_sync), nprocs=2, join=True, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    case = "-".join(map(str, (name, per_example, k, comm, no_sync)))
+    r0, r1 = (torch.load(f"{ddp_out}.{case}.{r}") for r in (0, 1))
+    assert "error" not in r0 and "error" not in r1, r0.get("error") or r1.get("error")
     assert r0["hook"] == r1["hook"] == comm
     n, big = len(g), float(g.mean(0).square().sum())
     assert float(r0["grad"].double().square().sum()) == pytest.approx(big, rel=1e-4)
@@ -430,36 +454,29 @@ def test_sketched_norms_are_unbiased_and_leave_the_users_rng_alone(name):
     assert got.std() < 0.5 * want  # one draw: the other layers are exact, and the examples average
 
 
-def _half_bucket_worker(rank: int, world: int, rdzv: str, out: str) -> None:
-    import torch.distributed as dist
+def _half_case(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
-    try:
-        make, data, loss_fn = MODELS["mlp"]
-        x, y = data(torch.Generator().manual_seed(1), 16)
-        xs, ys = x.chunk(world)[rank].half(), y.chunk(world)[rank]
-        stats = {}
-        for per_example in (True, False):
-            for comm in (True, False):
-                torch.manual_seed(0)
-                model = DDP(make().half())
-                gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
-                loss_fn(model(xs).float(), ys).backward()
-                stats[per_example, comm] = (gns.comm_hook, gns.step().as_dict())
-        torch.save(stats, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    make, data, loss_fn = MODELS["mlp"]
+    x, y = data(torch.Generator().manual_seed(1), 16)
+    xs, ys = x.chunk(world)[rank].half(), y.chunk(world)[rank]
+    stats = {}
+    for per_example in (True, False):
+        for comm in (True, False):
+            torch.manual_seed(0)
+            model = DDP(make().half())
+            gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
+            loss_fn(model(xs).float(), ys).backward()
+            stats[per_example, comm] = (gns.comm_hook, gns.step().as_dict())
+    return stats
 
 
-def test_ddp_half_precision_buckets_send_the_sums_on_their_own(tmp_path):
+def test_ddp_half_precision_buckets_send_the_sums_on_their_own(ddp_out):
     """fp16 parameters give fp16 buckets, which would round the sums: the hook all-reduces them in float32
     on their own, and both ranks get what the separate all-reduce in step() gives. By ranks, the fp16
     bucket's norm (in float32) equals the micro-batch hooks' on each rank's one micro-batch."""
-    mp.start_processes(_half_bucket_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    r0, r1 = (torch.load(f"{ddp_out}.half.{r}") for r in (0, 1))
+    assert "error" not in r0 and "error" not in r1, r0.get("error") or r1.get("error")
     for pe, b_small in ((True, 1.0), (False, 8.0)):
         assert r0[pe, True][0] and not r0[pe, False][0]
         for r in (r0, r1):
