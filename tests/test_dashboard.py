@@ -267,6 +267,40 @@ def test_tradeoff_view_recovers_bcrit_and_explains(app, store):
     assert one["fit"] is None or not one["fit"].ok
 
 
+def test_tradeoff_in_tokens_is_the_same_fit_scaled(app, store, tmp_path):
+    """Count: tokens shows the examples fit with every batch size, E_min and B_crit times the sweep's one
+    number of tokens per example (S_min unchanged), in the figures and the sentence too; a sweep where a run
+    counts no tokens, or runs count different numbers, stays in examples and says why."""
+    import shutil
+
+    from dashboard.pages.tradeoff import render, tradeoff_view
+
+    db = tmp_path / "runs.duckdb"
+    shutil.copy(store, db)
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE runs SET tokens_per_step = batch_size * 64")
+    ids = queries.run_table(db)["run_id"].to_list()
+    ex, tok = tradeoff_view(db, ids), tradeoff_view(db, ids, count="tokens")
+    assert ex["fit"].ok and tok["units"] == (64.0, "tokens") and tok["units_note"] is None
+    assert tok["fit"].b_crit == pytest.approx(64 * ex["fit"].b_crit, rel=1e-12)
+    assert tok["fit"].e_min == pytest.approx(64 * ex["fit"].e_min, rel=1e-12)
+    assert tok["fit"].s_min == ex["fit"].s_min and tok["fit"].b_crit_ci[1] == pytest.approx(64 * ex["fit"].b_crit_ci[1])
+    assert tok["b_simple"] == pytest.approx(64 * ex["b_simple"], rel=1e-12)
+    assert tok["frontier"]["layout"]["yaxis"]["title"]["text"] == "tokens to target E"
+    best_ex, best_tok = ex["frontier"]["data"][-3], tok["frontier"]["data"][-3]  # best LR per batch size
+    np.testing.assert_allclose(np.asarray(best_tok["y"]), 64 * np.asarray(best_ex["y"]))
+    np.testing.assert_allclose(np.asarray(tok["vs_batch"]["data"][0]["x"]), 64 * np.asarray(ex["vs_batch"]["data"][0]["x"]))
+    stats, sentence, notes, *_ = render(tok, "sweep", "train_loss")
+    text = json.dumps(sentence.to_plotly_json(), default=str)
+    assert "tokens" in text and "sequences" in text
+    with duckdb.connect(str(db)) as con:  # one run with another context: no single token count
+        con.execute("UPDATE runs SET tokens_per_step = batch_size * 32 WHERE run_id = $id", {"id": ids[0]})
+    mixed = tradeoff_view(db, ids, count="tokens")
+    assert mixed["units"] == (1.0, "examples") and "different numbers of tokens" in mixed["units_note"]
+    assert mixed["fit"].b_crit == pytest.approx(ex["fit"].b_crit, rel=1e-12)
+    assert "different numbers" in json.dumps(render(mixed, "sweep", "train_loss")[2], default=str)
+
+
 def test_noise_generalization_lr_batch_views(app, store):
     from dashboard.pages.generalization import generalization_view
     from dashboard.pages.lr_batch import lr_batch_view

@@ -9,7 +9,7 @@ doubling the batch halves the steps; above it, bigger batches mostly waste examp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,13 @@ class TradeoffFit:
         b = np.exp(np.linspace(lo, hi, n))
         s = self.predict(b)
         return pl.DataFrame({"batch_size": b, "steps": s, "examples": b * s})
+
+    def in_tokens(self, tokens_per_example: float) -> TradeoffFit:
+        """The same fit with examples counted in tokens (every run of the sweep has `tokens_per_example`):
+        batch sizes, E_min and B_crit scale by it, S_min and the fit's quality do not."""
+        c = float(tokens_per_example)
+        return replace(self, b_crit=self.b_crit * c, e_min=self.e_min * c, batch_sizes=self.batch_sizes * c,
+                       b_crit_ci=tuple(x * c for x in self.b_crit_ci), e_min_ci=tuple(x * c for x in self.e_min_ci))
 
     def points(self) -> pl.DataFrame:
         """The fitted points with the model and log residuals."""

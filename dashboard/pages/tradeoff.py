@@ -1,6 +1,8 @@
 """Tradeoff: steps vs examples to a target loss, the fitted frontier S(B) = S_min + E_min/B, the critical
 batch size B_crit = E_min/S_min with its interval, and B_crit against the target next to the measured
-B_simple (McCandlish et al. 2018). All numbers come from dashboard.analysis."""
+B_simple (McCandlish et al. 2018). All numbers come from dashboard.analysis; with "Count: tokens" they are
+the same fit with examples counted in tokens (`TradeoffFit.in_tokens`, for a sweep whose runs share one
+number of tokens per example). Figures: dashboard/tradeoff_figures.py."""
 
 from __future__ import annotations
 
@@ -21,21 +23,13 @@ from dashboard.components import (
     scope_dropdown,
     store_problem,
 )
-from dashboard.theme import (
-    ACCENT,
-    DANGER,
-    MUTED,
-    WARN,
-    arr,
-    batch_color,
-    empty_figure,
-    figure,
-    fmt,
-    hline,
-    note,
-    plural,
-    stat,
-    vline,
+from dashboard.theme import ACCENT, empty_figure, fmt, note, plural, stat
+from dashboard.tradeoff_figures import (
+    EXAMPLES,
+    Units,
+    frontier_figure,
+    steps_vs_batch_figure,
+    vs_target_figure,
 )
 
 register_page(__name__, path="/tradeoff", name="Tradeoff", title="batchscope · tradeoff", order=3)
@@ -50,21 +44,48 @@ def extrapolated(fit) -> bool:
     return fit.ok and not (fit.batch_sizes.min() <= fit.b_crit <= fit.batch_sizes.max())
 
 
-def next_run_sentence(fit, target: float, metric_label: str) -> str:
-    """What B_crit means for the next run, in one sentence (no batch size when B_crit is extrapolated)."""
+def next_run_sentence(fit, target: float, metric_label: str, units: Units = EXAMPLES) -> str:
+    """What B_crit means for the next run, in one sentence (no batch size when B_crit is extrapolated).
+    `fit` is in `units`; the batch size to run is named in examples (sequences) either way."""
+    c, unit = units
     b = fit.b_crit
     if extrapolated(fit):
         side = "above the largest" if b > fit.batch_sizes.max() else "below the smallest"
-        return (f"B_crit ≈ {fmt(b)} for {metric_label} {fmt(target)} lies {side} batch size measured "
+        return (f"B_crit ≈ {fmt(b)}{_in(units)} for {metric_label} {fmt(target)} lies {side} batch size measured "
                 f"({fmt(fit.batch_sizes.min())}–{fmt(fit.batch_sizes.max())}), so it is extrapolated: before choosing "
                 "a batch size from it, sweep batch sizes on both sides of it.")
-    lo = 2 ** math.floor(math.log2(b)) if b >= 1 else b
-    hi = 2 ** math.ceil(math.log2(b)) if b >= 1 else b
+    e = b / c  # in examples: the powers of two a run is configured with
+    lo = 2 ** math.floor(math.log2(e)) if e >= 1 else e
+    hi = 2 ** math.ceil(math.log2(e)) if e >= 1 else e
     pick = f"B = {lo:g}–{hi:g}" if lo != hi else f"B = {lo:g}"
-    return (f"To reach {metric_label} {fmt(target)}, batches up to about B_crit ≈ {fmt(b)} cut the number of steps "
-            f"almost in proportion (near-perfect scaling), while batches well beyond it mostly spend more examples "
+    if c != 1:
+        pick += f" sequences ({fmt(lo * c)}–{fmt(hi * c)} tokens)" if lo != hi else f" sequences ({fmt(lo * c)} tokens)"
+    return (f"To reach {metric_label} {fmt(target)}, batches up to about B_crit ≈ {fmt(b)}{_in(units)} cut the number "
+            f"of steps almost in proportion (near-perfect scaling), while batches well beyond it mostly spend more {unit} "
             f"for few saved steps: for the next run, {pick} costs about 2 × S_min ≈ {fmt(2 * fit.s_min)} steps and "
-            f"2 × E_min ≈ {fmt(2 * fit.e_min)} examples — go larger only if wall-clock time matters more than compute.")
+            f"2 × E_min ≈ {fmt(2 * fit.e_min)} {unit} — go larger only if wall-clock time matters more than compute.")
+
+
+def _in(units: Units) -> str:
+    return "" if units[0] == 1 else f" {units[1]}"
+
+
+def _unit_label(units: Units) -> str:
+    return "" if units[0] == 1 else f" ({units[1]})"
+
+
+def common_tokens(tpe: dict[str, float], run_ids: list[str]) -> tuple[float | None, str | None]:
+    """The one number of tokens per example that every run shares (None, and why, if there is none):
+    a sweep over sequence lengths has no single token count per example to scale its fit by."""
+    without = [r for r in run_ids if r not in tpe]
+    if without:
+        return None, (f"{plural(len(without), 'run')} of {len(run_ids)} count no tokens (runs.tokens_per_step is "
+                      "NULL): shown in examples")
+    values = {round(tpe[r], 9) for r in run_ids}
+    if len(values) > 1:
+        return None, (f"the runs count {len(values)} different numbers of tokens per example (context lengths): "
+                      "a sweep over sequence lengths has no single token count; shown in examples")
+    return float(values.pop()), None
 
 
 def smoothing_text(width: float, metric: str) -> str:
@@ -80,12 +101,13 @@ def smoothing_text(width: float, metric: str) -> str:
 
 @queries.in_session
 def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, metric: str = "train_loss",
-                  smooth: float = 1) -> dict:
+                  smooth: float = 1, count: str = "examples") -> dict:
     """Everything the page shows for a set of runs, a target (None: the default target) and a loss smoothing
-    of `smooth` times the largest batch size, in examples."""
+    of `smooth` times the largest batch size, in examples; `count="tokens"` shows the same fit in tokens
+    when every run shares one number of tokens per example (else in examples, with `units_note` saying why)."""
     out: dict = {"target": None, "range": None, "fit": None, "frontier": empty_figure("No runs."),
                  "vs_batch": empty_figure(""), "vs_target": empty_figure(""), "notes": [], "missed": None,
-                 "width": 0.0, "trend": None}
+                 "width": 0.0, "trend": None, "units": EXAMPLES, "units_note": None}
     if not run_ids:
         return out
     width = sweeps.default_smoothing(db, run_ids, metric, smooth)
@@ -101,141 +123,33 @@ def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, met
     hits = sweeps.hits_for(db, run_ids, (t,), metric, width)
     best = analysis.best_per_batch(hits)
     fit = analysis.fit_tradeoff(best)
+    units = EXAMPLES
+    if count == "tokens":
+        c, out["units_note"] = common_tokens(queries.tokens_per_example(db, run_ids), run_ids)
+        if c is not None:
+            units, fit = (c, "tokens"), fit.in_tokens(c)
+    out["units"] = units
     out["fit"] = fit
     out["hits"] = hits
     out["best"] = best
-    out["b_simple"] = analysis.pooled_b_simple(best.filter(pl.col("reached") & ~pl.col("censored")))
+    out["b_simple"] = units[0] * analysis.pooled_b_simple(best.filter(pl.col("reached") & ~pl.col("censored")))
     missed = hits.filter(~pl.col("reached"))
     if missed.height:
         reasons = missed.with_columns(pl.col("reason").str.replace(r" \(.*", "").str.replace(r":.*", "")).group_by(
             "reason").len()
         out["missed"] = f"{missed.height} of {plural(hits.height, 'run')} have no measured crossing of {fmt(t)}: " + "; ".join(
             f"{r['len']} {r['reason']}" for r in reasons.sort("len", descending=True).to_dicts())
-    out["frontier"] = frontier_figure(hits, best, fit, t, label)
-    out["vs_batch"] = steps_vs_batch_figure(hits, best, fit, t)
+    out["frontier"] = frontier_figure(hits, best, fit, t, label, units)
+    out["vs_batch"] = steps_vs_batch_figure(hits, best, fit, t, units)
     grid = tuple(sweeps.snap(x) for x in sweeps.target_grid(tr))
     vs = sweeps.vs_target(db, run_ids, grid, metric, width)
     ok = vs.filter(pl.col("reason").is_null())
     rho, p = sweeps.trend(ok["target"].to_list(), ok["b_crit"].to_list())
     grows = bool(np.isfinite(rho) and rho < 0 and p < 0.1)
     out["trend"] = (rho, p, grows)
-    out["vs_target"] = vs_target_figure(vs, label, tr.higher_is_better, grows)
+    out["vs_target"] = vs_target_figure(vs, label, tr.higher_is_better, grows, units)
     out["vs_table"] = vs
     return out
-
-
-def _scatter(x, y, **kw) -> dict:
-    return {"type": "scatter", "x": arr(x), "y": arr(y), **kw}
-
-
-def frontier_figure(hits: pl.DataFrame, best: pl.DataFrame, fit, target: float, label: str) -> dict:
-    reached = hits.filter(pl.col("reached") & pl.col("steps").is_finite())
-    if reached.is_empty():
-        return empty_figure(f"No run reached {label} {fmt(target)}: move the target up.")
-    traces, shapes, anns = [], [], []
-    for b, part in sorted(reached.partition_by("batch_size", as_dict=True).items(), key=lambda kv: kv[0][0] or 0):
-        bs = b[0]
-        traces.append(_scatter(
-            part["steps"], part["examples"], mode="markers", name=f"B={bs:g}", showlegend=False,
-            marker={"color": batch_color(bs), "size": 7, "opacity": 0.35},
-            customdata=[[lr, rid] for lr, rid in zip(part["lr"].to_list(), part["run_id"].to_list(), strict=True)],
-            hovertemplate=f"B={bs:g}, lr=%{{customdata[0]:.3g}}<br>S=%{{x:,.0f}} steps<br>E=%{{y:,.0f}} examples"
-                          "<extra>%{customdata[1]}</extra>",
-        ))
-    bb = best.filter(pl.col("reached"))
-    traces.append(_scatter(
-        bb["steps"], bb["examples"], mode="markers", name="best LR per batch size",
-        marker={"color": [batch_color(b) for b in bb["batch_size"]], "size": 13, "line": {"color": "white", "width": 1.5}},
-        customdata=[[b, lr] for b, lr in zip(bb["batch_size"].to_list(), bb["lr"].to_list(), strict=True)],
-        hovertemplate="B=%{customdata[0]:g} (best lr %{customdata[1]:.3g})<br>S=%{x:,.0f}<br>E=%{y:,.0f}<extra></extra>",
-    ))
-    if fit.ok:
-        fr = fit.frontier(200)
-        traces.append(_scatter(fr["steps"], fr["examples"], mode="lines", name="fitted frontier",
-                               line={"color": ACCENT, "width": 2.5}, hoverinfo="skip"))
-        for shape, ann in (vline(fit.s_min, MUTED, "S_min", "dot", log=True), hline(fit.e_min, MUTED, "E_min", log=True)):
-            shapes.append(shape)
-            anns.append(ann)
-        traces.append(_scatter([2 * fit.s_min], [2 * fit.e_min], mode="markers+text", name="B = B_crit",
-                               text=[f"  B_crit ≈ {fmt(fit.b_crit)}"], textposition="middle right",
-                               marker={"symbol": "star", "size": 16, "color": DANGER},
-                               hovertemplate="B_crit: S = 2 S_min, E = 2 E_min<extra></extra>"))
-    return figure(traces, f"Examples vs steps to reach {label} {fmt(target)}", height=470,
-                  xaxis={"type": "log", "title": {"text": "steps to target S"}},
-                  yaxis={"type": "log", "title": {"text": "examples to target E"}},
-                  shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.2})
-
-
-def steps_vs_batch_figure(hits: pl.DataFrame, best: pl.DataFrame, fit, target: float) -> dict:
-    reached = hits.filter(pl.col("reached") & pl.col("steps").is_finite())
-    if reached.is_empty():
-        return empty_figure("")
-    traces, shapes, anns = [], [], []
-    traces.append(_scatter(
-        reached["batch_size"], reached["steps"], mode="markers", name="every run",
-        marker={"color": [batch_color(b) for b in reached["batch_size"]], "size": 6, "opacity": 0.35},
-        customdata=arr(reached["lr"]), hovertemplate="B=%{x:g}, lr=%{customdata:.3g}<br>S=%{y:,.0f}<extra></extra>",
-    ))
-    bb = best.filter(pl.col("reached"))
-    traces.append(_scatter(
-        bb["batch_size"], bb["steps"], mode="markers", name="best LR",
-        marker={"color": [batch_color(b) for b in bb["batch_size"]], "size": 12, "line": {"color": "white", "width": 1.5}},
-        hovertemplate="B=%{x:g}<br>S=%{y:,.0f}<extra>best LR</extra>",
-    ))
-    if fit.ok:
-        fr = fit.frontier(200)
-        traces.append(_scatter(fr["batch_size"], fr["steps"], mode="lines", name="S_min + E_min / B",
-                               line={"color": ACCENT, "width": 2.5}, hoverinfo="skip"))
-        shape, ann = vline(fit.b_crit, DANGER, "B_crit", log=True)
-        shapes.append(shape)
-        anns.append(ann)
-        lo, hi = fit.b_crit_ci
-        if np.isfinite(lo) and np.isfinite(hi) and lo > 0:
-            shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": lo, "x1": hi,
-                           "y0": 0, "y1": 1,
-                           "fillcolor": DANGER, "opacity": 0.08, "line": {"width": 0}})
-    return figure(traces, "Steps to target vs batch size", height=470,
-                  xaxis={"type": "log", "title": {"text": "batch size B"}},
-                  yaxis={"type": "log", "title": {"text": "steps to target S"}},
-                  shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.2})
-
-
-def vs_target_figure(vs: pl.DataFrame, label: str, higher: bool, grows: bool = True) -> dict:
-    """B_crit and B_simple against the target: a line only when B_crit does grow as the target falls."""
-    ok = vs.filter(pl.col("reason").is_null() & pl.col("b_crit").is_finite())
-    traces = []
-    if ok.height:
-        bc, blo, bhi = (ok[c].to_numpy().astype(float) for c in ("b_crit", "b_crit_lo", "b_crit_hi"))
-        lo = np.where(np.isfinite(blo), bc - blo, np.nan)
-        hi = np.where(np.isfinite(bhi), bhi - bc, np.nan)
-        traces.append(_scatter(ok["target"], ok["b_crit"], mode="lines+markers" if grows else "markers",
-                               name="B_crit (fit, 90% CI)",
-                               line={"color": ACCENT, "width": 2.2}, marker={"size": 8},
-                               error_y={"type": "data", "symmetric": False, "array": arr(hi), "arrayminus": arr(lo),
-                                        "color": ACCENT, "thickness": 1.2},
-                               hovertemplate="target %{x:.3g}<br>B_crit %{y:.3g}<extra></extra>"))
-    ns = vs.filter(pl.col("b_simple").is_finite() & (pl.col("b_simple") > 0))
-    if ns.height:
-        q = ns.filter(pl.col("b_simple_q25").is_finite() & pl.col("b_simple_q75").is_finite())
-        if q.height:
-            t = q["target"].to_list()
-            traces.append(_scatter(t + t[::-1], q["b_simple_q75"].to_list() + q["b_simple_q25"].to_list()[::-1],
-                                   fill="toself", fillcolor="rgba(232,89,12,0.10)", line={"width": 0},
-                                   name="B_simple across best runs (IQR)", hoverinfo="skip"))
-        traces.append(_scatter(ns["target"], ns["b_simple"], mode="lines+markers",
-                               name="B_simple measured at the crossing (best runs, pooled)",
-                               line={"color": WARN, "width": 2.2, "dash": "dash"}, marker={"size": 7, "symbol": "diamond"},
-                               hovertemplate="target %{x:.3g}<br>B_simple %{y:.3g}<extra></extra>"))
-    if not traces:
-        reasons = vs["reason"].drop_nulls().unique().to_list()
-        return empty_figure("No target has a fit" + (f": {reasons[0]}" if reasons else "."))
-    title = (f"B_crit and B_simple as the {label} target falls" if grows
-             else f"B_crit per {label} target (no trend with the target on these runs)")
-    return figure(traces, title, height=430,
-                  xaxis={"title": {"text": f"target {label}"}, "type": "linear" if higher else "log",
-                         "autorange": True if higher else "reversed"},
-                  yaxis={"title": {"text": "batch size"}, "type": "log"},
-                  legend={"orientation": "h", "y": -0.25})
 
 
 def layout(**_kwargs):
@@ -250,6 +164,10 @@ def layout(**_kwargs):
                  html.Div([html.Label("Metric", className="control-label"),
                            dcc.RadioItems(id="tradeoff-metric", value="train_loss", inline=True, className="radio",
                                           options=[{"label": v, "value": k} for k, v in sweeps.TARGET_METRICS.items()])],
+                          className="control"),
+                 html.Div([html.Label("Count", className="control-label"),
+                           dcc.RadioItems(id="tradeoff-count", value="examples", inline=True, className="radio",
+                                          options=[{"label": v, "value": v} for v in ("examples", "tokens")])],
                           className="control"),
                  html.Div([html.Label("Smooth the loss over", className="control-label"),
                            dcc.RadioItems(id="tradeoff-smooth", value=1, inline=True, className="radio",
@@ -361,11 +279,12 @@ def tradeoff_slider(scope, metric, smooth, selected):
     Input("tradeoff-target", "value"),
     Input("store-version", "data"),
     Input("tradeoff-smooth", "value"),
+    Input("tradeoff-count", "value"),
     State("tradeoff-scope", "value"),
     State("tradeoff-metric", "value"),
     State("selected-runs", "data"),
 )
-def update_tradeoff(slider, _version, smooth, scope, metric, selected):
+def update_tradeoff(slider, _version, smooth, count, scope, metric, selected):
     db = queries.current_db()
     problem = store_problem(db)
     blank = empty_figure("")
@@ -377,7 +296,7 @@ def update_tradeoff(slider, _version, smooth, scope, metric, selected):
     target = None
     if slider is not None:
         target = 10 ** slider
-    view = tradeoff_view(db, ids, target, metric, _factor(smooth))
+    view = tradeoff_view(db, ids, target, metric, _factor(smooth), count or "examples")
     return render(view, scope_label, metric)
 
 
@@ -393,17 +312,18 @@ def render(view: dict, scope_label: str, metric: str):
     if fit is None:
         return [], None, None, view["frontier"], view["vs_batch"], view["vs_target"], text, None
     bs = view.get("b_simple", float("nan"))
-    b_simple = stat("B_simple at the target", fmt(bs) if np.isfinite(bs) and bs > 0 else "—",
+    units = view.get("units", EXAMPLES)
+    b_simple = stat("B_simple at the target" + _unit_label(units), fmt(bs) if np.isfinite(bs) and bs > 0 else "—",
                     "pooled over the best runs, within ×1.1 of their crossing step", id="tradeoff-bsimple", exact=bs)
     if fit.ok:
         stats = [
-            stat("B_crit", fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit", exact=fit.b_crit),
+            stat("B_crit" + _unit_label(units), fmt(fit.b_crit), _ci(*fit.b_crit_ci), id="tradeoff-bcrit", exact=fit.b_crit),
             stat("S_min", fmt(fit.s_min), _ci(*fit.s_min_ci)),
-            stat("E_min", fmt(fit.e_min), _ci(*fit.e_min_ci)),
+            stat("E_min" + _unit_label(units), fmt(fit.e_min), _ci(*fit.e_min_ci)),
             stat("Fit", f"R² {fit.r2:.3f}", f"{plural(fit.n_points, 'batch size')} · rms log-residual {fit.rmse_log:.3f}"),
             b_simple,
         ]
-        sentence = note(html.P(next_run_sentence(fit, t, label), className="takeaway"),
+        sentence = note(html.P(next_run_sentence(fit, t, label, units), className="takeaway"),
                         "warn" if extrapolated(fit) else "ok")
     else:
         stats = [stat("B_crit", "no fit", fit.reason, id="tradeoff-bcrit"), b_simple]
@@ -412,8 +332,10 @@ def render(view: dict, scope_label: str, metric: str):
                     + smoothing_text(view.get("width", 0.0), metric), className="muted small", id="tradeoff-smoothing")]
     if view.get("missed"):
         notes.append(html.P(view["missed"], className="muted small"))
-    for w in fit.warnings:
-        notes.append(note(w, "warn"))
+    if view.get("units_note"):
+        notes.append(note("Tokens: " + view["units_note"] + ".", "info"))
+    for w in fit.warnings:  # worded by the fit (and its SQL twin) in examples
+        notes.append(note(w if units[0] == 1 else f"In examples (sequences): {w}", "warn"))
     trend = view.get("trend")
     if trend is not None and not trend[2]:
         rho = trend[0]
