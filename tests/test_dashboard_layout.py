@@ -337,6 +337,15 @@ def test_every_page_usable_at_both_sizes_and_by_keyboard(server):
         link.click()
         wait_for(lambda: driver.current_url == href, 30, what="run page")
         assert "/run/" in href and "no runs selected" in driver.find_element("css selector", "#selection-badge").text
+        # ... and so does Enter on its focused cell (keyboard users reach cells, not the link inside)
+        driver.back()
+        cell = wait_for(lambda: driver.find_element("css selector", "#runs-grid .ag-cell[col-id='name']"), 30,
+                        what="name cell")
+        target = cell.find_element("css selector", "a.run-link").get_attribute("href")
+        driver.execute_script("arguments[0].focus();", cell)
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        wait_for(lambda: driver.current_url == target, 30, what="run page by Enter")
+        assert "no runs selected" in driver.find_element("css selector", "#selection-badge").text
         for page in PAGES:
             path = page + server.first_run if page == "/run/" else page
             driver.get(server.url + path)
