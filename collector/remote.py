@@ -6,7 +6,7 @@ ships: each sealed segment is sent byte for byte (the Arrow IPC file as it is on
 only once the server has acknowledged it, in spool order; the run row (run.json) goes with the first
 request and whenever it changes, and as a heartbeat when nothing else was sent for a while. Network
 errors and 5xx answers are retried with exponential back-off (tenacity), so a server restart or a cut
-only delays shipping; the server (collector/serve.py) recognises a segment it already has (a lost
+only delays shipping; the server (collector/receiver.py) recognises a segment it already has (a lost
 ack) and acknowledges it again, so nothing is stored twice.
 
 Refused credentials are said once, in one line, and the run goes on spooling locally; `python -m
