@@ -180,9 +180,30 @@ def test_unbiased_in_expectation(name, per_example, k):
 
 # --- DDP: two real gloo processes --------------------------------------------------------------
 
-DDP_CASES = [("mlp", True, 1, True, True), ("mlp", False, 2, True, True), ("cnn", True, 1, True, True),
-             ("transformer", True, 2, True, True), ("mlp", True, 2, False, True), ("mha", True, 1, True, True),
-             ("mlp", False, 2, True, False)]
+# (model, per_example, K, comm_hook, no_sync, buckets): "tiny" buckets (a parameter or two each) viewed
+# by the gradients (gradient_as_bucket_view), after DDP's rebuild on step 2
+DDP_CASES = [("mlp", True, 1, True, True, "one"), ("mlp", False, 2, True, True, "one"), ("cnn", True, 1, True, True, "one"),
+             ("transformer", True, 2, True, True, "one"), ("mlp", True, 2, False, True, "one"),
+             ("mha", True, 1, True, True, "one"), ("mlp", False, 2, True, False, "one"),
+             ("mha", True, 1, True, True, "tiny"), ("mlp", False, 1, True, True, "tiny")]
+TINY = {"bucket_cap_mb": 0.0005, "gradient_as_bucket_view": True}
+
+
+class Sometimes(torch.nn.Module):
+    """Linear a, a bare `scale` (no rule: measured by ranks) and Linear b; with `twice`, a is called twice
+    in one forward, so its per-example rule no longer fits and it falls back part-way through a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(12, 20), torch.nn.Linear(20, 4)
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, 20))
+        self.twice = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.twice:
+            h = torch.tanh(self.a(h[:, :12]))
+        return self.b(h * self.scale)
 
 
 def _ddp_cases(rank: int, world: int, rdzv: str, out: str) -> None:
@@ -195,22 +216,25 @@ def _ddp_cases(rank: int, world: int, rdzv: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
-        for case in [*DDP_CASES, "half"]:
-            path = f"{out}.{'half' if case == 'half' else '-'.join(map(str, case))}.{rank}"
+        special = {"half": _half_case, "sometimes": _sometimes_case, "ignored": _ignored_case}
+        for case in [*DDP_CASES, *special]:
+            path = f"{out}.{case if isinstance(case, str) else '-'.join(map(str, case))}.{rank}"
             try:
-                torch.save(_half_case(rank, world) if case == "half" else _ddp_case(rank, world, *case), path)
+                torch.save(special[case](rank, world) if isinstance(case, str) else _ddp_case(rank, world, *case),
+                           path)
             except Exception:
                 torch.save({"error": traceback.format_exc()}, path)
     finally:
         dist.destroy_process_group()
 
 
-def _ddp_case(rank: int, world: int, name: str, per_example: bool, k: int, comm: bool, no_sync: bool) -> dict:
+def _ddp_case(rank: int, world: int, name: str, per_example: bool, k: int, comm: bool, no_sync: bool,
+              buckets: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     make, data, loss_fn = MODELS[name]
     torch.manual_seed(0)
-    model = DDP(make())
+    model = DDP(make(), **(TINY if buckets == "tiny" else {}))
     x, y = data(torch.Generator().manual_seed(1), 16)
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
     gns = GradientNoise(model, per_example=per_example, comm_hook=comm)
@@ -230,6 +254,114 @@ def _ddp_case(rank: int, world: int, name: str, per_example: bool, k: int, comm:
             "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}
 
 
+def _sometimes_case(rank: int, world: int) -> dict:
+    """Sometimes under DDP, by ranks whatever K (accumulation=False): 2 micro-batches under no_sync, `a`
+    called twice in the second, the same batch for 2 steps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _, data, loss_fn = MODELS["mlp"]
+    torch.manual_seed(0)
+    model = DDP(Sometimes())
+    x, y = data(torch.Generator().manual_seed(6), 16)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    gns = GradientNoise(model, accumulation=False, warn=False)
+    steps = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        for j, (xk, yk) in enumerate(zip(xs.chunk(2), ys.chunk(2), strict=True)):
+            model.module.twice = j == 1
+            with model.no_sync() if j == 0 else contextlib.nullcontext():
+                (loss_fn(model(xk), yk) / 2).backward()
+        s = gns.step()
+        steps.append({"stats": s.as_dict(), "complete": s.complete, "missing": s.missing,
+                      "per_example": s.per_example, "by_ranks": s.micro_batch, "fallback": gns.fallback})
+    return {"steps": steps}
+
+
+def _ignored_case(rank: int, world: int) -> dict:
+    """The MLP under DDP told to ignore 4.bias (not reduced over the ranks): K = 1, per example and by ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    make, data, loss_fn = MODELS["mlp"]
+    x, y = data(torch.Generator().manual_seed(1), 16)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    out = {}
+    for per_example in (True, False):
+        torch.manual_seed(0)
+        net = make()
+        DDP._set_params_and_buffers_to_ignore_for_model(net, ["4.bias"])
+        model = DDP(net)
+        gns = GradientNoise(model, per_example=per_example)
+        loss_fn(model(xs), ys).backward()
+        s = gns.step()
+        out[per_example] = (s.as_dict(), s.complete, s.per_example + s.micro_batch + s.missing, sorted(gns.covered))
+    return out
+
+
+def test_ddp_parameters_ddp_ignores_are_not_measured(ddp_out):
+    """A parameter DDP ignores is not data-parallel (each rank keeps its own gradient): it is in neither
+    batch, and its layer gets no per-example rule (the rule would count it); both ranks agree."""
+    r0, r1 = (torch.load(f"{ddp_out}.ignored.{r}") for r in (0, 1))
+    assert "error" not in r0 and "error" not in r1, r0.get("error") or r1.get("error")
+    _, _, _, _, g = setup("mlp")
+    model = MODELS["mlp"][0]()
+    keep = torch.cat([torch.full((p.numel(),), n != "4.bias") for n, p in model.named_parameters()])
+    g = g[:, keep]
+    for pe in (True, False):
+        stats, complete, names, covered = r0[pe]
+        assert stats == pytest.approx(r1[pe][0], rel=1e-6) and complete
+        assert "4.bias" not in names and len(names) == 5 and "4" not in covered
+        assert stats["g_big_sq"] == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+    assert r0[False][0]["b_small"] == 8 and r0[False][0]["g_small_sq"] == pytest.approx(_small(g, 8), rel=RTOL)
+    w = torch.cat([torch.full((p.numel(),), n.startswith("4.")) for n, p in model.named_parameters() if n != "4.bias"])
+    assert r0[True][0]["g_small_sq"] == pytest.approx(_mixed(g[:, ~w], g[:, w], 8), rel=1e-4)
+
+
+def test_sparse_gradients_are_refused_at_once():
+    from torch import nn
+
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="sparse gradients are not supported.*'0'"):
+        GradientNoise(model)
+    GradientNoise(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))).close()
+
+
+def test_ddp_a_layer_that_falls_back_part_way_through_a_step(ddp_out):
+    """Under the comm hook, a layer that stops fitting in micro-batch 2 is missing from that step (its
+    local gradient is in the buckets, its per-example terms only half there): neither block counts it, and
+    the rank block of `scale` stays exact. From the next step it is measured by ranks with `scale`."""
+    r0, r1 = (torch.load(f"{ddp_out}.sometimes.{r}") for r in (0, 1))
+    assert "error" not in r0 and "error" not in r1, r0.get("error") or r1.get("error")
+    _, data, loss_fn = MODELS["mlp"]
+    torch.manual_seed(0)
+    model = Sometimes()
+    x, y = data(torch.Generator().manual_seed(6), 16)
+    parts = []
+    for j, (xk, yk) in enumerate(zip(x.chunk(4), y.chunk(4), strict=True)):  # rank r's micro-batch j % 2
+        model.twice = j % 2 == 1
+        parts.append(per_example_grads(model, loss_fn, xk, yk))
+    g = torch.cat(parts)
+    col = {n: torch.full((p.numel(),), True) for n, p in model.named_parameters()}
+
+    def cols(keep) -> torch.Tensor:
+        return torch.cat([c if n in keep else ~c for n, c in col.items()])
+
+    s1, s2 = r0["steps"]
+    assert not s1["complete"] and set(s1["missing"]) == {"a.weight", "a.bias"}
+    assert set(s1["per_example"]) == {"b.weight", "b.bias"} and s1["by_ranks"] == ("scale",)
+    pe, rk = cols({"b.weight", "b.bias"}), cols({"scale"})
+    assert s1["stats"]["b_small"] == 1.0
+    assert s1["stats"]["g_small_sq"] == pytest.approx(_mixed(g[:, pe], g[:, rk], 8), rel=1e-4)
+    assert s1["stats"]["g_big_sq"] == pytest.approx(float(g[:, pe | rk].mean(0).square().sum()), rel=1e-4)
+    assert s2["complete"] and set(s2["by_ranks"]) == {"a.weight", "a.bias", "scale"}
+    assert set(s1["fallback"]) == set(s2["fallback"]) == {"a.weight", "a.bias", "scale"}
+    rk2 = cols({"a.weight", "a.bias", "scale"})
+    assert s2["stats"]["g_small_sq"] == pytest.approx(_mixed(g[:, pe], g[:, rk2], 8), rel=1e-4)
+    assert s2["stats"]["g_big_sq"] == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+    for a, b in zip(r0["steps"], r1["steps"], strict=True):
+        assert a["stats"] == pytest.approx(b["stats"], rel=1e-6)
+
+
 def _small(g: torch.Tensor, b: int) -> float:
     """mean over the batches of b examples of |their mean gradient|^2."""
     return float(np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(len(g) // b)]))
@@ -243,8 +375,19 @@ def ddp_out(tmp_path_factory) -> str:
     return str(tmp / "out")
 
 
-@pytest.mark.parametrize(("name", "per_example", "k", "comm", "no_sync"), DDP_CASES)
-def test_ddp_two_gloo_processes(ddp_out, name, per_example, k, comm, no_sync):
+def _mixed(g_pe: torch.Tensor, g_rk: torch.Tensor, b_rk: int) -> float:
+    """The per-example-equivalent g_small_sq (b_small = 1) of a per-example block and a rank block
+    (b_small = b_rk): their unbiased |G|^2 and tr(Sigma) add up."""
+    n = len(g_pe)
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    rk_small, rk_big = _small(g_rk, b_rk), float(g_rk.mean(0).square().sum())
+    g_sq = (n * pe_big - pe_small) / (n - 1) + (n * rk_big - b_rk * rk_small) / (n - b_rk)
+    tr = (pe_small - pe_big) / (1 - 1 / n) + (rk_small - rk_big) / (1 / b_rk - 1 / n)
+    return g_sq + tr
+
+
+@pytest.mark.parametrize(("name", "per_example", "k", "comm", "no_sync", "buckets"), DDP_CASES)
+def test_ddp_two_gloo_processes(ddp_out, name, per_example, k, comm, no_sync, buckets):
     """Each rank's local gradient (or its micro-batches, or its examples) is the small batch, the
     all-reduced one the big batch; both ranks report the same ingredients, whether the sums travel behind
     the gradients (GradientNoise's DDP communication hook) or in an all-reduce of their own.
@@ -252,23 +395,19 @@ def test_ddp_two_gloo_processes(ddp_out, name, per_example, k, comm, no_sync):
     Under the comm hook, parameters without a per-example rule are measured by ranks from the buckets
     (b_small = the rank's 8 examples; for nn.MultiheadAttention's, only their views in a bucket), until a
     step with 2 micro-batches switches them to micro-batch hooks (b_small = 8 / k). A loop that syncs every
-    micro-batch (no no_sync) voids the buckets' step, with a warning, and is measured by micro-batches after."""
+    micro-batch (no no_sync) voids the buckets' step, with a warning, and is measured by micro-batches after.
+    Tiny buckets: the rank block is summed over several buckets, before and after DDP rebuilds them."""
     _, _, _, _, g = setup(name)
-    case = "-".join(map(str, (name, per_example, k, comm, no_sync)))
+    case = "-".join(map(str, (name, per_example, k, comm, no_sync, buckets)))
     r0, r1 = (torch.load(f"{ddp_out}.{case}.{r}") for r in (0, 1))
     assert "error" not in r0 and "error" not in r1, r0.get("error") or r1.get("error")
     assert r0["hook"] == r1["hook"] == comm
-    n, big = len(g), float(g.mean(0).square().sum())
+    big = float(g.mean(0).square().sum())
     assert float(r0["grad"].double().square().sum()) == pytest.approx(big, rel=1e-4)
     if per_example and name == "mha":  # per-example blocks plus the rank block of the mha parameters
         model = MODELS[name][0]()
         cols = torch.cat([torch.full((p.numel(),), nm.startswith("mha.")) for nm, p in model.named_parameters()])
-        g_pe, g_rk = g[:, ~cols], g[:, cols]
-        pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
-        rk_small, rk_big = _small(g_rk, 8), float(g_rk.mean(0).square().sum())
-        g_sq = (n * pe_big - pe_small) / (n - 1) + (n * rk_big - 8 * rk_small) / (n - 8)
-        tr = (pe_small - pe_big) / (1 - 1 / n) + (rk_small - rk_big) / (1 / 8 - 1 / n)
-        want = [(1.0, g_sq + tr)] * 2
+        want = [(1.0, _mixed(g[:, ~cols], g[:, cols], 8))] * 2
     elif per_example:
         want = [(1.0, float(g.square().sum(1).mean()))] * 2
     elif no_sync:

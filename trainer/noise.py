@@ -46,41 +46,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.noise_comm import make_hook
-from trainer.noise_stats import NoiseStats, _sq_norm, _weighted, weighted_sum
+from trainer.noise_comm import make_hook, reduced_means
+from trainer.noise_stats import NoiseStats, _sq_norm, _Step, _weighted
 from trainer.per_example import Rule, fits_for, rule_for
 
 __all__ = ["GradientNoise", "NoiseStats"]
-
-
-class _Step:
-    """What the hooks collected since the last `step()`: plain lists, cleared in place (no per-step
-    allocation beyond the tensors themselves)."""
-
-    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "rk", "lost",
-                 "comm", "synced", "rk_void")
-
-    def __init__(self) -> None:
-        self.sizes: list[int] = []  # examples per micro-batch
-        self.calls: dict[int, int] = {}  # covered module id -> calls in this forward
-        self.pe: list[torch.Tensor] = []  # sum_i |contribution_i|^2 of a layer in one micro-batch
-        self.pe_micro: list[int] = []  # ... and that micro-batch (counted from 1)
-        self.pe_mod: list[int] = []  # ... and that layer (module id)
-        self.mb: list[torch.Tensor] = []  # |h_k| of one parameter in one micro-batch (a norm, not squared)
-        self.mb_micro: list[int] = []
-        self.rk: list[torch.Tensor] = []  # this rank's |local gradient|^2 of the un-ruled parameters, per DDP bucket
-        self.lost: set[int] = set()  # parameters that left the per-example method part-way through the step
-        self.clear()
-
-    def clear(self) -> None:
-        self.micro = 0  # forward passes with grad enabled (= micro-batches)
-        self.comm = None  # the sums' all-reduce, launched by the DDP communication hook (noise_comm.py)
-        self.synced = False  # DDP all-reduced this step's gradients (its last bucket went)
-        self.rk_void = False  # ... more than once: the buckets held reduced + local gradients, not local ones
-        self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
-        for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro, self.rk,
-                  self.lost):
-            c.clear()
 
 
 _grad_enabled, _func_stack = torch.is_grad_enabled, torch._C._functorch.peek_interpreter_stack
@@ -107,7 +77,8 @@ class GradientNoise:
     accumulation: whether steps accumulate 2+ micro-batches. Under that comm hook, parameters without a
     per-example rule are measured by ranks (each rank's local gradient, read off DDP's buckets: no hook
     per parameter) unless True (micro-batch hooks: more small batches). None: by ranks until a step shows
-    2+ micro-batches, by micro-batches from the next step on.
+    2+ micro-batches, by micro-batches from the next step on; False: by ranks whatever K (a loop that lets
+    DDP all-reduce every micro-batch still moves to hooks: its buckets do not hold local gradients).
 
     Cost, per step: one forward hook and one gradient pre-hook per covered layer, whose rule costs a few
     fused reductions (the Gram form of sequence layers a batched matmul); one tensor hook per other
@@ -126,9 +97,16 @@ class GradientNoise:
         self.active = True
         self._cur, self._spare = _Step(), _Step()
         self._handles: list = []
-        self._warned: set[str] = set() if warn else {"missing"}
+        self._warned: set[str] = set() if warn else {"missing", "resync"}
         self._plans: dict = {}
-        params = {id(p): (n, p) for n, p in self.module.named_parameters() if p.requires_grad}
+        sparse = [n for n, m in self.module.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
+        if sparse:  # |g_big|^2 and the hooks' norms are dense reductions; refused here, not mid-backward
+            raise ValueError(f"GradientNoise: sparse gradients are not supported ({sparse[0]!r} has sparse=True); "
+                             "use sparse=False")
+        # parameters DDP was told to ignore are not reduced over the ranks: not data-parallel, not measured
+        ignored = set(getattr(model, "parameters_to_ignore", ()) or ()) if self.ddp else set()
+        params = {id(p): (n, p) for n, p in self.module.named_parameters() if p.requires_grad and n not in ignored}
         self._names = {pid: n for pid, (n, _) in params.items()}
         self._by_id = {pid: p for pid, (_, p) in params.items()}
         self.covered: dict[str, str] = {}  # module name -> layer type, for the docs and the user
@@ -143,7 +121,8 @@ class GradientNoise:
             for name, m in self.module.named_modules():
                 rule = rule_for(m, sketch)
                 own = [id(p) for p in m.parameters(recurse=False) if p.requires_grad]
-                if rule is None or not own or name.startswith(skip) or any(owners[i] > 1 for i in own):
+                if (rule is None or not own or name.startswith(skip) or any(owners[i] > 1 for i in own)
+                        or any(i not in params for i in own)):
                     continue
                 self.covered[name] = type(m).__name__
                 self._module_params[id(m)] = own
@@ -153,12 +132,13 @@ class GradientNoise:
         self._pe_ids = {i for own in self._module_params.values() for i in own}  # measured per example
         self._mb_ids: set[int] = set()  # measured by micro-batches (a tensor hook on the parameter)
         self._rk_ids: set[int] = set()  # measured by ranks, from DDP's buckets (no hook on the parameter)
+        self._rk_next: set[int] = set()  # fell back part-way through this step: join _rk_ids after it
         self.bucket_plans: dict = {}  # noise_comm.py's per-bucket choice of _rk_ids' gradients
         self.comm_hook = bool(comm_hook and self.ddp and self.world > 1 and not getattr(model, "_comm_hooks", None))
         # Under our comm hook the un-ruled parameters' small batch is each rank's local gradient, read off
         # the bucket before its all-reduce: no hook per parameter. A step with 2+ micro-batches switches
         # them to micro-batch hooks (more small batches) from the next step on (`_unbucket`).
-        self._by_bucket = self.comm_hook and not accumulation
+        self._by_bucket, self._switch = self.comm_hook and not accumulation, accumulation is None
         for pid in params:
             if pid not in self._pe_ids:
                 self._hook_param(pid)
@@ -174,8 +154,9 @@ class GradientNoise:
 
     @property
     def fallback(self) -> tuple[str, ...]:
-        """Parameters measured by micro-batches: no rule, or their layer fell back at run time."""
-        return tuple(self._names[i] for i in self._by_id if i in self._mb_ids)
+        """Parameters measured by micro-batches or ranks: no rule, or their layer fell back at run time."""
+        other = self._mb_ids | self._rk_ids | self._rk_next
+        return tuple(self._names[i] for i in self._by_id if i in other)
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -240,12 +221,16 @@ class GradientNoise:
         """From now on measure this layer's parameters by micro-batches (sticky). Hooked during the
         step's first forward, they are measured this step too; later, this step has no small batch for them."""
         own = self._module_params.pop(mid)
+        lost = lost or cur.micro > 1 or mid in cur.pe_mod
         for pid in own:
             self._pe_ids.discard(pid)
-            self._hook_param(pid)
+            if lost and self._by_bucket:  # this step's buckets hold its gradient but not its g_big: next step
+                self._rk_next.add(pid)
+            else:
+                self._hook_param(pid)
         self.covered.pop(self._module_names.pop(mid), None)
         self._plans.clear()
-        if lost or cur.micro > 1 or mid in cur.pe_mod:
+        if lost:
             cur.lost.update(own)
             keep = [j for j, m in enumerate(cur.pe_mod) if m != mid]  # its terms so far leave the sum too
             if len(keep) < len(cur.pe_mod):
@@ -285,7 +270,18 @@ class GradientNoise:
 
     def reset(self) -> None:
         """Forget what was collected (e.g. after a skipped, non-finite step)."""
+        self._between_steps(self._cur)
         self._cur.clear()
+
+    def _between_steps(self, cur: _Step) -> None:
+        """What changes only from one step to the next: layers that fell back part-way through `cur` join
+        the ranks' block; a step with 2+ micro-batches (unless accumulation=False), or whose buckets were
+        voided, moves that block to micro-batch hooks."""
+        for pid in self._rk_next:
+            self._hook_param(pid)
+        self._rk_next.clear()
+        if self._by_bucket and ((cur.micro > 1 and self._switch) or cur.rk_void):
+            self._unbucket()
 
     def step(self, loss_scale: float | Sequence[float] | None = None, micro_batches: int | None = None,
              examples: int | None = None) -> NoiseStats:
@@ -301,8 +297,7 @@ class GradientNoise:
         try:
             return self._stats(cur, loss_scale, micro_batches, examples)
         finally:
-            if self._by_bucket and (cur.micro > 1 or cur.rk_void):
-                self._unbucket()
+            self._between_steps(cur)
             cur.clear()
 
     def _unbucket(self) -> None:
@@ -347,7 +342,7 @@ class GradientNoise:
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
         if cur.comm is not None:  # reduced over the ranks behind the gradients (noise_comm.py)
-            sums = self._reduced(cur.comm, sizes, scales, b_big, k, bool(pe_params), bool(mb_params),
+            sums = reduced_means(cur.comm, sizes, scales, b_big, k, self.world, bool(pe_params), bool(mb_params),
                                  bool(rk_params))
         else:
             sums = []
@@ -392,24 +387,6 @@ class GradientNoise:
             g_small, g_big = g_sq + tr / b_small, sum(gb for _, _, gb in blocks)
         return NoiseStats(g_small, float(b_small), g_big, b_big, not missing, *names, micro_batches=k,
                           examples=int(b_big))
-
-    def _reduced(self, pending, sizes: list[float], scales: list[float], b_big: float, k: int, pe: bool,
-                 mb: bool, rk: bool) -> list:
-        """The means from the ranks' per-micro-batch raw sums (noise_comm.py): the same weights as the
-        direct path; the local sizes were applied on each rank unless the forward could not count them. The
-        ranks' local |gradient|^2 comes back as their mean, still in the loss's scale."""
-        rows, rk_sum = pending.result()
-        n = rows.shape[1]
-        sc = [scales[min(m, len(scales) - 1)] for m in range(n)]
-        sz = [1.0 if pending.sized else float(sizes[min(m, len(sizes) - 1)]) ** 2 for m in range(n)]
-        out = []
-        if pe:
-            out.append(weighted_sum(rows[0], [z / (s * s * b_big) for s, z in zip(sc, sz, strict=True)]))
-        if mb:
-            out.append(weighted_sum(rows[1], [1.0 / (s * s * k * self.world) for s in sc]))
-        if rk:
-            out.append(rk_sum / self.world)
-        return out
 
     def _plan(self, mb_small: bool, lost: set[int]) -> tuple:
         """Which parameters each method covers for a given set of gradients (cached: the same every step)."""

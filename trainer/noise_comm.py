@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer.noise_stats import weighted_sum
+
 
 class PendingSums:
     """The per-micro-batch sums of one step, in flight (or reduced) over the process group."""
@@ -139,3 +141,22 @@ def make_hook(noise):
         return fut
 
     return hook
+
+
+def reduced_means(pending: PendingSums, sizes: list[float], scales: list[float], b_big: float, k: int, world: int,
+                  pe: bool, mb: bool, rk: bool) -> list[torch.Tensor]:
+    """The means from the ranks' per-micro-batch raw sums: the same weights as GradientNoise's direct path;
+    the local sizes were applied on each rank unless the forward could not count them. The ranks' local
+    |gradient|^2 comes back as their mean, still in the loss's scale."""
+    rows, rk_sum = pending.result()
+    n = rows.shape[1]
+    sc = [scales[min(m, len(scales) - 1)] for m in range(n)]
+    sz = [1.0 if pending.sized else float(sizes[min(m, len(sizes) - 1)]) ** 2 for m in range(n)]
+    out = []
+    if pe:
+        out.append(weighted_sum(rows[0], [z / (s * s * b_big) for s, z in zip(sc, sz, strict=True)]))
+    if mb:
+        out.append(weighted_sum(rows[1], [1.0 / (s * s * k * world) for s in sc]))
+    if rk:
+        out.append(rk_sum / world)
+    return out

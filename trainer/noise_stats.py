@@ -1,6 +1,7 @@
-"""One optimizer step's noise ingredients (`NoiseStats`) and the reductions GradientNoise forms them with.
+"""One optimizer step's noise ingredients (`NoiseStats`), what GradientNoise's hooks collect for it
+(`_Step`), and the reductions that form the one from the other.
 
-Kept apart from trainer/noise.py's hooks: pure tensor arithmetic over what the hooks collected.
+Kept apart from trainer/noise.py's hooks: plain state and pure tensor arithmetic.
 """
 
 from __future__ import annotations
@@ -89,3 +90,33 @@ def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
         norms = norms.float()
     sq = torch.dot(norms, norms)
     return sq if scale == 1.0 else sq.mul_(scale)
+
+
+class _Step:
+    """What the hooks collected since the last `step()`: plain lists, cleared in place (no per-step
+    allocation beyond the tensors themselves)."""
+
+    __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "rk", "lost",
+                 "comm", "synced", "rk_void")
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []  # examples per micro-batch
+        self.calls: dict[int, int] = {}  # covered module id -> calls in this forward
+        self.pe: list[torch.Tensor] = []  # sum_i |contribution_i|^2 of a layer in one micro-batch
+        self.pe_micro: list[int] = []  # ... and that micro-batch (counted from 1)
+        self.pe_mod: list[int] = []  # ... and that layer (module id)
+        self.mb: list[torch.Tensor] = []  # |h_k| of one parameter in one micro-batch (a norm, not squared)
+        self.mb_micro: list[int] = []
+        self.rk: list[torch.Tensor] = []  # this rank's |local gradient|^2 of un-ruled parameters, per DDP bucket
+        self.lost: set[int] = set()  # parameters that left the per-example method part-way through the step
+        self.clear()
+
+    def clear(self) -> None:
+        self.micro = 0  # forward passes with grad enabled (= micro-batches)
+        self.comm = None  # the sums' all-reduce, launched by the DDP communication hook (noise_comm.py)
+        self.synced = False  # DDP all-reduced this step's gradients (its last bucket went)
+        self.rk_void = False  # ... more than once: the buckets held reduced + local gradients, not local ones
+        self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
+        for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro, self.rk,
+                  self.lost):
+            c.clear()

@@ -49,7 +49,7 @@ def compute_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: tor
     if noise is None and n_micro > 1:
         noise = _MICRO.get(model)
         if noise is None:
-            noise = _MICRO[model] = GradientNoise(model, per_example=False)
+            noise = _MICRO[model] = GradientNoise(model, per_example=False, accumulation=True)
     measure = noise is not None and noise.active
     if n_micro <= 1:
         loss = loss_fn(model(x), y)
