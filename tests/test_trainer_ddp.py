@@ -58,8 +58,10 @@ def pair(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """The same configurations as 2 DDP ranks and as one process, in one store."""
     db = tmp_path_factory.mktemp("ddp") / "runs.duckdb"
     micro = ("--gns-method", "micro-batch")  # 2 ranks x --accum 2 run the micro-batches of 8 of one at --accum 4
+    adamw = ("--batch", "32", "--optimizer", "adamw", "--lr", "0.003")  # 2 ranks of 16 = one process's 2-way split
     configs = {"pe-2": ("--batch", "32"), "pe-1": ("--batch", "32"),
-               "accum-2": ("--batch", "32", "--accum", "2", *micro), "accum-1": ("--batch", "32", "--accum", "4", *micro)}
+               "accum-2": ("--batch", "32", "--accum", "2", *micro), "accum-1": ("--batch", "32", "--accum", "4", *micro),
+               "adamw-2": adamw, "adamw-1": adamw}
     names = {}
     for name, args in configs.items():
         if name.endswith("-1"):  # one process: in this one (a process start is most of a 60-step run)
@@ -78,6 +80,7 @@ def test_a_ddp_run_is_one_run_of_the_global_batch_written_by_rank_0(pair):
                      "FROM run_status ORDER BY name")
     assert [(r["name"], r["status"], r["world_size"], r["batch_size"], r["micro_batch_size"], r["accum_steps"])
             for r in rows] == [("accum-1", "finished", 1, 32, 8, 4), ("accum-2", "finished", 2, 32, 8, 2),
+                               ("adamw-1", "finished", 1, 32, 32, 1), ("adamw-2", "finished", 2, 32, 16, 1),
                                ("pe-1", "finished", 1, 32, 32, 1), ("pe-2", "finished", 2, 32, 16, 1)]
     assert {r["rank"] for r in rows} == {0}
     s = steps_of(db, "pe-2")
@@ -117,6 +120,28 @@ def test_the_ddp_noise_scale_matches_the_single_process_estimate(pair, key):
     ok = ~np.isnan(one["b_simple"])
     assert ok.sum() > 40
     np.testing.assert_allclose(two["b_simple"][ok], one["b_simple"][ok], rtol=1e-3)
+
+
+def test_the_ddp_adam_noise_scale_matches_the_single_process_estimate(pair):
+    """The preconditioned ingredients (trainer/adam_noise.py) under DDP: each rank's 16 local examples are
+    one small batch, as the single process's 2-way split of 32 on its measured steps (every 10th, after
+    Adam's warm-up), P from the same optimizer state, |P g_big|^2 from the all-reduced gradient: equal to
+    float rounding on every measured step."""
+    db, _ = pair
+    cols = ("g_small_sq_adam", "b_small_adam", "g_big_sq_adam", "b_big_adam")
+    got = {}
+    for name in ("adamw-2", "adamw-1"):
+        rows = query(db, "SELECT c.step, c.name, c.value FROM scalars c JOIN runs r USING (run_id) "
+                         f"WHERE r.name = '{name}' AND c.name IN {cols} ORDER BY c.step, c.name")
+        got[name] = {(r["step"], r["name"]): r["value"] for r in rows}
+    two, one = got["adamw-2"], got["adamw-1"]
+    assert set(two) == set(one) and {s for s, _ in two} == {10, 20, 30, 40, 50, 60}
+    for key, v in one.items():
+        assert two[key] == pytest.approx(v, rel=1e-4), key
+    assert {v for (_, c), v in two.items() if c == "b_small_adam"} == {16.0}
+    assert {v for (_, c), v in two.items() if c == "b_big_adam"} == {32.0}
+    l2, l1 = steps_of(db, "adamw-2")["loss"], steps_of(db, "adamw-1")["loss"]
+    np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-5)  # the same training
 
 
 def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_synced_step(tmp_path):

@@ -15,7 +15,9 @@ do not carry over (for a sequence layer the weighted norm no longer factors into
 gradient norms), so they come from micro-batches: tensor hooks on the parameters see each micro-batch's
 contribution to the gradient as autograd produces it and keep one weighted dot product, no copy. The
 built-in trainer therefore runs every ADAM_SPLIT_EVERY-th step at --accum 1 as 2 micro-batches, and every
-step with --accum K >= 2.
+step with --accum K >= 2. Under DDP the hooks see each rank's local micro-batches: every rank's are small
+batches (one per rank is enough, so no split), their sums are all-reduced (K + 1 scalars, on measured steps
+only), and `.grad`, already all-reduced, is the big batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.gns import BSimpleEMA
@@ -78,7 +81,10 @@ class AdamNoise:
             stats = an.step(sizes)              # before clipping and opt.step()
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, world: int = 1, group=None):
+        """`model`: the bare module (under DDP its hooks then see the rank's local gradients); `world`: the
+        ranks its gradients are all-reduced over (in `group`)."""
+        self.world, self.group = world, group
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._w: dict[int, torch.Tensor] | None = None
         self._calls: dict[int, list[torch.Tensor]] = {}
@@ -104,20 +110,33 @@ class AdamNoise:
         return self._w is not None
 
     def step(self, sizes: Sequence[int]) -> AdamNoiseStats | None:
-        """The ingredients of the step whose micro-batches had these sizes (loss_k weighted by size/B).
+        """The ingredients of the step whose (this rank's) micro-batches had these sizes (loss_k weighted by
+        size/B, B this rank's examples).
 
         Each hook call k saw w_k g_k with w_k = b_k / B, so |P g_k|^2 = (that sum) / w_k^2. None when
-        inactive, with fewer than 2 micro-batches, or when a parameter saw another number of passes.
+        inactive, with fewer than 2 small batches (micro-batches x ranks), or when a parameter saw another
+        number of passes (on any rank: every rank takes part in the all-reduce either way).
         """
         w, calls = self._w, self._calls
         self._w, self._calls = None, {}
-        if w is None or len(sizes) < 2 or any(len(c) != len(sizes) for c in calls.values()) or not calls:
+        k = len(sizes)
+        if w is None or k * self.world < 2:  # the same on every rank (the optimizer states agree)
             return None
+        ok = bool(calls) and all(len(c) == k for c in calls.values())
         total = float(sum(sizes))
-        per_micro = [sum(c[k] for c in calls.values()) * (total / b) ** 2 for k, b in enumerate(sizes)]
+        if ok:
+            per_micro = torch.stack([sum(c[j] for c in calls.values()) * (total / b) ** 2 for j, b in enumerate(sizes)])
+        else:
+            per_micro = torch.zeros(k, device=self.params[0].device)
+        if self.world > 1:
+            packed = torch.cat([per_micro.float(), torch.tensor([float(ok)], device=per_micro.device)])
+            dist.all_reduce(packed, group=self.group)
+            ok, per_micro = bool(packed[-1].item() == self.world), packed[:-1]
+        if not ok:
+            return None
         big = sum(torch.sum(p.grad.detach().square() * w[id(p)]) for p in self.params if p.grad is not None)
-        b_small = len(sizes) / sum(1.0 / b for b in sizes)
-        return AdamNoiseStats(sum(per_micro) / len(sizes), b_small, big, total)
+        b_small = k / sum(1.0 / b for b in sizes)
+        return AdamNoiseStats(per_micro.sum() / (k * self.world), b_small, big, total * self.world)
 
     def close(self) -> None:
         for h in self._handles:

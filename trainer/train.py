@@ -153,9 +153,10 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
              if p.gns_every > 0 else None)
     # under DDP each rank's gradient is a small batch already: no split
     split = GNS_SPLIT if noise is not None and (noise.fallback or not per_example) and not env.active else 1
-    # Adam: the preconditioned ingredients too, on steps run as micro-batches (trainer/adam_noise.py)
-    # (not under DDP yet: its micro-batch hooks would see local gradients as if they were the batch's)
-    adam = AdamNoise(model) if cfg.optimizer in ("adam", "adamw") and p.gns_every > 0 and not env.active else None
+    # Adam: the preconditioned ingredients too, on steps run as micro-batches (trainer/adam_noise.py);
+    # under DDP every rank's local gradient is a small batch already (its hooks sit on the bare model)
+    adam = (AdamNoise(model, world=env.world) if cfg.optimizer in ("adam", "adamw") and p.gns_every > 0
+            else None)
     adam_log = AdamNoiseLog(p.gns_window)
     probe = CurvatureProbe(task.fixed_sample, task.curvature_examples) if cfg.curvature and env.writes else None
     gns = BSimpleEMA(p.gns_window) if cfg.gns_window else TrackingBSimple(GNS_TARGET_RSE)
@@ -185,7 +186,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
 
             adam_step = (adam is not None and batch >= 2 and (cfg.accum > 1 or (step + 1) % ADAM_SPLIT_EVERY == 0)
                          and adam.begin(opt))
-            n_micro = max(n_micro, 2) if adam_step else n_micro
+            n_micro = max(n_micro, 2) if adam_step and not env.active else n_micro
 
             # forward/backward (as micro-batches when measuring or accumulating), then the update
             x, y = shard(env, *task.next_batch(batch))  # every rank draws the global batch, keeps its slice
@@ -201,7 +202,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
             if not grads.complete:  # a layer fell back at run time (e.g. an input without a batch dim)
                 split = GNS_SPLIT
             if adam_step:
-                adam_log.add(step + 1, examples + batch, adam.step(split_sizes(batch, n_micro)))
+                adam_log.add(step + 1, examples + batch, adam.step(split_sizes(x.shape[0], n_micro)))
             if cfg.clip_grad:  # after measuring: the noise scale is defined on the unclipped gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
