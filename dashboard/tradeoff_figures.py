@@ -103,7 +103,7 @@ def steps_vs_batch_figure(hits: pl.DataFrame, best: pl.DataFrame, fit, target: f
                            "y0": 0, "y1": 1,
                            "fillcolor": DANGER, "opacity": 0.08, "line": {"width": 0}})
     return figure(traces, "Steps to target vs batch size", height=470,
-                  xaxis={"type": "log", "title": {"text": "batch size B" + ("" if c == 1 else f" ({unit})")}},
+                  xaxis={"type": "log", "title": {"text": "batch size B" + ("" if unit == "examples" else f" ({unit})")}},
                   yaxis={"type": "log", "title": {"text": "steps to target S"}},
                   shapes=shapes, annotations=anns, legend={"orientation": "h", "y": -0.2})
 
@@ -145,5 +145,5 @@ def vs_target_figure(vs: pl.DataFrame, label: str, higher: bool, grows: bool = T
     return figure(traces, title, height=430,
                   xaxis={"title": {"text": f"target {label}"}, "type": "linear" if higher else "log",
                          "autorange": True if higher else "reversed"},
-                  yaxis={"title": {"text": "batch size" + ("" if c == 1 else f" ({unit})")}, "type": "log"},
+                  yaxis={"title": {"text": "batch size" + ("" if unit == "examples" else f" ({unit})")}, "type": "log"},
                   legend={"orientation": "h", "y": -0.25})

@@ -330,14 +330,12 @@ class GradientNoise:
             raise ValueError(f"loss_scale has {len(scales)} entries for {k} micro-batches")
         b_big = float(local * self.world)
         mb_small = k > 1 or self.world > 1  # the micro-batch method needs two batch sizes
-        key = (tuple(p.grad is not None for p in self._params), mb_small, frozenset(cur.lost))
+        by_ranks = cur.comm is not None and not cur.rk_void  # this step's buckets showed local gradients
+        key = (tuple(p.grad is not None for p in self._params), mb_small, frozenset(cur.lost), by_ranks)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(mb_small, cur.lost)
+            plan = self._plans[key] = self._plan(mb_small, cur.lost, by_ranks)
         pe_params, mb_params, rk_params, names, missing = plan
-        if rk_params and (cur.comm is None or cur.rk_void):  # no bucket of this step showed a local gradient
-            names = (names[0], names[1][:len(mb_params)], names[2] + names[1][len(mb_params):])
-            missing, rk_params = names[2], []
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
@@ -388,8 +386,9 @@ class GradientNoise:
         return NoiseStats(g_small, float(b_small), g_big, b_big, not missing, *names, micro_batches=k,
                           examples=int(b_big))
 
-    def _plan(self, mb_small: bool, lost: set[int]) -> tuple:
-        """Which parameters each method covers for a given set of gradients (cached: the same every step)."""
+    def _plan(self, mb_small: bool, lost: set[int], by_ranks: bool) -> tuple:
+        """Which parameters each method covers for a given set of gradients (cached: the same every step);
+        without `by_ranks` (no bucket showed a local gradient) those measured by ranks have no small batch."""
         with_grad = [i for i, p in self._by_id.items() if p.grad is not None]
         pe = [i for i in with_grad if i in self._pe_ids]
         mb = [i for i in with_grad if i in self._mb_ids and i not in lost]
@@ -397,6 +396,8 @@ class GradientNoise:
         missing = [i for i in with_grad if i in lost]
         if not mb_small:
             missing, mb = missing + mb, []
+        if not by_ranks:
+            missing, rk = missing + rk, []
         names = tuple(tuple(self._names[i] for i in g) for g in (pe, mb + rk, missing))
         return *([self._by_id[i] for i in g] for g in (pe, mb, rk)), names, names[2]
 

@@ -71,8 +71,10 @@ def raw_sums(cur) -> tuple[torch.Tensor, int, bool]:
     if cur.pe and sized:
         pe = pe * torch.tensor([float(s) ** 2 for s in cur.sizes[:k]], device=pe.device)
     mb = per_micro(cur.mb, cur.mb_micro, k, True, like)
-    rk = (torch.stack(cur.rk).sum() if len(cur.rk) > 1 else cur.rk[0]).reshape(1).float() if cur.rk else \
-        torch.zeros(1, device=pe.device)
+    if not cur.rk:
+        rk = torch.zeros(1, device=pe.device)
+    else:
+        rk = (cur.rk[0] if len(cur.rk) == 1 else torch.stack(cur.rk).sum()).reshape(1).float()
     return torch.cat([pe, mb, rk]), k, sized
 
 

@@ -58,7 +58,7 @@ def next_run_sentence(fit, target: float, metric_label: str, units: Units = EXAM
     lo = 2 ** math.floor(math.log2(e)) if e >= 1 else e
     hi = 2 ** math.ceil(math.log2(e)) if e >= 1 else e
     pick = f"B = {lo:g}–{hi:g}" if lo != hi else f"B = {lo:g}"
-    if c != 1:
+    if unit != "examples":
         pick += f" sequences ({fmt(lo * c)}–{fmt(hi * c)} tokens)" if lo != hi else f" sequences ({fmt(lo * c)} tokens)"
     return (f"To reach {metric_label} {fmt(target)}, batches up to about B_crit ≈ {fmt(b)}{_in(units)} cut the number "
             f"of steps almost in proportion (near-perfect scaling), while batches well beyond it mostly spend more {unit} "
@@ -67,11 +67,11 @@ def next_run_sentence(fit, target: float, metric_label: str, units: Units = EXAM
 
 
 def _in(units: Units) -> str:
-    return "" if units[0] == 1 else f" {units[1]}"
+    return "" if units == EXAMPLES else f" {units[1]}"
 
 
 def _unit_label(units: Units) -> str:
-    return "" if units[0] == 1 else f" ({units[1]})"
+    return "" if units == EXAMPLES else f" ({units[1]})"
 
 
 def common_tokens(tpe: dict[str, float], run_ids: list[str]) -> tuple[float | None, str | None]:
@@ -335,7 +335,7 @@ def render(view: dict, scope_label: str, metric: str):
     if view.get("units_note"):
         notes.append(note("Tokens: " + view["units_note"] + ".", "info"))
     for w in fit.warnings:  # worded by the fit (and its SQL twin) in examples
-        notes.append(note(w if units[0] == 1 else f"In examples (sequences): {w}", "warn"))
+        notes.append(note(w if units == EXAMPLES else f"In examples (sequences): {w}", "warn"))
     trend = view.get("trend")
     if trend is not None and not trend[2]:
         rho = trend[0]
