@@ -345,7 +345,8 @@ def test_every_page_usable_at_both_sizes_and_by_keyboard(server):
         driver.execute_script("arguments[0].focus();", cell)
         ActionChains(driver).send_keys(Keys.ENTER).perform()
         wait_for(lambda: driver.current_url == target, 30, what="run page by Enter")
-        assert "no runs selected" in driver.find_element("css selector", "#selection-badge").text
+        wait_for(lambda: "no runs selected" in driver.find_element("css selector", "#selection-badge").text, 30,
+                 what="the run page's selection badge, selection untouched")
         for page in PAGES:
             path = page + server.first_run if page == "/run/" else page
             driver.get(server.url + path)
