@@ -314,7 +314,9 @@ class GradientNoise:
         k = micro_batches or cur.micro
         if k == 0:
             return NoiseStats(None, None, None, None, complete=False)
-        sizes = cur.sizes[:k] if len(cur.sizes) >= k and all(cur.sizes[:k]) else None
+        sizes = cur.sizes[:k]
+        if len(sizes) < k or not all(sizes):
+            sizes = None
         local = examples or (sum(sizes) if sizes else None)
         if local is None:
             raise ValueError("GradientNoise.step() could not tell the batch size: pass examples=")
@@ -331,7 +333,7 @@ class GradientNoise:
         b_big = float(local * self.world)
         mb_small = k > 1 or self.world > 1  # the micro-batch method needs two batch sizes
         by_ranks = cur.comm is not None and not cur.rk_void  # this step's buckets showed local gradients
-        key = (tuple(p.grad is not None for p in self._params), mb_small, frozenset(cur.lost), by_ranks)
+        key = (tuple([p.grad is not None for p in self._params]), mb_small, frozenset(cur.lost), by_ranks)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(mb_small, cur.lost, by_ranks)

@@ -57,22 +57,40 @@ def _weighted(terms: list[torch.Tensor], micro: list[int], weights: list[float],
     """sum_j w[micro_j] x_j (x_j^2 with squared=True), micro-batches counted from 1: one stack, one
     reduction, one scale when the weights are equal (the common case)."""
     k = len(weights)
-    if any(m > k or m < 1 for m in micro):
+    if terms and (min(micro) < 1 or max(micro) > k):
         keep = [j for j, m in enumerate(micro) if 0 < m <= k]
         terms, micro = [terms[j] for j in keep], [micro[j] for j in keep]
     if not terms:
         return torch.zeros((), device=like.device)
     w0 = weights[0]
-    if all(w == w0 for w in weights):
+    if weights.count(w0) == k:
         if len(terms) == 1:
             t = terms[0]
-            return t * t * w0 if squared else t * w0
+            return (t * t).mul_(_scalar(w0, t.dtype)) if squared else t * _scalar(w0, t.dtype)
         if len(terms) == 2 and not squared:
-            return torch.add(terms[0], terms[1]).mul_(w0)
+            t = torch.add(terms[0], terms[1])
+            return t.mul_(_scalar(w0, t.dtype))
         v = torch.stack(terms)
-        return (torch.dot(v, v) if squared else v.sum()).mul_(w0)
+        t = torch.dot(v, v) if squared else v.sum()
+        return t.mul_(_scalar(w0, t.dtype))
     v = torch.stack(terms)
     return weighted_sum(v * v if squared else v, [weights[m - 1] for m in micro])
+
+
+_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _scalar(w: float, dtype: torch.dtype) -> torch.Tensor:
+    """w as a cached 0-d CPU tensor of `dtype`, to scale a tensor of that dtype by: a Python float is wrapped
+    into a new tensor on every product (~2 us of a 0-d product on the CPU); cast to the dtype, as a float
+    operand is, the product is the same to the bit."""
+    key = (w, dtype)
+    s = _SCALARS.get(key)
+    if s is None:
+        if len(_SCALARS) > 256:  # weights that change every step (a varying loss scale): stay bounded
+            _SCALARS.clear()
+        s = _SCALARS[key] = torch.tensor(w, dtype=dtype)
+    return s
 
 
 def weighted_sum(v: torch.Tensor, w: list[float]) -> torch.Tensor:
@@ -89,7 +107,7 @@ def _sq_norm(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
     if norms.dtype not in (torch.float32, torch.float64):
         norms = norms.float()
     sq = torch.dot(norms, norms)
-    return sq if scale == 1.0 else sq.mul_(scale)
+    return sq if scale == 1.0 else sq.mul_(_scalar(scale, sq.dtype))
 
 
 class _Step:

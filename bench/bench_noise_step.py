@@ -1,0 +1,134 @@
+"""GradientNoise.step()'s own cost and the K = 1 ratio, another checkout's code against this one, in one process.
+
+    git archive HEAD trainer | tar -x -C /tmp/old_tree          # the code before a change
+    python bench/bench_noise_step.py --old /tmp/old_tree --task digits --batch 32
+    python bench/bench_noise_step.py --old /tmp/old_tree --task charlm --chunk 1 --rounds 8
+
+Loops, interleaved chunk by chunk (p10 of thread CPU time per step over `--rounds` chunks):
+  bare   the plain step (forward, backward, SGD)
+  old    + GradientNoise(model) of `--old`'s trainer/ (imported under its own module objects)
+  new    + GradientNoise(model) of this checkout
+and, for old and new, the thread CPU time spent inside `step()` alone. Before timing, the two run the same
+steps from the same seed and their ingredients must be bitwise equal (an optimisation changes no number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+
+
+def _trainer_modules() -> list[str]:
+    return [k for k in sys.modules if k == "trainer" or k.startswith("trainer.")]
+
+
+def load_gradient_noise(root: str):
+    """GradientNoise from `root`/trainer, loaded beside this checkout's (its modules leave sys.modules
+    afterwards; the class keeps them alive through its globals)."""
+    saved = {k: sys.modules.pop(k) for k in _trainer_modules()}
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module("trainer.noise").GradientNoise
+    finally:
+        sys.path.remove(root)
+        for k in _trainer_modules():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+class Loop:
+    """One K = 1 training loop over fixed batches; `cls`: a GradientNoise class (None: bare)."""
+
+    def __init__(self, task, batches: list, cls=None):
+        torch.manual_seed(0)
+        self.task, self.batches, self.i = task, batches, 0
+        self.model = task.build_model()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.gns = cls(self.model, warn=False) if cls is not None else None
+        self.in_step = 0.0  # thread CPU seconds inside step(), since the last read
+        self.kept: list = []
+
+    def steps(self, n: int) -> None:
+        model, opt, gns, loss_fn, batches, clock = (self.model, self.opt, self.gns, self.task.loss_fn,
+                                                    self.batches, time.thread_time)
+        for _ in range(n):
+            x, y = batches[self.i % len(batches)]
+            self.i += 1
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            if gns is not None:
+                c0 = clock()
+                self.kept.append(gns.step())  # kept on the device, as a logging loop would
+                self.in_step += clock() - c0
+            opt.step()
+        if len(self.kept) > 1000:
+            self.kept.clear()
+
+
+def check_equal(a: Loop, b: Loop, n: int) -> None:
+    """Run both loops n steps and require bitwise-equal ingredients and coverage on every step."""
+    a.kept.clear(), b.kept.clear()
+    a.steps(n), b.steps(n)
+    for j, (sa, sb) in enumerate(zip(a.kept, b.kept, strict=True)):
+        da, db = sa.as_dict(), sb.as_dict()
+        same = da == db and (sa.complete, sa.per_example, sa.micro_batch, sa.missing) == (
+            sb.complete, sb.per_example, sb.micro_batch, sb.missing)
+        if not same:
+            raise SystemExit(f"step {j}: old {sa} != new {sb}")
+    a.kept.clear(), b.kept.clear()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", help="a directory holding the other code's trainer/ (default: only this checkout)")
+    ap.add_argument("--task", default="digits")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=25)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    old = load_gradient_noise(args.old) if args.old else None
+    from trainer.noise import GradientNoise
+    from trainer.tasks import TaskOptions, make_task
+
+    task = make_task(args.task, TaskOptions(), torch.device("cpu"), seed=0)
+    batches = [task.next_batch(args.batch) for _ in range(8)]
+    classes = {"bare": None} | ({"old": old} if old else {}) | {"new": GradientNoise}
+    loops = {name: Loop(task, batches, cls) for name, cls in classes.items()}
+    if old:
+        check_equal(loops["old"], loops["new"], 20)
+    warm = max(2, 2 * args.chunk)
+    for f in loops.values():
+        f.steps(warm)
+        f.in_step = 0.0
+    total: dict[str, list[float]] = {p: [] for p in loops}
+    inside: dict[str, list[float]] = {p: [] for p in loops}
+    for _ in range(args.rounds):
+        for p, f in loops.items():
+            c0 = time.thread_time()
+            f.steps(args.chunk)
+            total[p].append((time.thread_time() - c0) / args.chunk)
+            inside[p].append(f.in_step / args.chunk)
+            f.in_step = 0.0
+
+    def p10(v: list[float]) -> float:
+        return sorted(v)[len(v) // 10] * 1e6
+
+    print(f"# {args.task} B={args.batch}, K = 1: p10 of thread CPU per step, {args.rounds} x {args.chunk} steps"
+          + (f"; old = {args.old}, ingredients bitwise equal" if old else ""))
+    bare = p10(total["bare"])
+    for p in loops:
+        step = "" if p == "bare" else f"   step() {p10(inside[p]):6.1f} us"
+        print(f"{p:<5} {p10(total[p]):9.0f} us  {p10(total[p]) / bare:.3f}x{step}")
+
+
+if __name__ == "__main__":
+    main()
