@@ -33,7 +33,16 @@ from torch import nn
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
-def _wants(p: torch.nn.Parameter | None) -> bool:
+_MISSING = object()
+
+
+def _wants(m: nn.Module, name: str) -> bool:
+    """Whether the layer's parameter `name` exists and takes a gradient. Read from `_parameters` first:
+    `m.weight` goes through Module.__getattr__, ~1 us of Python per call (a parametrized weight is not in
+    `_parameters`, and is still found by getattr)."""
+    p = m._parameters.get(name, _MISSING)
+    if p is _MISSING:
+        p = getattr(m, name, None)
     return p is not None and p.requires_grad
 
 
@@ -113,21 +122,24 @@ def linear_fits(m: nn.Linear, a: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def linear_sq(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, sketch: int = 0) -> torch.Tensor | None:
-    if a.dim() < 2 or d.shape[:-1] != a.shape[:-1]:
-        return None
-    if a.dim() == 2:  # sum_i (|a_i|^2 + 1) |d_i|^2: two fused row norms, sqrt(|a_i|^2 + 1) by hypot, a dot
+    dims = a.dim()
+    if dims == 2:  # sum_i (|a_i|^2 + 1) |d_i|^2: two fused row norms, sqrt(|a_i|^2 + 1) by hypot, a dot
+        if d.dim() != 2 or d.shape[0] != a.shape[0]:
+            return None
         acc = _acc(d)
         d_n = _row_norms(d, acc)
-        if not _wants(m.weight):
+        if not _wants(m, "weight"):
             return torch.dot(d_n, d_n)
         a_n = _row_norms(a, acc)
-        if _wants(m.bias):
+        if _wants(m, "bias"):
             a_n.hypot_(_one(a_n))
         x = a_n.mul_(d_n)
         return torch.dot(x, x)
+    if dims < 2 or d.shape[:-1] != a.shape[:-1]:
+        return None
     n = a.shape[0]
-    return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m.bias), _wants(m.weight),
-                   sketch)
+    return _seq_sq(a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1]), _wants(m, "bias"),
+                   _wants(m, "weight"), sketch)
 
 
 def embedding_fits(m: nn.Embedding, idx: torch.Tensor, out: torch.Tensor) -> bool:
@@ -135,7 +147,7 @@ def embedding_fits(m: nn.Embedding, idx: torch.Tensor, out: torch.Tensor) -> boo
 
 
 def embedding_sq(m: nn.Embedding, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
-    if idx.dim() == 0 or d.shape[:-1] != idx.shape or not _wants(m.weight):
+    if idx.dim() == 0 or d.shape[:-1] != idx.shape or not _wants(m, "weight"):
         return None
     n = idx.shape[0]
     acc = _acc(d)
@@ -167,10 +179,10 @@ def _norm_sq(m: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[in
         return None
     dims = tuple(range(1, d.dim() - k))  # positions between the batch and the normalised dims
     total = None
-    if _wants(getattr(m, "weight", None)):
+    if _wants(m, "weight"):
         gw = (d * x_hat).sum(dims) if dims else d * x_hat
         total = _sq(gw)
-    if _wants(getattr(m, "bias", None)):
+    if _wants(m, "bias"):
         gb = d.sum(dims) if dims else d
         b = _sq(gb)
         total = b if total is None else total + b
@@ -209,7 +221,7 @@ def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool, sketch
     dd = d.reshape(n, d.shape[1], -1).to(cols.dtype)  # (N, C_out, L)
     if cols.shape[2] != dd.shape[2]:
         return None
-    return _seq_sq(cols.transpose(1, 2), dd.transpose(1, 2), _wants(m.bias), _wants(m.weight), sketch)
+    return _seq_sq(cols.transpose(1, 2), dd.transpose(1, 2), _wants(m, "bias"), _wants(m, "weight"), sketch)
 
 
 def conv1d_sq(m: nn.Conv1d, a: torch.Tensor, d: torch.Tensor, sketch: int = 0) -> torch.Tensor | None:
