@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -134,6 +134,7 @@ class Run(RunStore):
         self._spool_lock = threading.RLock()  # RLock: a signal handler may flush while the main thread spools
         self._take_lock = threading.Lock()  # the flat buffers have two takers: the spool thread and _seal
         self._stopped_by: str | None = None  # a signal that stopped the program (collector/signals.py)
+        self._flushers: list[Callable[[], None]] = []  # code holding rows for this run (add_flusher)
         _warm_up()
         self.spool = Spool(spool_root(spool_db), self.run_id, keep_ingested=True)
         self.spool.create_and_own()
@@ -284,6 +285,23 @@ class Run(RunStore):
             return
         self.spool.remove()
         self.spool.release()
+
+    def add_flusher(self, flush: Callable[[], None]) -> None:
+        """Register code that holds rows for this run before logging them (a block waiting for its online
+        B_simple, a step waiting for its all-reduce): a SIGTERM or SIGINT calls `flush` first, so that what
+        it holds is logged before the run flushes or ends. `flush` runs in a signal handler: it must take
+        only what is ready (never wait on other processes) and leave its state consistent; code that
+        changes that state should do it inside `collector.signals.deferred()`."""
+        self._flushers.append(flush)
+
+    def flush_held(self) -> None:
+        """Call the registered flushers (see add_flusher); one that raises is reported, not fatal."""
+        for flush in self._flushers:
+            try:
+                flush()
+            except Exception as exc:  # a signal is ending the program: log what the others hold
+                print(f"batchscope: run {self.run_id}: a flusher failed at a signal ({type(exc).__name__}: "
+                      f"{exc}); the rows it held are not logged", file=sys.stderr, flush=True)
 
     def stopped_by(self, signal_name: str) -> None:
         """A signal stopped the program (which goes on to its own handling): flush now, and end as

@@ -8,8 +8,10 @@ signal's name in `status_reason`, restores the default and re-sends the signal, 
 it would have (exit status 143). Where a Python handler was there before (SIGINT's, which raises
 KeyboardInterrupt, or the program's own), the program goes on after it: the handler flushes every live
 run, marks it to end as `failed` with the signal's name whenever it ends, and calls the previous one.
-A signal that arrives while a run is finishing, or while a logging call moves rows between buffers
-(Run._seal), waits for it.
+Either way, code that holds rows for a run before logging them (an integration's block of steps
+waiting for its online B_simple) is asked to log them first (Run.add_flusher). A signal that arrives
+while a run is finishing, or while a logging call moves rows between buffers (Run._seal, or such code
+inside `deferred()`), waits for it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def _on_signal(signum: int, frame) -> None:
         return
     name = signal.Signals(signum).name
     runs = [r for r in list(_live) if r._status is None]
+    for run in runs:  # rows that code above the run still holds (Run.add_flusher): log them first
+        run.flush_held()
     prev = _previous.get(signum, signal.SIG_DFL)
     if callable(prev):
         # The program goes on: KeyboardInterrupt may be caught, a handler of the program's own may stop

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -142,6 +143,34 @@ def test_a_model_that_raises_in_a_script_leaves_a_failed_run_with_its_steps(tmp_
     assert run["status"] == "failed" and run["status_reason"] == "FloatingPointError: model blew up"
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
     assert all(s["g_small_sq"] is not None and s["g_big_sq"] is not None for s in steps)
+
+
+
+def test_sigterm_logs_the_steps_the_callback_held_then_ends_the_run_failed(tmp_path):
+    """Preemption (SLURM, Kubernetes, torchrun after another rank died): the callback holds steps for one
+    online-B_simple update per block; the SIGTERM must log them before it ends the run, not drop them."""
+    db = tmp_path / "runs.duckdb"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]
+        from pathlib import Path
+        import transformers
+        from test_integration_hf import make_trainer
+        from trainer.integrations.hf import BatchscopeCallback
+        class Preempted(transformers.TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):  # after batchscope's: step 5 is held
+                if state.global_step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        cb = BatchscopeCallback(db={str(db)!r}, name="preempted")
+        make_trainer(Path({str(tmp_path / "out")!r}), [cb, Preempted()]).train()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]  # it still dies of the signal
+    run, steps, _ = stored(db)
+    assert (run["status"], run["status_reason"]) == ("failed", "SIGTERM")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+    assert all(s["g_small_sq"] is not None and s["b_simple"] is not None for s in steps[1:])
 
 
 DDP_SCRIPT = """

@@ -140,3 +140,55 @@ def test_sweep_rejects_a_bad_grid_before_starting(tmp_path, capsys):
     db = tmp_path / "runs.duckdb"
     code = main(["sweep", "--batch", "16,30", "--lr", "0.1", "--accum", "4", "--db", str(db)])
     assert code == 2 and "divisible" in capsys.readouterr().err and not db.exists()
+
+
+PREEMPT = """
+import os, signal, sys
+from trainer import steplog, train
+from trainer.cli import main
+
+where, at, truth = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+trained = [0]  # the truth: StepLog.add runs once per step, after the update
+
+
+def kill_at(owner, attr, after=False):
+    original, calls = getattr(owner, attr), [0]
+
+    def wrapped(*args, **kw):
+        calls[0] += 1
+        if calls[0] == at and not after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        out = original(*args, **kw)
+        if calls[0] == at and after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    setattr(owner, attr, wrapped)
+
+
+add = steplog.StepLog.add
+steplog.StepLog.add = lambda self, step, *a: (add(self, step, *a), trained.__setitem__(0, step))[0]
+owner, attr, after = {"after-add": (steplog.StepLog, "add", True), "in-sync": (steplog.StepLog, "_sync", False),
+                      "mid-step": (train, "compute_gradients", False)}[where]
+kill_at(owner, attr, after)
+code = main(sys.argv[4:])
+open(truth, "w").write(str(trained[0]))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("where,at", [("after-add", 777), ("in-sync", 3), ("mid-step", 300)])
+def test_sigterm_at_any_moment_keeps_every_step_trained(tmp_path, where, at):
+    """SLURM preemption, `timeout`: SIGTERM ends the run failed with every step trained, the rows the
+    loop holds for its next host sync and for its next hand-over to the collector included, wherever it lands."""
+    db, truth = tmp_path / "runs.duckdb", tmp_path / "trained"
+    proc = subprocess.run([sys.executable, "-c", PREEMPT, where, str(at), str(truth), "--batch", "32", "--lr", "0.1",
+                           "--steps", "5000", "--db", str(db), "--no-progress"], capture_output=True, text=True,
+                          cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=180)
+    assert proc.returncode == 143, proc.stderr  # a shell's code for "killed by SIGTERM"
+    assert proc.stderr.splitlines()[-1] == "stopped by SIGTERM: the run is recorded as failed with every step " \
+                                           "trained so far"
+    trained = int(truth.read_text())
+    assert 0 < trained < 5000 and (where != "after-add" or trained == at)
+    assert query(db, "SELECT status, status_reason FROM runs") == [("failed", "SIGTERM")]
+    assert query(db, "SELECT count(*), min(step), max(step), count(DISTINCT step) FROM steps") == [
+        (trained, 1, trained, trained)]

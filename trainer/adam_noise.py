@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from collector import signals
 from trainer.gns import BSimpleEMA
 
 ADAM_WARM_STEPS = 5  # as adaptdl: v_hat over fewer steps is too noisy to precondition with
@@ -158,7 +159,12 @@ class AdamNoiseLog:
             self._rows.append((step, examples, stats))
 
     def flush(self, run) -> None:
-        """One host transfer for the pending rows, then `run.log` per row (host values only)."""
+        """One host transfer for the pending rows, then `run.log` per row (host values only); a signal
+        arriving meanwhile acts after it (its exception would drop the rows taken)."""
+        with signals.deferred():
+            self._flush(run)
+
+    def _flush(self, run) -> None:
         if not self._rows:
             return
         rows, self._rows = self._rows, []

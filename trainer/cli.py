@@ -7,6 +7,7 @@ costs one line on stderr, exit code 2, and leaves nothing in the store.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 # Their layers are too small for intra-op threads to pay off; on a busy 2-core machine the OpenMP
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m trainer: error: {exc}", file=sys.stderr)
         return 2
     if not env.active:
+        ddp.raise_on_sigterm("stopped by SIGTERM")
         return run_training(cfg, task, plan, progress=args.progress)
     ddp.init(env, task.device)
     try:
@@ -257,10 +259,10 @@ def run_training(cfg, task, plan, progress: bool | None = None, env=None) -> int
         name += f"-ddp{env.world}" if not cfg.name else ""
         config |= {"world_size": env.world, "backend": "nccl" if task.device.type == "cuda" else "gloo"}
     where = device_label(task.device) + (f" x {env.world} ranks" if env.active else "")
-    if not env.writes:
-        train(cfg, task, ddp.NullRun(), progress=False, env=env)
-        return 0
     try:
+        if not env.writes:
+            train(cfg, task, ddp.NullRun(), progress=False, env=env)
+            return 0
         with collector.start_run(
             db=cfg.db, name=name, sweep=cfg.sweep, config=config, task=cfg.task, model=task.model_name,
             optimizer=cfg.optimizer, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay,
@@ -274,6 +276,10 @@ def run_training(cfg, task, plan, progress: bool | None = None, env=None) -> int
     except KeyboardInterrupt:
         print("interrupted: the run is recorded as failed with every step logged so far", file=sys.stderr)
         return 130
+    except ddp.TerminatedError as exc:  # preempted, `timeout`, or torchrun after another rank failed
+        if env.writes:
+            print(f"{exc}: the run is recorded as failed with every step trained so far", file=sys.stderr)
+        return 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM killed
     parts = [f"{result.steps} steps", f"{result.examples} examples", f"{result.seconds:.1f} s",
              f"smoothed training loss {result.final_loss:.4g}"]
     for split, (loss, acc) in result.evals.items():

@@ -56,7 +56,17 @@ def device_for(env: DistEnv, spec: str) -> str:
 
 
 class TerminatedError(RuntimeError):
-    """torchrun stopped this rank (SIGTERM), usually because another rank failed."""
+    """SIGTERM stopped training: SLURM or Kubernetes preempting the job, `timeout`, or torchrun stopping
+    this rank because another one failed."""
+
+
+def raise_on_sigterm(message: str) -> None:
+    """SIGTERM raises TerminatedError(message) in the training loop, which then logs every step it trained
+    (its block held for the host sync included) before the run ends failed ("SIGTERM")."""
+    def on_term(signum, frame):
+        raise TerminatedError(message)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def init(env: DistEnv, device: torch.device) -> None:
@@ -64,11 +74,7 @@ def init(env: DistEnv, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def on_term(signum, frame):
-        raise TerminatedError(f"rank {env.rank} stopped by SIGTERM (torchrun: another rank of {env.world} failed?)")
-
-    signal.signal(signal.SIGTERM, on_term)
+    raise_on_sigterm(f"rank {env.rank} stopped by SIGTERM (torchrun: another rank of {env.world} failed?)")
 
 
 def shutdown() -> None:

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from collector import signals
 from trainer.ddp import reduce_losses
 from trainer.gns import BSimpleEMA, TrackingBSimple
 from trainer.step import StepGrads
@@ -38,40 +39,46 @@ class StepLog:
         self.emit_rows, self.emit_seconds = emit_rows, emit_seconds
         self._last_emit = time.monotonic()
         self._nan = torch.full((), math.nan, device=device)
-        self._host: list[tuple] = []
-        self._dev: list[torch.Tensor] = []
+        # one tuple per step, appended in one call: a signal's exception (SIGINT, SIGTERM) never leaves half a row
+        self._rows: list[tuple] = []  # (*HOST_COLUMNS, loss, g_small_sq, g_big_sq); the last 3 on the device
         self._out: list[dict[str, np.ndarray]] = []
         self._out_rows = 0
         self._last_examples = 0
 
     def add(self, step: int, examples: int, batch_size: int, lr: float, wall_time: float, grads: StepGrads) -> None:
-        measured = grads.g_small_sq is not None
-        self._host.append((step, examples, batch_size, lr, wall_time,
-                           grads.b_small if measured else math.nan, grads.b_big if measured else math.nan))
-        self._dev.append(grads.loss)
-        self._dev.append(grads.g_small_sq if measured else self._nan)
-        self._dev.append(grads.g_big_sq if measured else self._nan)
+        if grads.g_small_sq is None:
+            self._rows.append((step, examples, batch_size, lr, wall_time, math.nan, math.nan, grads.loss,
+                               self._nan, self._nan))
+        else:
+            self._rows.append((step, examples, batch_size, lr, wall_time, grads.b_small, grads.b_big, grads.loss,
+                               grads.g_small_sq, grads.g_big_sq))
 
     def due(self) -> bool:
-        return len(self._host) >= self.sync_every
+        return len(self._rows) >= self.sync_every
 
     def sync(self, collective: bool = True) -> dict[str, np.ndarray]:
         """Copy the pending rows to the host (one transfer), compute b_simple, queue them for the collector.
 
         collective=False (after a crash): under DDP the pending rows are dropped, since their losses
-        cannot be reduced over the ranks any more; every block synced before is kept.
+        cannot be reduced over the ranks any more; every block synced before is kept. A signal arriving
+        meanwhile acts after it (collector.signals.deferred), so its exception cannot drop the block.
         """
-        if not self._host:
+        with signals.deferred():
+            return self._sync(collective)
+
+    def _sync(self, collective: bool) -> dict[str, np.ndarray]:
+        if not self._rows:
             return {}
+        rows, self._rows = self._rows, []
         if self.world > 1 and not collective:
-            self._host, self._dev = [], []
             return {}
-        dev = torch.stack(self._dev).reshape(-1, 3)
+        n = len(HOST_COLUMNS)
+        dev = torch.stack([t for row in rows for t in row[n:]]).reshape(-1, 3)
         if self.world > 1:
             dev = torch.cat([reduce_losses(dev[:, 0], self.world)[:, None], dev[:, 1:]], dim=1)
         vals = dev.cpu().numpy().astype(np.float64)  # MPS has no float64
-        cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, zip(*self._host, strict=True), strict=True)}
-        self._host, self._dev = [], []
+        cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, list(zip(*rows, strict=True))[:n],
+                                                         strict=True)}
         cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]
         b_simple, b_simple_n = np.full(len(vals), math.nan), np.full(len(vals), math.nan)
         idx = np.flatnonzero(~np.isnan(cols["b_small"]))
@@ -91,6 +98,10 @@ class StepLog:
 
     def emit(self) -> None:
         """Hand queued rows to the collector; unmeasured steps go without GNS columns, so they are NULL."""
+        with signals.deferred():
+            self._emit()
+
+    def _emit(self) -> None:
         if not self._out:
             return
         cols = {k: np.concatenate([c[k] for c in self._out]) for k in self._out[0]}

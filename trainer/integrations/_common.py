@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import collector
+from collector import signals
 from trainer.gns import BSimpleEMA, TrackingBSimple
 from trainer.noise import NoiseStats
 from trainer.steplog import GNS_TARGET_RSE
@@ -156,6 +157,11 @@ class StepRecorder:
         the background while the next step computes (no extra sync point per step), so the row is logged
         one step late, by the next `step()` or by `flush()`. Rows are logged in blocks of up to 25 steps or
         0.25 s (one online-B_simple update each); returns the row completed now, if any."""
+        with signals.deferred():  # a SIGTERM's flush (RunOwner) must see this step whole or not at all
+            return self._step(step, lr, stats, loss_is_sum, shares_over_ranks)
+
+    def _step(self, step: int, lr: float | None, stats: NoiseStats | None, loss_is_sum: bool,
+              shares_over_ranks: bool) -> dict | None:
         losses, self._losses = self._losses, []
         loss = None
         if losses:
@@ -173,10 +179,20 @@ class StepRecorder:
         its online B_simple. Call it where the ranks all pass (an evaluation, the end of training) and
         before the run ends; `failed`: after an exception, take the in-flight step only if its all-reduce
         already completed, never wait on ranks that may be gone."""
-        pending, self._pending = self._pending, None
-        if pending is not None and not (failed and not pending[0].done()):
-            self._complete(pending)
-        self._drain()
+        with signals.deferred():
+            pending, self._pending = self._pending, None
+            if pending is not None and not (failed and not pending[0].done()):
+                self._complete(pending)
+            self._drain()
+
+    def flush_ready(self) -> None:
+        """What a signal may take (Run.add_flusher): the in-flight step if its all-reduce completed (else it
+        stays in flight, for the next `step()` if the program goes on), and the held block."""
+        with signals.deferred():
+            if self._pending is not None and self._pending[0].done():
+                pending, self._pending = self._pending, None
+                self._complete(pending)
+            self._drain()
 
     def _complete(self, pending: tuple) -> dict:
         sums, step, lr, noise = pending
@@ -268,7 +284,12 @@ class RunOwner:
         self.run = collector.start_run(self.db, name=self.name or name or "run", sweep=self.sweep,
                                        config=dict(config) | self.user_config, **fields)
         atexit.register(self._atexit)  # after the run's own handler, so it runs first
+        self.run.add_flusher(self._flush_held)  # a SIGTERM logs the held steps before it ends the run
         return self.run
+
+    def _flush_held(self) -> None:
+        if self.recorder is not None:
+            self.recorder.flush_ready()
 
     def end(self, status: str | None = None, reason: str | None = None) -> None:
         run, self.run = self.run, None
