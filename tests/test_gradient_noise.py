@@ -63,6 +63,25 @@ def test_per_example_norms_are_exact_per_step(name):
     assert float(s4.g_big_sq) == pytest.approx(float(s.g_big_sq), rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_create_graph_backward_gives_the_same_ingredients_and_no_graph(name):
+    """The rules run in autograd's hooks, which have grad mode on only under create_graph=True: there they
+    take detached inputs (no graph through the noise sums), elsewhere the tensors themselves."""
+    model, loss_fn, x, y, _ = setup(name)
+    gns = GradientNoise(model)
+    loss_fn(model(x), y).backward()
+    plain = gns.step()
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*create_graph=True.*")
+        loss_fn(model(x), y).backward(create_graph=True)
+    graph = gns.step()
+    model.zero_grad(set_to_none=True)  # the graph's reference cycle through .grad
+    assert graph.complete and not graph.g_small_sq.requires_grad
+    assert torch.equal(graph.g_small_sq, plain.g_small_sq)
+    assert torch.equal(graph.g_big_sq.detach(), plain.g_big_sq)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 @pytest.mark.parametrize("k", [2, 4])
 def test_accumulation_hooks_are_exact_per_step(name, k):

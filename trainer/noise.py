@@ -172,8 +172,8 @@ class GradientNoise:
             cur.sizes.append(0)
             cur.shape = None
         else:
-            cur.shape = tuple(first.shape)
-            cur.sizes.append(cur.shape[0])
+            cur.shape = shape = first.shape
+            cur.sizes.append(shape[0])
 
     def _forward_hook(self, rule: Rule):
         fits, ruled, has_batch_dim = fits_for(rule), self._module_params, self._has_batch_dim
@@ -197,14 +197,14 @@ class GradientNoise:
             if not output.requires_grad:
                 return
             micro = cur.micro
-            if a.requires_grad:  # a detached alias only where it carries history (detach() costs ~1 us)
-                a = a.detach()
 
             def on_grad(grads) -> None:
                 d = grads[0]
                 if d is None or cur is not self._cur or calls.get(mid, 0) != 1 or mid not in ruled:
                     return
-                sq = rule(module, a, d.detach() if d.requires_grad else d)
+                # autograd runs hooks in grad mode only under backward(create_graph=True): there the rule takes
+                # detached aliases (its arithmetic records no graph), elsewhere the tensors (~1 us less each)
+                sq = rule(module, a.detach(), d.detach()) if _grad_enabled() else rule(module, a, d)
                 if sq is None:  # a shape the forward check let through: this step has no small batch for it
                     self._fall_back(mid, cur, lost=True)
                     return
@@ -243,11 +243,12 @@ class GradientNoise:
     def _has_batch_dim(module: nn.Module, a: torch.Tensor, cur: _Step) -> bool:
         """dim 0 of the layer input is the batch. Embeddings must see the model input's own shape (token
         ids (N, T) or class ids (N,)), so positions (T,) with T == N are not taken for T examples."""
-        if not cur.sizes or not cur.sizes[-1]:
+        sizes = cur.sizes
+        if not sizes or not sizes[-1]:
             return True
         if isinstance(module, nn.Embedding) and cur.shape is not None:
-            return tuple(a.shape) == cur.shape
-        return a.dim() > 0 and a.shape[0] == cur.sizes[-1]
+            return a.shape == cur.shape
+        return a.dim() > 0 and a.shape[0] == sizes[-1]
 
     def _hook_param(self, pid: int) -> None:
         if pid in self._mb_ids or pid in self._rk_ids:
