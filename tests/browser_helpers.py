@@ -66,7 +66,9 @@ class Server:
         raise TimeoutError(f"dashboard did not start:\n{self.log.read_text()}")
 
     def output(self) -> str:
-        return self.log.read_text()
+        return self._final if self._final is not None else self.log.read_text()
+
+    _final: str | None = None  # the log's text once stopped (the file is removed: no litter in /tmp)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -75,6 +77,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._fh.close()
+        self._final = self.log.read_text()
+        self.log.unlink(missing_ok=True)
 
 
 def make_driver(width: int = 1440, height: int = 1000):
