@@ -144,9 +144,10 @@ def test_the_ddp_adam_noise_scale_matches_the_single_process_estimate(pair):
     np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-5)  # the same training
 
 
-def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_synced_step(tmp_path):
-    """Rank 1 exits hard at step 60 (os._exit, as if killed); the digits CPU loop syncs every 25 steps, so
-    steps 1-50 were all-reduced and are kept, the unreduced rest is not written."""
+def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_step_it_trained(tmp_path):
+    """Rank 1 exits hard before its step 60 (os._exit, as if killed), so rank 0 trained 59 steps; the digits
+    CPU loop syncs every 25 steps: steps 1-50 have the all-reduced loss, 51-59 no loss (rank 0's shard alone
+    is not the step's) but every noise ingredient, and stderr says how many."""
     db = tmp_path / "runs.duckdb"
     proc = trainer(db, "--batch", "32", "--steps", "200", "--device", "cpu", "--name", "dies", nproc=2,
                    env=clean_env(BATCHSCOPE_TEST_DIE_AT_STEP="60"))
@@ -155,8 +156,10 @@ def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_synced_step(tmp_p
     # rank 0 sees the broken collective (gloo: connection reset) or torchrun's SIGTERM: failed, with why
     assert run["status"] == "failed" and run["status_reason"] and run["world_size"] == 2, run
     s = steps_of(db, "dies")
-    assert s["step"].tolist() == list(range(1, 51))
-    assert not np.isnan(s["loss"]).any()
+    assert s["step"].tolist() == list(range(1, 60))
+    assert not np.isnan(s["loss"][:50]).any() and np.isnan(s["loss"][50:]).all()  # NULL reads as NaN here
+    assert not np.isnan(s["g_small_sq"]).any() and not np.isnan(s["g_big_sq"]).any()
+    assert "the last 9 steps are stored without their loss" in proc.stderr
 
 
 @pytest.mark.slow

@@ -59,8 +59,9 @@ class StepLog:
     def sync(self, collective: bool = True) -> dict[str, np.ndarray]:
         """Copy the pending rows to the host (one transfer), compute b_simple, queue them for the collector.
 
-        collective=False (after a crash): under DDP the pending rows are dropped, since their losses
-        cannot be reduced over the ranks any more; every block synced before is kept. A signal arriving
+        collective=False (after a crash): under DDP the pending rows' losses cannot be reduced over the
+        ranks any more (a peer may be gone), so they are logged without one (NULL: this rank's shard
+        alone is not the step's loss), with their noise ingredients (global already). A signal arriving
         meanwhile acts after it (collector.signals.deferred), so its exception cannot drop the block.
         """
         with signals.deferred():
@@ -70,11 +71,10 @@ class StepLog:
         if not self._rows:
             return {}
         rows, self._rows = self._rows, []
-        if self.world > 1 and not collective:
-            return {}
+        unreduced = self.world > 1 and not collective
         n = len(HOST_COLUMNS)
         dev = torch.stack([t for row in rows for t in row[n:]]).reshape(-1, 3)
-        if self.world > 1:
+        if self.world > 1 and not unreduced:
             dev = torch.cat([reduce_losses(dev[:, 0], self.world)[:, None], dev[:, 1:]], dim=1)
         vals = dev.cpu().numpy().astype(np.float64)  # MPS has no float64
         cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, list(zip(*rows, strict=True))[:n],
@@ -89,6 +89,8 @@ class StepLog:
             b_simple[idx], b_simple_n[idx] = self.gns.update_block(
                 *(cols[k][idx] for k in ("g_small_sq", "b_small", "g_big_sq", "b_big")), seen)
         cols["b_simple"], cols["b_simple_n"] = b_simple, b_simple_n
+        if unreduced:
+            del cols["loss"]
         self._out.append(cols)
         self._out_rows += len(vals)
         now = time.monotonic()
@@ -104,8 +106,14 @@ class StepLog:
     def _emit(self) -> None:
         if not self._out:
             return
-        cols = {k: np.concatenate([c[k] for c in self._out]) for k in self._out[0]}
-        self._out, self._out_rows, self._last_emit = [], 0, time.monotonic()
+        out, self._out, self._out_rows, self._last_emit = self._out, [], 0, time.monotonic()
+        same: dict[tuple, list] = {}  # blocks with the same columns (a last unreduced one has no loss)
+        for c in out:
+            same.setdefault(tuple(c), []).append(c)
+        for blocks in same.values():
+            self._log({k: np.concatenate([c[k] for c in blocks]) for k in blocks[0]})
+
+    def _log(self, cols: dict[str, np.ndarray]) -> None:
         measured = ~np.isnan(cols["b_small"])
         for mask, keep_gns in ((measured, True), (~measured, False)):
             if mask.any():

@@ -225,8 +225,12 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
                 evals, last_eval = log_evals(run, task, model, step, examples, probe, noise), step
     except BaseException:  # Ctrl-C or a crash: keep every step trained so far, then let the run fail
         with contextlib.suppress(Exception):
-            log.sync(collective=False)  # under DDP the peers may be gone: no all-reduce now
+            last = log.sync(collective=False)  # under DDP the peers may be gone: no all-reduce now
             log.emit()
+            if env.active and env.writes and last:
+                print(f"batchscope: the last {len(last['step'])} steps are stored without their loss (it is "
+                      "the ranks' mean, and the ranks did not reduce it before training stopped)",
+                      file=sys.stderr, flush=True)
             adam_log.flush(run)
         bar.close()
         raise

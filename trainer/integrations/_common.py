@@ -183,6 +183,10 @@ class StepRecorder:
             pending, self._pending = self._pending, None
             if pending is not None and not (failed and not pending[0].done()):
                 self._complete(pending)
+            elif pending is not None and self.run is not None:
+                print(f"batchscope: step {pending[1]} is not stored: its loss and examples are sums over the "
+                      "ranks, whose all-reduce did not complete before training stopped", file=sys.stderr,
+                      flush=True)
             self._drain()
 
     def flush_ready(self) -> None:
