@@ -16,19 +16,17 @@ peak lies below every batch, LR ~ sqrt(B) when above): an optimum there is "no f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 from scipy.optimize import minimize_scalar
 
+from dashboard.analysis._fit import NAN
 from dashboard.analysis._hyperbola import BOOT_GRID_STEP, _argmin_parabola, _sse_matrix, grid, interval
-from dashboard.analysis.frames import by_batch
-from dashboard.analysis.lr import LRScalingFit, best_lr_points, lr_scaling
+from dashboard.analysis.lr import LRLawFit, LRScalingFit, best_lr_points, lr_scaling, too_few_reason
 
-_NAN = float("nan")
-_NAN2 = (_NAN, _NAN)
 TIE = 0.10  # relative difference in squared error below which neither law is called better
 
 
@@ -39,7 +37,7 @@ def surge_shape(b: Any, b_noise: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class AdamLRFit:
+class AdamLRFit(LRLawFit):
     """Result of adam_lr_scaling; `reason` says why there is no surge fit (its numbers are then NaN).
 
     eps_max (the peak LR) and b_noise (where it peaks) with bootstrap intervals; r2 / rmse_log /
@@ -47,40 +45,15 @@ class AdamLRFit:
     them better ("surge", "sgd", "neither" within TIE, or None when one of them could not be fitted).
     """
 
-    eps_max: float = _NAN
-    b_noise: float = _NAN
-    eps_max_ci: tuple[float, float] = _NAN2
-    b_noise_ci: tuple[float, float] = _NAN2
-    ci_level: float = 0.90
-    r2: float = _NAN
-    rmse_log: float = _NAN
-    sse_log: float = _NAN
-    n_points: int = 0
-    batch_sizes: np.ndarray = field(default_factory=lambda: np.empty(0))
-    lrs: np.ndarray = field(default_factory=lambda: np.empty(0))
-    fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
-    residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    sse_log: float = NAN
     sgd: LRScalingFit | None = None
     better: str | None = None
     comparison: str = ""
-    reason: str | None = None
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
 
     def predict(self, batch_size: Any) -> np.ndarray:
         """eps_opt(B) on the fitted surge curve (NaN when there is no fit)."""
         b = np.asarray(batch_size, dtype=float)
-        return self.eps_max * np.exp(-surge_shape(b, self.b_noise)) if self.ok else np.full(b.shape, _NAN)
-
-    def curve(self, n: int = 100) -> pl.DataFrame:
-        """The fitted surge curve for plotting: batch_size, lr."""
-        if not self.ok:
-            return pl.DataFrame(schema={"batch_size": pl.Float64, "lr": pl.Float64})
-        b = np.exp(np.linspace(np.log(self.batch_sizes.min() / 2), np.log(self.batch_sizes.max() * 2), n))
-        return pl.DataFrame({"batch_size": b, "lr": self.predict(b)})
+        return self.eps_max * np.exp(-surge_shape(b, self.b_noise)) if self.ok else np.full(b.shape, NAN)
 
 
 def _profile(b: np.ndarray, y: np.ndarray, n_boot: int, seed: int):
@@ -144,23 +117,20 @@ def adam_lr_scaling(best: Any, *, ci: float = 0.90, n_boot: int = 1000, seed: in
     with a reason, for fewer than `min_batches` batch sizes or when the best LR moves monotonically as
     a square root over the whole range (the peak lies outside the batches measured).
     """
-    _, b, lr, keep, warnings = best_lr_points(best, drop_edges)
-    keep &= np.isfinite(lr) & (lr > 0) & np.isfinite(b) & (b > 0)
-    bk, lk = by_batch(b[keep], lr[keep], "geomean")
+    _, bk, lk, warnings = best_lr_points(best, drop_edges)
     sgd = lr_scaling(pl.DataFrame({"batch_size": bk, "lr": lk}), ci=ci, n_boot=n_boot, seed=seed,
                      min_batches=min_batches)
     base = dict(batch_sizes=bk, lrs=lk, n_points=len(bk), ci_level=ci, sgd=sgd)
     if len(bk) < min_batches:
-        what = "no batch size has a best LR" if len(bk) == 0 else f"only {len(bk)} batch size(s) with a best LR"
-        reason = f"{what}; the fit needs at least {min_batches}"
-        return AdamLRFit(reason=reason, comparison=_compare(_NAN, sgd, False)[1], warnings=tuple(warnings), **base)
+        return AdamLRFit(reason=too_few_reason(len(bk), min_batches), comparison=_compare(NAN, sgd, False)[1],
+                         warnings=tuple(warnings), **base)
     y = np.log(lk)
     c, boundary, a, fitted, boot_c, boot_a = _profile(bk, y, n_boot, seed)
     resid = y - fitted
     sse = float((resid**2).sum())
     sst = float(((y - y.mean()) ** 2).sum())
     base.update(fitted=np.exp(fitted), residuals=resid, sse_log=sse, rmse_log=float(np.sqrt(sse / len(bk))),
-                r2=1.0 - sse / sst if sst > 0 else _NAN)
+                r2=1.0 - sse / sst if sst > 0 else NAN)
     reason = None
     if boundary == "low":
         reason = (f"the best LR falls as 1/sqrt(B) over the whole range B = {bk.min():g}..{bk.max():g}: the peak "

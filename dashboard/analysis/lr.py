@@ -14,57 +14,58 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from dashboard.analysis._fit import NAN, NAN2, BatchLawFit, empty
 from dashboard.analysis._hyperbola import fit_profile, interval
 from dashboard.analysis.frames import as_frame, by_batch, column, flag, require
 
-_NAN = float("nan")
-_NAN2 = (_NAN, _NAN)
+
+@dataclass(frozen=True)
+class LRLawFit(BatchLawFit):
+    """What both LR laws (SGD's here, Adam's surge law in adam_lr.py) give: eps_max, b_noise and their
+    bootstrap intervals (*_ci at ci_level), the best LRs fitted (`lrs`, one per batch size); fitted is
+    the model's LR there."""
+
+    eps_max: float = NAN
+    b_noise: float = NAN
+    eps_max_ci: tuple[float, float] = NAN2
+    b_noise_ci: tuple[float, float] = NAN2
+    lrs: np.ndarray = field(default_factory=empty)
+
+    def predict(self, batch_size: Any) -> np.ndarray:
+        """eps_opt(B) on the fitted law: each law gives its own."""
+        raise NotImplementedError
+
+    def curve(self, n: int = 100) -> pl.DataFrame:
+        """The fitted curve for plotting: batch_size, lr."""
+        if not self.ok:
+            return pl.DataFrame(schema={"batch_size": pl.Float64, "lr": pl.Float64})
+        b = self.curve_batches(n)
+        return pl.DataFrame({"batch_size": b, "lr": self.predict(b)})
 
 
 @dataclass(frozen=True)
-class LRScalingFit:
+class LRScalingFit(LRLawFit):
     """Result of lr_scaling; `reason` says why there is no fit (numbers are then NaN).
 
     eps_max, b_noise and their bootstrap intervals (*_ci at ci_level); r2 / rmse_log on log LR;
     batch_sizes, lrs, fitted (model LR), residuals (log(lr/fitted)); warnings for caveats.
     """
 
-    eps_max: float = _NAN
-    b_noise: float = _NAN
-    eps_max_ci: tuple[float, float] = _NAN2
-    b_noise_ci: tuple[float, float] = _NAN2
-    ci_level: float = 0.90
-    r2: float = _NAN
-    rmse_log: float = _NAN
-    n_points: int = 0
-    batch_sizes: np.ndarray = field(default_factory=lambda: np.empty(0))
-    lrs: np.ndarray = field(default_factory=lambda: np.empty(0))
-    fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
-    residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
-    reason: str | None = None
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
     def predict(self, batch_size: Any) -> np.ndarray:
         """eps_opt(B) on the fitted curve (NaN when there is no fit)."""
         b = np.asarray(batch_size, dtype=float)
-        return self.eps_max / (1.0 + self.b_noise / b) if self.ok else np.full(b.shape, _NAN)
-
-    def curve(self, n: int = 100) -> pl.DataFrame:
-        """The fitted curve for plotting: batch_size, lr."""
-        if not self.ok:
-            return pl.DataFrame(schema={"batch_size": pl.Float64, "lr": pl.Float64})
-        b = np.exp(np.linspace(np.log(self.batch_sizes.min() / 2), np.log(self.batch_sizes.max() * 2), n))
-        return pl.DataFrame({"batch_size": b, "lr": self.predict(b)})
+        return self.eps_max / (1.0 + self.b_noise / b) if self.ok else np.full(b.shape, NAN)
 
 
-def best_lr_points(
-    best: Any, drop_edges: bool
-) -> tuple[pl.DataFrame, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """The best-LR rows both LR laws fit: (frame, batch sizes, LRs, rows kept, warnings).
+def too_few_reason(n: int, min_batches: int) -> str:
+    """Why an LR law is not fitted to `n` < `min_batches` batch sizes (the same words for both laws)."""
+    what = "no batch size has a best LR" if n == 0 else f"only {n} batch size(s) with a best LR"
+    return f"{what}; the fit needs at least {min_batches}"
+
+
+def best_lr_points(best: Any, drop_edges: bool) -> tuple[pl.DataFrame, np.ndarray, np.ndarray, list[str]]:
+    """The best-LR points both LR laws fit: (frame, batch sizes, LRs, warnings), one LR per batch size
+    (the geometric mean if several rows were given), positive and finite.
 
     One target only; rows that did not reach it are left out, and a best LR at the edge of its grid is
     a warning (or left out with `drop_edges`): the SGD and Adam fits then see the same points.
@@ -84,7 +85,9 @@ def best_lr_points(
             warnings.append(f"left out B = {bs}: best LR at the edge of the grid")
         else:
             warnings.append(f"best LR at the edge of the LR grid for B = {bs}: only a bound there")
-    return f, b, lr, keep, warnings
+    keep &= np.isfinite(lr) & (lr > 0) & np.isfinite(b) & (b > 0)
+    b, lr = by_batch(b[keep], lr[keep], "geomean")
+    return f, b, lr, warnings
 
 
 def lr_scaling(
@@ -106,17 +109,13 @@ def lr_scaling(
     largest batch). Pass optimizer="adam" (or keep an `optimizer` column) to be warned that the law is
     derived for SGD.
     """
-    f, b, lr, keep, warnings = best_lr_points(best, drop_edges)
+    f, b, lr, warnings = best_lr_points(best, drop_edges)
     opt = optimizer or (f["optimizer"].drop_nulls().first() if "optimizer" in f.columns else None)
     if opt and str(opt).lower().startswith("adam"):
         warnings.append("eps_opt(B) = eps_max/(1 + B_noise/B) is derived for SGD; Adam's best LR scales differently")
-    keep &= np.isfinite(lr) & (lr > 0) & np.isfinite(b) & (b > 0)
-    # one LR per batch size: the geometric mean if several rows were given
-    b, lr = by_batch(b[keep], lr[keep], "geomean")
     base = dict(batch_sizes=b, lrs=lr, n_points=len(b), ci_level=ci)
     if len(b) < min_batches:
-        what = "no batch size has a best LR" if len(b) == 0 else f"only {len(b)} batch size(s) with a best LR"
-        return LRScalingFit(reason=f"{what}; the fit needs at least {min_batches}", warnings=tuple(warnings), **base)
+        return LRScalingFit(reason=too_few_reason(len(b), min_batches), warnings=tuple(warnings), **base)
     p = fit_profile(b, np.log(lr), sign=-1.0, n_boot=n_boot, seed=seed)
     base.update(fitted=np.exp(p.fitted), residuals=p.residuals, r2=p.r2, rmse_log=p.rmse)
     if p.boundary == "low":

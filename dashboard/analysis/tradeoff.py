@@ -15,16 +15,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from dashboard.analysis._fit import NAN, NAN2, BatchLawFit, empty
 from dashboard.analysis._hyperbola import fit_profile, interval
 from dashboard.analysis.best import best_per_batch
 from dashboard.analysis.frames import as_frame, by_batch, column, flag, require
 
-_NAN = float("nan")
-_NAN2 = (_NAN, _NAN)
-
 
 @dataclass(frozen=True)
-class TradeoffFit:
+class TradeoffFit(BatchLawFit):
     """Result of fit_tradeoff. When no fit can be made, `reason` says why and the numbers are NaN.
 
     b_crit, s_min, e_min: the fit; *_ci: bootstrap percentile intervals at `ci_level` (an end may be
@@ -33,39 +31,25 @@ class TradeoffFit:
     warnings: caveats that do not stop the fit (extrapolated B_crit, best LR at the grid edge, ...).
     """
 
-    b_crit: float = _NAN
-    s_min: float = _NAN
-    e_min: float = _NAN
-    b_crit_ci: tuple[float, float] = _NAN2
-    s_min_ci: tuple[float, float] = _NAN2
-    e_min_ci: tuple[float, float] = _NAN2
-    ci_level: float = 0.90
-    r2: float = _NAN
-    rmse_log: float = _NAN
-    n_points: int = 0
-    batch_sizes: np.ndarray = field(default_factory=lambda: np.empty(0))
-    steps: np.ndarray = field(default_factory=lambda: np.empty(0))
-    fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
-    residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    b_crit: float = NAN
+    s_min: float = NAN
+    e_min: float = NAN
+    b_crit_ci: tuple[float, float] = NAN2
+    s_min_ci: tuple[float, float] = NAN2
+    e_min_ci: tuple[float, float] = NAN2
+    steps: np.ndarray = field(default_factory=empty)
     n_boot: int = 0
-    reason: str | None = None
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
 
     def predict(self, batch_size: Any) -> np.ndarray:
         """S(B) = S_min + E_min/B on the fitted frontier (NaN when there is no fit)."""
         b = np.asarray(batch_size, dtype=float)
-        return self.s_min + self.e_min / b if self.ok else np.full(b.shape, _NAN)
+        return self.s_min + self.e_min / b if self.ok else np.full(b.shape, NAN)
 
     def frontier(self, n: int = 100) -> pl.DataFrame:
         """The fitted curve for plotting: batch_size, steps, examples over (and a little beyond) the data."""
         if not self.ok:
             return pl.DataFrame(schema={"batch_size": pl.Float64, "steps": pl.Float64, "examples": pl.Float64})
-        lo, hi = np.log(self.batch_sizes.min() / 2), np.log(self.batch_sizes.max() * 2)
-        b = np.exp(np.linspace(lo, hi, n))
+        b = self.curve_batches(n)
         s = self.predict(b)
         return pl.DataFrame({"batch_size": b, "steps": s, "examples": b * s})
 
@@ -213,7 +197,7 @@ def tradeoff_vs_target(
     """
     best = best_per_batch(hits, runs, rtol=rtol)
     if "target" not in best.columns:
-        best = best.with_columns(target=pl.lit(_NAN))
+        best = best.with_columns(target=pl.lit(NAN))
     wanted = sorted(set(best["target"].to_list()) if targets is None else set(targets), reverse=True)
     parts = {k[0]: v for k, v in best.partition_by("target", as_dict=True).items()}
     rows = []
@@ -223,13 +207,13 @@ def tradeoff_vs_target(
         ok = flag(sub, "reached") & ~flag(sub, "censored") & (column(sub, "n_noise") > 0)
         per_run = column(sub, "b_simple")[ok]
         per_run = per_run[np.isfinite(per_run)]
-        q = np.quantile(per_run, [0.25, 0.5, 0.75]) if per_run.size else np.full(3, _NAN)
+        q = np.quantile(per_run, [0.25, 0.5, 0.75]) if per_run.size else np.full(3, NAN)
         n = column(sub, "n_noise")[ok]
         g, tr = float((column(sub, "g2")[ok] * n).sum()), float((column(sub, "trace_sigma")[ok] * n).sum())
         rows.append({
             "target": float(t), "b_crit": fit.b_crit, "b_crit_lo": fit.b_crit_ci[0], "b_crit_hi": fit.b_crit_ci[1],
             "s_min": fit.s_min, "e_min": fit.e_min, "r2": fit.r2, "n_batches": fit.n_points,
-            "b_simple": tr / g if ok.any() and g != 0 else _NAN,
+            "b_simple": tr / g if ok.any() and g != 0 else NAN,
             "b_simple_median": float(q[1]), "b_simple_q25": float(q[0]), "b_simple_q75": float(q[2]),
             "n_noise_runs": int(ok.sum()), "reason": fit.reason, "warnings": list(fit.warnings),
         })
