@@ -104,19 +104,26 @@ def start_server(db: Path, tmp: Path, *args: str, headers: dict | None = None, w
                  env: dict | None = None) -> Server:
     """Start `python -m dashboard --db DB` on a free port (`env`: extra variables) and wait until /healthz answers."""
     port = free_port()
-    err = tmp / f"dashboard-{port}.err"
-    proc = subprocess.Popen([sys.executable, "-m", "dashboard", "--db", str(db), "--port", str(port), *args],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err.open("w"), env={**os.environ, **(env or {})})
+    cmd = [sys.executable, "-m", "dashboard", "--db", str(db), "--port", str(port), *args]
+    return launch(cmd, tmp / f"dashboard-{port}.err", port, headers=headers, wait_s=wait_s, env=env)
+
+
+def launch(cmd: list[str], err: Path, port: int, *, headers: dict | None = None, wait_s: float = 120,
+           env: dict | None = None, what: str = "dashboard") -> Server:
+    """Run `cmd`, a server listening on `port` (stderr to `err`, `env`: extra variables), and return it once
+    /healthz answers: the dashboard here, `python -m collector serve` in test_remote."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err.open("w"),
+                            env={**os.environ, **(env or {})})
     server = Server(proc, f"http://127.0.0.1:{port}", err, headers=dict(headers or {}))
     end = time.monotonic() + wait_s
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"dashboard exited: {server.stderr()}")
+            raise RuntimeError(f"{what} exited: {server.stderr()}")
         try:
             if server.request("/healthz", timeout=5).status == 200:
                 return server
         except OSError:
             pass
-        time.sleep(0.3)
+        time.sleep(0.2)
     server.stop()
-    raise RuntimeError("dashboard did not start")
+    raise RuntimeError(f"{what} did not start")

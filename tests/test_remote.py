@@ -18,7 +18,7 @@ import pyarrow.ipc as ipc
 import pytest
 
 from collector.store import read_connection
-from tests.dashboard_server import ROOT, Server, free_port, start_server
+from tests.dashboard_server import ROOT, Server, free_port, launch, start_server
 
 TOKEN = "remote-test-secret"
 
@@ -53,23 +53,9 @@ def writer(url: str, name: str, n: int, pause: float, spool: Path, token: str | 
 
 def serve(db: Path, tmp: Path, port: int, auth: bool = True, env: dict | None = None) -> Server:
     """`python -m collector serve` on `port`, once /healthz answers."""
-    err = tmp / f"serve-{port}-{time.monotonic_ns()}.err"
     cmd = [sys.executable, "-m", "collector", "serve", "--db", str(db), "--port", str(port)]
-    proc = subprocess.Popen(cmd + (["--auth", f"token:{TOKEN}"] if auth else []), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=err.open("w"), env={**os.environ, **(env or {})})
-    server = Server(proc, f"http://127.0.0.1:{port}", err, headers={"Authorization": f"Bearer {TOKEN}"})
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"collector serve exited: {server.stderr()}")
-        try:
-            if server.request("/healthz", timeout=5).status == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError("collector serve did not start")
+    return launch(cmd + (["--auth", f"token:{TOKEN}"] if auth else []), tmp / f"serve-{port}-{time.monotonic_ns()}.err",
+                  port, headers={"Authorization": f"Bearer {TOKEN}"}, wait_s=60, env=env, what="collector serve")
 
 
 def ship_later(url: str, spool: Path, token: str = TOKEN) -> subprocess.CompletedProcess:
