@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.trainer_helpers import one_torch_thread, per_example_grads, small_models
 from trainer.noise import GradientNoise
@@ -80,6 +81,35 @@ def test_create_graph_backward_gives_the_same_ingredients_and_no_graph(name):
     assert graph.complete and not graph.g_small_sq.requires_grad
     assert torch.equal(graph.g_small_sq, plain.g_small_sq)
     assert torch.equal(graph.g_big_sq.detach(), plain.g_big_sq)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ATen ops that read a tensor's value back to the host (.item(), float(), bool(): a device
+    synchronisation on an accelerator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("transformer", True, 1),
+                                                         ("cnn", True, 2), ("mlp", False, 2)])
+def test_measuring_reads_nothing_back_to_the_host(name, per_example, k):
+    """Hooks, rules and step() keep every value on the device: no host read per step (on a GPU each would
+    stall the queue of kernels the Python runs ahead of)."""
+    model, loss_fn, x, y, _ = setup(name)
+    gns = GradientNoise(model, per_example=per_example)
+    micro_steps(model, loss_fn, x, y, k)
+    gns.step()  # the first step builds the plan
+    with _HostReads() as mode:
+        micro_steps(model, loss_fn, x, y, k)
+        s = gns.step()
+    assert s.complete and mode.reads == 0
+    assert s.as_dict()["g_small_sq"] > 0  # (the one read, when the loop logs it)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
