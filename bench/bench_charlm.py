@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import collector  # noqa: E402
 import trainer.train as train_module  # noqa: E402
-from bench.trainer_common import NullRun, device_label, interleave, ratio, sync  # noqa: E402
+from bench.trainer_common import NullRun, device_label, interleave, noise_step, ratio, step_loop, sync  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.curvature import CurvatureProbe  # noqa: E402
 from trainer.noise import GradientNoise  # noqa: E402
@@ -55,20 +55,11 @@ def bare(task, batch: int, steps: int, device: str, noise: bool = False) -> tupl
     model = task.build_model().to(task.device)
     opt = make_optimizer(config(batch, steps, device), model)
     gns = GradientNoise(model, warn=False) if noise else None
-    kept = []
-    sync(task.device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        x, y = task.next_batch(batch)
-        opt.zero_grad(set_to_none=True)
-        task.loss_fn(model(x), y).backward()
-        if gns is not None:
-            s = gns.step()
-            kept.append((s.g_small_sq, s.g_big_sq))
-        opt.step()
-    _ = {k: float(v[0]) for k, v in task.evaluate(model).items()}
-    sync(task.device)
-    out = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    def evaluate() -> None:
+        _ = {k: float(v[0]) for k, v in task.evaluate(model).items()}
+
+    out = step_loop(task, model, opt, batch, steps, after_backward=noise_step(gns),
+                    after_loop=evaluate)
     if gns is not None:
         gns.close()
     return out
@@ -97,11 +88,7 @@ def curvature_cost(task, batch: int, device: str) -> tuple[float, float, int, in
     torch.manual_seed(0)
     model = task.build_model().to(task.device)
     opt = make_optimizer(config(batch, 30, device), model)
-    for _ in range(30):
-        x, y = task.next_batch(batch)
-        opt.zero_grad(set_to_none=True)
-        task.loss_fn(model(x), y).backward()
-        opt.step()
+    step_loop(task, model, opt, batch, 30)
 
     class Quiet:
         def log(self, *a, **k) -> None:

@@ -42,7 +42,7 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import collector  # noqa: E402
-from bench.trainer_common import NullRun, device_label, interleave, ratio, sync  # noqa: E402
+from bench.trainer_common import NullRun, device_label, interleave, noise_step, ratio, step_loop, sync  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.noise import GradientNoise, _sq_norm  # noqa: E402
 from trainer.per_example import rule_for  # noqa: E402
@@ -60,23 +60,7 @@ def bare(task, batch: int, steps: int, accum: int = 1, noise: dict | None = None
     model = task.build_model().to(task.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gns = GradientNoise(model, warn=False, **noise) if noise is not None else None
-    kept = []
-    sync(task.device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        x, y = task.next_batch(batch)
-        opt.zero_grad(set_to_none=True)
-        if accum == 1:
-            task.loss_fn(model(x), y).backward()
-        else:
-            for xk, yk in zip(x.chunk(accum), y.chunk(accum), strict=True):
-                (task.loss_fn(model(xk), yk) / accum).backward()
-        if gns is not None:
-            s = gns.step()
-            kept.append((s.g_small_sq, s.g_big_sq))
-        opt.step()
-    sync(task.device)
-    out = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    out = step_loop(task, model, opt, batch, steps, accum, noise_step(gns))
     if gns is not None:
         gns.close()
     return out
@@ -127,7 +111,7 @@ def floor_hooks(task, batch: int, steps: int) -> tuple[float, float]:
     handles = [m.register_forward_hook(on_output) for m in _covered(model)]
     handles.append(model.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True))
     try:
-        return _timed(task, model, opt, batch, steps)
+        return step_loop(task, model, opt, batch, steps)
     finally:
         for h in handles:
             h.remove()
@@ -154,21 +138,7 @@ def floor_math(task, batch: int, steps: int) -> tuple[float, float]:
         terms = [rule(m, a, d) for m, rule, a, d in pairs]
         _ = torch.stack(terms).sum().mul_(float(batch)), _sq_norm([p.grad for p in params], 1.0)
 
-    return _timed(task, model, opt, batch, steps, extra)
-
-
-def _timed(task, model, opt, batch: int, steps: int, after_backward=None) -> tuple[float, float]:
-    sync(task.device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        x, y = task.next_batch(batch)
-        opt.zero_grad(set_to_none=True)
-        task.loss_fn(model(x), y).backward()
-        if after_backward is not None:
-            after_backward()
-        opt.step()
-    sync(task.device)
-    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    return step_loop(task, model, opt, batch, steps, after_backward=extra)
 
 
 def trainer_run(task_name: str, task, batch: int, steps: int, db: Path | None, device: str,
