@@ -39,6 +39,7 @@ from dashboard.analysis import (  # noqa: E402
     tradeoff_vs_target,
 )
 from schema import ensure_schema, refresh_run_stats  # noqa: E402
+from schema.frames import insert_rows  # noqa: E402
 
 B_CRIT, S_MIN, EPS_MAX = 128.0, 500.0, 0.8
 BATCHES = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -62,12 +63,8 @@ def build_store(db: Path, n_runs: int, n_steps: int, seed: int = 0) -> None:
 
     def flush() -> None:
         if parts:
-            con.register("_s", pa.concat_tables(parts))
-            con.execute("INSERT INTO steps BY NAME SELECT * FROM _s")
-            con.unregister("_s")
-            con.register("_e", pa.concat_tables(ev_parts))
-            con.execute("INSERT INTO evals BY NAME SELECT * FROM _e")
-            con.unregister("_e")
+            insert_rows(con, "steps", pa.concat_tables(parts))
+            insert_rows(con, "evals", pa.concat_tables(ev_parts))
         parts.clear()
         ev_parts.clear()
 
@@ -117,8 +114,7 @@ def build_store(db: Path, n_runs: int, n_steps: int, seed: int = 0) -> None:
         if len(parts) >= 50:
             flush()
     flush()
-    con.register("_r", pa.Table.from_pylist(run_rows))
-    con.execute("INSERT INTO runs BY NAME SELECT * FROM _r")
+    insert_rows(con, "runs", pa.Table.from_pylist(run_rows))
     refresh_run_stats(con)
     con.execute("CHECKPOINT")
     con.close()

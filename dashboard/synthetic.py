@@ -104,6 +104,7 @@ def make_store(
 ) -> Path:
     """Create (or extend) a store at `db` with `n_runs` synthetic runs of up to `steps` steps each."""
     from schema import ensure_schema, refresh_run_stats
+    from schema.frames import insert_rows
 
     db = Path(db)
     rng = np.random.default_rng(seed)
@@ -121,12 +122,8 @@ def make_store(
         def flush() -> None:
             nonlocal step_parts, eval_parts, pending
             if step_parts:
-                con.register("_s", pa.concat_tables(step_parts))
-                con.execute("INSERT INTO steps BY NAME SELECT * FROM _s")
-                con.unregister("_s")
-                con.register("_e", pa.concat_tables(eval_parts))
-                con.execute("INSERT INTO evals BY NAME SELECT * FROM _e")
-                con.unregister("_e")
+                insert_rows(con, "steps", pa.concat_tables(step_parts))
+                insert_rows(con, "evals", pa.concat_tables(eval_parts))
             step_parts, eval_parts, pending = [], [], 0
 
         for i, (batch, mult, s) in enumerate(_sweep_grid(n_runs, seeds)):
@@ -159,9 +156,7 @@ def make_store(
             if pending > 2_000_000:
                 flush()
         flush()
-        con.register("_r", pa.Table.from_pylist(run_rows))
-        con.execute("INSERT INTO runs BY NAME SELECT * FROM _r")
-        con.unregister("_r")
+        insert_rows(con, "runs", pa.Table.from_pylist(run_rows))
         refresh_run_stats(con)
         con.execute("CHECKPOINT")
     finally:

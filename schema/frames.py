@@ -23,6 +23,15 @@ _TABLES = {t.name: [c.name for c in t.columns] for t in (*DATA_TABLES, *DERIVED_
 _FILLED: set[str] = set()  # tables of the in-memory store holding rows from the last call
 
 
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Any) -> None:
+    """Append an Arrow table (or a polars frame) to a store table, columns matched by name (the others NULL)."""
+    con.register("_rows", rows.to_arrow() if isinstance(rows, pl.DataFrame) else rows)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rows")
+    finally:
+        con.unregister("_rows")
+
+
 def _connection() -> duckdb.DuckDBPyConnection:
     """One in-memory store per process (creating the schema costs ~0.1 s), emptied before each use."""
     global _CON
@@ -82,11 +91,7 @@ def evaluate(query: str, params: dict | list | None = None, **tables: Any) -> pl
                 if not cols or frame.height == 0:
                     continue
                 _FILLED.add(name)
-                con.register("_frame", frame.select(cols).to_arrow())
-                try:
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _frame")
-                finally:
-                    con.unregister("_frame")
+                insert_rows(con, name, frame.select(cols))
             for name, frame in extra.items():
                 con.register(name, frame.to_arrow())
             try:
