@@ -132,36 +132,51 @@ def eval_seconds(task) -> float:
     return statistics.median(out)
 
 
+def per_config(sz: Sizes, device: torch.device, deadline: float, data: dict, gap: int,
+               row: Callable[[str, int, object, float], str]) -> list[str]:
+    """One table row per (task, batch) of sz.configs, each given an equal share of the time left:
+    row(name, batch, task, share's end). A config past the budget, or one that fails, gets a row saying
+    so (after `gap` empty cells) and the others still run; a failure's traceback goes to data["errors"]."""
+    from trainer.tasks import make_task
+
+    lines = []
+    for i, (name, batch) in enumerate(sz.configs):
+        lead = f"| {name} | {'| ' * gap}{batch} |"
+        try:
+            end = share_of(deadline, i, len(sz.configs))
+            if end is None:
+                lines.append(f"{lead} skipped: the part's budget is spent |")
+                continue
+            lines.append(row(name, batch, make_task(name, sz.task_options(name), device, seed=0), end))
+        except Exception as exc:  # noqa: BLE001 - one config's failure keeps the others
+            lines.append(f"{lead} FAILED: {_short(exc)} |")
+            data.setdefault("errors", []).append(traceback.format_exc())
+    return lines
+
+
 def part_trainer(sz: Sizes, device: torch.device, deadline: float, data: dict) -> list[str]:
     from bench.trainer_common import ratio
-    from trainer.tasks import make_task
 
     lines = ["| task | model | B | bare ms/step | trainer, nothing stored | + logging to the store "
              "| default (noise every step) | final eval, subtracted | repeats x steps |", "|" + "---|" * 9]
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "trainer.duckdb"
-        for i, (name, batch) in enumerate(sz.configs):
-            try:
-                end = share_of(deadline, i, len(sz.configs))
-                if end is None:
-                    lines.append(f"| {name} | | {batch} | skipped: the part's budget is spent |")
-                    continue
-                task = make_task(name, sz.task_options(name), device, seed=0)
-                variants = trainer_variants(name, task, batch, db)
-                times, steps = interleave_until(variants, sz.steps, end, sz.max_repeats)
-                ev = eval_seconds(task)
-                for v in ("loop", "logging", "default"):  # the trainer's clock includes its final evaluation
-                    times[v] = [(w - ev / steps, c) for w, c in times[v]]
-                ms = {v: 1e3 * statistics.median(t[0] for t in times[v]) for v in variants}
-                r = {v: ratio(times, v, "bare", 0) for v in variants if v != "bare"}
-                data.setdefault("trainer", []).append({"task": name, "batch": batch, "steps": steps, "ms": ms,
-                                                       "ratio": r, "eval_ms": 1e3 * ev, "times": times})
-                cells = " | ".join(f"{ms[v]:.3f} ms ({r[v]:.2f}x)" for v in ("loop", "logging", "default"))
-                lines.append(f"| {name} | {task.model_name} | {batch} | {ms['bare']:.3f} | {cells} "
-                             f"| {1e3 * ev:.1f} ms | {len(times['bare'])} x {steps} |")
-            except Exception as exc:  # noqa: BLE001 - one config's failure keeps the others
-                lines.append(f"| {name} | | {batch} | FAILED: {_short(exc)} |")
-                data.setdefault("errors", []).append(traceback.format_exc())
+
+        def row(name: str, batch: int, task, end: float) -> str:
+            variants = trainer_variants(name, task, batch, db)
+            times, steps = interleave_until(variants, sz.steps, end, sz.max_repeats)
+            ev = eval_seconds(task)
+            for v in ("loop", "logging", "default"):  # the trainer's clock includes its final evaluation
+                times[v] = [(w - ev / steps, c) for w, c in times[v]]
+            ms = {v: 1e3 * statistics.median(t[0] for t in times[v]) for v in variants}
+            r = {v: ratio(times, v, "bare", 0) for v in variants if v != "bare"}
+            data.setdefault("trainer", []).append({"task": name, "batch": batch, "steps": steps, "ms": ms,
+                                                   "ratio": r, "eval_ms": 1e3 * ev, "times": times})
+            cells = " | ".join(f"{ms[v]:.3f} ms ({r[v]:.2f}x)" for v in ("loop", "logging", "default"))
+            return (f"| {name} | {task.model_name} | {batch} | {ms['bare']:.3f} | {cells} "
+                    f"| {1e3 * ev:.1f} ms | {len(times['bare'])} x {steps} |")
+
+        lines += per_config(sz, device, deadline, data, 1, row)
     lines += ["", "Ratios: median over repeats of (trainer / bare of the same repeat), wall clock; the trainer "
                        "is bench_trainer.py's trainer_run (SGD, lr 0.01), the bare loop its bare()."]
     return lines
@@ -169,40 +184,33 @@ def part_trainer(sz: Sizes, device: torch.device, deadline: float, data: dict) -
 
 def part_noise(sz: Sizes, device: torch.device, deadline: float, data: dict) -> list[str]:
     from bench.bench_noise_overhead import chunk_times, clock_for, count_ops, make_loops, quantile
-    from trainer.tasks import make_task
 
     lines = ["| task | B | bare ms/step | per-example K=1, p10 (median) | bare K=4 ms/step "
              "| K=4 micro-batch hooks, p10 (median) | ATen ops/step bare, pe, bare4, k4 | rounds x chunk |",
              "|" + "---|" * 8]
-    for i, (name, batch) in enumerate(sz.configs):
-        try:
-            end = share_of(deadline, i, len(sz.configs))
-            if end is None:
-                lines.append(f"| {name} | {batch} | skipped: the part's budget is spent |")
-                continue
-            task = make_task(name, sz.task_options(name), device, seed=0)
-            loops, clock = make_loops(task, batch), clock_for(device)
-            t0 = clock()
-            for loop in loops.values():  # warm-up, and a step of each loop's cost, to size what follows
-                loop.steps(2)
-            round_s = (clock() - t0) / 2
-            counts = (20, 10) if 30 * round_s < (end - time.perf_counter()) / 4 else (0, 1)
-            ops = count_ops(loops, *counts)
-            chunk = max(1, min(sz.chunk, int((end - time.perf_counter()) / (10 * round_s))))  # >= ~10 rounds
-            times = chunk_times(loops, chunk, sz.max_rounds, clock, deadline=end)
 
-            def q(v: str, p: float, times=times) -> float:
-                return quantile(times[v], p)
+    def row(name: str, batch: int, task, end: float) -> str:
+        loops, clock = make_loops(task, batch), clock_for(device)
+        t0 = clock()
+        for loop in loops.values():  # warm-up, and a step of each loop's cost, to size what follows
+            loop.steps(2)
+        round_s = (clock() - t0) / 2
+        counts = (20, 10) if 30 * round_s < (end - time.perf_counter()) / 4 else (0, 1)
+        ops = count_ops(loops, *counts)
+        chunk = max(1, min(sz.chunk, int((end - time.perf_counter()) / (10 * round_s))))  # >= ~10 rounds
+        times = chunk_times(loops, chunk, sz.max_rounds, clock, deadline=end)
 
-            data.setdefault("noise", []).append({"task": name, "batch": batch, "ops": ops, "times": times})
-            lines.append(f"| {name} | {batch} | {1e3 * q('bare', 0.1):.3f} | {q('pe', 0.1) / q('bare', 0.1):.2f}x "
-                         f"({q('pe', 0.5) / q('bare', 0.5):.2f}x) | {1e3 * q('bare4', 0.1):.3f} | "
-                         f"{q('k4', 0.1) / q('bare4', 0.1):.2f}x ({q('k4', 0.5) / q('bare4', 0.5):.2f}x) | "
-                         + ", ".join(f"{ops[k]:.0f}" for k in ("bare", "pe", "bare4", "k4"))
-                         + f" | {len(times['bare'])} x {chunk} |")
-        except Exception as exc:  # noqa: BLE001
-            lines.append(f"| {name} | {batch} | FAILED: {_short(exc)} |")
-            data.setdefault("errors", []).append(traceback.format_exc())
+        def q(v: str, p: float) -> float:
+            return quantile(times[v], p)
+
+        data.setdefault("noise", []).append({"task": name, "batch": batch, "ops": ops, "times": times})
+        return (f"| {name} | {batch} | {1e3 * q('bare', 0.1):.3f} | {q('pe', 0.1) / q('bare', 0.1):.2f}x "
+                f"({q('pe', 0.5) / q('bare', 0.5):.2f}x) | {1e3 * q('bare4', 0.1):.3f} | "
+                f"{q('k4', 0.1) / q('bare4', 0.1):.2f}x ({q('k4', 0.5) / q('bare4', 0.5):.2f}x) | "
+                + ", ".join(f"{ops[k]:.0f}" for k in ("bare", "pe", "bare4", "k4"))
+                + f" | {len(times['bare'])} x {chunk} |")
+
+    lines += per_config(sz, device, deadline, data, 0, row)
     lines += ["", "Each chunk timed by the wall clock between device synchronisations (thread CPU time on the "
                        "CPU); p10 and median over chunks, ratio of the same quantiles."]
     return lines
