@@ -36,12 +36,30 @@ def page_header(title: str, lede: str, controls=None) -> html.Div:
     )
 
 
-def scope_dropdown(id: str) -> html.Div:
+def page_layout(prefix: str, title: str, lede: str, controls: list, body: list, above: Sequence = ()) -> html.Div:
+    """An analysis page: its header with the controls, the slot `{prefix}-problem` for store_problem's message,
+    `above` (shown while the page computes), then `body` under one loading spinner."""
     return html.Div(
-        [html.Label("Runs", htmlFor=id, className="control-label"),
-         dcc.Dropdown(id=id, clearable=False, searchable=False, className="scope-dropdown")],
-        className="control",
+        [page_header(title, lede, controls), html.Div(id=f"{prefix}-problem"), *above,
+         dcc.Loading(body, type="default", delay_show=500)]
     )
+
+
+def control(label: str, child, *, extra: str = "", html_for: str | None = None) -> html.Div:
+    """A labelled control of a page's header bar (`extra`: more classes, e.g. "control-wide")."""
+    tag = html.Label(label, htmlFor=html_for, className="control-label") if html_for \
+        else html.Label(label, className="control-label")
+    return html.Div([tag, child], className=f"control {extra}" if extra else "control")
+
+
+def radio_control(label: str, id: str, value, options: list[dict]) -> html.Div:
+    """A labelled row of radio buttons, the pages' one look for a small choice."""
+    return control(label, dcc.RadioItems(id=id, value=value, inline=True, className="radio", options=options))
+
+
+def scope_dropdown(id: str) -> html.Div:
+    return control("Runs", dcc.Dropdown(id=id, clearable=False, searchable=False, className="scope-dropdown"),
+                   html_for=id)
 
 
 def scope_callback(dropdown_id: str) -> None:
@@ -79,6 +97,17 @@ def scope_options(db: Path, selected: Sequence[str] | None, current: str | None 
     else:
         value = ALL
     return opts, value
+
+
+def page_scope(scope: str | None, selected: Sequence[str] | None) -> tuple[Path, list[str], str, html.Div | None]:
+    """What a page's callback starts from: (store, run ids of its scope, the scope's label, None), or, when the
+    store is missing, empty or unreadable, (store, [], "", the message to show in place of the page)."""
+    db = queries.current_db()
+    problem = store_problem(db)
+    if problem is not None:
+        return db, [], "", problem
+    runs, label = resolve_scope(db, scope, selected)
+    return db, runs["run_id"].to_list(), label, None
 
 
 def resolve_scope(db: Path, scope: str | None, selected: Sequence[str] | None) -> tuple[pl.DataFrame, str]:
@@ -138,20 +167,15 @@ def group_controls(prefix: str) -> list[html.Div]:
     from dashboard.grouping import REPLICAS
 
     return [
-        html.Div([html.Label("Group by", htmlFor=f"{prefix}-group", className="control-label"),
-                  dcc.Dropdown(id=f"{prefix}-group", multi=True, value=[], placeholder="no grouping",
-                               options=[{"label": "seed replicas (all but seed)", "value": REPLICAS}],
-                               className="group-dropdown")],
-                 className="control control-wide"),
-        html.Div([html.Label("Group line", className="control-label"),
-                  dcc.RadioItems(id=f"{prefix}-stat", value="mean", inline=True, className="radio",
-                                 options=[{"label": "mean", "value": "mean"}, {"label": "median", "value": "median"}])],
-                 className="control"),
-        html.Div([html.Label("Band", className="control-label"),
-                  dcc.RadioItems(id=f"{prefix}-band", value="minmax", inline=True, className="radio",
-                                 options=[{"label": "min–max", "value": "minmax"}, {"label": "95 % CI", "value": "ci95"},
-                                          {"label": "±1 sd", "value": "std"}, {"label": "none", "value": "none"}])],
-                 className="control"),
+        control("Group by", dcc.Dropdown(id=f"{prefix}-group", multi=True, value=[], placeholder="no grouping",
+                                         options=[{"label": "seed replicas (all but seed)", "value": REPLICAS}],
+                                         className="group-dropdown"),
+                extra="control-wide", html_for=f"{prefix}-group"),
+        radio_control("Group line", f"{prefix}-stat", "mean",
+                      [{"label": "mean", "value": "mean"}, {"label": "median", "value": "median"}]),
+        radio_control("Band", f"{prefix}-band", "minmax",
+                      [{"label": "min–max", "value": "minmax"}, {"label": "95 % CI", "value": "ci95"},
+                       {"label": "±1 sd", "value": "std"}, {"label": "none", "value": "none"}]),
     ]
 
 

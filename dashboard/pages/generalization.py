@@ -9,18 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from dash import Input, Output, State, callback, dcc, html
+from dash import Input, Output, State, callback, html
 
 from dashboard import analysis, queries
 from dashboard.analysis.generalization import _spearman
 from dashboard.components import (
     graph_panel,
-    page_header,
+    page_layout,
+    page_scope,
+    radio_control,
     register_page,
-    resolve_scope,
     scope_callback,
     scope_dropdown,
-    store_problem,
 )
 from dashboard.theme import ACCENT, arr, batch_color, empty_figure, figure, fmt, note, plural, stat
 
@@ -172,31 +172,20 @@ def gap_view(db: Path, run_ids: list[str], at: str, gap: str) -> dict:
 
 
 def layout(**_kwargs):
-    return html.Div(
-        [
-            page_header(
-                "Generalization",
-                "Do large batches generalize worse (Keskar et al. 2016), and is it the batch size or the SGD noise "
-                "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)?",
-                [scope_dropdown("gen-scope"),
-                 html.Div([html.Label("Gap", className="control-label"),
-                           dcc.RadioItems(id="gen-gap", value="gap_loss", inline=True, className="radio",
-                                          options=[{"label": "loss", "value": "gap_loss"},
-                                                   {"label": "accuracy", "value": "gap_accuracy"}])], className="control"),
-                 html.Div([html.Label("Read at", className="control-label"),
-                           dcc.RadioItems(id="gen-at", value="train_loss", inline=True, className="radio",
-                                          options=[{"label": "matched training loss", "value": "train_loss"},
-                                                   {"label": "matched examples", "value": "matched"},
-                                                   {"label": "end of training", "value": "end"}])], className="control")],
-            ),
-            html.Div(id="gen-problem"),
-            dcc.Loading([
-                html.Div(id="gen-stats", className="stats"),
-                html.Div(id="gen-notes"),
-                html.Div([graph_panel("gen-vs-batch"), graph_panel("gen-sharpness")], className="grid-2"),
-                graph_panel("gen-vs-noise"),
-            ], type="default", delay_show=500),
-        ]
+    return page_layout(
+        "gen", "Generalization",
+        "Do large batches generalize worse (Keskar et al. 2016), and is it the batch size or the SGD noise "
+        "scale g = εN/(B(1−m)) that matters (Smith et al. 2017)?",
+        [scope_dropdown("gen-scope"),
+         radio_control("Gap", "gen-gap", "gap_loss", [{"label": "loss", "value": "gap_loss"},
+                                                      {"label": "accuracy", "value": "gap_accuracy"}]),
+         radio_control("Read at", "gen-at", "train_loss", [{"label": "matched training loss", "value": "train_loss"},
+                                                           {"label": "matched examples", "value": "matched"},
+                                                           {"label": "end of training", "value": "end"}])],
+        [html.Div(id="gen-stats", className="stats"),
+         html.Div(id="gen-notes"),
+         html.Div([graph_panel("gen-vs-batch"), graph_panel("gen-sharpness")], className="grid-2"),
+         graph_panel("gen-vs-noise")],
     )
 
 
@@ -217,11 +206,9 @@ scope_callback("gen-scope")
     State("selected-runs", "data"),
 )
 def update_generalization(scope, gap, at, _version, selected):
-    db = queries.current_db()
-    problem = store_problem(db)
+    db, ids, _, problem = page_scope(scope, selected)
     if problem is not None:
         blank = empty_figure("")
         return blank, blank, blank, [], [], problem
-    runs, _ = resolve_scope(db, scope, selected)
-    view = generalization_view(db, runs["run_id"].to_list(), at or "train_loss", gap or "gap_loss")
+    view = generalization_view(db, ids, at or "train_loss", gap or "gap_loss")
     return view["batch"], view["noise"], view["sharpness"], view["stats"], view["notes"], None

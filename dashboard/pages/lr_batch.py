@@ -15,13 +15,14 @@ from plotly.colors import get_colorscale, sample_colorscale
 from dashboard import analysis, queries, sweeps
 from dashboard.analysis.adam_lr import AdamLRFit, adam_lr_scaling
 from dashboard.components import (
+    control,
     graph_panel,
-    page_header,
+    page_layout,
+    page_scope,
+    radio_control,
     register_page,
-    resolve_scope,
     scope_callback,
     scope_dropdown,
-    store_problem,
 )
 from dashboard.theme import (
     ACCENT,
@@ -300,31 +301,21 @@ def lr_batch_view(db: Path, run_ids: list[str], metric: str = "final_loss", axis
 
 
 def layout(**_kwargs):
-    return html.Div(
-        [
-            page_header(
-                "LR × batch",
-                "Every (batch size, learning rate) cell of a sweep: which trained, which diverged, which stalled (their "
-                "loss never left its starting value, e.g. chance: a failure, not a stable LR), which are still running. Masters & Luschi (2018) report the best results at small batches (2–32), with a wider "
-                "range of stable learning rates there.",
-                [scope_dropdown("lrb-scope"),
-                 html.Div([html.Label("Metric", className="control-label"),
-                           dcc.Dropdown(id="lrb-metric", value="final_loss", clearable=False,
-                                        options=[{"label": v, "value": k} for k, v in METRICS.items()])],
-                          className="control control-wide"),
-                 html.Div([html.Label("LR axis", className="control-label"),
-                           dcc.RadioItems(id="lrb-axis", value="lr", inline=True, className="radio",
-                                          options=[{"label": "LR η", "value": "lr"},
-                                                   {"label": "base LR η/B", "value": "base_lr"}])], className="control")],
-            ),
-            html.Div(id="lrb-problem"),
-            dcc.Loading([
-                html.Div(id="lrb-stats", className="stats"),
-                html.Div(id="lrb-notes"),
-                graph_panel("lrb-heatmap"),
-                graph_panel("lrb-lrfit"),
-            ], type="default", delay_show=500),
-        ]
+    return page_layout(
+        "lrb", "LR × batch",
+        "Every (batch size, learning rate) cell of a sweep: which trained, which diverged, which stalled (their "
+        "loss never left its starting value, e.g. chance: a failure, not a stable LR), which are still running. Masters & Luschi (2018) report the best results at small batches (2–32), with a wider "
+        "range of stable learning rates there.",
+        [scope_dropdown("lrb-scope"),
+         control("Metric", dcc.Dropdown(id="lrb-metric", value="final_loss", clearable=False,
+                                        options=[{"label": v, "value": k} for k, v in METRICS.items()]),
+                 extra="control-wide"),
+         radio_control("LR axis", "lrb-axis", "lr", [{"label": "LR η", "value": "lr"},
+                                                     {"label": "base LR η/B", "value": "base_lr"}])],
+        [html.Div(id="lrb-stats", className="stats"),
+         html.Div(id="lrb-notes"),
+         graph_panel("lrb-heatmap"),
+         graph_panel("lrb-lrfit")],
     )
 
 
@@ -344,11 +335,9 @@ scope_callback("lrb-scope")
     State("selected-runs", "data"),
 )
 def update_lr_batch(scope, metric, axis, _version, selected):
-    db = queries.current_db()
-    problem = store_problem(db)
+    db, ids, _, problem = page_scope(scope, selected)
     if problem is not None:
         blank = empty_figure("")
         return blank, blank, [], [], problem
-    runs, _ = resolve_scope(db, scope, selected)
-    view = lr_batch_view(db, runs["run_id"].to_list(), metric or "final_loss", axis or "lr")
+    view = lr_batch_view(db, ids, metric or "final_loss", axis or "lr")
     return view["heatmap"], view["lrfit"], view["stats"], view["notes"], None

@@ -16,17 +16,19 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboard import export, queries, sweeps
 from dashboard.components import (
     CLICK,
+    control,
+    graph_panel,
     group_controls,
     group_options,
     grouped_traces,
-    page_header,
+    page_layout,
+    page_scope,
+    radio_control,
     register_page,
-    resolve_scope,
     run_click,
     run_hover,
     scope_callback,
     scope_dropdown,
-    store_problem,
 )
 from dashboard.theme import MUTED, arr, batch_color, empty_figure, figure, fmt, note, stat
 
@@ -244,36 +246,24 @@ def _table(per_run: pl.DataFrame) -> html.Table:
 
 
 def layout(**_kwargs):
-    graphs = [html.Div([export.bar(g, full=True), dcc.Graph(id=g, config=export.graph_config(g))], className="panel")
-              for g in ("noise-over-training", "noise-vs-loss")]
-    return html.Div(
-        [
-            page_header(
-                "Noise scale",
-                "The simple noise scale B_simple = tr(Σ)/|G|² measured during training (McCandlish et al. 2018, "
-                "App. A). Batches much smaller than it waste nothing; much larger ones mostly average away noise "
-                "that no longer exists. Click a curve to open its run.",
-                [scope_dropdown("noise-scope"),
-                 html.Div([html.Label("x axis", className="control-label"),
-                           dcc.RadioItems(id="noise-x", value="examples", inline=True, className="radio",
-                                          options=[{"label": k, "value": k} for k in X_LABELS])], className="control"),
-                 html.Div([html.Label("Window", className="control-label"),
-                           dcc.Dropdown(id="noise-window", value=0.1, clearable=False, searchable=False,
-                                        options=[{"label": f"step ×/÷ {1 + w:g}", "value": w} for w in WINDOWS])],
-                          className="control"),
-                 *group_controls("noise")],
-            ),
-            html.Div(id="noise-problem"),
-            note(CAVEATS, "info"),
-            dcc.Loading([
-                html.Div(id="noise-stats", className="stats"),
-                html.Div(id="noise-explain"),
-                html.Div(id="noise-note", className="muted small"),
-                html.Div(graphs, className="grid-2"),
-                html.Div([html.Div("Per batch size", className="panel-title"), html.Div(id="noise-table")],
-                         className="panel"),
-            ], type="default", delay_show=500),
-        ]
+    return page_layout(
+        "noise", "Noise scale",
+        "The simple noise scale B_simple = tr(Σ)/|G|² measured during training (McCandlish et al. 2018, "
+        "App. A). Batches much smaller than it waste nothing; much larger ones mostly average away noise "
+        "that no longer exists. Click a curve to open its run.",
+        [scope_dropdown("noise-scope"),
+         radio_control("x axis", "noise-x", "examples", [{"label": k, "value": k} for k in X_LABELS]),
+         control("Window", dcc.Dropdown(id="noise-window", value=0.1, clearable=False, searchable=False,
+                                        options=[{"label": f"step ×/÷ {1 + w:g}", "value": w} for w in WINDOWS])),
+         *group_controls("noise")],
+        [html.Div(id="noise-stats", className="stats"),
+         html.Div(id="noise-explain"),
+         html.Div(id="noise-note", className="muted small"),
+         html.Div([graph_panel("noise-over-training", full=True), graph_panel("noise-vs-loss", full=True)],
+                  className="grid-2"),
+         html.Div([html.Div("Per batch size", className="panel-title"), html.Div(id="noise-table")],
+                  className="panel")],
+        above=[note(CAVEATS, "info")],
     )
 
 
@@ -301,13 +291,11 @@ run_click("noise-vs-loss")
     State("selected-runs", "data"),
 )
 def update_noise(scope, x, window, group_by, stat_name, band, _version, selected):
-    db = queries.current_db()
-    problem = store_problem(db)
+    db, ids, _, problem = page_scope(scope, selected)
     if problem is not None:
         blank = empty_figure("")
         return blank, blank, [], None, problem, [], "", []
-    runs, _label = resolve_scope(db, scope, selected)
-    view = noise_view(db, runs["run_id"].to_list(), x or "examples", float(window or 0.1), list(group_by or []),
+    view = noise_view(db, ids, x or "examples", float(window or 0.1), list(group_by or []),
                       stat_name or "mean", band or "minmax")
     text = view.get("note") or ""
     return (view["over"], view["vs_loss"], view["stats"], view.get("table"), None, view.get("explain", []),

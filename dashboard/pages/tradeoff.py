@@ -16,12 +16,12 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboard import analysis, queries, sweeps
 from dashboard.components import (
     graph_panel,
-    page_header,
+    page_layout,
+    page_scope,
+    radio_control,
     register_page,
-    resolve_scope,
     scope_callback,
     scope_dropdown,
-    store_problem,
 )
 from dashboard.theme import ACCENT, empty_figure, fmt, note, plural, stat
 from dashboard.tradeoff_figures import (
@@ -153,51 +153,36 @@ def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, met
 
 
 def layout(**_kwargs):
-    return html.Div(
-        [
-            page_header(
-                "Tradeoff",
-                "How many steps and how many examples each batch size needs to reach a target, at its best "
-                "learning rate. The frontier S(B) = S_min + E_min/B bends at the critical batch size "
-                "B_crit = E_min/S_min.",
-                [scope_dropdown("tradeoff-scope"),
-                 html.Div([html.Label("Metric", className="control-label"),
-                           dcc.RadioItems(id="tradeoff-metric", value="train_loss", inline=True, className="radio",
-                                          options=[{"label": v, "value": k} for k, v in sweeps.TARGET_METRICS.items()])],
-                          className="control"),
-                 html.Div([html.Label("Count", className="control-label"),
-                           dcc.RadioItems(id="tradeoff-count", value="examples", inline=True, className="radio",
-                                          options=[{"label": v, "value": v} for v in ("examples", "tokens")])],
-                          className="control"),
-                 html.Div([html.Label("Smooth the loss over", className="control-label"),
-                           dcc.RadioItems(id="tradeoff-smooth", value=1, inline=True, className="radio",
-                                          options=[{"label": "raw" if f == 0 else f"{f}× the largest batch", "value": f}
-                                                   for f in sweeps.SMOOTHING_FACTORS])],
-                          className="control")],
-            ),
-            html.Div(id="tradeoff-problem"),
-            html.Div(
-                [html.Label("Target", className="control-label"),
-                 html.Div([dcc.Slider(id="tradeoff-target", min=0, max=1, step=0.01, value=None, marks=None,
-                                      updatemode="mouseup", className="target-slider", allow_direct_input=False),
-                           html.Span(id="tradeoff-target-text", className="target-text")],
-                          className="target-row")],
-                className="controls-bar target-bar",
-            ),
-            dcc.Loading(
-                [
-                    html.Div(id="tradeoff-stats", className="stats"),
-                    html.Div(id="tradeoff-sentence"),
-                    html.Div(id="tradeoff-notes"),
-                    html.Div([graph_panel("tradeoff-frontier"), graph_panel("tradeoff-vs-batch")], className="grid-2"),
-                    graph_panel("tradeoff-vs-target"),
-                    html.P("McCandlish et al. (2018) predict B_crit ≈ B_noise ≥ B_simple, both growing as the loss "
-                           "falls. B_simple is measured over the best runs in a window around the step where each "
-                           "reached the target (ratio of averaged |G|² and tr(Σ) estimates).", className="muted small"),
-                ],
-                type="default", delay_show=500,
-            ),
-        ]
+    target = html.Div(
+        [html.Label("Target", className="control-label"),
+         html.Div([dcc.Slider(id="tradeoff-target", min=0, max=1, step=0.01, value=None, marks=None,
+                              updatemode="mouseup", className="target-slider", allow_direct_input=False),
+                   html.Span(id="tradeoff-target-text", className="target-text")],
+                  className="target-row")],
+        className="controls-bar target-bar",
+    )
+    return page_layout(
+        "tradeoff", "Tradeoff",
+        "How many steps and how many examples each batch size needs to reach a target, at its best "
+        "learning rate. The frontier S(B) = S_min + E_min/B bends at the critical batch size "
+        "B_crit = E_min/S_min.",
+        [scope_dropdown("tradeoff-scope"),
+         radio_control("Metric", "tradeoff-metric", "train_loss",
+                       [{"label": v, "value": k} for k, v in sweeps.TARGET_METRICS.items()]),
+         radio_control("Count", "tradeoff-count", "examples",
+                       [{"label": v, "value": v} for v in ("examples", "tokens")]),
+         radio_control("Smooth the loss over", "tradeoff-smooth", 1,
+                       [{"label": "raw" if f == 0 else f"{f}× the largest batch", "value": f}
+                        for f in sweeps.SMOOTHING_FACTORS])],
+        [html.Div(id="tradeoff-stats", className="stats"),
+         html.Div(id="tradeoff-sentence"),
+         html.Div(id="tradeoff-notes"),
+         html.Div([graph_panel("tradeoff-frontier"), graph_panel("tradeoff-vs-batch")], className="grid-2"),
+         graph_panel("tradeoff-vs-target"),
+         html.P("McCandlish et al. (2018) predict B_crit ≈ B_noise ≥ B_simple, both growing as the loss "
+                "falls. B_simple is measured over the best runs in a window around the step where each "
+                "reached the target (ratio of averaged |G|² and tr(Σ) estimates).", className="muted small")],
+        above=[target],
     )
 
 
@@ -251,11 +236,9 @@ def slider_marks(lo: float, hi: float, default: float, inv) -> dict:
 )
 def tradeoff_slider(scope, metric, smooth, selected):
     """The slider works in log10(target) for losses; it resets to the default when the runs change."""
-    db = queries.current_db()
-    runs, _ = resolve_scope(db, scope, selected)
-    if store_problem(db) is not None or runs.is_empty():
+    db, ids, _, problem = page_scope(scope, selected)
+    if problem is not None or not ids:
         return 0, 1, None, None, 0.01
-    ids = runs["run_id"].to_list()
     metric = metric or "train_loss"
     tr = sweeps.target_range(db, ids, metric, sweeps.default_smoothing(db, ids, metric, _factor(smooth)))
     if tr is None:
@@ -285,14 +268,11 @@ def tradeoff_slider(scope, metric, smooth, selected):
     State("selected-runs", "data"),
 )
 def update_tradeoff(slider, _version, smooth, count, scope, metric, selected):
-    db = queries.current_db()
-    problem = store_problem(db)
+    db, ids, scope_label, problem = page_scope(scope, selected)
     blank = empty_figure("")
     if problem is not None:
         return [], None, None, blank, blank, blank, "", problem
     metric = metric or "train_loss"
-    runs, scope_label = resolve_scope(db, scope, selected)
-    ids = runs["run_id"].to_list()
     target = None
     if slider is not None:
         target = 10 ** slider
