@@ -74,14 +74,16 @@ def test_sigkilled_writer_is_recovered_as_stale(tmp_path):
     db = tmp_path / "runs.duckdb"
     ready = tmp_path / "ready"
     proc = _spawn("slow_writer", str(db), str(ready))
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    run_id = ready.read_text()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        run_id = ready.read_text()
+    finally:  # killed in any case: a slow_writer left behind would loop for ever
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
 
     # What the dead process had flushed: rows already in the store plus rows in its spool segments.
     with duckdb.connect(str(db), read_only=True) as con:
@@ -141,9 +143,13 @@ def test_replaying_a_spool_twice_creates_no_duplicates(tmp_path):
 
 def test_locked_store_never_blocks_the_training_loop(tmp_path):
     """A long-lived foreign handle on the store: the run keeps spooling, says so once, loses nothing."""
-    db = tmp_path / "runs.duckdb"
+    db, release = tmp_path / "runs.duckdb", tmp_path / "release"
+    # the holder lets go only once the run has said it is blocked (not after a fixed time a slow machine
+    # could outlast before the run even starts)
     holder = subprocess.Popen([sys.executable, "-c",
-                               f"import duckdb,time; c=duckdb.connect({str(db)!r}); print('ok', flush=True); time.sleep(8)"],
+                               f"import duckdb, os, time; c = duckdb.connect({str(db)!r}); print('ok', flush=True)\n"
+                               f"t = time.monotonic()\nwhile not os.path.exists({str(release)!r}) and "
+                               f"time.monotonic() - t < 120: time.sleep(0.05)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "ok"
     code = f"""
@@ -155,12 +161,24 @@ with collector.start_run({str(db)!r}, name="blocked", finish_timeout=30, warn_af
     loop = time.perf_counter() - t
 print(run.run_id, loop)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    holder.wait()
-    assert res.returncode == 0, res.stderr
-    run_id, loop_seconds = res.stdout.split()
-    assert res.stderr.count("busy") == 1, res.stderr  # said once
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        said = [writer.stderr.readline()]  # blocks until the run says the store is busy (after warn_after)
+        while said[-1] and "busy" not in said[-1]:
+            said.append(writer.stderr.readline())
+        release.touch()
+        out, err = writer.communicate(timeout=120)
+    finally:
+        release.touch()
+        for proc in (writer, holder):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    err = "".join(said) + err
+    assert writer.returncode == 0, err
+    run_id, loop_seconds = out.split()
+    assert err.count("busy") == 1, err  # said once
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM steps WHERE run_id = ?", [run_id]).fetchall()[0][0] == 2000
         assert con.execute("SELECT status FROM runs").fetchall()[0][0] == "finished"

@@ -141,7 +141,7 @@ def test_console_runs_reads_with_row_and_time_limits(store):
     t0 = time.perf_counter()
     slow = console.run_console(store, "SELECT count(*) FROM steps a, steps b, steps c", time_limit_s=1.0)
     assert not slow.ok and "time limit" in slow.message
-    assert time.perf_counter() - t0 < 8
+    assert time.perf_counter() - t0 < 20  # 1 s + the worker's hard-kill fallback (9 s) on a loaded machine
     bad = console.run_console(store, "SELEC 1")
     assert not bad.ok and "syntax error" in bad.message.lower() and "Traceback" not in bad.message
     missing = console.run_console(store, "SELECT * FROM no_such_table")

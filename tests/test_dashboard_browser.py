@@ -116,10 +116,11 @@ def test_selecting_runs_updates_curves(server, driver):
     driver.find_element("css selector", "#clear-selection").click()
     wait_for(lambda: "no runs selected" in driver.find_element("css selector", "#selection-badge").text, 10,
              what="selection cleared")
-    for box in _checkboxes(driver)[:3]:
-        box.click()
+    wait_for(lambda: dash_idle(driver), 30, what="the grid's first refresh")  # it would reset a selection
+    for i in range(3):  # found afresh for each click: a refresh replaces the rows
+        wait_for(lambda i=i: _checkboxes(driver)[i].click() or True, 10, what=f"checkbox {i}")
         time.sleep(0.2)
-    wait_for(lambda: driver.find_element("css selector", "#selection-badge").text.startswith("3 selected"), 10,
+    wait_for(lambda: driver.find_element("css selector", "#selection-badge").text.startswith("3 selected"), 20,
              what="3 runs selected")
     driver.find_element("css selector", "a.nav-link[href='/curves']").click()  # client-side: keeps the session
     wait_for(lambda: _figure(driver, "curves-graph"), 30, what="curves figure")
@@ -134,8 +135,8 @@ def test_selecting_runs_updates_curves(server, driver):
     assert "Nothing selected" not in note
     # change the selection: two runs -> two curves
     driver.find_element("css selector", "a.nav-link[href='/']").click()
-    wait_for(lambda: driver.find_elements("css selector", "#runs-grid .ag-row-selected"), 20, what="selection restored")
-    assert len(driver.find_elements("css selector", "#runs-grid .ag-center-cols-container .ag-row-selected")) == 3
+    wait_for(lambda: len(driver.find_elements("css selector", "#runs-grid .ag-center-cols-container .ag-row-selected"))
+             == 3, 20, what="the 3 selected runs restored")
     _checkboxes(driver)[0].click()
     wait_for(lambda: driver.find_element("css selector", "#selection-badge").text.startswith("2 selected"), 10)
     driver.find_element("css selector", "a.nav-link[href='/curves']").click()
@@ -235,7 +236,7 @@ WRITER = textwrap.dedent("""
 # collector.ingester's 30 s; the rule under test, a page lags by at most the cap plus its poll, is the same).
 MAX_GAP = 5.0
 INGEST_ENV = {"BATCHSCOPE_INGEST_MAX_GAP": str(MAX_GAP)}
-LIVE_LAG_S = MAX_GAP + 6.0
+LIVE_LAG_S = MAX_GAP + 20.0  # + the 2 s poll and a render: ~2-4 s here, more on a loaded 2-core CI machine
 WRITER_S = 300.0  # a cap only: the run stays live while the page is checked three times, then is told to stop
 
 
@@ -278,7 +279,9 @@ def test_live_writer_shows_up_and_never_blocks(tmp_path, driver):
         assert writer.returncode == 0, out
         final = json.loads(progress.read_text())
         assert final.get("done")
-        assert final["worst_log_s"] < 0.05, final  # log_step never waited on the store
+        # log_step never waited on the store (a wait lasts >= 1 s); 0.5 s leaves room for a GIL or
+        # scheduling stall on a loaded machine (well under 1 ms here)
+        assert final["worst_log_s"] < 0.5, final
         assert max(lags) < LIVE_LAG_S
         print(f"live lags (s): {[round(x, 2) for x in lags]}; worst log_step {final['worst_log_s'] * 1e3:.2f} ms")
     finally:

@@ -336,15 +336,24 @@ def test_every_page_usable_at_both_sizes_and_by_keyboard(server):
         href = link.get_attribute("href")
         link.click()
         wait_for(lambda: driver.current_url == href, 30, what="run page")
-        assert "/run/" in href and "no runs selected" in driver.find_element("css selector", "#selection-badge").text
+        assert "/run/" in href  # a full page load: its badge renders after the URL changes
+        wait_for(lambda: "no runs selected" in driver.find_element("css selector", "#selection-badge").text, 30,
+                 what="the run page's selection badge, selection untouched")
         # ... and so does Enter on its focused cell (keyboard users reach cells, not the link inside)
         driver.back()
-        cell = wait_for(lambda: driver.find_element("css selector", "#runs-grid .ag-cell[col-id='name']"), 30,
-                        what="name cell")
-        target = cell.find_element("css selector", "a.run-link").get_attribute("href")
-        driver.execute_script("arguments[0].focus();", cell)
-        ActionChains(driver).send_keys(Keys.ENTER).perform()
-        wait_for(lambda: driver.current_url == target, 30, what="run page by Enter")
+        _settle(driver)
+        name_cell = "#runs-grid .ag-cell[col-id='name']"
+        target = wait_for(lambda: driver.find_element("css selector", f"{name_cell} a.run-link"), 30,
+                          what="name cell").get_attribute("href")
+
+        def enter_on_the_name_cell() -> bool:  # found afresh each try: a grid refresh may replace the cell
+            if driver.current_url != target:
+                driver.execute_script("arguments[0].focus();", driver.find_element("css selector", name_cell))
+                ActionChains(driver).send_keys(Keys.ENTER).perform()
+                time.sleep(1.0)
+            return driver.current_url == target
+
+        wait_for(enter_on_the_name_cell, 60, what="run page by Enter")
         wait_for(lambda: "no runs selected" in driver.find_element("css selector", "#selection-badge").text, 30,
                  what="the run page's selection badge, selection untouched")
         for page in PAGES:

@@ -162,9 +162,14 @@ def test_run_page_by_url_and_from_a_click_on_curves(server, driver, store):
         "return [L.xaxis._offset + L.xaxis.c2p(t.x[i]) - r.width / 2, L.yaxis._offset + L.yaxis.c2p(t.y[i]) - r.height / 2];")
     from selenium.webdriver.common.action_chains import ActionChains
 
-    plot = driver.find_element("css selector", "#curves-graph .js-plotly-plot")
-    ActionChains(driver).move_to_element_with_offset(plot, int(dx), int(dy)).pause(0.5).click().perform()
-    wait_for(lambda: driver.current_url.endswith(f"/run/{other}"), 20, what="the run page after a click")
+    def click_the_point() -> bool:  # again if a slow browser had not registered the hover before the click
+        if not driver.current_url.endswith(f"/run/{other}"):
+            plot = driver.find_element("css selector", "#curves-graph .js-plotly-plot")
+            ActionChains(driver).move_to_element_with_offset(plot, int(dx), int(dy)).pause(0.5).click().perform()
+            time.sleep(2.0)
+        return driver.current_url.endswith(f"/run/{other}")
+
+    wait_for(click_the_point, 40, what="the run page after a click")
     _settle(driver, "#run-title")
     name = _sql(store, f"SELECT name FROM runs WHERE run_id = '{other}'")["name"][0]
     assert driver.find_element("css selector", "#run-title").text == name

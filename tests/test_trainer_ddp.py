@@ -156,10 +156,11 @@ def test_a_rank_that_dies_leaves_rank_0s_run_failed_with_every_step_it_trained(t
     # rank 0 sees the broken collective (gloo: connection reset) or torchrun's SIGTERM: failed, with why
     assert run["status"] == "failed" and run["status_reason"] and run["world_size"] == 2, run
     s = steps_of(db, "dies")
-    assert s["step"].tolist() == list(range(1, 60))
+    n = len(s["step"])  # 59; 58 if torchrun's SIGTERM (it polls its ranks every 0.1 s) beat step 59's bookkeeping
+    assert n in (58, 59) and s["step"].tolist() == list(range(1, n + 1))
     assert not np.isnan(s["loss"][:50]).any() and np.isnan(s["loss"][50:]).all()  # NULL reads as NaN here
     assert not np.isnan(s["g_small_sq"]).any() and not np.isnan(s["g_big_sq"]).any()
-    assert "the last 9 steps are stored without their loss" in proc.stderr
+    assert f"the last {n - 50} steps are stored without their loss" in proc.stderr
 
 
 @pytest.mark.slow
