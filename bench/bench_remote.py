@@ -83,17 +83,10 @@ def run_writers(db: str, writers: int, steps: int, tmp: Path, env: dict,
 
 
 def check(db: Path, reports: list[dict], steps: int) -> str:
-    from collector.store import read_connection
+    from tests.test_remote import stored
 
     ids = [r["run_id"] for r in reports]
-    with read_connection(db, timeout=120) as con:
-        rows = con.execute(
-            "SELECT r.run_id, r.status, (SELECT count(*) FROM steps s WHERE s.run_id = r.run_id), "
-            "(SELECT count(DISTINCT step) FROM steps s WHERE s.run_id = r.run_id), "
-            "(SELECT count(*) FROM evals e WHERE e.run_id = r.run_id), "
-            "(SELECT count(*) FROM scalars c WHERE c.run_id = r.run_id) FROM runs r "
-            "WHERE r.sweep = 'bench-remote'").fetchall()
-    got = {r[0]: r[1:] for r in rows}
+    got = {run_id: counts[1:] for run_id, counts in stored(db, "bench-remote", timeout=120).items()}
     want = ("finished", steps, steps, steps // 500, steps // 500)
     bad = {i: got.get(i) for i in ids if got.get(i) != want}
     extra = set(got) - set(ids)

@@ -64,17 +64,19 @@ def ship_later(url: str, spool: Path, token: str = TOKEN) -> subprocess.Complete
                           capture_output=True, text=True, timeout=120)
 
 
-def stored(db: Path) -> dict[str, tuple]:
-    """run_id -> (name, status, steps, distinct steps, evals, scalars), read from the DuckDB file."""
+def stored(db: Path, sweep: str | None = None, timeout: float = 60) -> dict[str, tuple]:
+    """run_id -> (name, status, steps, distinct steps, evals, scalars), read from the DuckDB file (the runs
+    of `sweep` only, when given); bench/bench_remote.py checks its writers with it too."""
     if not db.exists():
         return {}
-    with read_connection(db, timeout=60) as con:
+    with read_connection(db, timeout=timeout) as con:
         rows = con.execute(
             "SELECT r.run_id, r.name, r.status, "
             "(SELECT count(*) FROM steps s WHERE s.run_id = r.run_id), "
             "(SELECT count(DISTINCT step) FROM steps s WHERE s.run_id = r.run_id), "
             "(SELECT count(*) FROM evals e WHERE e.run_id = r.run_id), "
-            "(SELECT count(*) FROM scalars c WHERE c.run_id = r.run_id) FROM runs r").fetchall()
+            "(SELECT count(*) FROM scalars c WHERE c.run_id = r.run_id) FROM runs r "
+            "WHERE $sweep IS NULL OR r.sweep = $sweep", {"sweep": sweep}).fetchall()
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
