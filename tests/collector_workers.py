@@ -83,7 +83,9 @@ def slow_writer(db: str, ready_file: str) -> None:
         run.log_step(step, examples=8 * step, loss=1.0, lr=0.1, batch_size=8)
         time.sleep(0.002)
         if step >= 500 and not announced:
-            time.sleep(0.6)  # let the flusher spool them
+            deadline = time.monotonic() + 60
+            while run.spool.rows_written["steps"] < 500 and time.monotonic() < deadline:
+                time.sleep(0.05)  # let the flusher spool them (a tick is 0.2 s; slower on a loaded machine)
             with open(ready_file, "w") as f:
                 f.write(run.run_id)
             announced = True

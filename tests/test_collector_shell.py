@@ -102,7 +102,7 @@ def test_shell_completion_and_history_in_a_terminal(store, tmp_path):
         # Ctrl-C during a runaway query cancels it (its worker is killed) and the prompt carries on
         tmux("send-keys", "-t", session, "-l", "SELECT sum(hash(a.range + b.range)) FROM range(1000000) a, range(1000000) b")
         tmux("send-keys", "-t", session, "\\;", "Enter")
-        time.sleep(1.0)
+        time.sleep(3.0)  # the query runs for hours: let a slow terminal hand the line over first
         tmux("send-keys", "-t", session, "C-c")
         wait_for("query cancelled", "cancel")
         tmux("send-keys", "-t", session, "-l", "SELECT 6 * 7 AS answer")
