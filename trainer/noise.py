@@ -176,20 +176,20 @@ class GradientNoise:
             cur.sizes.append(shape[0])
 
     def _forward_hook(self, rule: Rule):
-        fits, ruled, has_batch_dim = fits_for(rule), self._module_params, self._has_batch_dim
+        fits = fits_for(rule)
 
         def hook(module, inputs, output):
             if not (self.active and _recording()):
                 return
             mid = id(module)
-            if mid not in ruled:  # fell back earlier: its parameters have hooks now
+            if mid not in self._module_params:  # fell back earlier: its parameters have hooks now
                 return
             cur = self._cur
             calls = cur.calls
             calls[mid] = n_calls = calls.get(mid, 0) + 1
             a = inputs[0] if inputs else None
             if (n_calls > 1 or not isinstance(output, torch.Tensor) or not isinstance(a, torch.Tensor)
-                    or not has_batch_dim(module, a, cur) or not fits(module, a, output)):
+                    or not self._has_batch_dim(module, a, cur) or not fits(module, a, output)):
                 # called twice in one forward (the per-example terms would miss cross terms), or an
                 # input without the batch dimension (e.g. positions embedded once and broadcast)
                 self._fall_back(mid, cur)
@@ -200,7 +200,7 @@ class GradientNoise:
 
             def on_grad(grads) -> None:
                 d = grads[0]
-                if d is None or cur is not self._cur or calls.get(mid, 0) != 1 or mid not in ruled:
+                if d is None or cur is not self._cur or calls.get(mid, 0) != 1 or mid not in self._module_params:
                     return
                 # autograd runs hooks in grad mode only under backward(create_graph=True): there the rule takes
                 # detached aliases (its arithmetic records no graph), elsewhere the tensors (~1 us less each)
