@@ -3,19 +3,25 @@
     git archive HEAD trainer | tar -x -C /tmp/old_tree          # the code before a change
     python bench/bench_noise_step.py --old /tmp/old_tree --task digits --batch 32
     python bench/bench_noise_step.py --old /tmp/old_tree --task charlm --chunk 1 --rounds 8
+    python bench/bench_noise_step.py --old /tmp/old_tree --accum 4 --no-per-example   # micro-batch hooks
 
-Loops, interleaved chunk by chunk (p10 of thread CPU time per step over `--rounds` chunks):
-  bare   the plain step (forward, backward, SGD)
+Loops, interleaved chunk by chunk in an order that cycles through every permutation (a loop run right
+after a similar one finds torch's code paths warm: a fixed order made identical code 0.02-0.28x apart),
+p10 of thread CPU time per step over `--rounds` chunks, each step `--accum` micro-batches (default 1):
+  bare   the plain step (forward, backward(s), SGD)
   old    + GradientNoise(model) of `--old`'s trainer/ (imported under its own module objects)
   new    + GradientNoise(model) of this checkout
 and, for old and new, the thread CPU time spent inside `step()` alone. Before timing, the two run the same
 steps from the same seed and their ingredients must be bitwise equal (an optimisation changes no number).
+`--hooks-only`: the hooks' bookkeeping alone, every rule returning a cached 0 and `reset()` for `step()`
+(as bench_noise_parts.py's "hooks"), to see a change of a few us there apart from the rules' arithmetic.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -45,32 +51,59 @@ def load_gradient_noise(root: str):
 
 
 class Loop:
-    """One K = 1 training loop over fixed batches; `cls`: a GradientNoise class (None: bare)."""
+    """One training loop over fixed batches, `accum` micro-batches a step; `cls`: a GradientNoise class
+    (None: bare), built with `options`."""
 
-    def __init__(self, task, batches: list, cls=None):
+    def __init__(self, task, batches: list, cls=None, accum: int = 1, hooks_only: bool = False, **options):
         torch.manual_seed(0)
-        self.task, self.batches, self.i = task, batches, 0
+        self.task, self.batches, self.i, self.accum, self.hooks_only = task, batches, 0, accum, hooks_only
         self.model = task.build_model()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
-        self.gns = cls(self.model, warn=False) if cls is not None else None
+        self.gns = None
+        if cls is not None:
+            names = cls.__init__.__globals__  # that code's trainer.noise module namespace
+            rule_for = names["rule_for"]
+            if hooks_only:
+                names["rule_for"] = constant_rules(rule_for)
+            try:
+                self.gns = cls(self.model, warn=False, **options)
+            finally:
+                names["rule_for"] = rule_for
         self.in_step = 0.0  # thread CPU seconds inside step(), since the last read
         self.kept: list = []
 
     def steps(self, n: int) -> None:
-        model, opt, gns, loss_fn, batches, clock = (self.model, self.opt, self.gns, self.task.loss_fn,
-                                                    self.batches, time.thread_time)
+        model, opt, gns, loss_fn, batches, k, clock = (self.model, self.opt, self.gns, self.task.loss_fn,
+                                                       self.batches, self.accum, time.thread_time)
         for _ in range(n):
             x, y = batches[self.i % len(batches)]
             self.i += 1
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            if k == 1:
+                loss_fn(model(x), y).backward()
+            else:
+                for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
+                    (loss_fn(model(xk), yk) / k).backward()
             if gns is not None:
                 c0 = clock()
-                self.kept.append(gns.step())  # kept on the device, as a logging loop would
+                if self.hooks_only:
+                    gns.reset()
+                else:
+                    self.kept.append(gns.step())  # kept on the device, as a logging loop would
                 self.in_step += clock() - c0
             opt.step()
         if len(self.kept) > 1000:
             self.kept.clear()
+
+
+def constant_rules(rule_for):
+    """rule_for whose rules return a cached 0 (the layer's fits check still applies)."""
+    zero = torch.zeros(())
+
+    def constant_rule_for(m, sketch: int = 0):
+        return None if rule_for(m, sketch) is None else (lambda mod, a, d: zero)
+
+    return constant_rule_for
 
 
 def check_equal(a: Loop, b: Loop, n: int) -> None:
@@ -89,21 +122,29 @@ def check_equal(a: Loop, b: Loop, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", help="a directory holding the other code's trainer/ (default: only this checkout)")
+    ap.add_argument("--new", help="the same for the code under test (default: this checkout)")
     ap.add_argument("--task", default="digits")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    ap.add_argument("--no-per-example", action="store_true", help="GradientNoise(per_example=False)")
+    ap.add_argument("--hooks-only", action="store_true", help="rules return 0, reset() instead of step()")
     args = ap.parse_args()
     torch.set_num_threads(1)
     old = load_gradient_noise(args.old) if args.old else None
     from trainer.noise import GradientNoise
     from trainer.tasks import TaskOptions, make_task
 
+    if args.new:
+        GradientNoise = load_gradient_noise(args.new)  # noqa: N806
+
     task = make_task(args.task, TaskOptions(), torch.device("cpu"), seed=0)
     batches = [task.next_batch(args.batch) for _ in range(8)]
     classes = {"bare": None} | ({"old": old} if old else {}) | {"new": GradientNoise}
-    loops = {name: Loop(task, batches, cls) for name, cls in classes.items()}
-    if old:
+    options = {"per_example": False} if args.no_per_example else {}
+    loops = {name: Loop(task, batches, cls, args.accum, args.hooks_only, **options) for name, cls in classes.items()}
+    if old and not args.hooks_only:
         check_equal(loops["old"], loops["new"], 20)
     warm = max(2, 2 * args.chunk)
     for f in loops.values():
@@ -111,8 +152,10 @@ def main() -> None:
         f.in_step = 0.0
     total: dict[str, list[float]] = {p: [] for p in loops}
     inside: dict[str, list[float]] = {p: [] for p in loops}
-    for _ in range(args.rounds):
-        for p, f in loops.items():
+    orders = list(itertools.permutations(loops))
+    for r in range(args.rounds):
+        for p in orders[r % len(orders)]:
+            f = loops[p]
             c0 = time.thread_time()
             f.steps(args.chunk)
             total[p].append((time.thread_time() - c0) / args.chunk)
@@ -122,11 +165,14 @@ def main() -> None:
     def p10(v: list[float]) -> float:
         return sorted(v)[len(v) // 10] * 1e6
 
-    print(f"# {args.task} B={args.batch}, K = 1: p10 of thread CPU per step, {args.rounds} x {args.chunk} steps"
-          + (f"; old = {args.old}, ingredients bitwise equal" if old else ""))
+    mode = ("per_example=False" if args.no_per_example else "per-example norms") + (
+        " (hooks only: rules return 0, reset() for step())" if args.hooks_only else "")
+    print(f"# {args.task} B={args.batch}, K = {args.accum}, {mode}: p10 of thread CPU per step, "
+          f"{args.rounds} x {args.chunk} steps"
+          + (f"; old = {args.old}" + ("" if args.hooks_only else ", ingredients bitwise equal") if old else "") + (f"; new = {args.new}" if args.new else ""))
     bare = p10(total["bare"])
     for p in loops:
-        step = "" if p == "bare" else f"   step() {p10(inside[p]):6.1f} us"
+        step = "" if p == "bare" else f"   {'reset' if args.hooks_only else 'step'}() {p10(inside[p]):6.1f} us"
         print(f"{p:<5} {p10(total[p]):9.0f} us  {p10(total[p]) / bare:.3f}x{step}")
 
 
