@@ -138,7 +138,7 @@ def tradeoff_view(db: Path, run_ids: list[str], target: float | None = None, met
         reasons = missed.with_columns(pl.col("reason").str.replace(r" \(.*", "").str.replace(r":.*", "")).group_by(
             "reason").len()
         out["missed"] = f"{missed.height} of {plural(hits.height, 'run')} have no measured crossing of {fmt(t)}: " + "; ".join(
-            f"{r['len']} {r['reason']}" for r in reasons.sort("len", descending=True).to_dicts())
+            f"{r['len']} {r['reason']}" for r in reasons.sort(["len", "reason"], descending=[True, False]).to_dicts())
     out["frontier"] = frontier_figure(hits, best, fit, t, label, units)
     out["vs_batch"] = steps_vs_batch_figure(hits, best, fit, t, units)
     grid = tuple(sweeps.snap(x) for x in sweeps.target_grid(tr))
