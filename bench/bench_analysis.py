@@ -210,6 +210,10 @@ def main() -> None:
     p.add_argument("--width", type=float, default=1024, help="with --real: loss smoothing, examples per bucket")
     p.add_argument("--noise-window", type=float, default=1.0, help="with --real: B_simple over [S/(1+w), S(1+w)]")
     a = p.parse_args()
+    slowest = S_MIN * (1 + B_CRIT / min(BATCHES))  # steps the smallest batch needs to reach MAIN_TARGET
+    if not a.real and a.steps < 1.05 * slowest:
+        p.error(f"--steps {a.steps}: the synthetic runs of batch {min(BATCHES)} need ~{slowest:,.0f} steps to reach "
+                f"the target the B_crit check fits; use --steps {int(1.05 * slowest) + 1} or more")
     if a.real:
         real_sweep(Path(a.real), a.sweep, [float(x) for x in a.targets.split(",")], a.width, a.noise_window)
         return
