@@ -142,6 +142,35 @@ def test_a_raising_module_leaves_a_failed_run_with_its_steps(tmp_path):
     assert all(s["g_small_sq"] is not None and s["g_big_sq"] is not None for s in steps)
 
 
+
+def test_sigterm_stops_lightning_gracefully_with_every_step_held_logged(tmp_path):
+    """Preemption: Lightning's own SIGTERM handler (installed before the run starts, so ours chains to it)
+    stops fit() at the next batch; the steps the callback held for its B_simple block are logged and the
+    run ends failed, named by the signal."""
+    db = tmp_path / "runs.duckdb"
+    script = f"""
+import os, signal, sys
+sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}]
+import lightning.pytorch as L
+from tests.test_integration_lightning import MLP, fit
+from trainer.integrations.lightning import BatchscopeCallback
+
+class Preempted(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 5 and batch_idx % {ACCUM} == {ACCUM} - 1:  # step 5 is done and held
+            os.kill(os.getpid(), signal.SIGTERM)
+
+fit(MLP(), None, callbacks=[BatchscopeCallback(db={str(db)!r}, name="preempted"), Preempted()])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    run, steps, _ = stored(db)
+    assert (run["status"], run["status_reason"]) == ("failed", "SIGTERM")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+    assert all(s["g_small_sq"] is not None for s in steps)
+
+
 def test_tokens_as_the_x_axis(tmp_path):
     """unit='tokens': examples and batch_size count tokens, b_small / b_big too (B_simple in tokens)."""
     db = tmp_path / "runs.duckdb"
