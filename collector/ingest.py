@@ -113,12 +113,15 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, run_
 
 
 # Merge a batch's per-run figures into the run_stats cache. Every figure but n_steps is a max/min/or,
-# so merging is exact for any batch; n_steps adds up only when every row of the batch was new.
+# so merging is exact for any batch; n_steps adds up only when every row of the batch was new. final_loss
+# is the loss of the last step that has one (arg_max skips NULLs): a batch of steps without a loss (a DDP
+# run's unreduced last block) keeps the cached one, and a cached NULL takes any batch's.
 _MERGE_RUN_STATS = """
 INSERT INTO run_stats SELECT * FROM run_stats_of('_stats_batch')
 ON CONFLICT (run_id) DO UPDATE SET
     n_steps = run_stats.n_steps + excluded.n_steps,
-    final_loss = CASE WHEN run_stats.steps IS NULL OR excluded.steps >= run_stats.steps
+    final_loss = CASE WHEN excluded.final_loss IS NOT NULL AND (run_stats.final_loss IS NULL
+                           OR run_stats.steps IS NULL OR excluded.steps >= run_stats.steps)
                       THEN excluded.final_loss ELSE run_stats.final_loss END,
     steps = greatest(run_stats.steps, excluded.steps),
     examples = greatest(run_stats.examples, excluded.examples),

@@ -152,6 +152,22 @@ def test_run_summary_survives_steps_written_outside_the_collector(tmp_path):
         assert con.execute("SELECT n_steps, steps, has_nonfinite_loss FROM run_stats").fetchall() == [(11, 11, True)]
 
 
+
+def test_a_last_ingest_of_steps_without_a_loss_keeps_the_cached_final_loss(tmp_path):
+    """A DDP run whose last block could not be reduced ends with steps that have no loss (NULL); when
+    they reach the store in an ingest of their own, the cached final_loss stays the last loss logged."""
+    db = tmp_path / "runs.duckdb"
+    with collector.start_run(db, name="ddp", lr=0.1, batch_size=8) as run:
+        for i in range(1, 11):
+            run.log_step(i, examples=8 * i, loss=1.0 / i)
+        run._spool_buffers()
+        assert run._try_ingest()  # steps 1-10 are in the store: the tail below is an ingest of its own
+        for i in range(11, 15):
+            run.log_step(i, examples=8 * i, g_small_sq=2.0, b_small=1, g_big_sq=1.0, b_big=8)
+    assert _q(db, "SELECT n_steps, steps, final_loss FROM run_stats") == [(14, 14, 0.1)]
+    assert _q(db, "SELECT steps, final_loss, best_loss FROM run_summary") == [(14, 0.1, 0.1)]
+
+
 def test_fresh_ddl_comes_from_sqlalchemy_and_matches_the_duckdb_dialect():
     import duckdb_engine
     from sqlalchemy.schema import CreateTable

@@ -246,3 +246,29 @@ def test_a_crash_mid_run_still_hands_over_every_step(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_in_process(batch=32, lr=0.1, steps=200, eval_every=37)
     assert sorted(captured["steps"]) == list(range(1, 38))
+
+
+def test_a_block_whose_all_reduce_fails_is_logged_unreduced_not_dropped(monkeypatch):
+    """Under DDP a peer that dies in the block's loss all-reduce makes sync() raise; the rows stay pending,
+    and the except path's sync(collective=False) logs them without a loss, with their noise ingredients."""
+    from tests.trainer_helpers import RecordingRun
+    from trainer import steplog
+    from trainer.gns import TrackingBSimple
+    from trainer.step import StepGrads
+
+    def reset(losses, world):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(steplog, "reduce_losses", reset)
+    run = RecordingRun()
+    log = steplog.StepLog(run, torch.device("cpu"), TrackingBSimple(0.4), sync_every=5, world=2)
+    for step in range(1, 6):
+        log.add(step, 8 * step, 8, 0.1, 0.01 * step,
+                StepGrads(torch.tensor(1.0 / step), torch.tensor(2.0), 1.0, torch.tensor(1.0), 8.0))
+    with pytest.raises(RuntimeError, match="reset"):
+        log.sync()
+    last = log.sync(collective=False)
+    log.emit()
+    rows = run.steps()
+    assert last["step"].tolist() == rows["step"].tolist() == [1, 2, 3, 4, 5] and log.dropped == 0
+    assert "loss" not in rows and (rows["g_small_sq"] == 2.0).all() and (rows["g_big_sq"] == 1.0).all()  # NULL

@@ -44,6 +44,7 @@ class StepLog:
         self._out: list[dict[str, np.ndarray]] = []
         self._out_rows = 0
         self._last_examples = 0
+        self.dropped = 0  # rows not logged after a failure (DDP on CUDA: see _sync)
 
     def add(self, step: int, examples: int, batch_size: int, lr: float, wall_time: float, grads: StepGrads) -> None:
         if grads.g_small_sq is None:
@@ -61,7 +62,10 @@ class StepLog:
 
         collective=False (after a crash): under DDP the pending rows' losses cannot be reduced over the
         ranks any more (a peer may be gone), so they are logged without one (NULL: this rank's shard
-        alone is not the step's loss), with their noise ingredients (global already). A signal arriving
+        alone is not the step's loss), with their noise ingredients (global already); on CUDA they are
+        dropped and counted in `dropped` instead, since reading them would wait for the stream, where a
+        collective that a dead peer never joins may be queued. If the block's all-reduce or transfer
+        raises (a peer died there), the rows stay pending for that call. A signal arriving
         meanwhile acts after it (collector.signals.deferred), so its exception cannot drop the block.
         """
         with signals.deferred():
@@ -70,13 +74,20 @@ class StepLog:
     def _sync(self, collective: bool) -> dict[str, np.ndarray]:
         if not self._rows:
             return {}
-        rows, self._rows = self._rows, []
         unreduced = self.world > 1 and not collective
+        if unreduced and self._nan.device.type == "cuda":  # reading the stream could wait for ever
+            self.dropped, self._rows = len(self._rows), []
+            return {}
+        rows, self._rows = self._rows, []
         n = len(HOST_COLUMNS)
-        dev = torch.stack([t for row in rows for t in row[n:]]).reshape(-1, 3)
-        if self.world > 1 and not unreduced:
-            dev = torch.cat([reduce_losses(dev[:, 0], self.world)[:, None], dev[:, 1:]], dim=1)
-        vals = dev.cpu().numpy().astype(np.float64)  # MPS has no float64
+        try:
+            dev = torch.stack([t for row in rows for t in row[n:]]).reshape(-1, 3)
+            if self.world > 1 and not unreduced:
+                dev = torch.cat([reduce_losses(dev[:, 0], self.world)[:, None], dev[:, 1:]], dim=1)
+            vals = dev.cpu().numpy().astype(np.float64)  # MPS has no float64
+        except BaseException:  # a peer died in the all-reduce: the except path takes them unreduced
+            self._rows = rows + self._rows
+            raise
         cols = {name: np.array(col) for name, col in zip(HOST_COLUMNS, list(zip(*rows, strict=True))[:n],
                                                          strict=True)}
         cols["loss"], cols["g_small_sq"], cols["g_big_sq"] = vals[:, 0], vals[:, 1], vals[:, 2]

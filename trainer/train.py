@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from collector import signals
 from trainer.adam_noise import ADAM_SPLIT_EVERY, AdamNoise, AdamNoiseLog, split_sizes
 from trainer.config import Plan, TrainConfig, adam_betas, plan
 from trainer.curvature import CurvatureProbe
@@ -205,10 +206,11 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
                 adam_log.add(step + 1, examples + batch, adam.step(split_sizes(x.shape[0], n_micro)))
             if cfg.clip_grad:  # after measuring: the noise scale is defined on the unclipped gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            step += 1
-            examples += batch
-            log.add(step, examples, batch, lr, time.perf_counter() - t0, grads)
+            with signals.deferred():  # a SIGTERM/SIGINT here acts after the row of the update it applied
+                opt.step()
+                step += 1
+                examples += batch
+                log.add(step, examples, batch, lr, time.perf_counter() - t0, grads)
 
             # host side, every few steps: divergence, target loss, progress
             if log.due():
@@ -225,12 +227,16 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
                 evals, last_eval = log_evals(run, task, model, step, examples, probe, noise), step
     except BaseException:  # Ctrl-C or a crash: keep every step trained so far, then let the run fail
         with contextlib.suppress(Exception):
+            log.emit()  # the blocks already on the host first: the sync below may fail
             last = log.sync(collective=False)  # under DDP the peers may be gone: no all-reduce now
             log.emit()
             if env.active and env.writes and last:
                 print(f"batchscope: the last {len(last['step'])} steps are stored without their loss (it is "
                       "the ranks' mean, and the ranks did not reduce it before training stopped)",
                       file=sys.stderr, flush=True)
+            if env.writes and log.dropped:
+                print(f"batchscope: the last {log.dropped} steps are not stored: under DDP on CUDA their "
+                      "values wait on a stream that a failed rank may have stalled", file=sys.stderr, flush=True)
             adam_log.flush(run)
         bar.close()
         raise

@@ -181,7 +181,7 @@ class StepRecorder:
         already completed, never wait on ranks that may be gone."""
         with signals.deferred():
             pending, self._pending = self._pending, None
-            if pending is not None and not (failed and not pending[0].done()):
+            if pending is not None and not (failed and not pending[0].safe_to_read()):
                 self._complete(pending)
             elif pending is not None and self.run is not None:
                 print(f"batchscope: step {pending[1]} is not stored: its loss and examples are sums over the "
@@ -193,7 +193,7 @@ class StepRecorder:
         """What a signal may take (Run.add_flusher): the in-flight step if its all-reduce completed (else it
         stays in flight, for the next `step()` if the program goes on), and the held block."""
         with signals.deferred():
-            if self._pending is not None and self._pending[0].done():
+            if self._pending is not None and self._pending[0].safe_to_read():
                 pending, self._pending = self._pending, None
                 self._complete(pending)
             self._drain()
@@ -258,9 +258,13 @@ class RankSums:
         self.packed = torch.tensor([float(loss) if has else 0.0, float(has), float(examples), float(tokens)],
                                    dtype=torch.float64, device=device)
         self.work = dist.all_reduce(self.packed, async_op=True)
+        self.nccl = nccl
 
-    def done(self) -> bool:
-        return self.work.is_completed()
+    def safe_to_read(self) -> bool:
+        """Whether result() can be read without waiting on other ranks: the all-reduce completed, and
+        (NCCL) never, since reading a CUDA tensor waits for the whole stream, where a gradient all-reduce
+        that a dead peer will never join may be queued. For a signal handler or after a failure."""
+        return not self.nccl and self.work.is_completed()
 
     def result(self) -> tuple[float | None, int, int]:
         self.work.wait()
