@@ -55,10 +55,14 @@ class Loop:
                 for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
                     (loss_fn(model(xk), yk) / k).backward()
             if gns is not None:
-                self.kept.append(gns.step().g_small_sq)  # kept on the device, as a logging loop would
+                self.measure(gns)
             opt.step()
         if len(self.kept) > 1000:
             self.kept.clear()
+
+    def measure(self, gns) -> None:
+        """The step's noise ingredients, kept on the device as a logging loop would."""
+        self.kept.append(gns.step().g_small_sq)
 
 
 def make_loops(task, batch: int, sketch: int = 0) -> dict[str, Loop]:

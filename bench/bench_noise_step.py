@@ -30,6 +30,7 @@ import torch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
+from bench.bench_noise_overhead import Loop as OverheadLoop  # noqa: E402 - after the path
 
 
 def _trainer_modules() -> list[str]:
@@ -50,9 +51,9 @@ def load_gradient_noise(root: str):
         sys.modules.update(saved)
 
 
-class Loop:
-    """One training loop over fixed batches, `accum` micro-batches a step; `cls`: a GradientNoise class
-    (None: bare), built with `options`."""
+class Loop(OverheadLoop):
+    """bench_noise_overhead's loop (its steps()) with `cls`, a GradientNoise class of any checkout (None:
+    bare) built with `options`, and the CPU time inside step() counted apart."""
 
     def __init__(self, task, batches: list, cls=None, accum: int = 1, hooks_only: bool = False, **options):
         torch.manual_seed(0)
@@ -72,28 +73,13 @@ class Loop:
         self.in_step = 0.0  # thread CPU seconds inside step(), since the last read
         self.kept: list = []
 
-    def steps(self, n: int) -> None:
-        model, opt, gns, loss_fn, batches, k, clock = (self.model, self.opt, self.gns, self.task.loss_fn,
-                                                       self.batches, self.accum, time.thread_time)
-        for _ in range(n):
-            x, y = batches[self.i % len(batches)]
-            self.i += 1
-            opt.zero_grad(set_to_none=True)
-            if k == 1:
-                loss_fn(model(x), y).backward()
-            else:
-                for xk, yk in zip(x.chunk(k), y.chunk(k), strict=True):
-                    (loss_fn(model(xk), yk) / k).backward()
-            if gns is not None:
-                c0 = clock()
-                if self.hooks_only:
-                    gns.reset()
-                else:
-                    self.kept.append(gns.step())  # kept on the device, as a logging loop would
-                self.in_step += clock() - c0
-            opt.step()
-        if len(self.kept) > 1000:
-            self.kept.clear()
+    def measure(self, gns) -> None:  # step() alone timed too (or, hooks only, just reset)
+        c0 = time.thread_time()
+        if self.hooks_only:
+            gns.reset()
+        else:
+            self.kept.append(gns.step())  # kept on the device, as a logging loop would
+        self.in_step += time.thread_time() - c0
 
 
 def constant_rules(rule_for):

@@ -16,13 +16,11 @@ inside `deferred()`), waits for it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _live: weakref.WeakSet = weakref.WeakSet()  # runs not finished yet
@@ -59,16 +57,18 @@ def finishing(run, inside: bool) -> None:
     _act_on_deferred()
 
 
-@contextlib.contextmanager
-def deferred() -> Iterator[None]:
+class deferred:  # noqa: N801 - used as a function: `with signals.deferred():`
     """A block that a signal handler must not interrupt (it moves rows from one buffer to another, and a
-    handler's flush in between would miss them): a signal arriving meanwhile acts when the block ends."""
-    token = object()
-    _finishing.add(token)
-    try:
-        yield
-    finally:
-        _finishing.discard(token)
+    handler's flush in between would miss them): a signal arriving meanwhile acts when the block ends.
+    A class, not a generator context manager: the trainer enters one every step (~0.5 us, not ~1.7)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _finishing.add(id(self))  # unique while the block holds it
+
+    def __exit__(self, *exc) -> None:
+        _finishing.discard(id(self))
         _act_on_deferred()
 
 
