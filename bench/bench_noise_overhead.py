@@ -65,13 +65,11 @@ class Loop:
         self.kept.append(gns.step().g_small_sq)
 
 
-def make_loops(task, batch: int, sketch: int = 0, sample: int = 0) -> dict[str, Loop]:
-    """The four loops of LOOPS (and with sketch = k, "sketch": per-example norms with k projections; with
-    sample = m, "sample": per-example norms of m examples), sharing 8 batches of `batch` drawn once on the
-    task's device."""
+def make_loops(task, batch: int, sketch: int = 0) -> dict[str, Loop]:
+    """The four loops of LOOPS (and with sketch = k, "sketch": per-example norms with k projections),
+    sharing 8 batches of `batch` drawn once on the task's device."""
     batches = [task.next_batch(batch) for _ in range(8)]
-    loops = LOOPS | ({"sketch": ({"sketch": sketch}, 1)} if sketch else {}) | (
-        {"sample": ({"sample": sample}, 1)} if sample else {})
+    loops = LOOPS | ({"sketch": ({"sketch": sketch}, 1)} if sketch else {})
     return {name: Loop(task, batches, noise, accum) for name, (noise, accum) in loops.items()}
 
 
@@ -139,14 +137,13 @@ def main() -> None:
     ap.add_argument("--width", type=int, help="charlm: model width")
     ap.add_argument("--code", help="repository root whose trainer/ to measure (default: this one)")
     ap.add_argument("--sketch", type=int, default=0, help="also GradientNoise(sketch=K) at K = 1")
-    ap.add_argument("--sample", type=int, default=0, help="also GradientNoise(sample=M) at K = 1")
     args = ap.parse_args()
     sys.path.insert(0, args.code or str(Path(__file__).resolve().parents[1]))
     from trainer.tasks import TaskOptions, make_task
 
     torch.set_num_threads(1)
     task = make_task(args.task, TaskOptions(width=args.width), torch.device("cpu"), seed=0)
-    loops = make_loops(task, args.batch, args.sketch, args.sample)
+    loops = make_loops(task, args.batch, args.sketch)
     ops = count_ops(loops)
     times = chunk_times(loops, args.chunk, args.rounds)
 
@@ -157,8 +154,7 @@ def main() -> None:
     for p, label in ((0.1, "p10"), (0.5, "median")):
         print(f"{label}: bare {q('bare', p) * 1e6:.0f} us, per-example {q('pe', p) / q('bare', p):.3f}x; "
               f"bare K=4 {q('bare4', p) * 1e6:.0f} us, K=4 {q('k4', p) / q('bare4', p):.3f}x"
-              + (f"; sketch={args.sketch} {q('sketch', p) / q('bare', p):.3f}x" if args.sketch else "")
-              + (f"; sample={args.sample} {q('sample', p) / q('bare', p):.3f}x" if args.sample else ""))
+              + (f"; sketch={args.sketch} {q('sketch', p) / q('bare', p):.3f}x" if args.sketch else ""))
     print("ATen ops per step: " + ", ".join(f"{k} {v:.0f}" for k, v in ops.items()))
 
 

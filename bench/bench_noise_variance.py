@@ -1,15 +1,18 @@
-"""What the cheaper per-example modes cost in noise: the spread of one step's ingredients, exact vs
-`GradientNoise(sample=m)` and `GradientNoise(sketch=k)`, at fixed parameters partway through training.
+"""What a cheaper per-example mode costs in noise: the spread of one step's ingredients, exact vs
+`GradientNoise(sketch=k)`, at fixed parameters partway through training.
 
     python bench/bench_noise_variance.py                      # charlm, B = 32, 60 AdamW steps first
-    python bench/bench_noise_variance.py --samples 4,8,16 --sketches 8 --batches 12 --draws 6
+    python bench/bench_noise_variance.py --sketches 2,4,8 --batches 12 --draws 6
 
 The model is trained `--warm` steps with AdamW (a realistic point, not the initialisation), then frozen.
 For each of `--batches` fixed batches, every mode measures the same backward `--draws` times (the exact
 mode's draws are identical). Reported per mode: the relative spread of g_small_sq between draws at a fixed
 batch (the mode's own noise) and over all batches and draws (what a running estimate averages), the same
 for the per-step tr(Sigma), and the variance of tr(Sigma) relative to the exact mode's: about how many
-more steps a window needs for the same precision. The means over everything show no bias beyond noise.
+more steps a window needs for the same precision (measuring only every k-th step exactly costs k x, for
+1 + (exact overhead) / k of the time). The means over everything show no bias beyond noise.
+Commit 4d18525 also had `--samples` (GradientNoise(sample=m): the norms of m random examples per batch);
+measured dominated by every-k-th-step measurement, it was reverted (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=60, help="AdamW steps before the parameters are frozen")
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--draws", type=int, default=6)
-    ap.add_argument("--samples", default="4,8,16", help="GradientNoise(sample=m) values, comma-separated")
     ap.add_argument("--sketches", default="8", help="GradientNoise(sketch=k) values, comma-separated")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,8 +70,7 @@ def main() -> None:
         task.loss_fn(model(x), y).backward()
         opt.step()
     batches = [task.next_batch(args.batch) for _ in range(args.batches)]
-    modes = {"exact": {}} | {f"sample={m}": {"sample": int(m)} for m in args.samples.split(",") if m} | {
-        f"sketch={k}": {"sketch": int(k)} for k in args.sketches.split(",") if k}
+    modes = {"exact": {}} | {f"sketch={k}": {"sketch": int(k)} for k in args.sketches.split(",") if k}
     got = {name: measure(model, task.loss_fn, batches, args.draws, **opts) for name, opts in modes.items()}
     ref_var = got["exact"][..., 1].var(ddof=1)
     print(f"# {args.task} B={args.batch}, after {args.warm} AdamW steps; {args.batches} batches x {args.draws} draws")

@@ -642,69 +642,6 @@ def test_sketched_norms_are_unbiased_and_leave_the_users_rng_alone(name):
     assert got.std() < 0.5 * want  # one draw: the other layers are exact, and the examples average
 
 
-@pytest.mark.parametrize("name", ["transformer", "cnn"])
-def test_sampled_examples_give_the_exact_scaled_sum_of_the_picked_ones(name, monkeypatch):
-    """sample=m: layers over positions (the transformer's every layer, the CNN's convolutions) are measured
-    on m examples of each micro-batch, one draw shared by the layers, scaled by n / m; row-wise layers (the
-    CNN's head) keep every example. With the draw pinned, each step is that sum exactly (K = 1 and K = 2)."""
-    import trainer.noise as noise_mod
-
-    model, loss_fn, x, y, g = setup(name)
-    sq = g.square()
-    rows = sum(p.numel() for p in model[-1].parameters()) if name == "cnn" else 0  # the head's columns
-    drawn = []
-
-    def pinned(n, m, device):
-        idx = torch.arange(n - m, n) if len(drawn) % 2 else torch.arange(0, 2 * m, 2)
-        drawn.append((n, m, idx))
-        return idx
-
-    monkeypatch.setattr(noise_mod, "pick", pinned)
-    gns = GradientNoise(model, sample=4)
-    for k in (1, 2):
-        drawn.clear()
-        micro_steps(model, loss_fn, x, y, k)
-        s = gns.step()
-        assert s.complete and s.b_small == 1.0 and [d[:2] for d in drawn] == [(len(x) // k, 4)] * k
-        offsets = [j * len(x) // k for j in range(k)]
-        picked = torch.cat([idx + off for (_, _, idx), off in zip(drawn, offsets, strict=True)])
-        pos = sq[:, : sq.shape[1] - rows]
-        want = float(pos[picked].sum() / (4 * k) + sq[:, sq.shape[1] - rows:].sum(1).mean())
-        assert float(s.g_small_sq) == pytest.approx(want, rel=1e-4)
-        assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
-
-
-def test_sampled_examples_are_unbiased_and_row_wise_layers_are_untouched():
-    """sample=m with the real draw: over many draws at a fixed step the mean is the exact mean_i |g_i|^2
-    (within 4 standard errors) and the user's RNG is untouched; an MLP (row-wise layers only) gives the
-    same numbers as without sampling; a bad m is refused at once."""
-    model, loss_fn, x, y, g = setup("transformer")
-    want = float(g.square().sum(1).mean())
-    gns = GradientNoise(model, sample=4)
-    torch.manual_seed(123)
-    before = torch.random.get_rng_state()
-    got = []
-    for _ in range(200):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        got.append(float(gns.step().g_small_sq))
-    assert torch.equal(torch.random.get_rng_state(), before)
-    got = np.array(got)
-    assert got.std() > 0
-    assert abs(got.mean() - want) < 4 * got.std(ddof=1) / np.sqrt(len(got)), (got.mean(), want)
-    mlp, loss_fn, x, y, _ = setup("mlp")
-    stats = []
-    for sample in (0, 3):
-        with GradientNoise(mlp, sample=sample) as gns:
-            mlp.zero_grad(set_to_none=True)
-            loss_fn(mlp(x), y).backward()
-            stats.append(gns.step().as_dict())
-    assert stats[0] == stats[1]
-    for bad in (-1, 2.0, True):
-        with pytest.raises(ValueError, match="sample must be an int"):
-            GradientNoise(mlp, sample=bad)
-
-
 def _half_case(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 

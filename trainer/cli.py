@@ -107,10 +107,6 @@ def add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                      help="estimate the per-example norms of sequence Linear layers and convolutions from K random "
                           "projections per example (unbiased, O(T K) instead of O(T^2): cheaper for "
                           "transformers, noisier; default 0: exact)")
-    rec.add_argument("--gns-sample", type=int, default=TrainConfig.gns_sample, metavar="M",
-                     help="take the per-example norms of layers over sequences or images on M random examples "
-                          "of each micro-batch, scaled up (unbiased, about M/B of their cost, noisier; "
-                          "default 0: every example)")
     rec.add_argument("--gns-window", type=float, metavar="EXAMPLES",
                      help="a fixed EMA window for the logged B_simple, in examples (default: none; the window "
                           "adapts to hold ~40%% relative error, see steps.b_simple and the b_simple_n scalar)")

@@ -64,7 +64,6 @@ class TrainConfig:
     gns_window: float | None = None  # examples: a fixed EMA for steps.b_simple; None: the tracking rule
     gns_method: str = "auto"  # or "per-example", "micro-batch"; see GNS_METHODS
     gns_sketch: int = 0  # k > 0: sequence Linear / conv weights' per-example norms from k random projections
-    gns_sample: int = 0  # m > 0: layers over positions measured on m random examples per micro-batch
     dim: int | None = None
     noise: float = 1.0
     data_dir: str | None = None
@@ -276,8 +275,6 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         raise ConfigError(f"unknown --gns-method {cfg.gns_method!r}; choose {' or '.join(GNS_METHODS)}")
     if cfg.gns_sketch < 0:
         raise ConfigError(f"--gns-sketch must be >= 0 (0: exact per-example norms), got {cfg.gns_sketch}")
-    if cfg.gns_sample < 0:
-        raise ConfigError(f"--gns-sample must be >= 0 (0: every example), got {cfg.gns_sample}")
     if cfg.gns_every < 0:
         raise ConfigError(f"--gns-every must be >= 0 (0 turns measurement off at --accum 1), got {cfg.gns_every}")
     if not cfg.diverge_factor >= 0:

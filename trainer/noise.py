@@ -47,8 +47,8 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.noise_comm import make_hook, reduced_means
-from trainer.noise_stats import NoiseStats, _scalar, _sq_norm, _Step, _weighted
-from trainer.per_example import Rule, fits_for, over_positions, pick, rule_for
+from trainer.noise_stats import NoiseStats, _sq_norm, _Step, _weighted
+from trainer.per_example import Rule, fits_for, rule_for
 
 __all__ = ["GradientNoise", "NoiseStats"]
 
@@ -70,10 +70,6 @@ class GradientNoise:
     sketch: k > 0 estimates the weights' part of sequence Linear layers and convolutions from k random
     projections per example (unbiased; trainer/per_example.py `sketch_sq`) where that is cheaper than the
     exact Gram form: O(T k) instead of O(T^2) per example, for a little extra variance.
-    sample: m > 0 runs the rules of layers over positions (sequences, images: Linear on (N, T, d),
-    Embedding on (N, T), LayerNorm, convolutions) on m examples of each micro-batch, drawn at random
-    without replacement (the same m for every layer), and scales their sum by N / m: unbiased, at about
-    m / N of the cost, for more variance in g_small_sq (BENCHMARKS.md). Row-wise layers are never sampled.
     comm_hook: on a DDP wrapper without a communication hook of its own, register one (DDP's default
     all-reduce, plus the noise sums behind the last bucket: trainer/noise_comm.py), so that `step()` adds
     no rendezvous of its own. DDP takes one hook per model: register yours before this (then the sums
@@ -91,10 +87,7 @@ class GradientNoise:
     """
 
     def __init__(self, model: nn.Module, per_example: bool = True, process_group=None, warn: bool = True,
-                 comm_hook: bool = True, sketch: int = 0, accumulation: bool | None = None, sample: int = 0):
-        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
-            raise ValueError(f"GradientNoise: sample must be an int >= 0 (0: every example), got {sample!r}")
-        self.sample = sample
+                 comm_hook: bool = True, sketch: int = 0, accumulation: bool | None = None):
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.module = model.module if self.ddp else model
         self.group = process_group if process_group is not None else getattr(model, "process_group", None)
@@ -184,7 +177,6 @@ class GradientNoise:
 
     def _forward_hook(self, rule: Rule):
         fits = fits_for(rule)
-        sample = self.sample
 
         def hook(module, inputs, output):
             if not (self.active and _recording()):
@@ -210,14 +202,9 @@ class GradientNoise:
                 d = grads[0]
                 if d is None or cur is not self._cur or calls.get(mid, 0) != 1 or mid not in self._module_params:
                     return
-                if sample and a.shape[0] > sample and over_positions(module, a):
-                    sq = self._sampled(rule, module, a, d, cur, micro)
                 # autograd runs hooks in grad mode only under backward(create_graph=True): there the rule takes
                 # detached aliases (its arithmetic records no graph), elsewhere the tensors (~1 us less each)
-                elif _grad_enabled():
-                    sq = rule(module, a.detach(), d.detach())
-                else:
-                    sq = rule(module, a, d)
+                sq = rule(module, a.detach(), d.detach()) if _grad_enabled() else rule(module, a, d)
                 if sq is None:  # a shape the forward check let through: this step has no small batch for it
                     self._fall_back(mid, cur, lost=True)
                     return
@@ -231,18 +218,6 @@ class GradientNoise:
             else:
                 node.register_prehook(on_grad)
         return hook
-
-    def _sampled(self, rule: Rule, module: nn.Module, a: torch.Tensor, d: torch.Tensor, cur: _Step,
-                 micro: int) -> torch.Tensor | None:
-        """The rule on `sample` of the micro-batch's n examples (one draw per micro-batch, shared by its
-        layers), times n / sample: each example is in with probability sample / n, so the sum is unbiased."""
-        n = a.shape[0]
-        key = (micro, n, a.device)
-        idx = cur.picks.get(key)
-        if idx is None:
-            idx = cur.picks[key] = pick(n, self.sample, a.device)
-        sq = rule(module, a.detach().index_select(0, idx), d.detach().index_select(0, idx))
-        return None if sq is None else sq * _scalar(n / self.sample, sq.dtype)
 
     def _fall_back(self, mid: int, cur: _Step, lost: bool = False) -> None:
         """From now on measure this layer's parameters by micro-batches (sticky). Hooked during the

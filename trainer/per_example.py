@@ -13,9 +13,7 @@ the per-example gradients (Goodfellow 2015; Li et al. 2022; Gray et al. 2024):
   they are formed (sum over positions of delta * x_hat, and of delta);
 - Conv1d / Conv2d (groups = 1, zero padding): Linear on the unfolded input, Gram or direct;
 - optionally (sketch = k), for sequences and convolutions, an unbiased estimate from k random
-  projections per example, O(T (d_in + d_out) k) instead of the Gram form's O(T^2 (d_in + d_out));
-- optionally (GradientNoise's sample = m), the rules of layers over positions run on m of the N examples,
-  drawn without replacement (`pick`), and the sum is scaled by N / m: unbiased, at m / N of the cost.
+  projections per example, O(T (d_in + d_out) k) instead of the Gram form's O(T^2 (d_in + d_out)).
 
 Each rule returns sum over the examples of the squared norms, as a 0-d tensor (the noise scale only
 needs their mean), or None when the call does not fit (e.g. an input without the batch dimension):
@@ -106,19 +104,6 @@ def _generator(device: torch.device) -> torch.Generator:
         gen = _GENERATORS[device] = torch.Generator(device=device)
         gen.manual_seed(0x6E5)
     return gen
-
-
-def pick(n: int, m: int, device: torch.device) -> torch.Tensor:
-    """m of the indices 0..n-1, uniformly without replacement, from the measurement's own random stream:
-    each example is in with probability m / n, so (n / m) * (the sum over the picked) is unbiased for the
-    sum over all n, whatever order the batch is in."""
-    return torch.randperm(n, device=device, generator=_generator(device))[:m]
-
-
-def over_positions(m: nn.Module, a: torch.Tensor) -> bool:
-    """Whether the layer's rule works per position (sequences, images), where its cost grows with T or T^2
-    and sampling examples pays; row-wise rules ((N, d) inputs) cost a few reductions and are not sampled."""
-    return a.dim() > (1 if isinstance(m, nn.Embedding) else 2)
 
 
 def sketch_sq(a: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:

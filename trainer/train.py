@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
     # needs the batch run as 2 micro-batches
     per_example = cfg.gns_method == "per-example" or (cfg.gns_method == "auto" and cfg.accum == 1)
     noise = (GradientNoise(net, per_example=per_example, warn=False, sketch=cfg.gns_sketch,
-                           sample=cfg.gns_sample, accumulation=cfg.accum > 1)
+                           accumulation=cfg.accum > 1)
              if p.gns_every > 0 else None)
     # under DDP each rank's gradient is a small batch already: no split
     split = GNS_SPLIT if noise is not None and (noise.fallback or not per_example) and not env.active else 1
