@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.noise_comm import make_hook, reduced_means
+from trainer.noise_fsdp import mesh_group, shard_sq, sharding_mesh
 from trainer.noise_stats import NoiseStats, _sq_norm, _Step, _weighted
 from trainer.per_example import Rule, fits_for, rule_for
 
@@ -94,6 +95,11 @@ class GradientNoise:
         # A DDP wrapper, or a bare module with the group its gradients are all-reduced over (a framework
         # that keeps the wrapper to itself): each rank's hooks see its local gradient, .grad the reduced one.
         self.world = dist.get_world_size(self.group) if self.ddp or process_group is not None else 1
+        # FSDP2: the hooks see each rank's local batch as under DDP; .grad holds shards (trainer/noise_fsdp.py)
+        mesh = None if self.ddp else sharding_mesh(self.module)
+        self.sharded = mesh is not None
+        if self.sharded:
+            self.world, self.group = mesh_group(mesh, process_group)
         self.active = True
         self._cur, self._spare = _Step(), _Step()
         self._handles: list = []
@@ -133,6 +139,7 @@ class GradientNoise:
         self._mb_ids: set[int] = set()  # measured by micro-batches (a tensor hook on the parameter)
         self._rk_ids: set[int] = set()  # measured by ranks, from DDP's buckets (no hook on the parameter)
         self._rk_next: set[int] = set()  # fell back part-way through this step: join _rk_ids after it
+        self._unhooked: set[int] = set()  # no rule and no hook that sees their small batch (FSDP2): missing
         self.bucket_plans: dict = {}  # noise_comm.py's per-bucket choice of _rk_ids' gradients
         self.comm_hook = bool(comm_hook and self.ddp and self.world > 1 and not getattr(model, "_comm_hooks", None))
         # Under our comm hook the un-ruled parameters' small batch is each rank's local gradient, read off
@@ -253,6 +260,10 @@ class GradientNoise:
     def _hook_param(self, pid: int) -> None:
         if pid in self._mb_ids or pid in self._rk_ids:
             return
+        if self.sharded:  # the sharded parameter is not in the graph (its all-gathered copy is): no small batch
+            self._unhooked.add(pid)
+            self._plans.clear()
+            return
         if self._by_bucket:
             self._rk_ids.add(pid)
             self.bucket_plans.clear()
@@ -355,6 +366,9 @@ class GradientNoise:
             if mb_params:
                 sums.append(_weighted(cur.mb, cur.mb_micro, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)],
                                       squared=True, like=mb_params[0]))
+            if self.sharded:  # .grad holds this rank's shards: their part of each block's |g_big|^2 goes along
+                bigs = [shard_sq([p.grad for p in ps]) for ps in (pe_params, mb_params) if ps]
+                sums += [b.to(sums[0].dtype if sums else b.dtype) for b in bigs]
             if self.world > 1 and sums:  # one extra collective of a few scalars (no DDP hook of ours)
                 packed = torch.stack(sums)
                 dist.all_reduce(packed, group=self.group)
@@ -367,19 +381,34 @@ class GradientNoise:
                           RuntimeWarning, stacklevel=3)
         elif missing and "missing" not in self._warned:
             self._warned.add("missing")
-            warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({missing[:3]}...): "
-                          "one micro-batch on one device and no per-example rule; run 2+ micro-batches",
+            why = ("no per-example rule, and under FSDP no hook sees their per-rank gradient" if self.sharded else
+                   "one micro-batch on one device and no per-example rule; run 2+ micro-batches")
+            warnings.warn(f"GradientNoise: no small batch for {len(missing)} parameter(s) ({missing[:3]}...): {why}",
                           RuntimeWarning, stacklevel=3)
         big_scale = 1.0 / sum(scales) ** 2
+        if self.sharded:  # the all-reduced shard sums, behind the small batches' sums
+            bigs = sums[len(sums) // 2:]
+            del sums[len(sums) // 2:]
+
+            def big(params):
+                return bigs.pop(0) * big_scale
+        else:
+            def big(params):
+                return _sq_norm([p.grad for p in params], big_scale)
         blocks = []  # (|g_small|^2, b_small, |g_big|^2) per method
         if pe_params:
-            blocks.append((sums.pop(0), 1.0, _sq_norm([p.grad for p in pe_params], big_scale)))
+            blocks.append((sums.pop(0), 1.0, big(pe_params)))
         if mb_params:
             bs = k / sum(1.0 / s for s in sizes)  # harmonic mean: E mean_k |g_k|^2 = |G|^2 + tr * mean 1/b_k
-            blocks.append((sums.pop(0), bs, _sq_norm([p.grad for p in mb_params], big_scale)))
+            blocks.append((sums.pop(0), bs, big(mb_params)))
         if rk_params:  # each rank's local gradient (all its micro-batches) is one small batch
             blocks.append((sums.pop(0) * big_scale, float(local), _sq_norm([p.grad for p in rk_params], big_scale)))
         if not blocks:
+            if cur.pe and "stale" not in self._warned:  # the hooks ran, but none of our parameters has a gradient
+                self._warned.add("stale")
+                warnings.warn("GradientNoise: the layers were measured but no parameter it holds has a gradient: "
+                              "were the parameters replaced after it was attached (e.g. by fully_shard)? "
+                              "Attach GradientNoise after wrapping the model", RuntimeWarning, stacklevel=3)
             return NoiseStats(None, None, None, None, False, *names, micro_batches=k, examples=int(b_big))
         if len(blocks) == 1:
             g_small, b_small, g_big = blocks[0]
@@ -398,7 +427,7 @@ class GradientNoise:
         pe = [i for i in with_grad if i in self._pe_ids]
         mb = [i for i in with_grad if i in self._mb_ids and i not in lost]
         rk = [i for i in with_grad if i in self._rk_ids and i not in lost]
-        missing = [i for i in with_grad if i in lost]
+        missing = [i for i in with_grad if i in lost or i in self._unhooked]
         if not mb_small:
             missing, mb = missing + mb, []
         if not by_ranks:

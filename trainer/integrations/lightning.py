@@ -116,7 +116,10 @@ class BatchscopeCallback(EndsRun, pl.Callback):
                       "hooks see scaled gradients, .grad is unscaled); use bf16 or 32 (steps are logged)")
         elif self.noise:
             target = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
-            self.gns = _CountedNoise(target, per_example=self.per_example, accumulation=accum > 1)
+            try:
+                self.gns = _CountedNoise(target, per_example=self.per_example, accumulation=accum > 1)
+            except ValueError as e:  # a sharding GradientNoise cannot measure (FSDPStrategy's FSDP1, ...)
+                warn_once(self._warned, "sharded", f"BatchscopeCallback: no noise scale ({e}); steps are logged")
         self._logged = trainer.global_step
         self.recorder = StepRecorder(None, self.unit, world, self.gns_window)
         self.owner.recorder = self.recorder
