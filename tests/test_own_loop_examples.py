@@ -1,5 +1,5 @@
-"""docs/own-loop.md's examples stay true: the plain loop, accumulation and DDP scripts run as written,
-as subprocesses (DDP under torchrun with 2 gloo processes), and each leaves one finished run with the
+"""docs/own-loop.md's examples stay true: the plain loop, accumulation, DDP and FSDP scripts run as written,
+as subprocesses (DDP and FSDP under torchrun with 2 gloo processes), and each leaves one finished run with the
 noise-scale ingredients on every step and a positive B_simple from the store's own macro."""
 
 from __future__ import annotations
@@ -75,12 +75,21 @@ def test_ddp_example_under_torchrun(tmp_path):
     assert (run["world_size"], run["batch_size"], run["micro_batch_size"], run["rank"]) == (2, 32, 16, 0)
 
 
+def test_fsdp_example_under_torchrun(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = run_example([str(torchrun), "--standalone", "--nproc-per-node", "2", str(EXAMPLES / "fsdp.py"), "--db",
+                       "runs.duckdb", "--steps", "40"], tmp_path)
+    assert "40 steps of 2 sharded ranks" in out
+    run, _, _ = check(tmp_path / "runs.duckdb", 40, 32, b_small=1.0)  # every layer per example, sharded
+    assert (run["world_size"], run["batch_size"], run["optimizer"]) == (2, 32, "adamw")
+
+
 def test_every_excerpt_in_the_doc_is_in_its_script():
     """docs/own-loop.md quotes the scripts: each excerpt's lines appear in its script, in order, verbatim."""
     doc = (EXAMPLES.parent / "docs" / "own-loop.md").read_text()
     blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
     quoted = [b for b in blocks if b.startswith("# examples/")]
-    assert len(quoted) == 5
+    assert len(quoted) == 6
     for block in quoted:
         head, *lines = block.rstrip("\n").split("\n")
         script = (EXAMPLES.parent / head[2:]).read_text().split("\n")
