@@ -351,7 +351,10 @@ class GradientNoise:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(mb_small, cur.lost, by_ranks)
-        pe_params, mb_params, rk_params, names, missing = plan
+        if len(cur.pe) < len(plan[5]) * k and self._silent_layers(cur, plan[5]):  # one term per layer and micro-batch
+            key = (key[0], mb_small, frozenset(cur.lost), by_ranks)
+            plan = self._plans[key] = self._plan(mb_small, cur.lost, by_ranks)
+        pe_params, mb_params, rk_params, names, missing, _ = plan
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
@@ -433,7 +436,26 @@ class GradientNoise:
         if not by_ranks:
             missing, rk = missing + rk, []
         names = tuple(tuple(self._names[i] for i in g) for g in (pe, mb + rk, missing))
-        return *([self._by_id[i] for i in g] for g in (pe, mb, rk)), names, names[2]
+        layers = frozenset(mid for mid, own in self._module_params.items() if any(i in pe for i in own))
+        return *([self._by_id[i] for i in g] for g in (pe, mb, rk)), names, names[2], layers
+
+    def _silent_layers(self, cur: _Step, layers: frozenset) -> bool:
+        """Covered layers with a gradient but no per-example term this step: their hooks did not run, as in a
+        torch.compile'd model, whose graph keeps the forward hooks' effects but not the gradient hooks they
+        register. They fall back to micro-batches for good (no small batch this step), with one warning."""
+        fired = set(cur.pe_mod)
+        silent = [mid for mid in layers if mid not in fired]
+        if not silent:
+            return False  # a layer that skipped some micro-batches: as before
+        names = [self._module_names[mid] for mid in silent]
+        for mid in silent:
+            self._fall_back(mid, cur, lost=True)
+        if "silent" not in self._warned:
+            self._warned.update(("silent", "missing"))
+            warnings.warn(f"GradientNoise: the per-example hooks of {len(names)} layer(s) did not run ({names[:3]}); a "
+                          "torch.compile'd model traces them away. They are measured by micro-batches from the next "
+                          "step on, which needs 2+ micro-batches or DDP for a small batch", RuntimeWarning, stacklevel=4)
+        return True
 
     def close(self) -> None:
         """Remove every hook (a DDP communication hook cannot be removed: it goes back to DDP's default)."""
