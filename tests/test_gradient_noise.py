@@ -64,6 +64,45 @@ def test_per_example_norms_are_exact_per_step(name):
     assert float(s4.g_big_sq) == pytest.approx(float(s.g_big_sq), rel=1e-4)
 
 
+class _Checkpointed(torch.nn.Module):
+    """An MLP whose middle layers run under activation checkpointing (recomputed during backward)."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(12, 20), torch.nn.Linear(20, 20), torch.nn.Linear(20, 4)
+        self.reentrant, self.checkpoint = reentrant, True
+
+    def middle(self, h):
+        return self.c(torch.tanh(self.b(h)))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.relu(self.a(x))
+        return checkpoint(self.middle, h, use_reentrant=self.reentrant) if self.checkpoint else self.middle(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_keeps_every_layer_per_example_and_exact(reentrant):
+    """Checkpointing recomputes the middle layers inside backward. Non-reentrant: the first forward hooked
+    them and the recompute must not count as a second call (it made them fall back, with no small batch at
+    K = 1); reentrant: the first forward runs without grad, the recompute is the one measured."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant)
+    x, y = MODELS["mlp"][1](torch.Generator().manual_seed(1), 16)
+    loss_fn = torch.nn.functional.cross_entropy
+    model.checkpoint = False  # torch.func does not run through checkpointing: the same function without it
+    g = per_example_grads(model, loss_fn, x, y)
+    model.checkpoint = True
+    gns = GradientNoise(model)
+    for k in (1, 2, 1):
+        micro_steps(model, loss_fn, x, y, k)
+        s = gns.step()
+        assert s.complete and len(s.per_example) == 6 and not s.micro_batch
+        assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=1e-4)
+        assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+
+
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_create_graph_backward_gives_the_same_ingredients_and_no_graph(name):
     """The rules run in autograd's hooks, which have grad mode on only under create_graph=True: there they

@@ -55,6 +55,7 @@ __all__ = ["GradientNoise", "NoiseStats"]
 
 
 _grad_enabled, _func_stack = torch.is_grad_enabled, torch._C._functorch.peek_interpreter_stack
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1 outside a backward pass
 
 
 def _recording() -> bool:
@@ -193,7 +194,12 @@ class GradientNoise:
                 return
             cur = self._cur
             calls = cur.calls
-            calls[mid] = n_calls = calls.get(mid, 0) + 1
+            n_calls = calls.get(mid, 0)
+            if n_calls and _graph_task() != -1:
+                # a forward inside backward: activation checkpointing (use_reentrant=False) recomputing a layer
+                # whose first call already hooked its output gradient, which comes before the recompute
+                return
+            calls[mid] = n_calls = n_calls + 1
             a = inputs[0] if inputs else None
             if (n_calls > 1 or not isinstance(output, torch.Tensor) or not isinstance(a, torch.Tensor)
                     or not self._has_batch_dim(module, a, cur) or not fits(module, a, output)):
