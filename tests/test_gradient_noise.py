@@ -103,6 +103,27 @@ def test_activation_checkpointing_keeps_every_layer_per_example_and_exact(reentr
         assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("seq", [False, True])
+def test_hugging_face_conv1d_is_covered_like_linear(seq):
+    """GPT-2's transformers.pytorch_utils.Conv1D (a Linear with the weight stored (in, out)) has the Linear
+    rule, on rows and on sequences: exact against torch.func, every parameter per example."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv1D(20, 12), torch.nn.Tanh(), Conv1D(4, 20))
+    x = torch.randn(16, 5, 12) if seq else torch.randn(16, 12)
+    y = torch.randn(16, 5, 4) if seq else torch.randn(16, 4)
+    loss_fn = torch.nn.functional.mse_loss
+    g = per_example_grads(model, loss_fn, x, y)
+    gns = GradientNoise(model)
+    loss_fn(model(x), y).backward()
+    s = gns.step()
+    assert set(gns.covered.values()) == {"Conv1D"} and len(gns.covered) == 2
+    assert s.complete and len(s.per_example) == 4
+    assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=1e-4)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+
+
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_create_graph_backward_gives_the_same_ingredients_and_no_graph(name):
     """The rules run in autograd's hooks, which have grad mode on only under create_graph=True: there they

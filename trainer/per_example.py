@@ -5,7 +5,8 @@ batch loss with respect to its parameters is a sum of per-example terms, and the
 each term follows from the layer input a and the output gradient delta alone, without ever forming
 the per-example gradients (Goodfellow 2015; Li et al. 2022; Gray et al. 2024):
 
-- Linear on (N, d) inputs: |a_i|^2 |delta_i|^2 for the weight, |delta_i|^2 for the bias;
+- Linear on (N, d) inputs: |a_i|^2 |delta_i|^2 for the weight, |delta_i|^2 for the bias (also Hugging
+  Face's GPT-2 `Conv1D`, a Linear with its weight stored transposed: the norms are the same);
 - Linear on sequences (N, T, d): sum_tt' (a_t . a_t')(delta_t . delta_t') (the Gram form), or the
   per-example gradient itself when that is smaller (T (d_in + d_out) > d_in d_out);
 - Embedding: sum_tt' [idx_t == idx_t'] (delta_t . delta_t');
@@ -252,14 +253,22 @@ def fits_for(rule: Rule) -> Fits:
     return _FITS.get(getattr(rule, "func", rule), _always)
 
 
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (GPT-2, GPT, ...), recognised without importing transformers: y = x W + b
+    with W of shape (nx, nf), a Linear whose weight is stored transposed."""
+    w = m._parameters.get("weight")
+    return (type(m).__name__ == "Conv1D" and not isinstance(m, nn.Conv1d) and w is not None and w.dim() == 2
+            and tuple(w.shape) == (getattr(m, "nx", None), getattr(m, "nf", None)))
+
+
 def rule_for(m: nn.Module, sketch: int = 0) -> Rule | None:
     """The per-example rule for this layer type and configuration, or None (then: micro-batch fallback).
     sketch = k > 0: Linear on sequences and convolutions estimate their weights' part from k random
     projections per example where that is cheaper than the exact forms (`sketch_sq`)."""
-    if sketch and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if sketch and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_hf_conv1d(m)):
         rule = rule_for(m)
         return None if rule is None else functools.partial(rule, sketch=sketch)
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
         return linear_sq
     if isinstance(m, nn.Embedding):
         return None if m.sparse or m.scale_grad_by_freq or m.max_norm is not None else embedding_sq
