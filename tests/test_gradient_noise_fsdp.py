@@ -20,25 +20,31 @@ from tests.trainer_helpers import small_models
 from trainer.noise import GradientNoise
 
 MODELS = small_models()
-# (model, micro-batches, mesh shape): HSDP (2, 1) replicates every shard over the 2 ranks
-CASES = [("mlp", 1, (2,)), ("transformer", 1, (2,)), ("transformer", 2, (2,)), ("mha", 1, (2,)),
-         ("mlp", 1, (2, 1))]
+# (model, micro-batches, mesh shape, what is sharded): HSDP (2, 1) replicates every shard over the 2 ranks;
+# "first" shards only the first layer, the loop averages the other gradients itself (after another model of
+# the same shapes in this process: equal meshes that are distinct objects)
+CASES = [("mlp", 1, (2,), "all"), ("transformer", 1, (2,), "all"), ("transformer", 2, (2,), "all"),
+         ("mha", 1, (2,), "all"), ("mlp", 1, (2, 1), "all"), ("mlp", 1, (2,), "first")]
 
 
 def _key(case) -> str:
-    return case if isinstance(case, str) else "-".join(map(str, (*case[:2], *case[2])))
+    return case if isinstance(case, str) else "-".join(map(str, (*case[:2], *case[2], *case[3:])))
 
 
-def _shard(model: torch.nn.Module, mesh) -> None:
+def _shard(model: torch.nn.Module, mesh, what: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    if what == "first":
+        fully_shard(next(iter(model.children())), mesh=mesh)
+        return
     for child in model.children():  # each layer or block its own FSDP unit, then the root
         if any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
-def _case(rank: int, world: int, name: str, k: int, shape: tuple[int, ...]) -> dict:
+def _case(rank: int, world: int, name: str, k: int, shape: tuple[int, ...], what: str) -> dict:
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     make, data, loss_fn = MODELS[name]
@@ -46,7 +52,8 @@ def _case(rank: int, world: int, name: str, k: int, shape: tuple[int, ...]) -> d
     model = make()
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
-    _shard(model, mesh)
+    _shard(model, mesh, what)
+    plain = [p for p in model.parameters() if not hasattr(p, "full_tensor")]  # left out of FSDP: averaged here
     gns, ref_gns = GradientNoise(model, warn=False), GradientNoise(ref, warn=False)
     opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
     steps = []
@@ -54,8 +61,12 @@ def _case(rank: int, world: int, name: str, k: int, shape: tuple[int, ...]) -> d
         x, y = data(torch.Generator().manual_seed(10 + step), 16)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         for j, (xk, yk) in enumerate(zip(xs.chunk(k), ys.chunk(k), strict=True)):
-            model.set_requires_gradient_sync(j == k - 1)  # reduce-scatter once, after the last micro-batch
+            if k > 1:
+                model.set_requires_gradient_sync(j == k - 1)  # reduce-scatter once, after the last micro-batch
             (loss_fn(model(xk), yk) / k).backward()
+        for p in plain:
+            dist.all_reduce(p.grad)
+            p.grad /= world
         s = gns.step()
         loss_fn(ref(x), y).backward()
         r = ref_gns.step()
@@ -64,7 +75,8 @@ def _case(rank: int, world: int, name: str, k: int, shape: tuple[int, ...]) -> d
         for o in (opt, ref_opt):
             o.step()
             o.zero_grad(set_to_none=True)
-    params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    params = {n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+              for n, p in model.named_parameters()}
     gap = max(float((params[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
     return {"steps": steps, "param_gap": gap, "sharded": gns.sharded, "world": gns.world}
 
@@ -84,6 +96,22 @@ def _fsdp1_case(rank: int, world: int) -> dict:
     return {"refused": None}
 
 
+def _sweep_case(rank: int, world: int) -> dict:
+    """Two models sharded one after the other in one process (a sweep), sharing a layer shape: the second's
+    parameters hold a mesh equal to, but not the same object as, the one it was sharded over."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    refused = []
+    for width in (1, 4):
+        model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, width))
+        _shard(model, init_device_mesh("cpu", (world,)), "all")
+        try:
+            GradientNoise(model)
+        except ValueError as e:
+            refused.append(str(e))
+    return {"refused": refused}
+
+
 def _cases(rank: int, world: int, rdzv: str, out: str) -> None:
     """Every case in one pair of processes (a spawn costs seconds). A case that raises saves its traceback."""
     import traceback
@@ -93,12 +121,13 @@ def _cases(rank: int, world: int, rdzv: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
-        for case in [*CASES, "fsdp1"]:
+        special = {"fsdp1": _fsdp1_case, "sweep": _sweep_case}
+        for case in [*CASES, *special]:
             path = f"{out}.{_key(case)}.{rank}"
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2, 3-d Linear
-                    res = _fsdp1_case(rank, world) if case == "fsdp1" else _case(rank, world, *case)
+                    res = special[case](rank, world) if isinstance(case, str) else _case(rank, world, *case)
             except Exception:
                 res = {"error": traceback.format_exc()}
             torch.save(res, path)
@@ -122,12 +151,13 @@ def _load(out: str, case: str) -> list[dict]:
     return res
 
 
-@pytest.mark.parametrize(("name", "k", "shape"), CASES)
-def test_fsdp2_ingredients_and_updates_match_one_process_at_the_same_global_batch(fsdp_out, name, k, shape):
-    """Per-example sums all-reduced, |g_big|^2 from the shards (HSDP's replicas counted once), on both ranks
-    and both steps: the one-process values to float32 rounding; the sharded SGD updates match too. With
-    nn.MultiheadAttention (no rule) both sides leave its parameters out and say so (complete = False)."""
-    r0, r1 = _load(fsdp_out, _key((name, k, shape)))
+@pytest.mark.parametrize(("name", "k", "shape", "what"), CASES)
+def test_fsdp2_ingredients_and_updates_match_one_process_at_the_same_global_batch(fsdp_out, name, k, shape, what):
+    """Per-example sums all-reduced, |g_big|^2 from the shards (HSDP's replicas, and parameters left out of
+    FSDP, counted once), on both ranks and both steps: the one-process values to float32 rounding; the sharded
+    SGD updates match too. With nn.MultiheadAttention (no rule) both sides leave its parameters out and say so
+    (complete = False)."""
+    r0, r1 = _load(fsdp_out, _key((name, k, shape, what)))
     assert r0["sharded"] and r0["world"] == 2
     for a, b in zip(r0["steps"], r1["steps"], strict=True):
         assert a["got"] == pytest.approx(b["got"], rel=1e-6)  # the ranks agree
@@ -141,9 +171,11 @@ def test_fsdp2_ingredients_and_updates_match_one_process_at_the_same_global_batc
     assert r0["param_gap"] < 1e-5 and r1["param_gap"] < 1e-5
 
 
-def test_fsdp1_is_refused_with_what_to_use_instead(fsdp_out):
+def test_fsdp1_is_refused_with_what_to_use_instead_and_a_sweeps_models_are_not(fsdp_out):
     for r in _load(fsdp_out, "fsdp1"):
         assert r["refused"] and "fully_shard" in r["refused"]
+    for r in _load(fsdp_out, "sweep"):
+        assert r["refused"] == []
 
 
 def test_parameters_replaced_after_attaching_are_reported_not_silently_unmeasured():

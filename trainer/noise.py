@@ -306,6 +306,7 @@ class GradientNoise:
     def step(self, loss_scale: float | Sequence[float] | None = None, micro_batches: int | None = None,
              examples: int | None = None) -> NoiseStats:
         """The ingredients of the gradients accumulated since the last call; call it once per optimizer step.
+        Under DDP or FSDP it may all-reduce a few scalars: call it on every rank (one rank alone waits for ever).
 
         loss_scale: the factor each micro-batch's mean loss was multiplied by before `backward()`
         (default 1/K, i.e. `loss / K`; with a GradScaler, times `scaler.get_scale()`), one per
@@ -376,7 +377,7 @@ class GradientNoise:
                 sums.append(_weighted(cur.mb, cur.mb_micro, [1.0 / (scales[m] ** 2 * k * self.world) for m in range(k)],
                                       squared=True, like=mb_params[0]))
             if self.sharded:  # .grad holds this rank's shards: their part of each block's |g_big|^2 goes along
-                bigs = [shard_sq([p.grad for p in ps]) for ps in (pe_params, mb_params) if ps]
+                bigs = [shard_sq([p.grad for p in ps], self.world) for ps in (pe_params, mb_params) if ps]
                 sums += [b.to(sums[0].dtype if sums else b.dtype) for b in bigs]
             if self.world > 1 and sums:  # one extra collective of a few scalars (no DDP hook of ours)
                 packed = torch.stack(sums)

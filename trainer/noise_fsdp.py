@@ -42,7 +42,8 @@ def sharding_mesh(module: nn.Module):
         raise ValueError("GradientNoise: FSDP1 (FullyShardedDataParallel) is not supported: its flat parameters "
                          "hide the layers' gradients; shard with FSDP2 (torch.distributed.fsdp.fully_shard)")
     dtensor = _dtensor_type()
-    meshes = {id(p.device_mesh): p.device_mesh for p in module.parameters() if dtensor and isinstance(p, dtensor)}
+    # DeviceMesh compares by value: two models in one process hold equal meshes that are distinct objects
+    meshes = {p.device_mesh for p in module.parameters() if dtensor and isinstance(p, dtensor)}
     if not meshes:
         return None
     if not any(isinstance(m, FSDPModule) for m in module.modules()):
@@ -50,7 +51,7 @@ def sharding_mesh(module: nn.Module):
                          "their activations are sharded too, so per-example norms need the full layer")
     if len(meshes) > 1:
         raise ValueError("GradientNoise: the parameters are sharded over different device meshes; one mesh only")
-    return next(iter(meshes.values()))
+    return next(iter(meshes))
 
 
 def mesh_group(mesh, process_group=None):
@@ -66,9 +67,11 @@ def mesh_group(mesh, process_group=None):
                      "spanning its ranks")
 
 
-def shard_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+def shard_sq(grads: list[torch.Tensor], world: int) -> torch.Tensor:
     """This rank's part of |g|^2 over sharded gradients: the local shards' squared norms, each divided by
-    the number of replicas of its shard (HSDP), in float32 at least; summed over the ranks it is |g|^2."""
+    the number of replicas of its shard (HSDP), in float32 at least; summed over the ranks it is |g|^2.
+    A plain gradient in a sharded model (a parameter left out of fully_shard, which the loop must then
+    average over the ranks itself) is on every one of the `world` ranks."""
     dtensor = _dtensor_type()
     by_reps: dict[int, list[torch.Tensor]] = {}
     for g in grads:
@@ -77,7 +80,7 @@ def shard_sq(grads: list[torch.Tensor]) -> torch.Tensor:
             reps = math.prod(mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
             g = g.to_local()
         else:
-            reps = 1
+            reps = world
         if g.numel():
             by_reps.setdefault(reps, []).append(g)
     total = None
