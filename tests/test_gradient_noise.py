@@ -124,6 +124,70 @@ def test_hugging_face_conv1d_is_covered_like_linear(seq):
     assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
 
 
+class _NanoLayerNorm(torch.nn.Module):
+    """nanoGPT's LayerNorm (optional bias), not nn.LayerNorm."""
+
+    def __init__(self, d: int, bias: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(d)) if bias else None
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class _NotANorm(torch.nn.Module):
+    """Named like a norm, with a norm's parameters, but it does not normalise: must not be covered."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * torch.tanh(x)
+
+
+def _norm_layer(kind: str, d: int):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    make = {"llama": LlamaRMSNorm, "t5": T5LayerNorm, "gemma": GemmaRMSNorm,
+            "nanogpt": lambda d: _NanoLayerNorm(d, bias=True), "nanogpt_nobias": lambda d: _NanoLayerNorm(d, False),
+            "notanorm": _NotANorm}[kind]
+    layer = make(d)
+    with torch.no_grad():  # away from the initial ones / zeros, so that w and 1 + w differ in the check
+        layer.weight.add_(0.1 * torch.randn(d))
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5", "gemma", "nanogpt", "nanogpt_nobias", "notanorm"])
+def test_a_models_own_norm_classes_are_covered_once_their_output_is_checked(kind):
+    """Hugging Face's RMSNorm classes (Llama's w * x_hat, Gemma's (1 + w) * x_hat, T5's), nanoGPT's LayerNorm:
+    each is covered after its first output matched w * x_hat + b, and is exact against torch.func on
+    sequences; a *Norm* class that does not normalise falls back to micro-batches (exact there at K = 2)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), _norm_layer(kind, 16), torch.nn.Linear(16, 4))
+    x, y = torch.randn(16, 5, 12), torch.randn(16, 5, 4)
+    loss_fn = torch.nn.functional.mse_loss
+    g = per_example_grads(model, loss_fn, x, y)
+    n_norm = sum(p.numel() for p in model[1].parameters())
+    gns = GradientNoise(model, warn=False)
+    loss_fn(model(x), y).backward()
+    s = gns.step()
+    if kind == "notanorm":
+        assert "1" not in gns.covered and s.missing == ("1.weight",)
+        micro_steps(model, loss_fn, x, y, 2)
+        s = gns.step()
+        assert s.complete and s.micro_batch == ("1.weight",)
+        return
+    assert gns.covered["1"] == type(model[1]).__name__ and s.complete and not s.micro_batch
+    assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=1e-4)
+    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+    norm_cols = g[:, 12 * 16 + 16: 12 * 16 + 16 + n_norm]  # the norm's own share is not negligible
+    assert float(norm_cols.square().sum(1).mean()) > 1e-3 * float(g.square().sum(1).mean())
+
+
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_create_graph_backward_gives_the_same_ingredients_and_no_graph(name):
     """The rules run in autograd's hooks, which have grad mode on only under create_graph=True: there they

@@ -11,7 +11,10 @@ the per-example gradients (Goodfellow 2015; Li et al. 2022; Gray et al. 2024):
   per-example gradient itself when that is smaller (T (d_in + d_out) > d_in d_out);
 - Embedding: sum_tt' [idx_t == idx_t'] (delta_t . delta_t');
 - LayerNorm / RMSNorm: the per-example gradients are only of the size of the normalised shape, so
-  they are formed (sum over positions of delta * x_hat, and of delta);
+  they are formed (sum over positions of delta * x_hat, and of delta); also a model's own norm classes
+  (Hugging Face's LlamaRMSNorm, T5LayerNorm, Gemma's (1 + w) form, nanoGPT's LayerNorm): a module named
+  *Norm* with a 1-d weight (and bias) whose first output is checked against w * x_hat + b for layer or
+  RMS normalisation (`custom_norm_fits`) before it is covered;
 - Conv1d / Conv2d (groups = 1, zero padding): Linear on the unfolded input, Gram or direct;
 - optionally (sketch = k), for sequences and convolutions, an unbiased estimate from k random
   projections per example, O(T (d_in + d_out) k) instead of the Gram form's O(T^2 (d_in + d_out)).
@@ -25,6 +28,7 @@ Pure tensor math: no hooks, no state.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -208,6 +212,77 @@ def rms_norm_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor 
     return _norm_sq(m, x_hat, d.to(acc), shape)
 
 
+_NORM_FORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (kind, eps) or None
+_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (kind, eps) fitting the last call
+_TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
+                                                                               else ())
+
+
+def is_custom_norm(m: nn.Module) -> bool:
+    """A candidate for `custom_norm_sq`: named *Norm*, not a torch norm class, its own parameters a 1-d weight
+    and at most a bias of the same shape. Whether it really normalises is checked on its first output."""
+    if "Norm" not in type(m).__name__ or isinstance(m, _TORCH_NORMS):
+        return False
+    params = m._parameters
+    w, b = params.get("weight"), params.get("bias")
+    return (w is not None and w.dim() == 1 and set(params) <= {"weight", "bias"}
+            and (b is None or tuple(b.shape) == tuple(w.shape)))
+
+
+def _norm_forms(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> list[tuple[str, float]]:
+    """Every (kind, eps) with which out == s * x_hat(a) + b, s = w or 1 + w (Gemma), for layer or RMS
+    normalisation over the last dim (none: the layer is not covered; both kinds: the input rows had mean
+    ~0, where they agree)."""
+    w, b = m._parameters["weight"], m._parameters.get("bias")
+    if a.shape != out.shape or a.shape[-1:] != w.shape or not a.is_floating_point():
+        return []
+    found = []
+    eps_attr = next((getattr(m, k) for k in ("variance_epsilon", "eps", "epsilon")
+                     if isinstance(getattr(m, k, None), float)), None)
+    half = out.dtype in (torch.float16, torch.bfloat16)
+    with torch.no_grad():
+        x, got, wf = a.detach().float(), out.detach().float(), w.detach().float()
+        tol = 2e-2 if half else 1e-4
+        for kind in ("rms", "layer"):
+            for eps in dict.fromkeys(e for e in (eps_attr, 1e-5, 1e-6) if e is not None):
+                shape = (w.shape[0],)
+                x_hat = F.rms_norm(x, shape, None, eps) if kind == "rms" else F.layer_norm(x, shape, None, None, eps)
+                for scale in (wf, wf + 1):
+                    want = x_hat * scale + (b.detach().float() if b is not None else 0)
+                    if torch.allclose(want, got, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1))):
+                        found.append((kind, eps))
+                        break
+                if found and found[-1][0] == kind:
+                    break
+    return found
+
+
+def custom_norm_fits(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> bool:
+    form = _NORM_FORMS.get(m, _MISSING)
+    if form is _MISSING:  # decided for good on the first call whose input tells the kinds apart
+        forms = _norm_forms(m, a, out)
+        form = forms[0] if forms else None
+        if len(forms) < 2:
+            _NORM_FORMS[m] = form
+        else:  # both kinds fit this input (same x_hat here): measured with either, asked again next call
+            _PENDING[m] = form
+    elif form is None:
+        return False
+    return a.shape == out.shape and a.dim() > 1 and form is not None
+
+
+def custom_norm_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    form = _NORM_FORMS.get(m) or _PENDING.get(m)
+    if form is None or a.shape != d.shape or a.dim() < 2:
+        return None
+    kind, eps = form
+    shape = (a.shape[-1],)
+    acc = _acc(d)
+    x = a.to(acc)
+    x_hat = F.rms_norm(x, shape, None, eps) if kind == "rms" else F.layer_norm(x, shape, None, None, eps)
+    return _norm_sq(m, x_hat, d.to(acc), shape)
+
+
 def _conv_sq(m: nn.Module, a: torch.Tensor, d: torch.Tensor, two_d: bool, sketch: int = 0) -> torch.Tensor | None:
     if not two_d:  # Conv1d as a Conv2d of height 1
         a, d = a.unsqueeze(2), d.unsqueeze(2)
@@ -243,7 +318,7 @@ def _always(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 _FITS = {linear_sq: linear_fits, embedding_sq: embedding_fits, layer_norm_sq: norm_fits, rms_norm_sq: norm_fits,
-         conv1d_sq: conv_fits, conv2d_sq: conv_fits}
+         conv1d_sq: conv_fits, conv2d_sq: conv_fits, custom_norm_sq: custom_norm_fits}
 Fits = Callable[[nn.Module, torch.Tensor, torch.Tensor], bool]
 
 
@@ -281,4 +356,6 @@ def rule_for(m: nn.Module, sketch: int = 0) -> Rule | None:
         if not ok:
             return None
         return conv2d_sq if isinstance(m, nn.Conv2d) else conv1d_sq
+    if is_custom_norm(m):
+        return custom_norm_sq
     return None
