@@ -300,35 +300,78 @@ def test_fallback_for_layers_without_a_rule():
     assert float(s2.g_small_sq) == pytest.approx(want_g + want_tr, rel=1e-4)
 
 
-def test_tied_weights_and_reused_layers_fall_back():
-    """A weight shared by two layers, or a layer called twice per forward, has no exact per-example
-    norm from one call: those parameters are measured by micro-batches, and the result is still exact."""
-    from torch import nn
+class _Tied(torch.nn.Module):
+    """Token embedding tied to the output head (GPT-2, nanoGPT): per position (`last=False`) or from the last
+    position only; `reuse` calls `mid` (or the head) twice in one forward."""
 
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.mid, self.out = nn.Embedding(13, 8), nn.Linear(8, 8), nn.Linear(8, 13, bias=False)
-            self.out.weight = self.emb.weight
+    def __init__(self, padding_idx=None, last=False, reuse=None):
+        super().__init__()
+        nn = torch.nn
+        self.emb, self.mid = nn.Embedding(13, 8, padding_idx=padding_idx), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 13, bias=False)
+        self.out.weight = self.emb.weight
+        self.last, self.reuse = last, reuse
 
-        def forward(self, idx):
-            h = self.emb(idx)
-            return self.out(torch.tanh(self.mid(torch.tanh(self.mid(h)))))  # mid used twice
+    def forward(self, idx):
+        h = torch.tanh(self.mid(self.emb(idx)))
+        if self.reuse == "mid":
+            h = torch.tanh(self.mid(h))
+        if self.last:
+            h = h[:, -1]
+        out = self.out(h)
+        return out + 0.1 * self.out(h) if self.reuse == "head" else out
 
-    torch.manual_seed(0)
-    model = Tied()
+
+def _tied_data(last: bool):
     x = torch.randint(0, 13, (8, 5), generator=torch.Generator().manual_seed(2))
-    y = (x + 1) % 13
+    return x, (x[:, -1] + 1) % 13 if last else (x + 1) % 13
+
+
+@pytest.mark.parametrize(("padding_idx", "last"), [(None, False), (0, False), (None, True)])
+def test_a_weight_tied_between_embedding_and_head_is_measured_per_example(padding_idx, last):
+    """|E_i + H_i|^2 = the Embedding rule + the Linear rule + 2 <E_i, H_i>: exact against torch.func at K = 1
+    (complete, nothing by micro-batches) and K = 2, with a padding row and with a head on the last position."""
+    torch.manual_seed(0)
+    model = _Tied(padding_idx, last)
+    x, y = _tied_data(last)
+    loss_fn = torch.nn.functional.cross_entropy if last else MODELS["transformer"][2]
+    g = per_example_grads(model, loss_fn, x, y)
+    gns = GradientNoise(model)
+    assert {"emb", "mid", "out"} == set(gns.covered)
+    for k in (1, 2):
+        micro_steps(model, loss_fn, x, y, k)
+        s = gns.step()
+        assert s.complete and not s.micro_batch and set(s.per_example) == {"emb.weight", "mid.weight", "mid.bias"}
+        assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=1e-4)
+        assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("reuse", ["mid", "head"])
+def test_reused_layers_fall_back_and_a_tied_pair_falls_back_together(reuse):
+    """A layer called twice per forward has no exact per-example norm from one call: its parameters are
+    measured by micro-batches. When it is the tied head, the embedding sharing its weight goes with it."""
+    torch.manual_seed(0)
+    model = _Tied(reuse=reuse)
+    x, y = _tied_data(False)
     loss_fn = MODELS["transformer"][2]
     g = per_example_grads(model, loss_fn, x, y)
     gns = GradientNoise(model)
-    assert "emb" not in gns.covered and "out" not in gns.covered
     micro_steps(model, loss_fn, x, y, 2)
     s = gns.step()
-    assert s.complete and {"emb.weight", "mid.weight", "mid.bias"} == set(s.micro_batch)
-    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g.chunk(2)])
-    assert float(s.g_big_sq) == pytest.approx(float(g.mean(0).square().sum()), rel=1e-4)
-    assert float(s.g_sq + s.tr_sigma / 4) == pytest.approx(mb_small, rel=1e-4)  # b_small of the block: 4
+    fell = {"mid.weight", "mid.bias"} if reuse == "mid" else {"emb.weight"}
+    assert s.complete and set(s.micro_batch) == fell and set(s.per_example) == {"emb.weight", "mid.weight",
+                                                                                 "mid.bias"} - fell
+    assert ("emb" in gns.covered) == (reuse == "mid") and ("mid" in gns.covered) == (reuse == "head")
+    names = [n for n, _ in model.named_parameters()]
+    cols = torch.cat([torch.full((p.numel(),), n in fell) for n, p in zip(names, model.parameters(), strict=True)])
+    g_pe, g_mb = g[:, ~cols], g[:, cols]
+    n = len(x)
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
+    mb_big = float(g_mb.mean(0).square().sum())
+    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    assert float(s.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
+    assert float(s.g_big_sq) == pytest.approx(pe_big + mb_big, rel=1e-4)
 
 
 @pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("mlp", False, 2),

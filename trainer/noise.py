@@ -49,7 +49,7 @@ from torch import nn
 from trainer.noise_comm import make_hook, reduced_means
 from trainer.noise_fsdp import mesh_group, shard_sq, sharding_mesh
 from trainer.noise_stats import NoiseStats, _sq_norm, _Step, _weighted
-from trainer.per_example import Rule, fits_for, rule_for
+from trainer.per_example import Rule, embedding_rows, fits_for, head_rows, rule_for, tied_pairs
 
 __all__ = ["GradientNoise", "NoiseStats"]
 
@@ -124,18 +124,32 @@ class GradientNoise:
         skip = tuple(n + "." for n, m in self.module.named_modules() if isinstance(m, nn.MultiheadAttention))
         self._module_params: dict[int, list[int]] = {}  # covered module id -> its parameters
         self._module_names: dict[int, str] = {}
+        # an Embedding and a Linear head sharing one weight (GPT-2, nanoGPT, BERT): both covered, plus a cross term
+        pairs = tied_pairs(self.module, owners, sketch) if per_example else {}
+        self._partner: dict[int, int] = {}  # covered module id -> the one its weight is tied to
         if per_example:
             for name, m in self.module.named_modules():
                 rule = rule_for(m, sketch)
                 own = [id(p) for p in m.parameters(recurse=False) if p.requires_grad]
-                if (rule is None or not own or name.startswith(skip) or any(owners[i] > 1 for i in own)
+                if (rule is None or not own or name.startswith(skip)
+                        or any(owners[i] > 1 and pairs.get(i, ()).count(m) != 1 for i in own)
                         or any(i not in params for i in own)):
                     continue
+                for i in own:
+                    if i in pairs:
+                        e, h = pairs[i]
+                        self._partner[id(e)], self._partner[id(h)] = id(h), id(e)
                 self.covered[name] = type(m).__name__
                 self._module_params[id(m)] = own
                 self._module_names[id(m)] = name
                 self._handles.append(m.register_forward_hook(self._forward_hook(rule)))
         self._handles.append(self.module.register_forward_pre_hook(self._root_hook, with_kwargs=True))
+        for mid, other in list(self._partner.items()):  # a tied weight is measured by both of its layers or neither
+            if other not in self._module_params and mid in self._module_params:
+                del self._module_params[mid]
+                self.covered.pop(self._module_names.pop(mid), None)
+            if other not in self._module_params:
+                self._partner.pop(mid, None)
         self._pe_ids = {i for own in self._module_params.values() for i in own}  # measured per example
         self._mb_ids: set[int] = set()  # measured by micro-batches (a tensor hook on the parameter)
         self._rk_ids: set[int] = set()  # measured by ranks, from DDP's buckets (no hook on the parameter)
@@ -210,6 +224,9 @@ class GradientNoise:
             if not output.requires_grad:
                 return
             micro = cur.micro
+            tied = mid in self._partner
+            if tied and isinstance(module, nn.Embedding):  # the tied head's backward needs these ids
+                cur.tied[("idx", mid, micro)] = a
 
             def on_grad(grads) -> None:
                 d = grads[0]
@@ -224,6 +241,8 @@ class GradientNoise:
                 cur.pe.append(sq)
                 cur.pe_micro.append(micro)
                 cur.pe_mod.append(mid)
+                if tied:
+                    self._tied_term(module, mid, a, d, cur, micro)
 
             node = output.grad_fn  # a pre-hook on the node that consumes d costs less than a tensor hook
             if node is None:
@@ -232,10 +251,36 @@ class GradientNoise:
                 node.register_prehook(on_grad)
         return hook
 
+    def _tied_term(self, module: nn.Module, mid: int, a: torch.Tensor, d: torch.Tensor, cur: _Step, micro: int) -> None:
+        """The cross term 2 sum_i <E_i, H_i> of a weight tied between an Embedding and a Linear head (the two
+        rules' terms are |E_i|^2 and |H_i|^2): each side leaves its piece, the later one adds the term."""
+        partner = self._partner[mid]
+        if isinstance(module, nn.Embedding):
+            piece = embedding_rows(module, a.detach(), d.detach())
+        else:
+            idx = cur.tied.get(("idx", partner, micro))
+            piece = None if idx is None else head_rows(idx, a.detach(), d.detach())
+        if piece is None:  # shapes the pair cannot join (e.g. the head saw other examples): no small batch
+            self._fall_back(mid, cur, lost=True)
+            return
+        other = cur.tied.pop(("piece", partner, micro), None)
+        if other is None:
+            cur.tied[("piece", mid, micro)] = piece
+            return
+        cur.pe.append(2 * torch.dot(piece.reshape(-1), other.reshape(-1)))
+        cur.pe_micro.append(micro)
+        cur.pe_mod.append(mid)
+
     def _fall_back(self, mid: int, cur: _Step, lost: bool = False) -> None:
         """From now on measure this layer's parameters by micro-batches (sticky). Hooked during the
-        step's first forward, they are measured this step too; later, this step has no small batch for them."""
+        step's first forward, they are measured this step too; later, this step has no small batch for them.
+        A layer whose weight is tied to another's takes that layer with it."""
         own = self._module_params.pop(mid)
+        partner = self._partner.pop(mid, None)
+        if partner is not None:
+            self._partner.pop(partner, None)
+            if partner in self._module_params:
+                self._fall_back(partner, cur, lost)
         lost = lost or cur.micro > 1 or mid in cur.pe_mod
         for pid in own:
             self._pe_ids.discard(pid)

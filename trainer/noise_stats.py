@@ -115,7 +115,7 @@ class _Step:
     allocation beyond the tensors themselves)."""
 
     __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "rk", "lost",
-                 "comm", "synced", "rk_void")
+                 "comm", "synced", "rk_void", "tied")
 
     def __init__(self) -> None:
         self.sizes: list[int] = []  # examples per micro-batch
@@ -127,6 +127,7 @@ class _Step:
         self.mb_micro: list[int] = []
         self.rk: list[torch.Tensor] = []  # this rank's |local gradient|^2 of un-ruled parameters, per DDP bucket
         self.lost: set[int] = set()  # parameters that left the per-example method part-way through the step
+        self.tied: dict = {}  # a tied Embedding's ids and each side's piece of the cross term, per micro-batch
         self.clear()
 
     def clear(self) -> None:
@@ -136,5 +137,5 @@ class _Step:
         self.rk_void = False  # ... more than once: the buckets held reduced + local gradients, not local ones
         self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
         for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro, self.rk,
-                  self.lost):
+                  self.lost, self.tied):
             c.clear()

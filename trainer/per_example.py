@@ -171,6 +171,46 @@ def embedding_sq(m: nn.Embedding, idx: torch.Tensor, d: torch.Tensor) -> torch.T
     return torch.dot(same.view(-1), torch.bmm(d, d.transpose(1, 2)).view(-1))
 
 
+def tied_pairs(model: nn.Module, owners: dict[int, int], sketch: int = 0) -> dict[int, tuple[nn.Module, nn.Module]]:
+    """Weights shared by exactly one Embedding (its table) and one Linear (its weight: the output head), both
+    with a rule: weight id -> (embedding, head). Their per-example gradient is E_i + H_i, whose squared norm
+    is the two rules' terms plus 2 <E_i, H_i> (`embedding_rows`, `head_rows`)."""
+    users: dict[int, list[nn.Module]] = {}
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        if w is not None and owners.get(id(w)) == 2 and isinstance(m, (nn.Embedding, nn.Linear)):
+            users.setdefault(id(w), []).append(m)
+    pairs = {}
+    for pid, ms in users.items():
+        emb = [m for m in ms if isinstance(m, nn.Embedding)]
+        head = [m for m in ms if isinstance(m, nn.Linear)]
+        if len(emb) == 1 and len(head) == 1 and rule_for(emb[0]) and rule_for(head[0], sketch):
+            pairs[pid] = (emb[0], head[0])
+    return pairs
+
+
+def embedding_rows(m: nn.Embedding, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The tied Embedding's side of the cross term: its output gradient as (N, T, C), padding rows zeroed."""
+    n = idx.shape[0]
+    d = d.reshape(n, -1, d.shape[-1]).to(_acc(d))
+    if m.padding_idx is not None:
+        d = d * (idx.reshape(n, -1) != m.padding_idx).unsqueeze(-1).to(d.dtype)
+    return d
+
+
+def head_rows(idx: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    """The tied head's side: R_nt = sum_s d[n, s, idx_nt] a_ns, its per-example gradient's rows at the example's
+    own token ids, (N, T, C), so that <E_n, H_n> = sum_t R_nt . e_nt. O(N S T C), never (N, V, C)."""
+    n = idx.shape[0]
+    if a.shape[0] != n or d.shape[0] != n or a.shape[:-1] != d.shape[:-1]:
+        return None
+    acc = _acc(d)
+    idx = idx.reshape(n, -1)
+    a, d = a.reshape(n, -1, a.shape[-1]).to(acc), d.reshape(n, -1, d.shape[-1]).to(acc)
+    picked = torch.gather(d, 2, idx.unsqueeze(1).expand(n, d.shape[1], idx.shape[1]))  # (N, S, T): d[s, idx_t]
+    return torch.bmm(picked.transpose(1, 2), a)
+
+
 EMBEDDING_DIRECT_MAX = 1 << 24  # elements of the per-example embedding gradients formed at once (64 MiB)
 
 
