@@ -2,6 +2,7 @@
 
     python bench/bench_ddp.py                        # 2 gloo ranks on the CPU, digits b32 and b512
     python bench/bench_ddp.py --world 2 --configs digits:32,charlm:32 --steps 400 --repeats 5
+    python bench/bench_ddp.py --fsdp                 # FSDP2 (fully_shard per layer and the root) instead
 
 Each rank trains its shard (B / world) of the same task's batches under DistributedDataParallel, one
 torch thread per rank. Variants (time per step relative to the bare DDP loop of the same repeat):
@@ -16,6 +17,8 @@ torch thread per rank. Variants (time per step relative to the bare DDP loop of 
   callback  pe + what the Lightning / HF callbacks add per step (trainer/integrations/_common.py's
             StepRecorder): the ingredients to the host, the online B_simple, and a background all-reduce
             of the step's loss and counts (the row is logged a step late), no run attached
+With --fsdp the model is sharded with FSDP2 and only bare and pe run (pe: the per-example sums and the
+shards' |g_big|^2 in one all-reduce in step(); the other variants are DDP's).
 The variants are interleaved and repeated; each ratio is the median over repeats of (variant / bare of
 the same repeat), on rank 0's clock; wall-clock and process CPU time are both reported.
 """
@@ -29,6 +32,7 @@ import socket
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,10 +80,23 @@ def timed_steps(task, model: nn.Module, micro: int, steps: int, variant: str) ->
     return out
 
 
+def sharded(model: nn.Module) -> nn.Module:
+    """FSDP2 over all ranks: each child with parameters its own unit, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
 def rank_main(rank: int, world: int, port: int, configs: list[tuple[str, int]], steps: int, repeats: int,
-              out: str) -> None:
+              out: str, fsdp: bool = False) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on Linear over sequences
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
     for name, batch in configs:
@@ -87,18 +104,19 @@ def rank_main(rank: int, world: int, port: int, configs: list[tuple[str, int]], 
 
         def fresh(task=task) -> nn.Module:  # a DDP model per timed run: DDP takes one comm hook per model
             torch.manual_seed(0)
-            return nn.parallel.DistributedDataParallel(task.build_model())
+            return sharded(task.build_model()) if fsdp else nn.parallel.DistributedDataParallel(task.build_model())
 
+        variants = VARIANTS[:2] if fsdp else VARIANTS
         timed_steps(task, fresh(), batch // world, max(10, steps // 10), "pe")  # warm-up
-        times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+        times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         for r in range(repeats):
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # no variant always runs first
+            order = variants if r % 2 == 0 else variants[::-1]  # no variant always runs first
             for v in order:
                 times[v].append(timed_steps(task, fresh(), batch // world, steps, v))
         row = {"config": f"{name}:{batch}", "world": world, "micro_per_rank": batch // world,
                "bare_ms": 1e3 * statistics.median(w for w, _ in times["bare"]),
                "bare_cpu_ms": 1e3 * statistics.median(c for _, c in times["bare"])}
-        for v in VARIANTS[1:]:
+        for v in variants[1:]:
             row[v] = statistics.median(t[0] / b[0] for t, b in zip(times[v], times["bare"], strict=True))
             row[v + "_cpu"] = statistics.median(t[1] / b[1] for t, b in zip(times[v], times["bare"], strict=True))
             row[v + "_range"] = (min(t[0] / b[0] for t, b in zip(times[v], times["bare"], strict=True)),
@@ -122,19 +140,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="steps per timed run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP: bare and pe only")
     args = ap.parse_args()
     configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
     out = Path(args.json or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ddp_{os.getpid()}.json")
-    mp.spawn(rank_main, args=(args.world, free_port(), configs, args.steps, args.repeats, str(out)),
+    mp.spawn(rank_main, args=(args.world, free_port(), configs, args.steps, args.repeats, str(out), args.fsdp),
              nprocs=args.world, join=True)
     results = json.loads(out.read_text())
     if not args.json:
         out.unlink()
-    print(f"DDP, {args.world} gloo ranks on the CPU, 1 thread each, {args.steps} steps x {args.repeats} repeats; "
-          "time per step / bare DDP step (median, [min-max]), CPU-time ratio:")
+    mode = "FSDP2" if args.fsdp else "DDP"
+    print(f"{mode}, {args.world} gloo ranks on the CPU, 1 thread each, {args.steps} steps x {args.repeats} repeats; "
+          f"time per step / bare {mode} step (median, [min-max]), CPU-time ratio:")
     for r in results:
         cells = "  ".join(f"{v} {r[v]:.2f}x [{r[v + '_range'][0]:.2f}-{r[v + '_range'][1]:.2f}] cpu {r[v + '_cpu']:.2f}x"
-                          for v in VARIANTS[1:])
+                          for v in (VARIANTS[:2] if args.fsdp else VARIANTS)[1:])
         print(f"  {r['config']:<12} ({r['micro_per_rank']}/rank) bare {r['bare_ms']:.2f} ms  {cells}")
 
 
