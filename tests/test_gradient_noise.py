@@ -188,6 +188,53 @@ def test_a_models_own_norm_classes_are_covered_once_their_output_is_checked(kind
     assert float(norm_cols.square().sum(1).mean()) > 1e-3 * float(g.square().sum(1).mean())
 
 
+class _Scale(torch.nn.Module):
+    """A layer of the user's own: y = w * x over the last dim (no rule built in)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.weight * x
+
+
+def test_a_registered_rule_covers_a_users_own_layer(monkeypatch):
+    """register_rule(cls, rule, fits): the user's layer goes from micro-batches (no small batch at K = 1) to
+    per example, exact against torch.func; fits is asked in the forward; a bad registration is refused."""
+    import trainer.per_example as pe
+    from trainer.noise import register_rule
+
+    monkeypatch.setattr(pe, "_REGISTERED", {})
+    monkeypatch.setattr(pe, "_FITS", dict(pe._FITS))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), _Scale(16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(16, 5, 12), torch.randn(16, 5, 4)
+    loss_fn = torch.nn.functional.mse_loss
+    g = per_example_grads(model, loss_fn, x, y)
+    before = GradientNoise(model, warn=False)
+    assert "1" not in before.covered
+    before.close()
+    asked = []
+
+    def scale_sq(m, a, d):  # per example: sum over positions of d * a, then its squared norm, summed
+        return (d * a).sum(1).square().sum()
+
+    def scale_fits(m, a, out):
+        asked.append(tuple(a.shape))
+        return a.dim() == 3
+
+    register_rule(_Scale, scale_sq, scale_fits)
+    gns = GradientNoise(model)
+    loss_fn(model(x), y).backward()
+    s = gns.step()
+    assert gns.covered["1"] == "_Scale" and s.complete and asked == [(16, 5, 16)]
+    assert float(s.g_small_sq) == pytest.approx(float(g.square().sum(1).mean()), rel=1e-4)
+    for bad in ((torch.Tensor, scale_sq), (_Scale, None)):
+        with pytest.raises(TypeError, match="register_rule"):
+            register_rule(*bad)
+
+
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_create_graph_backward_gives_the_same_ingredients_and_no_graph(name):
     """The rules run in autograd's hooks, which have grad mode on only under create_graph=True: there they

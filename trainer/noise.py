@@ -49,9 +49,9 @@ from torch import nn
 from trainer.noise_comm import make_hook, reduced_means
 from trainer.noise_fsdp import mesh_group, shard_sq, sharding_mesh
 from trainer.noise_stats import NoiseStats, _sq_norm, _Step, _weighted
-from trainer.per_example import Rule, embedding_rows, fits_for, head_rows, rule_for, tied_pairs
+from trainer.per_example import Rule, embedding_rows, fits_for, head_rows, register_rule, rule_for, tied_pairs
 
-__all__ = ["GradientNoise", "NoiseStats"]
+__all__ = ["GradientNoise", "NoiseStats", "register_rule"]
 
 
 _grad_enabled, _func_stack = torch.is_grad_enabled, torch._C._functorch.peek_interpreter_stack

@@ -376,10 +376,33 @@ def is_hf_conv1d(m: nn.Module) -> bool:
             and tuple(w.shape) == (getattr(m, "nx", None), getattr(m, "nf", None)))
 
 
+_REGISTERED: dict[type, Rule] = {}
+
+
+def register_rule(layer_type: type, rule: Rule, fits: Fits | None = None) -> None:
+    """Cover a layer type of your own (or replace a built-in rule), before `GradientNoise` is built.
+
+    rule(module, input, output_grad) -> sum over the batch (dim 0) of the squared norms of each example's
+    gradient of the module's own parameters, as a 0-d tensor, or None when a call does not fit (that step
+    then has no small batch for them). fits(module, input, output) -> bool runs in the forward; False makes
+    the layer fall back to micro-batches for good. Subclasses are covered too. Test yours against
+    torch.func (tests/test_gradient_noise.py shows how)."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"register_rule: layer_type must be an nn.Module subclass, got {layer_type!r}")
+    if not callable(rule) or (fits is not None and not callable(fits)):
+        raise TypeError("register_rule: rule (and fits) must be callable")
+    _REGISTERED[layer_type] = rule
+    _FITS[rule] = fits or _always
+
+
 def rule_for(m: nn.Module, sketch: int = 0) -> Rule | None:
     """The per-example rule for this layer type and configuration, or None (then: micro-batch fallback).
     sketch = k > 0: Linear on sequences and convolutions estimate their weights' part from k random
-    projections per example where that is cheaper than the exact forms (`sketch_sq`)."""
+    projections per example where that is cheaper than the exact forms (`sketch_sq`). A rule registered
+    for the layer's type (or a base class) comes first."""
+    for cls in type(m).__mro__:
+        if cls in _REGISTERED:
+            return _REGISTERED[cls]
     if sketch and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_hf_conv1d(m)):
         rule = rule_for(m)
         return None if rule is None else functools.partial(rule, sketch=sketch)
