@@ -15,10 +15,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.trainer_helpers import one_torch_thread, per_example_grads, small_models
+from tests.trainer_helpers import one_torch_thread, per_example_grads, small_models, spawn_two
 from trainer.noise import GradientNoise
 
 MODELS = small_models()
@@ -38,6 +37,18 @@ def setup(name: str, n: int = 16, seed: int = 1):
     model = make()
     x, y = data(torch.Generator().manual_seed(seed), n)
     return model, loss_fn, x, y, per_example_grads(model, loss_fn, x, y)
+
+
+def mixed_truth(g_pe: torch.Tensor, g_mb: torch.Tensor) -> tuple[float, float, float]:
+    """(|G|^2, tr(Sigma), |g_big|^2) of a step with a per-example block (columns g_pe) and a block measured
+    by 2 micro-batches (g_mb): the blocks' unbiased estimates add up."""
+    n = len(g_pe)
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
+    mb_big = float(g_mb.mean(0).square().sum())
+    want_g = (n * pe_big - pe_small) / (n - 1) + (n * mb_big - n / 2 * mb_small) / (n / 2)
+    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    return want_g, want_tr, pe_big + mb_big
 
 
 def micro_steps(model, loss_fn, x, y, k):
@@ -334,15 +345,10 @@ def test_fallback_for_layers_without_a_rule():
     micro_steps(model, loss_fn, x, y, 2)
     s2 = gns.step()
     assert s2.complete and set(s2.micro_batch) == set(s1.missing) and s2.b_small == 1.0
-    n = len(x)
-    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
-    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
-    mb_big = float(g_mb.mean(0).square().sum())
-    want_g = (n * pe_big - pe_small) / (n - 1) + (n * mb_big - n / 2 * mb_small) / (n / 2)
-    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    want_g, want_tr, want_big = mixed_truth(g_pe, g_mb)
     assert float(s2.g_sq) == pytest.approx(want_g, rel=1e-4)
     assert float(s2.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
-    assert float(s2.g_big_sq) == pytest.approx(pe_big + mb_big, rel=1e-4)
+    assert float(s2.g_big_sq) == pytest.approx(want_big, rel=1e-4)
     # per-example-equivalent ingredients reproduce the same estimates
     assert float(s2.g_small_sq) == pytest.approx(want_g + want_tr, rel=1e-4)
 
@@ -411,14 +417,10 @@ def test_reused_layers_fall_back_and_a_tied_pair_falls_back_together(reuse):
     assert ("emb" in gns.covered) == (reuse == "mid") and ("mid" in gns.covered) == (reuse == "head")
     names = [n for n, _ in model.named_parameters()]
     cols = torch.cat([torch.full((p.numel(),), n in fell) for n, p in zip(names, model.parameters(), strict=True)])
-    g_pe, g_mb = g[:, ~cols], g[:, cols]
-    n = len(x)
-    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
-    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
-    mb_big = float(g_mb.mean(0).square().sum())
-    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    want_g, want_tr, want_big = mixed_truth(g[:, ~cols], g[:, cols])
+    assert float(s.g_sq) == pytest.approx(want_g, rel=1e-4)
     assert float(s.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
-    assert float(s.g_big_sq) == pytest.approx(pe_big + mb_big, rel=1e-4)
+    assert float(s.g_big_sq) == pytest.approx(want_big, rel=1e-4)
 
 
 @pytest.mark.parametrize(("name", "per_example", "k"), [("mlp", True, 1), ("mlp", False, 2),
@@ -632,10 +634,7 @@ def _small(g: torch.Tensor, b: int) -> float:
 
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_ddp_cases, args=(2, str(tmp / "rdzv"), str(tmp / "out")), nprocs=2, join=True,
-                       start_method="spawn")
-    return str(tmp / "out")
+    return spawn_two(_ddp_cases, tmp_path_factory.mktemp("ddp"))
 
 
 def _mixed(g_pe: torch.Tensor, g_rk: torch.Tensor, b_rk: int) -> float:

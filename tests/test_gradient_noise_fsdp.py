@@ -14,9 +14,8 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.trainer_helpers import small_models
+from tests.trainer_helpers import small_models, spawn_two
 from trainer.noise import GradientNoise
 
 MODELS = small_models()
@@ -138,10 +137,7 @@ def _cases(rank: int, world: int, rdzv: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_out(tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(_cases, args=(2, str(tmp / "rdzv"), str(tmp / "out")), nprocs=2, join=True,
-                       start_method="spawn")
-    return str(tmp / "out")
+    return spawn_two(_cases, tmp_path_factory.mktemp("fsdp"))
 
 
 def _load(out: str, case: str) -> list[dict]:

@@ -183,3 +183,12 @@ def per_example_grads(model, loss_fn, x, y, dtype="float64"):
     g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
     flat = torch.cat([g[k].reshape(len(x), -1) for k in params], 1)
     return flat.double() if dtype == "float64" else flat
+
+
+def spawn_two(cases, tmp) -> str:
+    """Run cases(rank, world, rendezvous file, output prefix) in 2 spawned processes (one spawn costs seconds:
+    every case of a module goes in it); returns the prefix each case saved its results under."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(cases, args=(2, str(tmp / "rdzv"), str(tmp / "out")), nprocs=2, join=True, start_method="spawn")
+    return str(tmp / "out")
