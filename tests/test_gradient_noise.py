@@ -481,7 +481,7 @@ def _ddp_cases(rank: int, world: int, rdzv: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
-        special = {"half": _half_case, "sometimes": _sometimes_case, "ignored": _ignored_case}
+        special = {"half": _half_case, "sometimes": _sometimes_case, "ignored": _ignored_case, "uneven": _uneven_case}
         for case in [*DDP_CASES, *special]:
             path = f"{out}.{case if isinstance(case, str) else '-'.join(map(str, case))}.{rank}"
             try:
@@ -561,6 +561,42 @@ def _ignored_case(rank: int, world: int) -> dict:
         s = gns.step()
         out[per_example] = (s.as_dict(), s.complete, s.per_example + s.micro_batch + s.missing, sorted(gns.covered))
     return out
+
+
+def _uneven_case(rank: int, world: int) -> dict:
+    """Local batches of 10 and 6 (and 8 and 8), with GradientNoise's comm hook and without: what as_dict says."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import trainer.noise_stats as ns
+
+    make, data, loss_fn = MODELS["mlp"]
+    x, y = data(torch.Generator().manual_seed(1), 16)
+    out = {}
+    for split in ((10, 6), (8, 8)):
+        for comm in (True, False):
+            ns._UNEVEN.clear()
+            torch.manual_seed(0)
+            model = DDP(make())
+            gns = GradientNoise(model, comm_hook=comm)
+            xs, ys = x.split(split)[rank], y.split(split)[rank]
+            loss_fn(model(xs), ys).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                row = gns.step().as_dict()
+            out[split, comm] = (row, [str(w.message) for w in caught])
+    return out
+
+
+def test_ddp_uneven_local_batches_are_reported_not_silent(ddp_out):
+    """The ingredients assume equal local batches (each rank's b_big is its own count times the world): when
+    the ranks' counts differ, as_dict() says so once, with the true total, on every rank; equal ones are quiet."""
+    r0, r1 = (torch.load(f"{ddp_out}.uneven.{r}") for r in (0, 1))
+    for res in (r0, r1):
+        assert "error" not in res, res.get("error")
+        for comm in (True, False):
+            row, said = res[(10, 6), comm]
+            assert len(said) == 1 and "local batches differ (16 examples in all" in said[0]
+            assert res[(8, 8), comm][1] == [] and res[(8, 8), comm][0]["b_big"] == 16
 
 
 def test_ddp_parameters_ddp_ignores_are_not_measured(ddp_out):

@@ -410,9 +410,11 @@ class GradientNoise:
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
+        ranks_examples = None  # all ranks' examples, on the device: as_dict() checks b_big against it
         if cur.comm is not None:  # reduced over the ranks behind the gradients (noise_comm.py)
             sums = reduced_means(cur.comm, sizes, scales, b_big, k, self.world, bool(pe_params), bool(mb_params),
                                  bool(rk_params))
+            ranks_examples = cur.comm.examples()
         else:
             sums = []
             if pe_params:
@@ -425,9 +427,9 @@ class GradientNoise:
                 bigs = [shard_sq([p.grad for p in ps], self.world) for ps in (pe_params, mb_params) if ps]
                 sums += [b.to(sums[0].dtype if sums else b.dtype) for b in bigs]
             if self.world > 1 and sums:  # one extra collective of a few scalars (no DDP hook of ours)
-                packed = torch.stack(sums)
+                packed = torch.stack([*sums, torch.tensor(float(local), dtype=sums[0].dtype, device=sums[0].device)])
                 dist.all_reduce(packed, group=self.group)
-                sums = list(packed.unbind())
+                *sums, ranks_examples = packed.unbind()
         if cur.rk_void and "resync" not in self._warned:
             self._warned.add("resync")
             warnings.warn("GradientNoise: DDP all-reduced the gradients more than once in one step (accumulate "
@@ -473,7 +475,7 @@ class GradientNoise:
             b_small = min(bs for _, bs, _ in blocks)
             g_small, g_big = g_sq + tr / b_small, sum(gb for _, _, gb in blocks)
         return NoiseStats(g_small, float(b_small), g_big, b_big, not missing, *names, micro_batches=k,
-                          examples=int(b_big))
+                          examples=int(b_big), ranks_examples=ranks_examples)
 
     def _plan(self, mb_small: bool, lost: set[int], by_ranks: bool) -> tuple:
         """Which parameters each method covers for a given set of gradients (cached: the same every step);

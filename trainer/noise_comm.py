@@ -43,6 +43,11 @@ class PendingSums:
             self.work = None
         return self.packed[:2 * self.k].view(2, self.k), self.packed[2 * self.k]
 
+    def examples(self) -> torch.Tensor:
+        """The ranks' examples this step, added up (negative when a rank could not count its own)."""
+        self.result()
+        return self.packed[2 * self.k + 1]
+
 
 def per_micro(terms: list[torch.Tensor], micro: list[int], k: int, squared: bool,
               like: torch.Tensor) -> torch.Tensor:
@@ -60,10 +65,11 @@ def per_micro(terms: list[torch.Tensor], micro: list[int], k: int, squared: bool
 
 
 def raw_sums(cur) -> tuple[torch.Tensor, int, bool]:
-    """`cur`'s (trainer/noise.py `_Step`) sums as one float32 vector (2 k + 1): per micro-batch the
+    """`cur`'s (trainer/noise.py `_Step`) sums as one float32 vector (2 k + 2): per micro-batch the
     per-example sums (times the local size squared when the forward hook counted every size: `sized`),
-    then the micro-batch sums, then the buckets' local |gradient|^2. A rank with no forward counted sends
-    zeros (k = 1)."""
+    then the micro-batch sums, then the buckets' local |gradient|^2, then the rank's examples (-1 when not
+    counted; their sum over the ranks tells whether the ranks' batches were equal). A rank with no forward
+    counted sends zeros (k = 1)."""
     k = max(cur.micro, 1)
     sized = len(cur.sizes) >= k and all(cur.sizes[:k])
     like = cur.pe[0] if cur.pe else cur.mb[0] if cur.mb else cur.rk[0] if cur.rk else torch.zeros(())
@@ -75,7 +81,8 @@ def raw_sums(cur) -> tuple[torch.Tensor, int, bool]:
         rk = torch.zeros(1, device=pe.device)
     else:
         rk = (cur.rk[0] if len(cur.rk) == 1 else torch.stack(cur.rk).sum()).reshape(1).float()
-    return torch.cat([pe, mb, rk]), k, sized
+    n = torch.tensor([float(sum(cur.sizes[:k])) if sized else -1.0], device=pe.device)
+    return torch.cat([pe, mb, rk, n]), k, sized
 
 
 def local_sq(noise, bucket) -> torch.Tensor | None:

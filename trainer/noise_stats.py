@@ -6,6 +6,7 @@ Kept apart from trainer/noise.py's hooks: plain state and pure tensor arithmetic
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ class NoiseStats:
     missing: tuple[str, ...] = ()  # parameters with a gradient but no small batch (K = 1, one device)
     micro_batches: int = 0
     examples: int = 0  # examples in the big batch (all ranks)
+    ranks_examples: torch.Tensor | None = None  # under DDP/FSDP: the ranks' examples added up (checked in as_dict)
 
     @property
     def measured(self) -> bool:
@@ -48,8 +50,20 @@ class NoiseStats:
         """The four `steps` columns as floats (one host sync); empty when nothing was measured."""
         if not self.measured:
             return {}
-        return {"g_small_sq": float(self.g_small_sq), "b_small": float(self.b_small),
-                "g_big_sq": float(self.g_big_sq), "b_big": float(self.b_big)}
+        out = {"g_small_sq": float(self.g_small_sq), "b_small": float(self.b_small),
+               "g_big_sq": float(self.g_big_sq), "b_big": float(self.b_big)}
+        if self.ranks_examples is not None and not _UNEVEN:
+            n = float(self.ranks_examples)
+            if n >= 0 and abs(n - self.b_big) > 0.5:
+                _UNEVEN.append(n)
+                warnings.warn(f"GradientNoise: the ranks' local batches differ ({n:.0f} examples in all, while this "
+                              f"rank's b_big = {self.b_big:.0f} assumes every rank has its own count): the ingredients "
+                              "assume equal local batches; make them equal (DistributedSampler, drop_last)",
+                              RuntimeWarning, stacklevel=2)
+        return out
+
+
+_UNEVEN: list[float] = []  # said once per process
 
 
 def _weighted(terms: list[torch.Tensor], micro: list[int], weights: list[float], squared: bool,
