@@ -427,7 +427,8 @@ class GradientNoise:
                 bigs = [shard_sq([p.grad for p in ps], self.world) for ps in (pe_params, mb_params) if ps]
                 sums += [b.to(sums[0].dtype if sums else b.dtype) for b in bigs]
             if self.world > 1 and sums:  # one extra collective of a few scalars (no DDP hook of ours)
-                packed = torch.stack([*sums, torch.tensor(float(local), dtype=sums[0].dtype, device=sums[0].device)])
+                n = torch.full((), float(local), dtype=sums[0].dtype, device=sums[0].device)  # a fill, no host copy
+                packed = torch.stack([*sums, n])
                 dist.all_reduce(packed, group=self.group)
                 *sums, ranks_examples = packed.unbind()
         if cur.rk_void and "resync" not in self._warned:

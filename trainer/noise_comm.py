@@ -81,7 +81,7 @@ def raw_sums(cur) -> tuple[torch.Tensor, int, bool]:
         rk = torch.zeros(1, device=pe.device)
     else:
         rk = (cur.rk[0] if len(cur.rk) == 1 else torch.stack(cur.rk).sum()).reshape(1).float()
-    n = torch.tensor([float(sum(cur.sizes[:k])) if sized else -1.0], device=pe.device)
+    n = torch.full((1,), float(sum(cur.sizes[:k])) if sized else -1.0, device=pe.device)  # a fill, no host copy
     return torch.cat([pe, mb, rk, n]), k, sized
 
 
