@@ -186,8 +186,13 @@ class GradientNoise:
         if not (self.active and _recording()):
             return
         cur = self._cur
+        task = _graph_task()
+        if cur.micro and cur.root_task == -1 and task != -1:  # a whole-model checkpoint recomputing the forward
+            return
         cur.micro += 1
+        cur.root_task = task
         cur.calls.clear()
+        cur.first_task.clear()
         first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
             (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
         if first is None or first.dim() == 0:
@@ -209,11 +214,15 @@ class GradientNoise:
             cur = self._cur
             calls = cur.calls
             n_calls = calls.get(mid, 0)
-            if n_calls and _graph_task() != -1:
-                # a forward inside backward: activation checkpointing (use_reentrant=False) recomputing a layer
-                # whose first call already hooked its output gradient, which comes before the recompute
+            if n_calls and cur.first_task.get(mid) == -1 and _graph_task() != -1:
+                # a forward inside backward after a first call outside it: activation checkpointing
+                # (use_reentrant=False) recomputing the layer, whose output-gradient hook fires before the
+                # recompute. (Reentrant checkpointing runs every recorded call inside backward: a layer used
+                # twice there is a second call.)
                 return
             calls[mid] = n_calls = n_calls + 1
+            if n_calls == 1:
+                cur.first_task[mid] = _graph_task()
             a = inputs[0] if inputs else None
             if (n_calls > 1 or not isinstance(output, torch.Tensor) or not isinstance(a, torch.Tensor)
                     or not self._has_batch_dim(module, a, cur) or not fits(module, a, output)):
@@ -232,6 +241,11 @@ class GradientNoise:
                 d = grads[0]
                 if d is None or cur is not self._cur or calls.get(mid, 0) != 1 or mid not in self._module_params:
                     return
+                key = (mid, micro)
+                if key in cur.fired:  # a second backward through this forward (a gradient penalty's double backward)
+                    self._fall_back(mid, cur, lost=True)
+                    return
+                cur.fired.add(key)
                 # autograd runs hooks in grad mode only under backward(create_graph=True): there the rule takes
                 # detached aliases (its arithmetic records no graph), elsewhere the tensors (~1 us less each)
                 sq = rule(module, a.detach(), d.detach()) if _grad_enabled() else rule(module, a, d)
@@ -244,6 +258,7 @@ class GradientNoise:
                 if tied:
                     self._tied_term(module, mid, a, d, cur, micro)
 
+            cur.hooked.add((mid, micro))
             node = output.grad_fn  # a pre-hook on the node that consumes d costs less than a tensor hook
             if node is None:
                 output.register_hook(lambda d: on_grad((d,)))
@@ -403,10 +418,10 @@ class GradientNoise:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(mb_small, cur.lost, by_ranks)
-        if len(cur.pe) < len(plan[5]) * k and self._silent_layers(cur, plan[5]):  # one term per layer and micro-batch
+        if (len(cur.fired) < len(cur.hooked) or not cur.hooked and plan[0]) and self._silent_layers(cur):
             key = (key[0], mb_small, frozenset(cur.lost), by_ranks)
             plan = self._plans[key] = self._plan(mb_small, cur.lost, by_ranks)
-        pe_params, mb_params, rk_params, names, missing, _ = plan
+        pe_params, mb_params, rk_params, names, missing = plan
 
         # local sums, scaled back to per-example / per-micro-batch mean-loss gradients, divided by the
         # global counts (examples; micro-batches x ranks): means
@@ -491,17 +506,22 @@ class GradientNoise:
         if not by_ranks:
             missing, rk = missing + rk, []
         names = tuple(tuple(self._names[i] for i in g) for g in (pe, mb + rk, missing))
-        layers = frozenset(mid for mid, own in self._module_params.items() if any(i in pe for i in own))
-        return *([self._by_id[i] for i in g] for g in (pe, mb, rk)), names, names[2], layers
+        return *([self._by_id[i] for i in g] for g in (pe, mb, rk)), names, names[2]
 
-    def _silent_layers(self, cur: _Step, layers: frozenset) -> bool:
-        """Covered layers with a gradient but no per-example term this step: their hooks did not run, as in a
-        torch.compile'd model, whose graph keeps the forward hooks' effects but not the gradient hooks they
-        register. They fall back to micro-batches for good (no small batch this step), with one warning."""
-        fired = set(cur.pe_mod)
-        silent = [mid for mid in layers if mid not in fired]
+    def _silent_layers(self, cur: _Step) -> bool:
+        """Covered layers whose parameters got a gradient but whose per-example hook never ran in the whole
+        step: among the layers whose forward hook ran, or all of them when no forward hook ran at all, as in a
+        torch.compile'd model (its graph keeps neither the forward hooks' effects nor the gradient hooks they
+        register). They fall back to micro-batches for good (no small batch this step), with one warning. A
+        layer the forward did not call is not silent (a zeroed `.grad` from zero_grad(set_to_none=False)),
+        nor is one whose output got no gradient in some micro-batch (its examples' gradients there are 0)."""
+        fired = {mid for mid, _ in cur.fired}
+        called = dict.fromkeys(mid for mid, _ in cur.hooked) if cur.hooked else self._module_params
+        silent = [mid for mid in list(called)
+                  if mid not in fired and mid in self._module_params
+                  and any(self._by_id[i].grad is not None for i in self._module_params[mid])]
         if not silent:
-            return False  # a layer that skipped some micro-batches: as before
+            return False
         names = [self._module_names[mid] for mid in silent]
         for mid in silent:
             self._fall_back(mid, cur, lost=True)

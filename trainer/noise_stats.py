@@ -129,7 +129,7 @@ class _Step:
     allocation beyond the tensors themselves)."""
 
     __slots__ = ("micro", "sizes", "shape", "calls", "pe", "pe_micro", "pe_mod", "mb", "mb_micro", "rk", "lost",
-                 "comm", "synced", "rk_void", "tied")
+                 "comm", "synced", "rk_void", "tied", "hooked", "fired", "first_task", "root_task")
 
     def __init__(self) -> None:
         self.sizes: list[int] = []  # examples per micro-batch
@@ -142,6 +142,9 @@ class _Step:
         self.rk: list[torch.Tensor] = []  # this rank's |local gradient|^2 of un-ruled parameters, per DDP bucket
         self.lost: set[int] = set()  # parameters that left the per-example method part-way through the step
         self.tied: dict = {}  # a tied Embedding's ids and each side's piece of the cross term, per micro-batch
+        self.hooked: set[tuple[int, int]] = set()  # (layer, micro-batch) whose output gradient was hooked
+        self.fired: set[tuple[int, int]] = set()  # ... and whose hook ran
+        self.first_task: dict[int, int] = {}  # layer -> autograd graph task of its first call this forward
         self.clear()
 
     def clear(self) -> None:
@@ -150,6 +153,7 @@ class _Step:
         self.synced = False  # DDP all-reduced this step's gradients (its last bucket went)
         self.rk_void = False  # ... more than once: the buckets held reduced + local gradients, not local ones
         self.shape: tuple[int, ...] | None = None  # shape of the model's first tensor input, this forward
+        self.root_task = -1  # the graph task of the last counted forward (-1: outside a backward pass)
         for c in (self.sizes, self.calls, self.pe, self.pe_micro, self.pe_mod, self.mb, self.mb_micro, self.rk,
-                  self.lost, self.tied):
+                  self.lost, self.tied, self.hooked, self.fired, self.first_task):
             c.clear()

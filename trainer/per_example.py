@@ -266,7 +266,8 @@ def is_custom_norm(m: nn.Module) -> bool:
     params = m._parameters
     w, b = params.get("weight"), params.get("bias")
     return (w is not None and w.dim() == 1 and set(params) <= {"weight", "bias"}
-            and (b is None or tuple(b.shape) == tuple(w.shape)))
+            and (b is None or tuple(b.shape) == tuple(w.shape))
+            and not any(True for c in m.children() for _ in c.parameters()))  # a sub-layer could change it later
 
 
 def _norm_forms(m: nn.Module, a: torch.Tensor, out: torch.Tensor) -> list[tuple[str, float]]:
