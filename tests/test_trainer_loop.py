@@ -248,6 +248,50 @@ def test_a_crash_mid_run_still_hands_over_every_step(monkeypatch):
     assert sorted(captured["steps"]) == list(range(1, 38))
 
 
+def test_a_sigterm_during_the_crash_salvage_waits_for_it(monkeypatch):
+    """A peer dies (the loop raises) and torchrun's SIGTERM lands while the except path logs the pending
+    rows: the signal's exception must act after the salvage, not between its sync and its hand-over (that
+    lost the unreduced tail: 50 of 59 steps stored under load)."""
+    import os
+    import signal
+
+    from collector import signals
+    from tests.trainer_helpers import RecordingRun
+    from trainer import ddp, steplog
+
+    def peer_died(self, step, **kw):
+        raise RuntimeError("Connection reset by peer")
+
+    original_sync = steplog.StepLog._sync
+
+    def sync_then_sigterm(self, collective):
+        out = original_sync(self, collective)
+        if not collective:  # the salvage's sync: the signal arrives inside it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(RecordingRun, "log_eval", peer_died)
+    monkeypatch.setattr(steplog.StepLog, "_sync", sync_then_sigterm)
+    captured = {}
+    original = RecordingRun.log_steps
+
+    def keep(self, cols):
+        captured.setdefault("steps", []).extend(np.asarray(cols["step"]).tolist())
+        original(self, cols)
+
+    monkeypatch.setattr(RecordingRun, "log_steps", keep)
+    before = signal.getsignal(signal.SIGTERM)
+    ddp.raise_on_sigterm("stopped by SIGTERM")
+    monkeypatch.setitem(signals._previous, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    signal.signal(signal.SIGTERM, signals._on_signal)  # as a collector run installs it, chained
+    try:
+        with pytest.raises(RuntimeError, match="reset by peer"):
+            train_in_process(batch=32, lr=0.1, steps=200, eval_every=37)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert sorted(captured["steps"]) == list(range(1, 38))
+
+
 def test_a_block_whose_all_reduce_fails_is_logged_unreduced_not_dropped(monkeypatch):
     """Under DDP a peer that dies in the block's loss all-reduce makes sync() raise; the rows stay pending,
     and the except path's sync(collective=False) logs them without a loss, with their noise ingredients."""

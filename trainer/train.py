@@ -226,7 +226,9 @@ def train(cfg: TrainConfig, task: Task, run, progress: bool | None = None, env: 
             if step % p.eval_every == 0 and env.writes:
                 evals, last_eval = log_evals(run, task, model, step, examples, probe, noise), step
     except BaseException:  # Ctrl-C or a crash: keep every step trained so far, then let the run fail
-        with contextlib.suppress(Exception):
+        # deferred: a SIGTERM arriving now (torchrun stopping this rank after another failed) acts after the
+        # rows are handed over, not between a sync and its emit; its exception is suppressed, the crash raised
+        with contextlib.suppress(Exception), signals.deferred():
             log.emit()  # the blocks already on the host first: the sync below may fail
             last = log.sync(collective=False)  # under DDP the peers may be gone: no all-reduce now
             log.emit()
