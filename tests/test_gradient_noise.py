@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.trainer_helpers import one_torch_thread, per_example_grads, small_models, spawn_two
+from tests.trainer_helpers import mixed_truth, one_torch_thread, per_example_grads, small_models, spawn_two
 from trainer.noise import GradientNoise
 
 MODELS = small_models()
@@ -37,18 +37,6 @@ def setup(name: str, n: int = 16, seed: int = 1):
     model = make()
     x, y = data(torch.Generator().manual_seed(seed), n)
     return model, loss_fn, x, y, per_example_grads(model, loss_fn, x, y)
-
-
-def mixed_truth(g_pe: torch.Tensor, g_mb: torch.Tensor) -> tuple[float, float, float]:
-    """(|G|^2, tr(Sigma), |g_big|^2) of a step with a per-example block (columns g_pe) and a block measured
-    by 2 micro-batches (g_mb): the blocks' unbiased estimates add up."""
-    n = len(g_pe)
-    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
-    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
-    mb_big = float(g_mb.mean(0).square().sum())
-    want_g = (n * pe_big - pe_small) / (n - 1) + (n * mb_big - n / 2 * mb_small) / (n / 2)
-    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
-    return want_g, want_tr, pe_big + mb_big
 
 
 def micro_steps(model, loss_fn, x, y, k):

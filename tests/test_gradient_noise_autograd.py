@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tests.trainer_helpers import per_example_grads
+from tests.trainer_helpers import mixed_truth, per_example_grads
 from trainer.noise import GradientNoise
 
 
@@ -145,3 +145,42 @@ def test_a_norm_like_class_with_a_sub_layer_is_not_taken_for_a_norm():
     model = nn.Sequential(nn.Linear(12, 16), _GatedNorm(16), nn.Linear(16, 4))
     gns = GradientNoise(model, warn=False)
     assert "1" not in gns.covered and "1.gate" in gns.covered
+
+
+class _FunctionalTie(nn.Module):
+    """The head reuses the embedding table functionally (logits = F.linear(h, emb.weight), as OLMo and many
+    GPT codebases do): one module owns the weight, two ops use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(13, 8), nn.Linear(8, 8)
+
+    def forward(self, idx):
+        return F.linear(torch.tanh(self.mid(self.emb(idx))), self.emb.weight)
+
+
+def test_a_weight_also_used_outside_its_layer_is_not_measured_by_that_layer_alone():
+    """The embedding's rule sees only the lookup's share of the weight's per-example gradient (tr was 4 % low,
+    reported complete): the first forward's graph shows the second use, and the layer falls back before the
+    backward, so that very step measures it by micro-batches (exact at K = 2), never by a partial rule."""
+    torch.manual_seed(0)
+    model = _FunctionalTie()
+    x = torch.randint(0, 13, (16, 5), generator=torch.Generator().manual_seed(2))
+    y = (x + 1) % 13
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out.reshape(-1, 13), target.reshape(-1))
+
+    g = per_example_grads(model, loss_fn, x, y)
+    gns = GradientNoise(model)
+    model.zero_grad(set_to_none=True)
+    for xk, yk in zip(x.chunk(2), y.chunk(2), strict=True):
+        (loss_fn(model(xk), yk) / 2).backward()
+    s = gns.step()
+    assert "emb" not in gns.covered and "mid" in gns.covered
+    assert s.complete and s.micro_batch == ("emb.weight",) and set(s.per_example) == {"mid.weight", "mid.bias"}
+    cols = torch.cat([torch.full((p.numel(),), n == "emb.weight") for n, p in model.named_parameters()])
+    want_g, want_tr, want_big = mixed_truth(g[:, ~cols], g[:, cols])
+    assert float(s.g_sq) == pytest.approx(want_g, rel=1e-4)
+    assert float(s.tr_sigma) == pytest.approx(want_tr, rel=1e-4)
+    assert float(s.g_big_sq) == pytest.approx(want_big, rel=1e-4)

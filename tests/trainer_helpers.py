@@ -192,3 +192,15 @@ def spawn_two(cases, tmp) -> str:
 
     mp.start_processes(cases, args=(2, str(tmp / "rdzv"), str(tmp / "out")), nprocs=2, join=True, start_method="spawn")
     return str(tmp / "out")
+
+
+def mixed_truth(g_pe, g_mb) -> tuple[float, float, float]:
+    """(|G|^2, tr(Sigma), |g_big|^2) of a step with a per-example block (columns g_pe) and a block measured
+    by 2 micro-batches (g_mb): the blocks' unbiased estimates add up."""
+    n = len(g_pe)
+    pe_small, pe_big = float(g_pe.square().sum(1).mean()), float(g_pe.mean(0).square().sum())
+    mb_small = np.mean([float(gk.mean(0).square().sum()) for gk in g_mb.chunk(2)])
+    mb_big = float(g_mb.mean(0).square().sum())
+    want_g = (n * pe_big - pe_small) / (n - 1) + (n * mb_big - n / 2 * mb_small) / (n / 2)
+    want_tr = (pe_small - pe_big) / (1 - 1 / n) + (mb_small - mb_big) / (2 / n - 1 / n)
+    return want_g, want_tr, pe_big + mb_big

@@ -58,6 +58,17 @@ _grad_enabled, _func_stack = torch.is_grad_enabled, torch._C._functorch.peek_int
 _graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1 outside a backward pass
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors in a model output: a tensor, or tuples, lists and dicts of them (HF's ModelOutput is one)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
 def _recording() -> bool:
     """Grad enabled and not inside a torch.func transform (whose forwards are someone else's)."""
     return _grad_enabled() and _func_stack() is None
@@ -144,6 +155,9 @@ class GradientNoise:
                 self._module_names[id(m)] = name
                 self._handles.append(m.register_forward_hook(self._forward_hook(rule)))
         self._handles.append(self.module.register_forward_pre_hook(self._root_hook, with_kwargs=True))
+        # once, after the first recorded forward: a covered weight also used outside its layer (tied functionally)
+        self._audit = self.module.register_forward_hook(self._audit_uses) if self._module_params else None
+        self._owners = owners
         for mid, other in list(self._partner.items()):  # a tied weight is measured by both of its layers or neither
             if other not in self._module_params and mid in self._module_params:
                 del self._module_params[mid]
@@ -201,6 +215,36 @@ class GradientNoise:
         else:
             cur.shape = shape = first.shape
             cur.sizes.append(shape[0])
+
+    def _audit_uses(self, module, args, output) -> None:
+        """Walk the first recorded forward's autograd graph from the model output and count the edges into
+        each parameter: a covered weight with more uses than layers owning it is also used elsewhere
+        (`logits = F.linear(h, self.emb.weight)`), which its layer's rule cannot see; that layer falls back
+        before this step's backward. (Uses outside the model's forward, e.g. in the loss, are not seen.)"""
+        if not (self.active and _recording()):
+            return
+        self._audit.remove()
+        self._audit = None
+        edges: dict[int, int] = {}
+        seen: set = set()
+        todo = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                var = getattr(nxt, "variable", None)
+                if var is not None:
+                    edges[id(var)] = edges.get(id(var), 0) + 1
+                elif nxt not in seen:
+                    todo.append(nxt)
+        cur = self._cur
+        for mid, own in list(self._module_params.items()):
+            if mid in self._module_params and any(edges.get(i, 0) > self._owners.get(i, 1) for i in own):
+                self._fall_back(mid, cur)
 
     def _forward_hook(self, rule: Rule):
         fits = fits_for(rule)
@@ -535,6 +579,9 @@ class GradientNoise:
     def close(self) -> None:
         """Remove every hook (a DDP communication hook cannot be removed: it goes back to DDP's default)."""
         self.active = False
+        if self._audit is not None:
+            self._audit.remove()
+            self._audit = None
         for h in self._handles:
             h.remove()
         self._handles = []
