@@ -227,6 +227,21 @@ def test_digits_data_ships_with_the_package():
     np.testing.assert_array_equal(tr, tr2)
 
 
+def _capture_steps(monkeypatch) -> dict:
+    """Every step number handed to a RecordingRun, in {"steps": [...]}."""
+    from tests.trainer_helpers import RecordingRun
+
+    captured: dict = {}
+    original = RecordingRun.log_steps
+
+    def keep(self, cols):
+        captured.setdefault("steps", []).extend(np.asarray(cols["step"]).tolist())
+        original(self, cols)
+
+    monkeypatch.setattr(RecordingRun, "log_steps", keep)
+    return captured
+
+
 def test_a_crash_mid_run_still_hands_over_every_step(monkeypatch):
     """An exception (or Ctrl-C) inside the loop: the buffered steps reach the run before it fails."""
     from tests.trainer_helpers import RecordingRun
@@ -235,14 +250,7 @@ def test_a_crash_mid_run_still_hands_over_every_step(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RecordingRun, "log_eval", boom)
-    captured = {}
-    original = RecordingRun.log_steps
-
-    def keep(self, cols):
-        captured.setdefault("steps", []).extend(np.asarray(cols["step"]).tolist())
-        original(self, cols)
-
-    monkeypatch.setattr(RecordingRun, "log_steps", keep)
+    captured = _capture_steps(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_in_process(batch=32, lr=0.1, steps=200, eval_every=37)
     assert sorted(captured["steps"]) == list(range(1, 38))
@@ -272,14 +280,7 @@ def test_a_sigterm_during_the_crash_salvage_waits_for_it(monkeypatch):
 
     monkeypatch.setattr(RecordingRun, "log_eval", peer_died)
     monkeypatch.setattr(steplog.StepLog, "_sync", sync_then_sigterm)
-    captured = {}
-    original = RecordingRun.log_steps
-
-    def keep(self, cols):
-        captured.setdefault("steps", []).extend(np.asarray(cols["step"]).tolist())
-        original(self, cols)
-
-    monkeypatch.setattr(RecordingRun, "log_steps", keep)
+    captured = _capture_steps(monkeypatch)
     before = signal.getsignal(signal.SIGTERM)
     ddp.raise_on_sigterm("stopped by SIGTERM")
     monkeypatch.setitem(signals._previous, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
