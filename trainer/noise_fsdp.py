@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.noise_stats import _sq_norm
+
 
 def _dtensor_type():
     try:
@@ -85,9 +87,7 @@ def shard_sq(grads: list[torch.Tensor], world: int) -> torch.Tensor:
             by_reps.setdefault(reps, []).append(g)
     total = None
     for reps, local in by_reps.items():
-        norms = torch.stack([n.float() if n.dtype in (torch.float16, torch.bfloat16) else n
-                             for n in torch._foreach_norm(local)])
-        part = torch.dot(norms, norms) / reps
+        part = _sq_norm(local, 1.0 / reps)
         total = part if total is None else total + part
     if total is None:  # every shard of these gradients is on other ranks
         device = grads[0].to_local().device if dtensor and isinstance(grads[0], dtensor) else grads[0].device
